@@ -28,7 +28,7 @@ from dedn.data.benchmark_files import (
     read_split_file,
 )
 from dedn.data.safe_pickle import load_array_pickle
-from dedn.data.splits import assign_splits, standard_from_locs
+from dedn.data.splits import TEST_UNSEEN, assign_splits, standard_from_locs
 from dedn.data.store import AttributeTable, ClassTable, StoreMeta, StoreWriter
 from dedn.errors import DednInputError
 
@@ -65,7 +65,8 @@ def build_tables(
 ) -> tuple[ClassTable, AttributeTable, np.ndarray]:
     """Class and attribute tables plus the per-image split codes; checks every cross-file fact.
 
-    Seen classes are those with a trainval image. Images in no standard split are dropped (code -1).
+    Unseen classes are those with a test_unseen image, the rest are seen. Images in no standard split
+    are dropped (code -1).
     """
     k, d = att.shape
     if len(class_names) != k:
@@ -76,8 +77,8 @@ def build_tables(
     if not np.isfinite(att).all():
         raise DednInputError(source, "att", "class attribute values must be finite (found NaN/inf)")
     standard = standard_from_locs(labels.size, locs, source)
-    seen = np.zeros(k, dtype=bool)
-    seen[labels[standard == 0]] = True
+    seen = np.ones(k, dtype=bool)
+    seen[labels[standard == TEST_UNSEEN]] = False  # test_unseen defines the unseen classes
     splits, val_unseen = assign_splits(
         labels, standard, seen, val_unseen_classes=val_classes, seed=seed, val_fraction=val_fraction, source=source
     )
@@ -179,7 +180,7 @@ def convert_xlsa17(
     def chunks() -> Iterator[tuple[int, np.ndarray]]:
         start = 0
         for block in feats.iter_columns(chunk_rows):  # (C, c)
-            yield start, np.ascontiguousarray(block.T, dtype=np.float32).reshape(-1, c, 1, 1)
+            yield start, np.ascontiguousarray(block.T).reshape(-1, c, 1, 1)  # cast once, by the writer
             start += block.shape[1]
 
     with StoreWriter(
@@ -336,7 +337,6 @@ def convert_hdf5(
             provenance=provenance,
             overwrite=overwrite,
             source=src,
-            row_group_rows=max(1, min(chunk_rows, 1024)),
         ) as writer:
             _write_rows(writer, chunks(), labels, splits, [str(i) for i in range(n)], progress, -(-n // chunk_rows))
     assert writer.meta is not None

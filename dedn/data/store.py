@@ -3,8 +3,8 @@
 Layout (see README, "Feature store schema"):
 
 - ``images.parquet``: ``image_id`` (string), ``label`` (int32, 0-based class), ``split`` (string, one of
-  ``SPLITS``), ``features`` (fixed-size list of float16|float32, C*H*W values, C-major), written in
-  row groups of ``row_group_rows`` images so large stores stream.
+  ``SPLITS``), ``features`` (fixed-size list of float16|float32, C*H*W values, C-major), written
+  uncompressed in row groups of about 8 MB so large stores stream.
 - ``classes.parquet``: ``name``, ``seen`` (bool), ``val_unseen`` (bool), ``attributes`` (D float32).
 - ``attributes.parquet``: ``name``, ``vector`` (G float32), one ``cluster_<preset>`` int16 column per
   preset.
@@ -38,6 +38,7 @@ from dedn.errors import DednInputError
 FORMAT_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32")
 IMAGES, CLASSES, ATTRIBUTES, META = "images.parquet", "classes.parquet", "attributes.parquet", "meta.json"
+ROW_GROUP_BYTES = 8 << 20
 _ARROW_FLOAT = {"float16": pa.float16(), "float32": pa.float32()}
 
 
@@ -166,7 +167,7 @@ class StoreWriter:
         attributes: AttributeTable,
         shape: tuple[int, int, int],
         dtype: str = "float16",
-        row_group_rows: int = 1024,
+        row_group_rows: int | None = None,
         provenance: dict[str, Any] | None = None,
         overwrite: bool = False,
         source: str | None = None,
@@ -182,9 +183,12 @@ class StoreWriter:
         classes.validate(self.source)
         attributes.validate(self.source, classes.attributes.shape[1])
         self.name, self.classes, self.attributes = name, classes, attributes
-        self.shape, self.dtype, self.row_group_rows = tuple(int(s) for s in shape), dtype, row_group_rows
+        self.shape, self.dtype = tuple(int(s) for s in shape), dtype
         self.provenance = provenance or {}
         self._width = int(np.prod(self.shape))
+        row_bytes = self._width * np.dtype(dtype).itemsize
+        # Row groups of ~ROW_GROUP_BYTES: reading one costs that much memory beside the output array.
+        self.row_group_rows = row_group_rows or max(1, ROW_GROUP_BYTES // row_bytes)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self._schema = pa.schema(
@@ -276,6 +280,7 @@ class StoreWriter:
         self._writer.write_table(head, row_group_size=max(rows, 1))
         self._pending = rest.to_batches()
         self._pending_rows = rest.num_rows
+        pa.default_memory_pool().release_unused()
 
     # -- finishing -------------------------------------------------------------------------------
     def close(self) -> StoreMeta:
@@ -423,7 +428,7 @@ def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
     if not path.is_file():
         raise DednInputError(path, "file", "missing from the store")
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.ParquetFile(path).read(columns=columns)  # lighter than the dataset API of read_table
     except (pa.ArrowException, OSError) as e:
         raise DednInputError(path, "file", f"not a readable Parquet file (truncated or corrupt): {e}") from None
 
@@ -518,7 +523,8 @@ class FeatureStore:
         if not path.is_file():
             raise DednInputError(path, "file", "missing from the store")
         try:
-            return pq.ParquetFile(path, memory_map=True)
+            # No memory map: mapped pages would count toward resident memory beside the output array.
+            return pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
             raise DednInputError(path, "file", f"not a readable Parquet file (truncated or corrupt): {e}") from None
 
@@ -537,8 +543,8 @@ class FeatureStore:
     def features(self) -> np.ndarray:
         """All feature maps as one (N, C, H, W) array in the stored dtype, read once and cached.
 
-        The array is filled row group by row group, so loading holds one copy of the features plus
-        one row group; it is returned read-only.
+        The array is filled row group by row group (each ~8 MB, freed before the next), so loading
+        holds one copy of the features plus one row group; it is returned read-only.
         """
         if self._features is None:
             m = self.meta
@@ -562,9 +568,11 @@ class FeatureStore:
                 raise DednInputError(
                     self.path / IMAGES, "features", f"row group {i} is unreadable (truncated or corrupt): {e}"
                 ) from None
-            for chunk in table.column(0).chunks:
-                values = chunk.flatten()
-                yield values.to_numpy(zero_copy_only=True).reshape(-1, width)
+            blocks = [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, width) for c in table.column(0).chunks]
+            del table
+            while blocks:
+                yield blocks.pop(0)
+            pa.default_memory_pool().release_unused()  # give the row group back before the next one
 
     def verify(self) -> str:
         """Re-read everything, check finiteness, recompute and return the fingerprint.
