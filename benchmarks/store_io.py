@@ -1,7 +1,7 @@
 """Feature-store memory and speed: load peak RSS vs feature bytes, conversion peak RSS vs input size,
 read throughput.
 
-Each measurement runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own; "extra" is the
+Each measurement runs in a fresh subprocess, so its peak RSS (VmHWM) is its own; "extra" is the
 peak minus the RSS right after imports.
 
     python benchmarks/store_io.py                 # ~1.1 GB store, 0.3 and 1.2 GB HDF5/.mat inputs
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,12 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec from the parent.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def child(kind: str, args: list[str]) -> None:

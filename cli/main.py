@@ -38,8 +38,10 @@ def cli() -> None:
 
 def _register() -> None:
     from cli.data import data
+    from cli.train import train
 
     cli.add_command(data)
+    cli.add_command(train)
 
 
 _register()

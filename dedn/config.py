@@ -1,0 +1,185 @@
+"""Training configuration: YAML files under ``configs/``, validated once into frozen pydantic models.
+
+``load_config(path, overrides=["optim.lr=3e-4", ...])`` reads the YAML, applies ``key=value``
+overrides (values parsed as YAML), and validates. Unknown keys and wrong types fail at once, every
+error reported together in one DednInputError line naming the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dedn.errors import DednInputError, DednInputErrors
+
+ABLATIONS = ("none", "no_distill", "cexp_only", "fexp_only", "no_channel_attention", "no_mal", "no_align")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Frozen):
+    store: str = Field(description="Feature-store folder (dedn data synth/convert).")
+
+
+class ModelSection(_Frozen):
+    clusters: str | list[list[int]] = Field(
+        "manual",
+        description="Fine-expert partition: a store preset (manual, half), 'kmeans' (with kmeans_q), "
+        "'single' (one cluster), 'singletons', or explicit lists of attribute indices.",
+    )
+    kmeans_q: int | None = Field(None, ge=1)
+    use_cexp: bool = True
+    use_fexp: bool = True
+    channel_attention: bool = True
+    normalize_features: bool = True
+    low_rank_hidden: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _kmeans_needs_q(self) -> ModelSection:
+        if self.clusters == "kmeans" and self.kmeans_q is None:
+            raise ValueError("clusters 'kmeans' needs kmeans_q")
+        if not (self.use_cexp or self.use_fexp):
+            raise ValueError("at least one of use_cexp/use_fexp must be true")
+        return self
+
+
+class LossSection(_Frozen):
+    mal: bool = True
+    beta: float = Field(0.001, ge=0)
+    gamma: float = Field(0.1, ge=0)
+    eps: float = Field(1.0, ge=0)
+    fidelity: Literal["paper", "released"] = "paper"
+    mal_variant: Literal["paper", "released"] = "paper"
+    lambda_cal: float = Field(0.0, ge=0)
+    calibration: float = 1.0
+
+
+class OptimSection(_Frozen):
+    lr: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(50, ge=1)
+    epochs: int = Field(80, ge=1)
+    balanced: bool = Field(False, description="Class-balanced batches (released code): one image per class.")
+
+
+class InferenceSection(_Frozen):
+    lambda_rc: float = Field(0.8, ge=0, le=1)
+    lambda_e: float = Field(0.9, ge=0, le=1)
+    calibration: float = 1.0
+    grid_lambda_rc: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+    grid_lambda_e: list[float] = [0.1, 0.3, 0.5, 0.7, 0.9]
+    grid_calibration: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+
+    @field_validator("grid_lambda_rc", "grid_lambda_e")
+    @classmethod
+    def _unit(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 <= x <= 1 for x in v):
+            raise ValueError("grid values must be non-empty and lie in [0, 1]")
+        return v
+
+
+class TrainConfig(_Frozen):
+    """The resolved configuration of one training run."""
+
+    data: DataConfig
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+    optim: OptimSection = OptimSection()
+    inference: InferenceSection = InferenceSection()
+    fidelity: Literal["paper", "released"] = "paper"
+    released: dict[str, Any] = Field(
+        default_factory=dict, description="key=value overrides applied when fidelity is 'released'."
+    )
+    ablation: Literal[ABLATIONS] = "none"  # type: ignore[valid-type]
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_batch_size: int = Field(512, ge=1)
+    final_fit: bool = Field(True, description="Retrain on trainval for the chosen epochs and test once.")
+    paper_protocol: bool = Field(True, description="Also report best-over-epochs test metrics (labelled).")
+
+    def effective(self) -> TrainConfig:
+        """Apply ``released`` overrides (fidelity released) and the ablation switch; returns a new config."""
+        raw = self.model_dump()
+        if self.fidelity == "released":
+            raw["loss"]["fidelity"] = "released"
+            for key, value in self.released.items():
+                _set_path(raw, key, value, "released")
+        table: dict[str, dict[str, float | bool]] = {
+            "none": {},
+            "no_distill": {"loss.gamma": 0.0},
+            "cexp_only": {"model.use_fexp": False},
+            "fexp_only": {"model.use_cexp": False},
+            "no_channel_attention": {"model.channel_attention": False},
+            "no_mal": {"loss.mal": False},
+            "no_align": {"loss.beta": 0.0},
+        }
+        for key, value in table[self.ablation].items():
+            _set_path(raw, key, value, "ablation")
+        raw["released"] = {}
+        raw["fidelity"] = "paper" if self.fidelity == "paper" else "released"
+        return TrainConfig.model_validate(raw)
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    node = raw
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise DednInputError(source, dotted, f"'{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str], source: str = "--set") -> list[tuple[str, Any]]:
+    """``key.path=value`` strings -> (path, YAML-parsed value); a missing '=' is refused."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise DednInputError(source, item, "must be key=value (e.g. optim.lr=3e-4)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise DednInputError(source, key, f"value is not valid YAML: {e}") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def validate_config(raw: dict[str, Any], source: str) -> TrainConfig:
+    """Validate a raw mapping; all problems reported together as one DednInputErrors."""
+    try:
+        cfg = TrainConfig.model_validate(raw)
+        cfg.effective()
+        return cfg
+    except ValidationError as e:
+        errors = [(".".join(str(p) for p in err["loc"]) or "config", err["msg"]) for err in e.errors()]
+        raise DednInputErrors(source, errors) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply ``key=value`` overrides, validate. Raises DednInputError(s)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DednInputError(p, "file", "config not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DednInputError(p, "yaml", f"not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise DednInputError(p, "config", "top level must be a mapping")
+    raw = copy.deepcopy(raw)
+    for key, value in parse_overrides(overrides or []):
+        _set_path(raw, key, value, f"{p} --set")
+    return validate_config(raw, str(p))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
