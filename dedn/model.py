@@ -13,7 +13,7 @@ Shapes: B batch, C channels, R = H*W regions, D attributes, G semantic dim, K cl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -159,6 +159,30 @@ class ExpertWeights(nn.Module):
         return self.rows(v_pad, self.w3), self.rows(v_pad, self.w4)
 
 
+class AttendSum(torch.autograd.Function):
+    """o = sum over dim 1 of scores * softmax_dim1(logits), with y = [scores | logits] along the last dim.
+
+    y (B, X, 2n) -> o (B, n). Same values as splitting y and composing softmax, product and sum, but
+    the backward writes dL/dy in one pass instead of re-assembling it from the split (a strided
+    concatenation that dominated the channel branch's backward on CPU): for p = softmax(logits),
+    dL/dscores = g p and dL/dlogits = g p (scores - o).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, n: int) -> Tensor:
+        scores, logits = y[..., :n], y[..., n:]
+        p = torch.softmax(logits, dim=1)
+        o = (scores * p).sum(1)
+        ctx.save_for_backward(scores, p, o)
+        return o
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        scores, p, o = ctx.saved_tensors
+        gp = p * g.unsqueeze(1)  # (B, X, n)
+        return torch.cat([gp, gp * (scores - o.unsqueeze(1))], dim=-1), None
+
+
 class DEDN(nn.Module):
     """The two experts. ``attribute_vectors`` V (D, G), ``class_attributes`` A (K, D); rows L2-normalised here.
 
@@ -225,15 +249,13 @@ class DEDN(nn.Module):
         region = [e.region_rows(v) for e, v in zip(experts, v_pads, strict=True)]
         m_r = torch.cat([r[0] for r in region] + [r[1] for r in region])  # (2ED, C) = [scores; attention]
         # M_r F, computed as F^T M_r^T: the (B, R, 2ED) result needs no transpose, softmax runs over dim 1.
-        s_r, logit_r = torch.matmul(f.transpose(1, 2), m_r.T).split(n, dim=2)  # (B, R, ED) each
-        o_r = (s_r.float() * torch.softmax(logit_r.float(), dim=1)).sum(1)  # (B, ED)
+        o_r = AttendSum.apply(torch.matmul(f.transpose(1, 2), m_r.T).float(), n)  # (B, R, 2ED) -> (B, ED)
         o_rs = list(o_r.split(self.cfg.num_attributes, dim=1))  # per expert (B, D)
         o_cs: list[Tensor | None] = [None] * len(experts)
         if self.cfg.channel_attention:
             chan = [e.channel_rows(v) for e, v in zip(experts, v_pads, strict=True)]
             m_c = torch.cat([c[0] for c in chan] + [c[1] for c in chan])  # (2ED, R)
-            s_c, logit_c = torch.matmul(f, m_c.T).split(n, dim=2)  # (B, C, ED) each: (M_c F^T)^T
-            o_c = (s_c.float() * torch.softmax(logit_c.float(), dim=1)).sum(1)  # (B, ED)
+            o_c = AttendSum.apply(torch.matmul(f, m_c.T).float(), n)  # (M_c F^T)^T: (B, C, 2ED) -> (B, ED)
             o_cs = list(o_c.split(self.cfg.num_attributes, dim=1))
         out: list[Tensor | None] = [None] * 4
         for i, e in enumerate(experts):

@@ -100,3 +100,40 @@ def test_convert_xlsa17_from_the_cli(tmp_path: Path) -> None:
 def test_click_rejects_bad_knobs(tmp_path: Path, args: list[str]) -> None:
     code, _, err = _run(*[a.replace("X", str(tmp_path / "o")) for a in args])
     assert code == 2 and "Invalid value" in err
+
+
+def test_train_end_to_end_with_baseline(tmp_path: Path) -> None:
+    import json
+
+    _run("data", "synth", "--builtin", "--out", str(tmp_path / "t"))
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    code, out, err = _run(
+        "train",
+        "-c",
+        str(cfg),
+        "--store",
+        str(tmp_path / "t"),
+        "--set",
+        "optim.epochs=2",
+        "--set",
+        "device=cpu",
+        "--out",
+        str(tmp_path / "ckpt"),
+        "--baseline",
+        "eszsl",
+        "--no-progress",
+    )
+    assert code == 0, err
+    for label in (
+        "validation, epoch",
+        "best grid point",
+        "test once, configured inference",
+        "paper protocol: best H/T over epochs ON TEST",
+        "ESZSL test once",
+    ):
+        assert label in out
+    meta = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
+    assert meta["fingerprint"] == open_store(tmp_path / "t").meta.fingerprint
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file() and (tmp_path / "ckpt" / "config.yaml").is_file()
+    code, _, err = _run("train", "-c", str(cfg), "--store", str(tmp_path / "t"), "--set", "optim.lr=-1")
+    assert code == 2 and "optim.lr" in err and err.count("\n") == 1

@@ -1,0 +1,145 @@
+"""Training throughput: the fused DEDN against a per-subnetwork implementation, side by side in one run.
+
+The per-subnetwork model is written the way the released code is: one module per DAN (cExp plus one per
+cluster), each computing its own V W F products over the batch, outputs concatenated in attribute
+order; it is checked equal to the fused model before timing. Shapes default to CUB scaled to a
+2-core CPU: C=256, 7x7, D=312 (manual 6 clusters), K=200, B=50, G=300.
+
+    python benchmarks/train_throughput.py
+    python benchmarks/train_throughput.py --channels 2048 --size 14 --steps 5   # full CUB shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dedn.clusters import manual_preset
+from dedn.model import DEDN, LossConfig, ModelConfig, dedn_loss
+
+
+class SubnetDAN(nn.Module):
+    """One DAN, batched over images, its own weights (the released code's Snet/GNet module)."""
+
+    def __init__(self, v: Tensor, w: list[Tensor]) -> None:
+        super().__init__()
+        self.v = nn.Parameter(v.clone())
+        self.w1, self.w2, self.w3, self.w4 = (nn.Parameter(x.clone()) for x in w)
+
+    def forward(self, f: Tensor) -> tuple[Tensor, Tensor]:  # f (B, C, R)
+        s_r = torch.einsum("dg,gc,bcr->bdr", self.v, self.w1, f)  # (B, D_s, R)
+        a_r = torch.softmax(torch.einsum("dg,gc,bcr->bdr", self.v, self.w2, f), dim=2)
+        s_c = torch.einsum("dg,gr,bcr->bdc", self.v, self.w3, f)  # (B, D_s, C)
+        a_c = torch.softmax(torch.einsum("dg,gr,bcr->bdc", self.v, self.w4, f), dim=2)
+        return (s_r * a_r).sum(2), (s_c * a_c).sum(2)
+
+
+class SubnetDEDN(nn.Module):
+    """cExp + Q fExp DANs as separate modules, a Python loop over them."""
+
+    def __init__(self, fused: DEDN) -> None:
+        super().__init__()
+        ids = np.asarray(fused.cfg.partition)
+        self.groups = [torch.as_tensor(np.flatnonzero(ids == q)) for q in range(fused.cfg.num_clusters)]
+        ce, fe = fused.cexp, fused.fexp
+        assert ce is not None and fe is not None
+        self.cexp = SubnetDAN(
+            ce.v.detach(), [ce.w1[0].detach(), ce.w2[0].detach(), ce.w3[0].detach(), ce.w4[0].detach()]
+        )
+        self.fexp = nn.ModuleList(
+            SubnetDAN(fe.v.detach()[g], [fe.w1[q].detach(), fe.w2[q].detach(), fe.w3[q].detach(), fe.w4[q].detach()])
+            for q, g in enumerate(self.groups)
+        )
+        self.d = ids.size
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        f = F.normalize(x.flatten(2), dim=1)
+        cr, cc = self.cexp(f)
+        fr = f.new_zeros(f.shape[0], self.d)
+        fc = f.new_zeros(f.shape[0], self.d)
+        for g, dan in zip(self.groups, self.fexp, strict=True):
+            r, c = dan(f)
+            fr[:, g], fc[:, g] = r, c
+        return cr, cc, fr, fc
+
+
+def _step_fn(model: nn.Module, fused: bool, att: Tensor, seen: Tensor, lcfg: LossConfig):  # type: ignore[no-untyped-def]
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+
+    def step(x: Tensor, y: Tensor) -> None:
+        if fused:
+            br = model(x)
+            p_ec, p_ef = model.scores(br)  # type: ignore[operator]
+        else:
+            from dedn.model import Branches
+
+            br = Branches(*model(x))
+            p_ec, p_ef = (br.cexp_r + br.cexp_c) @ att.T, (br.fexp_r + br.fexp_c) @ att.T
+        loss, _ = dedn_loss(br, p_ec, p_ef, y, seen, ~seen, lcfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--channels", type=int, default=256)
+    ap.add_argument("--size", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--classes", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    _, ids = manual_preset("CUB")
+    d, g, r = ids.size, 300, a.size * a.size
+    vec, att = torch.randn(d, g), torch.rand(a.classes, d)
+    fused = DEDN(ModelConfig(partition=tuple(ids)), vec, att, channels=a.channels, regions=r)
+    for e in fused.experts:  # non-zero attention weights so both implementations do the same work
+        nn.init.normal_(e.w2, std=0.1)
+        nn.init.normal_(e.w4, std=0.1)
+    naive = SubnetDEDN(fused)
+    x = torch.randn(a.batch, a.channels, a.size, a.size)
+    y = torch.randint(0, a.classes * 3 // 4, (a.batch,))
+    seen = torch.arange(a.classes) < a.classes * 3 // 4
+    with torch.no_grad():
+        got, ref = fused(x), naive(x)
+        err = max(float((u - v).abs().max()) for u, v in zip(got, ref, strict=True) if u is not None)
+    lcfg = LossConfig()
+    att_n = fused.class_attributes
+    steps = {
+        "fused (2 GEMMs)": _step_fn(fused, True, att_n, seen, lcfg),
+        "per-subnetwork (released layout)": _step_fn(naive, False, att_n, seen, lcfg),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():
+        fn(x, y)  # warm-up
+    for _ in range(a.steps):  # interleaved, so load on the shared machine hits both alike
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn(x, y)
+            times[name].append(time.perf_counter() - t)
+    print(
+        f"\nDEDN training step, CPU, {torch.get_num_threads()} threads: C={a.channels} {a.size}x{a.size} "
+        f"D={d} (Q=6) K={a.classes} B={a.batch} G={g}; max |fused - per-subnetwork| forward = {err:.1e}"
+    )
+    print(f"{'implementation':<36} {'ms/step (median)':>17} {'samples/s':>10}")
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    for name, m in med.items():
+        print(f"{name:<36} {1000 * m:>17.1f} {a.batch / m:>10.0f}")
+    names = list(med)
+    print(f"speed-up fused / per-subnetwork: {med[names[1]] / med[names[0]]:.2f}x")
+    print(f"(python benchmarks/train_throughput.py --channels {a.channels} --size {a.size} --steps {a.steps})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""GPU path: run with --run-gpu on a machine with CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dedn.config import load_config
+from dedn.data import open_store
+from dedn.train import build_model, resolve_partition, train
+
+pytestmark = pytest.mark.gpu
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def test_gpu_forward_agrees_with_cpu(tiny_store: Path) -> None:
+    s = open_store(tiny_store)
+    cfg = load_config(CONFIG, [f"data.store={tiny_store}"]).effective()
+    part = resolve_partition(cfg, s)
+    cpu = build_model(cfg, s, part, torch.device("cpu"))
+    gpu = build_model(cfg, s, part, torch.device("cuda"))
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.from_numpy(s.features()[:64].astype(np.float32))
+    with torch.no_grad():
+        a = cpu.scores(cpu(x))[0]
+        b = gpu.scores(gpu(x.cuda()))[0]
+    assert a is not None and b is not None
+    torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-3)  # TF32 allowed
+
+
+def test_gpu_training_learns(tiny_store: Path) -> None:
+    s = open_store(tiny_store)
+    r = train(load_config(CONFIG, [f"data.store={tiny_store}", "device=cuda", "optim.epochs=6"]), s)
+    assert all(np.isfinite(h.loss["total"]) for h in r.history)
+    assert r.history[-1].eval["T"] > 0.5
