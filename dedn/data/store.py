@@ -487,8 +487,9 @@ class FeatureStore:
         self.classes.validate(str(self.path / CLASSES))
         self.attributes.validate(str(self.path / ATTRIBUTES), d)
         images_path = self.path / IMAGES
-        self._images_file = self._open_images(images_path)
-        schema = self._images_file.schema_arrow
+        images_file = self._open_images(images_path)
+        self._images_file: pq.ParquetFile | None = images_file
+        schema = images_file.schema_arrow
         feat_type = schema.field("features").type if "features" in schema.names else None
         width = m.channels * m.height * m.width
         if (
@@ -517,6 +518,37 @@ class FeatureStore:
             raise DednInputError(images_path, "split", f"must be one of {SPLITS}, got {sorted(unknown)[0]!r}")
         self.splits = np.fromiter((lookup[s] for s in split_names), dtype=np.int8, count=len(split_names))
         self._features: np.ndarray | None = None
+
+    @classmethod
+    def from_parts(
+        cls,
+        path: str | os.PathLike[str],
+        meta: StoreMeta,
+        classes: ClassTable,
+        attributes: AttributeTable,
+        labels: np.ndarray,
+        splits: np.ndarray,
+        image_ids: list[str],
+        features: np.ndarray,
+    ) -> FeatureStore:
+        """A store view over arrays already in memory (e.g. read from Ray's object store); no file is read.
+
+        features (N, C, H, W) in the store dtype; it is used as given (zero-copy)."""
+        if features.shape != (meta.num_images, *meta.feature_shape):
+            raise DednInputError(path, "features", f"must be {(meta.num_images, *meta.feature_shape)}, got {features.shape}")
+        self = cls.__new__(cls)
+        self.path, self.meta, self.classes, self.attributes = Path(path), meta, classes, attributes
+        self.labels, self.splits, self.image_ids = labels, splits, image_ids
+        self._features = features
+        self._images_file = None
+        return self
+
+    def parts(self) -> dict[str, Any]:
+        """The small parts of the store (everything but the features), picklable."""
+        return {
+            "path": str(self.path), "meta": self.meta, "classes": self.classes, "attributes": self.attributes,
+            "labels": self.labels, "splits": self.splits, "image_ids": self.image_ids,
+        }
 
     @staticmethod
     def _open_images(path: Path) -> pq.ParquetFile:
@@ -560,7 +592,7 @@ class FeatureStore:
     def iter_feature_blocks(self) -> Iterator[np.ndarray]:
         """Yield (rows, C*H*W) views of each row group, zero-copy from Arrow."""
         width = self.meta.channels * self.meta.height * self.meta.width
-        pf = self._images_file
+        pf = self._images_file if self._images_file is not None else self._open_images(self.path / IMAGES)
         for i in range(pf.num_row_groups):
             try:
                 table = pf.read_row_group(i, columns=["features"])
