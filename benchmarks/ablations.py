@@ -4,7 +4,7 @@ Every row runs the honest protocol of ``dedn train``: epoch and inference grid p
 validation task, retrain on trainval, test once. Stores are built from the real benchmark files
 (../shared/data/zsl) with planted features at CPU size.
 
-    python benchmarks/ablations.py                          # C=32, 7x7, 6 epochs, all three datasets
+    python benchmarks/ablations.py                          # C=32, 7x7, 5 epochs, lr 3e-4, all three datasets
     python benchmarks/ablations.py --datasets CUB --epochs 10 --channels 64
 """
 
@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dedn-ablations"))
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--size", type=int, default=7)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=3e-4)
     a = ap.parse_args()
     lines = []
     for ds in a.datasets:
@@ -82,7 +82,7 @@ def main() -> None:
             f"{ds:<6} {name:<22} {100 * vh:>6.1f} {100 * u:>7.1f} {100 * s_:>7.1f} {100 * h:>7.1f} {100 * t:>7.1f} "
             f"{sec:>6.0f}"
         )
-    print(f"(python benchmarks/ablations.py --channels {a.channels} --size {a.size} --epochs {a.epochs})")
+    print(f"(python benchmarks/ablations.py --channels {a.channels} --size {a.size} --epochs {a.epochs} --lr {a.lr})")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,12 @@ def cli() -> None:
 
 def _register() -> None:
     from cli.data import data
+    from cli.search import search
     from cli.train import train
 
     cli.add_command(data)
     cli.add_command(train)
+    cli.add_command(search)
 
 
 _register()

@@ -123,8 +123,8 @@ def build_model(cfg: TrainConfig, store: FeatureStore, partition: np.ndarray, de
     gen = torch.Generator().manual_seed(cfg.seed)
     model = DEDN(
         mcfg,
-        torch.from_numpy(store.attributes.vectors),
-        torch.from_numpy(store.classes.attributes),
+        torch.tensor(store.attributes.vectors),  # small; a copy, since arrays from Ray are read-only
+        torch.tensor(store.classes.attributes),
         channels=store.meta.channels,
         regions=store.meta.height * store.meta.width,
         generator=gen,
@@ -239,7 +239,18 @@ def evaluate(
     return configured, best, grid
 
 
-EpochCallback = Callable[[EpochRecord, DEDN, torch.optim.Optimizer], None]
+@dataclass
+class Progress:
+    """What an epoch callback sees: the live model and optimiser, the history, the best epoch so far."""
+
+    model: DEDN
+    optimizer: torch.optim.Optimizer
+    history: list[EpochRecord]
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+
+
+EpochCallback = Callable[[EpochRecord, Progress], None]
 
 
 def train(
@@ -251,6 +262,8 @@ def train(
     on_epoch: EpochCallback | None = None,
     resume: dict[str, Any] | None = None,
     keep_epoch: int | None = None,
+    eval_only_at: int | None = None,
+    select_on: str = "configured",
     progress: bool = False,
 ) -> TrainResult:
     """Train DEDN on one task and evaluate every epoch.
@@ -260,11 +273,14 @@ def train(
         store: an open feature store.
         task_name: ``validation`` (train on train, evaluate val) or ``test`` (train on trainval, evaluate test).
         epochs: defaults to ``cfg.optim.epochs``.
-        on_epoch: called after each epoch with the record, model and optimiser (tuning reports here).
+        on_epoch: called after each epoch with the record and a Progress (tuning reports here).
         resume: ``{"epoch", "model", "optimizer", "history"[, "best_model"]}`` from a checkpoint; training
             continues at epoch + 1 with the same minibatch stream as an uninterrupted run.
         keep_epoch: report and keep the state of this epoch instead of selecting by H (the test task:
             the epoch was chosen on validation).
+        eval_only_at: evaluate only at this epoch (other records carry empty metrics): a test split
+            scored once.
+        select_on: ``configured`` (H at the config's inference point) or ``grid`` (best grid point's H).
     Returns:
         TrainResult with per-epoch history and the state dict of the best epoch by evaluation H.
     Raises:
@@ -294,7 +310,7 @@ def train(
         start = int(resume["epoch"]) + 1
     best_epoch, best, best_grid, best_state = 0, {"H": -1.0}, {}, {}
     if history:  # resumed: the best so far is at most as good as the checkpoint it came from
-        r = max(history, key=lambda r: r.eval["H"])
+        r = max(history, key=lambda r: (r.grid_best if select_on == "grid" else r.eval).get("H", -1.0))
         best_epoch, best, best_grid = r.epoch, r.eval, r.grid_best
         best_state = {
             k: v.detach().cpu().clone() for k, v in (resume or {}).get("best_model", model.state_dict()).items()
@@ -305,7 +321,7 @@ def train(
         t0 = time.perf_counter()
         model.train()
         batches = epoch_batches(task.train_rows, store.labels, o.batch_size, cfg.seed, epoch, o.balanced, train_classes)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         iterator: Any = batches
         if progress:
             from tqdm import tqdm
@@ -324,25 +340,29 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(rows)
+            for k, v in parts.items():  # summed on the device: no host sync per step
+                sums[k] = sums[k] + v * len(rows) if k in sums else v * len(rows)
         n_seen = sum(len(b) for b in batches)
         train_s = time.perf_counter() - t0
-        configured, grid_best, _ = evaluate(model, source, store, task, cfg)
+        configured: dict[str, float] = {}
+        grid_best: dict[str, float] = {}
+        if eval_only_at is None or epoch == eval_only_at:
+            configured, grid_best, _ = evaluate(model, source, store, task, cfg)
         record = EpochRecord(
             epoch=epoch,
-            loss={k: v / n_seen for k, v in sums.items()},
+            loss={k: float(v) / n_seen for k, v in sums.items()},
             eval=configured,
             grid_best=grid_best,
             seconds=time.perf_counter() - t0,
             samples_per_s=n_seen / train_s,
         )
         history.append(record)
-        if (configured["H"] > best["H"]) if keep_epoch is None else (epoch == keep_epoch):
+        score = (grid_best if select_on == "grid" else configured).get("H", -1.0)
+        if (score > best["H"]) if keep_epoch is None else (epoch == keep_epoch):
             best_epoch, best, best_grid = epoch, configured, grid_best
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if on_epoch is not None:
-            on_epoch(record, model, optimizer)
+            on_epoch(record, Progress(model, optimizer, history, best_epoch, best_state))
     return TrainResult(task.name, history, best_epoch, best, best_grid, best_state, partition)
 
 
@@ -366,7 +386,15 @@ def fit_and_test(cfg: TrainConfig, store: FeatureStore, progress: bool = False) 
     # With paper_protocol, run all epochs and score test each epoch, only for the labelled comparison;
     # the honest test figure is the one at the epoch validation chose.
     n = eff.optim.epochs if cfg.paper_protocol else val.best_epoch
-    final = train(cfg, store, "test", epochs=n, keep_epoch=val.best_epoch, progress=progress)
+    final = train(
+        cfg,
+        store,
+        "test",
+        epochs=n,
+        keep_epoch=val.best_epoch,
+        eval_only_at=None if cfg.paper_protocol else val.best_epoch,
+        progress=progress,
+    )
     # The inference grid point chosen on validation, applied once to the kept test-task model.
     g = val.best_grid
     point = cfg.model_copy(

@@ -38,17 +38,16 @@ def test_resume_continues_the_same_run(tiny_store: Path) -> None:
     full = train(cfg, s)
     saved: dict = {}
 
-    def keep(record, model, optimizer):  # type: ignore[no-untyped-def]
+    def keep(record, progress):  # type: ignore[no-untyped-def]
         if record.epoch == 2:
             saved.update(
                 epoch=2,
-                model={k: v.clone() for k, v in model.state_dict().items()},
-                optimizer=optimizer.state_dict(),
-                history=[vars(r) for r in part_history],
+                model={k: v.clone() for k, v in progress.model.state_dict().items()},
+                optimizer=progress.optimizer.state_dict(),
+                history=[vars(r) for r in progress.history],
             )
 
-    part_history: list = []
-    part = train(cfg, s, epochs=2, on_epoch=lambda r, m, o: (part_history.append(r), keep(r, m, o)))
+    part = train(cfg, s, epochs=2, on_epoch=keep)
     assert part.history[-1].loss == full.history[1].loss
     resumed = train(cfg, s, resume=saved)
     assert [r.epoch for r in resumed.history] == [1, 2, 3]  # epochs are not counted twice

@@ -535,7 +535,9 @@ class FeatureStore:
 
         features (N, C, H, W) in the store dtype; it is used as given (zero-copy)."""
         if features.shape != (meta.num_images, *meta.feature_shape):
-            raise DednInputError(path, "features", f"must be {(meta.num_images, *meta.feature_shape)}, got {features.shape}")
+            raise DednInputError(
+                path, "features", f"must be {(meta.num_images, *meta.feature_shape)}, got {features.shape}"
+            )
         self = cls.__new__(cls)
         self.path, self.meta, self.classes, self.attributes = Path(path), meta, classes, attributes
         self.labels, self.splits, self.image_ids = labels, splits, image_ids
@@ -546,8 +548,13 @@ class FeatureStore:
     def parts(self) -> dict[str, Any]:
         """The small parts of the store (everything but the features), picklable."""
         return {
-            "path": str(self.path), "meta": self.meta, "classes": self.classes, "attributes": self.attributes,
-            "labels": self.labels, "splits": self.splits, "image_ids": self.image_ids,
+            "path": str(self.path),
+            "meta": self.meta,
+            "classes": self.classes,
+            "attributes": self.attributes,
+            "labels": self.labels,
+            "splits": self.splits,
+            "image_ids": self.image_ids,
         }
 
     @staticmethod
@@ -588,6 +595,10 @@ class FeatureStore:
             out.flags.writeable = False
             self._features = out.reshape(m.num_images, m.channels, m.height, m.width)
         return self._features
+
+    def release_features(self) -> None:
+        """Drop the cached feature array (it can be read again)."""
+        self._features = None
 
     def iter_feature_blocks(self) -> Iterator[np.ndarray]:
         """Yield (rows, C*H*W) views of each row group, zero-copy from Arrow."""

@@ -1,0 +1,129 @@
+"""``dedn search``: a Ray Tune + Optuna + ASHA search over DEDN hyperparameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option(
+    "--config",
+    "-c",
+    "spec",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Search spec YAML under configs/search/.",
+)
+@click.option("--store", default=None, help="Feature store (overrides the spec and the base config).")
+@click.option("--name", default=None, help="Experiment name (default: <spec>-<date-time>).")
+@click.option(
+    "--storage-path",
+    default="runs",
+    show_default=True,
+    envvar="DEDN_STORAGE_PATH",
+    help="Where experiments live; shared storage (e.g. s3://bucket/dedn) on a multi-node cluster.",
+)
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Trials (overrides the spec).")
+@click.option("--max-concurrent-trials", type=click.IntRange(min=1), default=None)
+@click.option("--time-budget-s", type=click.FloatRange(min=1), default=None, help="Stop starting trials after this.")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
+@click.option(
+    "--gpus-per-trial",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Fractions share a GPU, e.g. 0.25 for four trials per GPU.",
+)
+@click.option(
+    "--posthoc-inference",
+    is_flag=True,
+    help="Do not sample lambda_rc, lambda_e, c: sweep them per trial on validation (no training cost).",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Join a running Ray cluster ('auto' or host:port); default: a local Ray for this command.",
+)
+@click.option(
+    "--resume",
+    "resume",
+    default=None,
+    metavar="EXPERIMENT",
+    help="Continue an interrupted search (its folder, or its name under --storage-path).",
+)
+@click.option("--no-final-test", is_flag=True, help="Skip retraining the best configuration and testing it once.")
+def search(
+    spec: Path,
+    store: str | None,
+    name: str | None,
+    storage_path: str,
+    num_samples: int | None,
+    max_concurrent_trials: int | None,
+    time_budget_s: float | None,
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+    posthoc_inference: bool,
+    address: str | None,
+    resume: str | None,
+    no_final_test: bool,
+) -> None:
+    """Search DEDN hyperparameters: Optuna samples, ASHA stops bad trials, Ray runs them anywhere.
+
+    Trials train on the validation task and report validation H each epoch with a checkpoint; the best
+    configuration is then retrained on trainval and tested once. Features are read from Parquet once
+    and served to every trial through Ray's object store.
+
+    \b
+    Examples:
+      dedn search -c configs/search/tiny.yaml --store data/tiny
+      dedn search -c configs/search/cub.yaml --store data/cub --address auto --gpus-per-trial 0.25
+      dedn search -c configs/search/tiny.yaml --posthoc-inference --num-samples 16
+      dedn search -c configs/search/tiny.yaml --resume runs/tiny-20261127-101500
+    """
+    from tuning.search import SearchOptions, experiment_path, run_search
+
+    if resume is not None:
+        storage_path, name = experiment_path(storage_path, resume)
+    opts = SearchOptions(
+        spec_path=str(spec),
+        store=store,
+        name=name,
+        storage_path=storage_path,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        num_samples=num_samples,
+        max_concurrent_trials=max_concurrent_trials,
+        time_budget_s=time_budget_s,
+        posthoc_inference=posthoc_inference,
+        address=address,
+        final_test=not no_final_test,
+    )
+    out = run_search(opts, resume=resume is not None)
+    click.echo(
+        f"\nexperiment  {out.experiment}   ({out.num_trials} trials: "
+        + ", ".join(f"{n} {s.lower()}" for s, n in out.trial_states.items())
+        + f", {out.seconds:.0f} s)"
+    )
+    click.echo(f"optuna      optuna-dashboard sqlite:///{out.experiment / 'optuna.db'}")
+    click.echo(f"\nbest configuration (epoch {out.best_epoch}):")
+    for k, v in sorted(out.best_config.items()):
+        click.echo(f"  {k:<24} {v:.4g}" if isinstance(v, float) else f"  {k:<24} {v}")
+    m = out.best_metrics
+    if posthoc_inference or (resume is not None and "inference.lambda_e" not in out.best_config):
+        click.echo(
+            f"  {'inference (validation grid)':<24} lambda_rc={m['grid_lambda_rc']} "
+            f"lambda_e={m['grid_lambda_e']} c={m['grid_c']}"
+        )
+    click.echo(f"\n{'(%)':<40} {'U':>6} {'S':>6} {'H':>6} {'T':>6}")
+    click.echo(
+        f"{'validation (selection)':<40} {100 * m['val_U']:>6.1f} {100 * m['val_S']:>6.1f} "
+        f"{100 * m['val_H']:>6.1f} {100 * m['val_T']:>6.1f}"
+    )
+    if out.test is not None:
+        t = out.test
+        click.echo(
+            f"{'test once (retrained on trainval)':<40} {100 * t['U']:>6.1f} {100 * t['S']:>6.1f} "
+            f"{100 * t['H']:>6.1f} {100 * t['T']:>6.1f}"
+        )

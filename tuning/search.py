@@ -1,0 +1,255 @@
+"""``dedn search``: Ray Tune schedules DEDN trials, Optuna (TPE, seeded, SQLite) samples, ASHA stops early.
+
+The experiment folder ``<storage>/<name>/`` holds Ray Tune's state, every trial's checkpoints, the
+Optuna study (``optuna.db``, open it with ``optuna-dashboard sqlite:///.../optuna.db``) and
+``search.json`` (what was asked, so ``--resume`` needs nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.objects import SharedStore, share_store
+from dedn.data import open_store
+from dedn.errors import DednInputError
+from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, load_search_spec, trial_config
+
+METRIC, MODE = "val_H", "max"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    spec_path: str
+    store: str | None = None
+    name: str | None = None
+    storage_path: str = "runs"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    num_samples: int | None = None
+    max_concurrent_trials: int | None = None
+    time_budget_s: float | None = None
+    posthoc_inference: bool = False
+    address: str | None = None
+    final_test: bool = True
+
+
+@dataclass
+class SearchOutcome:
+    experiment: Path
+    best_config: dict[str, Any]
+    best_metrics: dict[str, Any]
+    best_epoch: int
+    num_trials: int
+    trial_states: dict[str, int]
+    test: dict[str, float] | None
+    seconds: float
+
+
+def _experiment_dir(storage_path: str, name: str) -> Path:
+    return Path(storage_path).expanduser().resolve() / name
+
+
+def _trainable(shared: SharedStore, base: dict[str, Any], opts: SearchOptions) -> Any:
+    from ray import tune
+
+    from tuning.trainable import dedn_trainable
+
+    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+    return tune.with_resources(
+        tune.with_parameters(dedn_trainable, shared=shared, base=base, posthoc=opts.posthoc_inference), resources
+    )
+
+
+def _searcher(spec: SearchSpec, opts: SearchOptions, study_db: Path, name: str) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    define = DefineByRun(spec, opts.posthoc_inference)
+    keep = {k for k in spec.params if not (opts.posthoc_inference and k in INFERENCE_PARAMS)}
+    points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_db}")
+    return OptunaSearch(
+        space=define,
+        metric=METRIC,
+        mode=MODE,
+        points_to_evaluate=points,
+        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        study_name=name,
+        storage=storage,
+    )
+
+
+def _scheduler(spec: SearchSpec, epochs: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=METRIC,
+        mode=MODE,
+        max_t=epochs,
+        grace_period=min(spec.scheduler.grace_period, epochs),
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str]:
+    """Validate the spec, the base config and the store before Ray starts; returns the store path."""
+    spec, base, base_path = load_search_spec(opts.spec_path)
+    store_path = opts.store or spec.store or base.get("data", {}).get("store")
+    if not store_path:
+        raise DednInputError(opts.spec_path, "store", "no feature store: give --store or 'store' in the spec")
+    base = {**base, "data": {**base.get("data", {}), "store": str(store_path)}}
+    cfg = trial_config(base, {}, source=str(base_path))
+    store = open_store(store_path)
+    from dedn.train import check_compatible
+
+    check_compatible(cfg.effective(), store)
+    return spec, base, str(store_path)
+
+
+def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
+    """Run (or with ``resume`` continue) a search; prints nothing itself, returns the outcome."""
+    import ray
+    from ray import tune
+
+    from cluster.connect import ray_session
+
+    t0 = time.perf_counter()
+    name = opts.name or f"{Path(opts.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp = _experiment_dir(opts.storage_path, name)
+    if resume:
+        if not (exp / "search.json").is_file():
+            raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
+        saved = json.loads((exp / "search.json").read_text())
+        opts = SearchOptions(**{**saved["options"], "address": opts.address})
+    elif exp.exists():
+        raise DednInputError(exp, "experiment", "already exists: pick another --name or use --resume")
+    spec, base, store_path = prepare(opts)
+    epochs = int(trial_config(base, {}).effective().optim.epochs)
+    num_samples = opts.num_samples or spec.num_samples
+    exp.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        record = {"options": {**vars(opts), "name": name}, "spec": spec.model_dump(), "base": base}
+        (exp / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    with ray_session(opts.address):
+        store = open_store(store_path)
+        shared = share_store(store)  # read once, put once; trials read the object store
+        trainable = _trainable(shared, base, opts)
+        if resume:
+            tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=_searcher(spec, opts, exp / "optuna.db", name),
+                    scheduler=_scheduler(spec, epochs),
+                    num_samples=num_samples,
+                    max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
+                    time_budget_s=opts.time_budget_s or spec.time_budget_s,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=str(exp.parent),
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    verbose=1,
+                ),
+            )
+        grid = tuner.fit()
+        states: dict[str, int] = {}
+        for r in grid:
+            state = "ERROR" if r.error else "TERMINATED"
+            states[state] = states.get(state, 0) + 1
+        ok = [r for r in grid if r.metrics_dataframe is not None and METRIC in r.metrics_dataframe]
+        if not ok:
+            raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
+        best = max(ok, key=lambda r: float(r.metrics_dataframe[METRIC].max()))
+        df = best.metrics_dataframe
+        row = df.loc[df[METRIC].idxmax()]
+        best_metrics = {
+            k: (v.item() if hasattr(v, "item") else v)
+            for k, v in row.items()
+            if k.startswith(("val_", "grid_", "epoch"))
+        }
+        best_config = {k: v for k, v in best.config.items() if "." in k}
+        test = None
+        if opts.final_test:
+            test = ray.get(
+                final_test.options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial).remote(
+                    shared, base, best_config, int(row["epoch"]), best_metrics, opts.posthoc_inference
+                )
+            )
+    outcome = SearchOutcome(
+        experiment=exp,
+        best_config=best_config,
+        best_metrics=best_metrics,
+        best_epoch=int(row["epoch"]),
+        num_trials=len(grid),
+        trial_states=states,
+        test=test,
+        seconds=time.perf_counter() - t0,
+    )
+    (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
+    return outcome
+
+
+def _final_test(
+    shared: SharedStore,
+    base: dict[str, Any],
+    sampled: dict[str, Any],
+    epochs: int,
+    best: dict[str, Any],
+    posthoc: bool,
+) -> dict[str, float]:
+    """Retrain the chosen configuration on trainval for the chosen epochs and score the test split once."""
+    from dedn.train import train
+
+    values = dict(sampled)
+    if posthoc:  # the inference point chosen on validation
+        values.update(
+            {
+                "inference.lambda_rc": best["grid_lambda_rc"],
+                "inference.lambda_e": best["grid_lambda_e"],
+                "inference.calibration": best["grid_c"],
+            }
+        )
+    cfg = trial_config(base, values)
+    result = train(cfg, shared.materialize(), "test", epochs=epochs, keep_epoch=epochs, eval_only_at=epochs)
+    return result.best
+
+
+def _remote_final_test() -> Any:
+    import ray
+
+    return ray.remote(_final_test)
+
+
+class _Lazy:
+    """``final_test.options(...).remote(...)`` without importing Ray at module import."""
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(_remote_final_test(), item)
+
+
+final_test = _Lazy()
+
+
+def experiment_path(storage_path: str, name_or_path: str) -> tuple[str, str]:
+    """``--resume`` accepts an experiment folder or a name under the storage path."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return str(p.resolve().parent), p.resolve().name
+    return storage_path, name_or_path
+
+
+__all__ = ["SearchOptions", "SearchOutcome", "experiment_path", "prepare", "run_search"]

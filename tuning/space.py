@@ -1,0 +1,158 @@
+"""Search specs: YAML under ``configs/search/``, validated once, turned into an Optuna define-by-run space.
+
+Example (configs/search/tiny.yaml)::
+
+    base: ../tiny.yaml            # training config the trials start from (relative to this file)
+    num_samples: 12
+    params:
+      optim.lr:       {type: loguniform, low: 1.0e-4, high: 3.0e-3}
+      model.clusters: {type: categorical, choices: [manual, half, kmeans]}
+      model.kmeans_q: {type: int, low: 2, high: 8, when: {model.clusters: kmeans}}
+
+Parameter names are dotted paths into the training config. ``when`` makes a parameter conditional:
+it is sampled only when every named parameter took the given value in this trial.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dedn.config import TrainConfig, _set_path, validate_config
+from dedn.errors import DednInputError, DednInputErrors
+
+INFERENCE_PARAMS = ("inference.lambda_rc", "inference.lambda_e", "inference.calibration")
+
+
+class ParamSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["loguniform", "uniform", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+    when: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if not self.low < self.high:
+                raise ValueError(f"needs low < high, got low={self.low} high={self.high}")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+
+class SchedulerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearchSpec(BaseModel):
+    """A search: base training config, space, sampler and scheduler settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str
+    store: str | None = None
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    seed: int = 0
+    max_failures: int = Field(1, ge=0)
+    params: dict[str, ParamSpec]
+    points_to_evaluate: list[dict[str, Any]] = []
+    scheduler: SchedulerSpec = SchedulerSpec()
+
+    @model_validator(mode="after")
+    def _conditions_refer_to_earlier_params(self) -> SearchSpec:
+        seen: set[str] = set()
+        for name, p in self.params.items():
+            for dep in p.when or {}:
+                if dep not in seen:
+                    raise ValueError(f"{name}: 'when' refers to {dep!r}, which must be a parameter listed before it")
+            seen.add(name)
+        return self
+
+
+def load_search_spec(path: str | os.PathLike[str]) -> tuple[SearchSpec, dict[str, Any], Path]:
+    """Read a search spec; returns the spec, the base training config as a raw mapping, and its path.
+
+    Every sampled name must be a valid training-config key: a trial built from each parameter's low,
+    high or first choice is validated before any trial runs.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DednInputError(p, "file", "search spec not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+        spec = SearchSpec.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise DednInputError(p, "yaml", f"not valid YAML: {e}".replace("\n", " ")) from None
+    except ValidationError as e:
+        raise DednInputErrors(p, [(".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]) from None
+    base_path = (p.parent / spec.base).resolve()
+    if not base_path.is_file():
+        raise DednInputError(p, "base", f"training config {base_path} not found")
+    base_raw = yaml.safe_load(base_path.read_text()) or {}
+    for name, ps in spec.params.items():
+        probe = ps.choices[0] if ps.choices else (int(ps.low) if ps.type == "int" else ps.low)  # type: ignore[arg-type]
+        try:
+            trial_config(base_raw, {name: probe}, source=f"{p} params.{name}")
+        except DednInputError as e:
+            raise DednInputError(p, f"params.{name}", f"is not a valid training-config value ({e.rule})") from None
+    return spec, base_raw, base_path
+
+
+def trial_config(base_raw: dict[str, Any], sampled: dict[str, Any], source: str = "trial") -> TrainConfig:
+    """The base training config with a trial's sampled values set at their dotted paths, validated."""
+    import copy
+
+    raw = copy.deepcopy(base_raw)
+    for key, value in sampled.items():
+        _set_path(raw, key, value, source)
+    return validate_config(raw, source)
+
+
+class DefineByRun:
+    """The Optuna define-by-run space for OptunaSearch (a picklable callable: Tune saves the searcher).
+
+    With ``posthoc_inference`` the inference-only parameters are left out: each trial sweeps them on
+    validation at no training cost."""
+
+    def __init__(self, spec: SearchSpec, posthoc_inference: bool) -> None:
+        self.params = {k: v for k, v in spec.params.items() if not (posthoc_inference and k in INFERENCE_PARAMS)}
+
+    def __call__(self, trial: Any) -> None:
+        values: dict[str, Any] = {}
+        for name, p in self.params.items():
+            if p.when and any(values.get(k) != v for k, v in p.when.items()):
+                continue
+            if p.type == "categorical":
+                values[name] = trial.suggest_categorical(name, p.choices)
+            elif p.type == "int":
+                step = int(p.step) if p.step else 1
+                values[name] = trial.suggest_int(name, int(p.low), int(p.high), step=step, log=p.log)  # type: ignore[arg-type]
+            else:
+                log = p.type == "loguniform" or p.log
+                values[name] = trial.suggest_float(name, p.low, p.high, log=log, step=None if log else p.step)
+        return None
+
+
+def sampled_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's config minus Tune's own keys: the sampled dotted training-config values."""
+    return {k: v for k, v in config.items() if "." in k}

@@ -1,0 +1,90 @@
+"""The Ray Tune trainable: a thin wrapper around ``dedn.train.train``.
+
+Each epoch it reports validation metrics with a ``ray.tune.Checkpoint`` holding the model, optimiser,
+history and best-so-far weights; a trial that is retried or resumed continues from the last one, so
+no epoch is trained or counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cluster.objects import SharedStore, is_object_store_view
+from dedn.train import EpochRecord, Progress, train
+from tuning.space import sampled_params, trial_config
+
+STATE, PROGRESS = "state.pt", "progress.json"
+
+
+def save_trial_state(folder: str, record: EpochRecord, p: Progress) -> None:
+    """Tensors go to ``state.pt`` (read back with weights_only=True), the rest to JSON."""
+    torch.save(
+        {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "best_model": p.best_state},
+        os.path.join(folder, STATE),
+    )
+    with open(os.path.join(folder, PROGRESS), "w") as f:
+        json.dump({"epoch": record.epoch, "best_epoch": p.best_epoch, "history": [vars(r) for r in p.history]}, f)
+
+
+def load_trial_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
+    progress = json.loads((Path(folder) / PROGRESS).read_text())
+    return {**state, "epoch": progress["epoch"], "history": progress["history"]}
+
+
+def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
+    """What a trial reports each epoch. ``val_H`` is the metric the scheduler and Optuna see: H at the
+    sampled inference point, or with ``posthoc`` at the best point of the validation grid."""
+    point = record.grid_best if posthoc else record.eval
+    m = {
+        "epoch": record.epoch,
+        "val_H": point["H"],
+        "val_U": point["U"],
+        "val_S": point["S"],
+        "val_T": point["T"],
+        "val_H_configured": record.eval["H"],
+        "val_H_grid": record.grid_best["H"],
+        "grid_lambda_rc": record.grid_best["lambda_rc"],
+        "grid_lambda_e": record.grid_best["lambda_e"],
+        "grid_c": record.grid_best["c"],
+        "samples_per_s": record.samples_per_s,
+        "epoch_seconds": record.seconds,
+    }
+    m.update({f"loss_{k}": v for k, v in record.loss.items()})
+    return m
+
+
+def dedn_trainable(config: dict[str, Any], shared: SharedStore, base: dict[str, Any], posthoc: bool) -> None:
+    """One trial: sampled values from ``config`` over the base training config, on the shared store."""
+    import logging
+
+    import ray
+    from ray import tune
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no line per saved checkpoint
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(cpus)))
+    store = shared.materialize()
+    cfg = trial_config(base, sampled_params(config))
+    node = ray.get_runtime_context().get_node_id()
+    zero_copy = is_object_store_view(store.features())
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_trial_state(folder)
+
+    def report(record: EpochRecord, p: Progress) -> None:
+        metrics = {**epoch_metrics(record, posthoc), "node_id": node, "features_zero_copy": zero_copy}
+        with tempfile.TemporaryDirectory() as folder:
+            save_trial_state(folder, record, p)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    train(cfg, store, "validation", on_epoch=report, resume=resume, select_on="grid" if posthoc else "configured")
