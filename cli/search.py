@@ -106,6 +106,8 @@ def search(
         + ", ".join(f"{n} {s.lower()}" for s, n in out.trial_states.items())
         + f", {out.seconds:.0f} s)"
     )
+    for trial, reason in out.errors.items():
+        click.echo(f"failed      {trial}: {reason}")
     click.echo(f"optuna      optuna-dashboard sqlite:///{out.experiment / 'optuna.db'}")
     click.echo(f"\nbest configuration (epoch {out.best_epoch}):")
     for k, v in sorted(out.best_config.items()):

@@ -27,6 +27,6 @@ def ray_session(
             num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1", **init
         )
     try:
-        yield {"address": ctx.address_info.get("gcs_address"), "started": not address}
+        yield {"address": getattr(ctx, "address_info", {}).get("gcs_address"), "started": not address}
     finally:
         ray.shutdown()

@@ -46,6 +46,7 @@ class SearchOutcome:
     best_epoch: int
     num_trials: int
     trial_states: dict[str, int]
+    errors: dict[str, str]
     test: dict[str, float] | None
     seconds: float
 
@@ -166,22 +167,18 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
                 ),
             )
         grid = tuner.fit()
+        results = [grid[i] for i in range(len(grid))]
         states: dict[str, int] = {}
-        for r in grid:
+        errors: dict[str, str] = {}
+        for r in results:
             state = "ERROR" if r.error else "TERMINATED"
             states[state] = states.get(state, 0) + 1
-        ok = [r for r in grid if r.metrics_dataframe is not None and METRIC in r.metrics_dataframe]
-        if not ok:
+            if r.error:
+                errors[Path(r.path).name] = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}"
+        best_config, best_metrics = best_trial(results)
+        if not best_metrics:
             raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
-        best = max(ok, key=lambda r: float(r.metrics_dataframe[METRIC].max()))
-        df = best.metrics_dataframe
-        row = df.loc[df[METRIC].idxmax()]
-        best_metrics = {
-            k: (v.item() if hasattr(v, "item") else v)
-            for k, v in row.items()
-            if k.startswith(("val_", "grid_", "epoch"))
-        }
-        best_config = {k: v for k, v in best.config.items() if "." in k}
+        row = best_metrics
         test = None
         if opts.final_test:
             test = ray.get(
@@ -194,13 +191,32 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         best_config=best_config,
         best_metrics=best_metrics,
         best_epoch=int(row["epoch"]),
-        num_trials=len(grid),
+        num_trials=len(results),
         trial_states=states,
+        errors=errors,
         test=test,
         seconds=time.perf_counter() - t0,
     )
     (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
     return outcome
+
+
+def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trial and epoch with the highest validation H over all reported epochs: (sampled config, metrics)."""
+    best: tuple[float, dict[str, Any], dict[str, Any]] = (-1.0, {}, {})
+    for r in results:
+        df: Any = r.metrics_dataframe
+        if df is None or METRIC not in df:
+            continue
+        row = df.loc[df[METRIC].idxmax()]
+        if float(row[METRIC]) > best[0]:
+            metrics = {
+                k: (v.item() if hasattr(v, "item") else v)
+                for k, v in row.items()
+                if k.startswith(("val_", "grid_", "epoch"))
+            }
+            best = (float(row[METRIC]), {k: v for k, v in r.config.items() if "." in k}, metrics)
+    return best[1], best[2]
 
 
 def _final_test(

@@ -93,7 +93,7 @@ def load_search_spec(path: str | os.PathLike[str]) -> tuple[SearchSpec, dict[str
     """Read a search spec; returns the spec, the base training config as a raw mapping, and its path.
 
     Every sampled name must be a valid training-config key: a trial built from each parameter's low,
-    high or first choice is validated before any trial runs.
+    high and every choice (with the parameters it switches on) is validated before any trial runs.
     """
     p = Path(path)
     if not p.is_file():
@@ -110,11 +110,20 @@ def load_search_spec(path: str | os.PathLike[str]) -> tuple[SearchSpec, dict[str
         raise DednInputError(p, "base", f"training config {base_path} not found")
     base_raw = yaml.safe_load(base_path.read_text()) or {}
     for name, ps in spec.params.items():
-        probe = ps.choices[0] if ps.choices else (int(ps.low) if ps.type == "int" else ps.low)  # type: ignore[arg-type]
-        try:
-            trial_config(base_raw, {name: probe}, source=f"{p} params.{name}")
-        except DednInputError as e:
-            raise DednInputError(p, f"params.{name}", f"is not a valid training-config value ({e.rule})") from None
+        bounds = [ps.low, ps.high] if ps.choices is None else ps.choices
+        for probe in bounds:
+            value = int(probe) if ps.type == "int" else probe  # type: ignore[arg-type]
+            values = {name: value}
+            for other, os_ in spec.params.items():  # parameters this value switches on, at their first value
+                if os_.when and all(values.get(k) == v for k, v in os_.when.items()):
+                    first = os_.choices[0] if os_.choices else os_.low
+                    values[other] = int(first) if os_.type == "int" else first  # type: ignore[arg-type]
+            try:
+                trial_config(base_raw, values, source=f"{p} params.{name}")
+            except DednInputError as e:
+                raise DednInputError(
+                    p, f"params.{name}", f"is not a valid training-config value at {value!r} ({e.rule})"
+                ) from None
     return spec, base_raw, base_path
 
 

@@ -1,0 +1,260 @@
+"""dedn search on a real local Ray cluster: Optuna in SQLite, ASHA, failures, kills and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from tuning.search import SearchOptions, run_search
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_spec(folder: Path, store: Path, *, epochs: int, body: str) -> Path:
+    base = (ROOT / "configs" / "tiny.yaml").read_text().replace("epochs: 8", f"epochs: {epochs}")
+    (folder / "base.yaml").write_text(base + "device: cpu\n")
+    spec = folder / "spec.yaml"
+    spec.write_text(f"base: base.yaml\nstore: {store}\n" + body)
+    return spec
+
+
+def trial_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Every trial's reported rows, read from Tune's result.json files."""
+    out = {}
+    for f in sorted(experiment.glob("*/result.json")):
+        out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def test_search_end_to_end(tmp_path: Path, tiny_store: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        tiny_store,
+        epochs=4,
+        body="""
+num_samples: 6
+max_concurrent_trials: 2
+max_failures: 0
+params:
+  optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
+  loss.gamma: {type: loguniform, low: 1.0e-3, high: 1.0}
+  model.clusters: {type: categorical, choices: [manual, kmeans]}
+  model.kmeans_q: {type: int, low: 2, high: 6, when: {model.clusters: kmeans}}
+  inference.calibration: {type: uniform, low: 0.0, high: 2.0}
+points_to_evaluate:
+  - {optim.lr: 1.0e+9, loss.gamma: 0.1, model.clusters: manual, inference.calibration: 1.0}
+scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+""",
+    )
+    out = run_search(SearchOptions(spec_path=str(spec), name="e2e", storage_path=str(tmp_path / "runs")))
+    assert out.num_trials == 6
+    # the diverging trial failed with its reason; the search went on
+    assert len(out.errors) == 1 and "diverged" in next(iter(out.errors.values()))
+    rows = trial_rows(out.experiment)
+    ok = {k: v for k, v in rows.items() if v}
+    assert len(ok) == 5
+    assert all(r["features_zero_copy"] for v in ok.values() for r in v)
+    epochs = [len(v) for v in ok.values()]
+    assert max(epochs) == 4 and min(epochs) < 4, epochs  # ASHA stopped someone early
+    assert all([r["epoch"] for r in v] == list(range(1, len(v) + 1)) for v in ok.values())
+    best = max(r["val_H"] for v in ok.values() for r in v)
+    assert out.best_metrics["val_H"] == pytest.approx(best)
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{out.experiment / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 and states.count(optuna.trial.TrialState.COMPLETE) == 5
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert out.test is not None and set(out.test) >= {"U", "S", "H", "T"}
+    assert json.loads((out.experiment / "best.json").read_text())["num_trials"] == 6
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from cli.main import main; main()", *args]
+
+
+def _wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    end = time.time() + timeout
+    while time.time() < end:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path: Path, tiny_store: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        tiny_store,
+        epochs=30,
+        body="""
+num_samples: 1
+max_failures: 2
+params:
+  optim.lr: {type: loguniform, low: 1.0e-3, high: 2.0e-3}
+scheduler: {type: fifo}
+""",
+    )
+    exp = tmp_path / "runs" / "kill"
+    proc = subprocess.Popen(
+        _cli("search", "-c", str(spec), "--name", "kill", "--storage-path", str(tmp_path / "runs"), "--no-final-test"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def running_pid():  # type: ignore[no-untyped-def]
+            rows = [r for v in trial_rows(exp).values() for r in v]
+            return rows[-1]["pid"] if rows and rows[-1]["epoch"] >= 3 else None
+
+        pid = _wait_for(running_pid, 240, "the trial's third epoch")
+        os.kill(pid, signal.SIGKILL)  # the trial's worker process dies mid-training
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-3000:]
+    (rows,) = trial_rows(exp).values()
+    epochs = [r["epoch"] for r in rows]
+    assert epochs == list(range(1, 31)), epochs  # resumed from its checkpoint: no epoch twice, none lost
+    assert len({r["pid"] for r in rows}) == 2  # two worker processes: the killed one and the retry
+
+
+def test_driver_killed_then_resumed(tmp_path: Path, tiny_store: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        tiny_store,
+        epochs=6,
+        body="""
+num_samples: 4
+max_concurrent_trials: 1
+params:
+  optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
+  loss.eps: {type: uniform, low: 0.0, high: 2.0}
+scheduler: {type: fifo}
+""",
+    )
+    runs = tmp_path / "runs"
+    exp = runs / "resume"
+    proc = subprocess.Popen(
+        _cli("search", "-c", str(spec), "--name", "resume", "--storage-path", str(runs), "--no-final-test"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        def two_done_third_started():  # type: ignore[no-untyped-def]
+            rows = trial_rows(exp)
+            done = [k for k, v in rows.items() if v and v[-1]["epoch"] == 6]
+            started = [k for k, v in rows.items() if v and v[-1]["epoch"] < 6]
+            return (done, started) if len(done) >= 2 and started else None
+
+        done, _ = _wait_for(two_done_third_started, 240, "two finished trials and a third under way")
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die at once
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = trial_rows(exp)
+    r = subprocess.run(
+        _cli("search", "-c", str(spec), "--resume", str(exp), "--no-final-test"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    after = trial_rows(exp)
+    assert len(after) == 4  # what was asked, not more
+    for k in done:  # finished trials were not rerun
+        assert after[k] == before[k]
+    for k, v in after.items():
+        assert [x["epoch"] for x in v] == list(range(1, 7)), (k, [x["epoch"] for x in v])
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{exp / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    best = json.loads((exp / "best.json").read_text())
+    assert best["num_trials"] == 4
+    assert best["best_metrics"]["val_H"] == pytest.approx(max(x["val_H"] for v in after.values() for x in v))
+
+
+def test_trials_read_features_from_the_object_store_not_parquet(tmp_path: Path, tiny_store: Path) -> None:
+    import shutil
+
+    import ray
+
+    from cluster.connect import ray_session
+    from cluster.objects import is_object_store_view, share_store
+    from dedn.config import load_config
+    from dedn.data import open_store
+    from dedn.train import train
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store, copy)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.store={copy}", "optim.epochs=1", "device=cpu"])
+
+    @ray.remote(num_cpus=1)
+    def trial(shared):  # type: ignore[no-untyped-def]
+        store = shared.materialize()
+        feats = store.features()
+        r = train(cfg, store)
+        return is_object_store_view(feats), float(feats.astype(np.float64).sum()), r.history[0].loss["total"]
+
+    with ray_session(None, num_cpus=2):
+        store = open_store(copy)
+        expected = float(store.features().astype(np.float64).sum())
+        shared = share_store(store)
+        shutil.rmtree(copy)  # no Parquet file left to read
+        results = ray.get([trial.remote(shared), trial.remote(shared)])
+    for zero_copy, total, loss in results:
+        assert zero_copy and total == expected and np.isfinite(loss)
+
+
+def test_search_across_two_ray_nodes(tmp_path: Path, tiny_store: Path) -> None:
+    """A second Ray node on this machine (Ray's own multi-node test cluster): trials run on both nodes
+    and read their features from the object store."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        spec = write_spec(
+            tmp_path,
+            tiny_store,
+            epochs=3,
+            body="""
+num_samples: 4
+max_concurrent_trials: 2
+params:
+  optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
+scheduler: {type: fifo}
+""",
+        )
+        out = run_search(
+            SearchOptions(
+                spec_path=str(spec),
+                name="nodes",
+                storage_path=str(tmp_path / "runs"),
+                address=cluster.address,
+                final_test=False,
+            )
+        )
+    finally:
+        cluster.shutdown()
+    rows = [r for v in trial_rows(out.experiment).values() for r in v]
+    assert out.num_trials == 4
+    assert len({r["node_id"] for r in rows}) == 2
+    assert all(r["features_zero_copy"] for r in rows)
