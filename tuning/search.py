@@ -36,6 +36,8 @@ class SearchOptions:
     posthoc_inference: bool = False
     address: str | None = None
     final_test: bool = True
+    tracking_uri: str | None = None
+    track: bool = True
 
 
 @dataclass
@@ -49,6 +51,9 @@ class SearchOutcome:
     errors: dict[str, str]
     test: dict[str, float] | None
     seconds: float
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    not_logged: list[str] | None = None
 
 
 def _experiment_dir(storage_path: str, name: str) -> Path:
@@ -135,10 +140,23 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
     spec, base, store_path = prepare(opts)
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     num_samples = opts.num_samples or spec.num_samples
+    tracker = None
+    if opts.track:
+        from tracking.runs import Tracker, check_reachable, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(opts.tracking_uri)
+        check_reachable(uri)  # before any trial runs
+        opts = SearchOptions(**{**vars(opts), "tracking_uri": uri})
     exp.mkdir(parents=True, exist_ok=True)
     if not resume:
         record = {"options": {**vars(opts), "name": name}, "spec": spec.model_dump(), "base": base}
         (exp / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if opts.track:
+        from tuning.report import parent_tags
+
+        assert opts.tracking_uri is not None
+        tracker = Tracker(opts.tracking_uri, exp, name)
+        tracker.parent(parent_tags(open_store(store_path), opts.spec_path), opts.spec_path)
 
     # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -149,6 +167,8 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         if resume:
             tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:
+            from tuning.tracking_callback import MLflowTrialLogger
+
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -163,6 +183,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
                     storage_path=str(exp.parent),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[MLflowTrialLogger(tracker, base)] if tracker is not None else None,
                     verbose=1,
                 ),
             )
@@ -180,11 +201,20 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
             raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
         row = best_metrics
         test = None
+        final = None
         if opts.final_test:
-            test = ray.get(
+            final = ray.get(
                 final_test.options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial).remote(
                     shared, base, best_config, int(row["epoch"]), best_metrics, opts.posthoc_inference
                 )
+            )
+            test = final["test"]
+        not_logged = None
+        if tracker is not None:
+            from tuning.report import report_search
+
+            not_logged = report_search(
+                tracker, exp, name, results, shared, base, best_config, best_metrics, final, opts.posthoc_inference
             )
     outcome = SearchOutcome(
         experiment=exp,
@@ -196,6 +226,9 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         errors=errors,
         test=test,
         seconds=time.perf_counter() - t0,
+        tracking_uri=opts.tracking_uri if tracker else None,
+        parent_run_id=tracker.state["parent"] if tracker else None,
+        not_logged=not_logged,
     )
     (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
     return outcome
@@ -226,7 +259,7 @@ def _final_test(
     epochs: int,
     best: dict[str, Any],
     posthoc: bool,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Retrain the chosen configuration on trainval for the chosen epochs and score the test split once."""
     from dedn.train import train
 
@@ -241,7 +274,7 @@ def _final_test(
         )
     cfg = trial_config(base, values)
     result = train(cfg, shared.materialize(), "test", epochs=epochs, keep_epoch=epochs, eval_only_at=epochs)
-    return result.best
+    return {"test": result.best, "state": result.best_state, "partition": result.partition, "config": values}
 
 
 def _remote_final_test() -> Any:

@@ -1,0 +1,174 @@
+"""MLflow runs of a search: one parent run per search, one nested child run per trial.
+
+All logging happens in the driver, in a Ray Tune callback: trials on other nodes never touch the
+tracking store. The default store is ``sqlite:///mlflow.db`` in the working folder; ``--tracking-uri
+http://host:port`` logs to a shared server. Each trial's run id is kept in the experiment folder
+(``mlflow_runs.json``), so a retried or resumed trial continues its own run.
+
+If the store cannot be reached when a search starts, the command stops before any trial runs. If it
+goes away during a search, logging calls are queued and retried at the end; what still fails is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dedn.errors import DednInputError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+RUNS_FILE = "mlflow_runs.json"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``None`` -> the embedded SQLite store in the working folder (absolute path)."""
+    if uri is None:
+        return f"sqlite:///{Path('mlflow.db').resolve()}"
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, with one line, when the tracking store cannot be used."""
+    from mlflow.tracking import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:  # any failure here means: do not start the search
+        raise DednInputError(uri, "tracking store", f"cannot be reached: {type(e).__name__}: {str(e)[:200]}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def code_version() -> str:
+    from dedn import __version__
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+class Tracker:
+    """Parent and child runs for one search, with a retry queue for calls that fail mid-search."""
+
+    def __init__(self, uri: str, experiment_dir: Path, experiment_name: str) -> None:
+        self.uri, self.dir, self.name = uri, Path(experiment_dir), experiment_name
+        self._client: Any = None
+        self.failed: list[tuple[str, Callable[[], Any]]] = []
+        self.state = self._load()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment; the client and pending calls stay behind,
+        # the run ids come back from mlflow_runs.json.
+        return {"uri": self.uri, "dir": self.dir, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uri"], state["dir"], state["name"])  # type: ignore[misc]
+
+    # -- persistence of run ids ---------------------------------------------------------------
+    def _load(self) -> dict[str, Any]:
+        path = self.dir / RUNS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {"parent": None, "trials": {}}
+
+    def _save(self) -> None:
+        tmp = self.dir / (RUNS_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.dir / RUNS_FILE)
+
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a logging call; on failure queue it for the end instead of failing the search."""
+        try:
+            return fn()
+        except Exception:
+            self.failed.append((what, fn))
+            return None
+
+    def retry_failed(self, attempts: int = 3, wait_s: float = 2.0) -> list[str]:
+        """Retry queued calls; returns what still could not be logged."""
+        for _ in range(attempts):
+            if not self.failed:
+                break
+            pending, self.failed = self.failed, []
+            for what, fn in pending:
+                try:
+                    fn()
+                except Exception:
+                    self.failed.append((what, fn))
+            if self.failed:
+                time.sleep(wait_s)
+        return [what for what, _ in self.failed]
+
+    # -- runs -------------------------------------------------------------------------------------
+    def parent(self, tags: dict[str, str], spec_file: str) -> str:
+        """Create (or on resume, reopen) the parent run."""
+        if self.state["parent"]:
+            run_id = str(self.state["parent"])
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        exp = self.client.get_experiment_by_name(self.name)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.name)
+        run = self.client.create_run(exp_id, run_name=self.name, tags=tags)
+        self.client.log_artifact(run.info.run_id, spec_file)
+        self.state["parent"] = run.info.run_id
+        self._save()
+        return run.info.run_id
+
+    def child(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> str | None:
+        """The trial's run: created once, then continued by id (retries, resume)."""
+        if trial_id in self.state["trials"]:
+            run_id = str(self.state["trials"][trial_id])
+            self.call(f"reopen run of {trial_name}", lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
+        parent = str(self.state["parent"])
+        exp_id = self.client.get_run(parent).info.experiment_id
+
+        def create() -> str:
+            from mlflow.entities import Param
+
+            run = self.client.create_run(
+                exp_id,
+                run_name=trial_name,
+                tags={"mlflow.parentRunId": parent, "dedn.trial_id": trial_id},
+            )
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+            return str(run.info.run_id)
+
+        run_id = self.call(f"create run of {trial_name}", create)
+        if run_id is not None:
+            self.state["trials"][trial_id] = run_id
+            self._save()
+        return run_id
+
+    def metrics(self, run_id: str, metrics: dict[str, float], step: int, what: str) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.call(what, lambda: self.client.log_batch(run_id, metrics=batch))
