@@ -38,12 +38,16 @@ def cli() -> None:
 
 def _register() -> None:
     from cli.data import data
+    from cli.models import predict, promote, ui
     from cli.search import search
     from cli.train import train
 
     cli.add_command(data)
     cli.add_command(train)
     cli.add_command(search)
+    cli.add_command(promote)
+    cli.add_command(predict)
+    cli.add_command(ui)
 
 
 _register()

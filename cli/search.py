@@ -54,6 +54,13 @@ import click
     help="Continue an interrupted search (its folder, or its name under --storage-path).",
 )
 @click.option("--no-final-test", is_flag=True, help="Skip retraining the best configuration and testing it once.")
+@click.option(
+    "--tracking-uri",
+    default=None,
+    envvar="MLFLOW_TRACKING_URI",
+    help="MLflow store: http://host:port for a shared server (default: sqlite:///mlflow.db here).",
+)
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 def search(
     spec: Path,
     store: str | None,
@@ -68,6 +75,8 @@ def search(
     address: str | None,
     resume: str | None,
     no_final_test: bool,
+    tracking_uri: str | None,
+    no_tracking: bool,
 ) -> None:
     """Search DEDN hyperparameters: Optuna samples, ASHA stops bad trials, Ray runs them anywhere.
 
@@ -81,6 +90,7 @@ def search(
       dedn search -c configs/search/cub.yaml --store data/cub --address auto --gpus-per-trial 0.25
       dedn search -c configs/search/tiny.yaml --posthoc-inference --num-samples 16
       dedn search -c configs/search/tiny.yaml --resume runs/tiny-20261127-101500
+      dedn search -c configs/search/cub.yaml --tracking-uri http://127.0.0.1:5000
     """
     from tuning.search import SearchOptions, experiment_path, run_search
 
@@ -99,6 +109,8 @@ def search(
         posthoc_inference=posthoc_inference,
         address=address,
         final_test=not no_final_test,
+        tracking_uri=tracking_uri,
+        track=not no_tracking,
     )
     out = run_search(opts, resume=resume is not None)
     click.echo(
@@ -106,6 +118,10 @@ def search(
         + ", ".join(f"{n} {s.lower()}" for s, n in out.trial_states.items())
         + f", {out.seconds:.0f} s)"
     )
+    if out.tracking_uri:
+        click.echo(f"mlflow      {out.tracking_uri}   parent run {out.parent_run_id}   (dedn ui to browse)")
+    for what in out.not_logged or []:
+        click.echo(f"not logged  {what}")
     for trial, reason in out.errors.items():
         click.echo(f"failed      {trial}: {reason}")
     click.echo(f"optuna      optuna-dashboard sqlite:///{out.experiment / 'optuna.db'}")

@@ -248,6 +248,7 @@ class Progress:
     history: list[EpochRecord]
     best_epoch: int
     best_state: dict[str, torch.Tensor]
+    partition: np.ndarray
 
 
 EpochCallback = Callable[[EpochRecord, Progress], None]
@@ -362,7 +363,7 @@ def train(
             best_epoch, best, best_grid = epoch, configured, grid_best
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if on_epoch is not None:
-            on_epoch(record, Progress(model, optimizer, history, best_epoch, best_state))
+            on_epoch(record, Progress(model, optimizer, history, best_epoch, best_state, partition))
     return TrainResult(task.name, history, best_epoch, best, best_grid, best_state, partition)
 
 
@@ -423,20 +424,37 @@ def fit_and_test(cfg: TrainConfig, store: FeatureStore, progress: bool = False) 
     return FitResult(val, final.best, test_grid_point, paper, final)
 
 
+def checkpoint_header(store: FeatureStore) -> dict[str, Any]:
+    """What a checkpoint records of the store it was trained on (enough to serve it without the store)."""
+    return {
+        "fingerprint": store.meta.fingerprint,
+        "dataset": store.meta.name,
+        "feature_shape": list(store.meta.feature_shape),
+        "num_attributes": store.meta.num_attributes,
+        "semantic_dim": store.meta.semantic_dim,
+        "class_names": store.classes.names,
+        "seen": store.classes.seen.tolist(),
+        "attribute_names": store.attributes.names,
+    }
+
+
 def save_checkpoint(
     folder: str | os.PathLike[str],
     state: dict[str, torch.Tensor],
     cfg: TrainConfig,
-    store: FeatureStore,
+    store: FeatureStore | dict[str, Any],
     partition: np.ndarray,
     extra: dict[str, Any],
 ) -> Path:
-    """model.safetensors + config.yaml + checkpoint.json, written to a temporary folder then renamed."""
+    """model.safetensors + config.yaml + checkpoint.json, written to a temporary folder then renamed.
+
+    ``store``: the training store, or its ``checkpoint_header``."""
     import shutil
     import tempfile
 
     from safetensors.torch import save_file
 
+    header = store if isinstance(store, dict) else checkpoint_header(store)
     out = Path(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -444,14 +462,7 @@ def save_checkpoint(
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.yaml").write_text(dump_config(cfg))
         meta = {
-            "fingerprint": store.meta.fingerprint,
-            "dataset": store.meta.name,
-            "feature_shape": list(store.meta.feature_shape),
-            "num_attributes": store.meta.num_attributes,
-            "semantic_dim": store.meta.semantic_dim,
-            "class_names": store.classes.names,
-            "seen": store.classes.seen.tolist(),
-            "attribute_names": store.attributes.names,
+            **header,
             "partition": [int(i) for i in partition],
             "inference": cfg.inference.model_dump(),
             **extra,

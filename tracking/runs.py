@@ -126,7 +126,7 @@ class Tracker:
         return [what for what, _ in self.failed]
 
     # -- runs -------------------------------------------------------------------------------------
-    def parent(self, tags: dict[str, str], spec_file: str) -> str:
+    def parent(self, tags: dict[str, str], spec_file: str, store_header: dict[str, Any] | None = None) -> str:
         """Create (or on resume, reopen) the parent run."""
         if self.state["parent"]:
             run_id = str(self.state["parent"])
@@ -136,6 +136,8 @@ class Tracker:
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.name)
         run = self.client.create_run(exp_id, run_name=self.name, tags=tags)
         self.client.log_artifact(run.info.run_id, spec_file)
+        if store_header is not None:  # what serving a promoted trial needs to know of the store
+            self.client.log_dict(run.info.run_id, store_header, "store.json")
         self.state["parent"] = run.info.run_id
         self._save()
         return run.info.run_id

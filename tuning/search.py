@@ -156,7 +156,10 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
 
         assert opts.tracking_uri is not None
         tracker = Tracker(opts.tracking_uri, exp, name)
-        tracker.parent(parent_tags(open_store(store_path), opts.spec_path), opts.spec_path)
+        from dedn.train import checkpoint_header
+
+        header_store = open_store(store_path)
+        tracker.parent(parent_tags(header_store, opts.spec_path), opts.spec_path, checkpoint_header(header_store))
 
     # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

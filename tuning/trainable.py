@@ -29,7 +29,15 @@ def save_trial_state(folder: str, record: EpochRecord, p: Progress) -> None:
         os.path.join(folder, STATE),
     )
     with open(os.path.join(folder, PROGRESS), "w") as f:
-        json.dump({"epoch": record.epoch, "best_epoch": p.best_epoch, "history": [vars(r) for r in p.history]}, f)
+        json.dump(
+            {
+                "epoch": record.epoch,
+                "best_epoch": p.best_epoch,
+                "partition": [int(i) for i in p.partition],
+                "history": [vars(r) for r in p.history],
+            },
+            f,
+        )
 
 
 def load_trial_state(folder: str | os.PathLike[str]) -> dict[str, Any]:

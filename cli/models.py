@@ -1,0 +1,96 @@
+"""``dedn promote``, ``dedn predict``, ``dedn ui``: the model registry and the MLflow UI."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import click
+
+_URI = click.option(
+    "--tracking-uri",
+    default=None,
+    envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking/registry store (default: sqlite:///mlflow.db in this folder).",
+)
+
+
+@click.command()
+@click.option("--experiment", required=True, help="Search experiment name (the MLflow experiment).")
+@click.option("--metric", default="val_H", show_default=True, help="Validation metric that picks the trial.")
+@click.option("--model-name", required=True, help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True, help="Alias set on the new version ('' for none).")
+@_URI
+def promote(experiment: str, metric: str, model_name: str, alias: str, tracking_uri: str | None) -> None:
+    """Register the best trial of a search as a new model version, tagged, with an alias.
+
+    The model is an MLflow pyfunc: weights, resolved config, class names, inference parameters, the
+    store fingerprint and an input example.
+
+    \b
+    Examples:
+      dedn promote --experiment tiny-20261127-101500 --model-name dedn-tiny
+      dedn promote --experiment cub-search --metric val_T --model-name dedn-cub --alias staging
+    """
+    from tracking.registry import promote as do_promote
+    from tracking.runs import resolve_tracking_uri
+
+    v = do_promote(resolve_tracking_uri(tracking_uri), experiment, model_name, metric, alias or None)
+    click.echo(
+        f"registered {model_name} version {v.version}"
+        + (f", alias {alias}" if alias else "")
+        + f"\nmodel uri: models:/{model_name}@{alias}"
+        if alias
+        else f"models:/{model_name}/{v.version}"
+    )
+
+
+@click.command()
+@click.option("--model", "model_uri", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model")
+@click.option("--data", "store", required=True, help="Feature store to predict on.")
+@click.option("--split", default="test", show_default=True, help="Split or group (test, test_unseen, trainval, ...).")
+@click.option("--out", required=True, help="Output file: .parquet or .csv.")
+@_URI
+def predict(model_uri: str, store: str, split: str, out: str, tracking_uri: str | None) -> None:
+    """Predict classes for a store's images with a registered model.
+
+    Writes image_id, true_class, class_index, class_name, score and seen (whether the predicted class
+    was seen in training). A store whose feature shape or attribute set differs from the model's is refused.
+
+    \b
+    Examples:
+      dedn predict --model models:/dedn-tiny@champion --data data/tiny --split test --out preds.parquet
+      dedn predict --model models:/dedn-cub/3 --data data/cub --split test_unseen --out unseen.csv
+    """
+    import mlflow
+
+    from tracking.registry import predict_store
+    from tracking.runs import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    n = predict_store(model_uri, store, split, out)
+    click.echo(f"wrote {n} predictions to {out}")
+
+
+@click.command()
+@click.option("--port", type=int, default=5000, show_default=True)
+@_URI
+def ui(port: int, tracking_uri: str | None) -> None:
+    """Start the MLflow UI on 127.0.0.1 over the project's tracking store.
+
+    \b
+    Examples:
+      dedn ui
+      dedn ui --port 5050 --tracking-uri sqlite:///runs/mlflow.db
+    """
+    from tracking.runs import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    click.echo(f"MLflow UI at http://127.0.0.1:{port} over {uri} (Ctrl-C stops it)", err=False)
+    sys.stdout.flush()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(cmd, check=False)

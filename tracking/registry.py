@@ -1,0 +1,193 @@
+"""Model registry: promote the best trial of a search, load it back, predict on a store."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dedn.errors import DednInputError
+
+PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def best_child_run(uri: str, experiment: str, metric: str) -> tuple[Any, Any]:
+    """(parent run, best child run by ``best_<metric>``) of a search experiment."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise DednInputError(uri, "experiment", f"no MLflow experiment named {experiment!r}")
+    runs = client.search_runs([exp.experiment_id], max_results=10000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
+    key = f"best_{metric}"
+    scored = [r for r in children if key in r.data.metrics]
+    if not parents or not scored:
+        raise DednInputError(uri, "runs", f"experiment {experiment!r} has no finished trial with metric {key}")
+    best = max(scored, key=lambda r: r.data.metrics[key])
+    parent = next(p for p in parents if p.info.run_id == best.data.tags["mlflow.parentRunId"])
+    return parent, best
+
+
+def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> tuple[Path, str]:
+    """A checkpoint folder (model.safetensors, config.yaml, checkpoint.json) for the promoted weights:
+    the search's final model (retrained on trainval) when this is the search's best trial, else the
+    trial's best-epoch weights (trained on the validation task's train split)."""
+    import mlflow
+    import torch
+    import yaml
+
+    from dedn.config import validate_config
+    from dedn.train import save_checkpoint
+
+    if parent.data.tags.get("dedn.best_trial_run_id") == best.info.run_id:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=parent.info.run_id, artifact_path="final_model", dst_path=str(folder), tracking_uri=uri
+            )
+            return Path(path), "retrained on trainval (search's final model)"
+        except Exception:  # no final model logged (search run with --no-final-test)
+            pass
+    ckpt = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=best.info.run_id, artifact_path="checkpoint", dst_path=str(folder / "trial"), tracking_uri=uri
+        )
+    )
+    cfg_path = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=best.info.run_id, artifact_path="trial_config.yaml", dst_path=str(folder / "trial"), tracking_uri=uri
+        )
+    )
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["best_model"]
+    partition = json.loads((ckpt / "progress.json").read_text())["partition"]
+    header = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/store.json")
+    cfg = validate_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    m = best.data.metrics
+    if "best_grid_lambda_rc" in m and best.data.params.get("inference.lambda_rc") is None:
+        # a post-hoc search: the inference point chosen on validation for this trial
+        cfg = cfg.model_copy(
+            update={
+                "inference": cfg.inference.model_copy(
+                    update={
+                        "lambda_rc": m["best_grid_lambda_rc"],
+                        "lambda_e": m["best_grid_lambda_e"],
+                        "calibration": m["best_grid_c"],
+                    }
+                )
+            }
+        )
+    out = save_checkpoint(
+        folder / "model", state, cfg, header, np.asarray(partition), {"weights": "trial best epoch (validation task)"}
+    )
+    return out, "trial best epoch (trained on the validation task's train split)"
+
+
+def promote(uri: str, experiment: str, model_name: str, metric: str = "val_H", alias: str | None = "champion") -> Any:
+    """Log the best trial as a pyfunc model, register a new version, tag it and set the alias."""
+    import mlflow
+
+    parent, best = best_child_run(uri, experiment, metric)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory() as d:
+        ckpt, weights = _trial_checkpoint(uri, parent, best, Path(d))
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        c, h, w = meta["feature_shape"]
+        example = np.zeros((2, c, h, w), dtype=np.float32)
+        with mlflow.start_run(run_id=best.info.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts={"checkpoint": str(ckpt)},
+                input_example=example,
+                pip_requirements=["dedn-platform"],
+            )
+    client = _client(uri)
+    version = (
+        client.create_model_version(
+            model_name,
+            info.model_uri,
+            run_id=best.info.run_id,
+            tags={
+                "dedn.trial_run_id": best.info.run_id,
+                "dedn.search_run_id": parent.info.run_id,
+                "dedn.fingerprint": meta["fingerprint"],
+                "dedn.dataset": meta["dataset"],
+                f"dedn.{metric}": str(best.data.metrics[f"best_{metric}"]),
+                "dedn.weights": weights,
+            },
+        )
+        if _ensure_model(client, model_name)
+        else None
+    )
+    assert version is not None
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version.version)
+    return version
+
+
+def _ensure_model(client: Any, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    return True
+
+
+def check_store_matches(meta: dict[str, Any], store: Any) -> None:
+    """Refuse a store whose feature shape or attribute set differs from the model's."""
+    if list(store.meta.feature_shape) != list(meta["feature_shape"]):
+        raise DednInputError(
+            store.path,
+            "features",
+            f"shape {store.meta.feature_shape} does not match the model's {tuple(meta['feature_shape'])}",
+        )
+    if store.attributes.names != meta["attribute_names"]:
+        raise DednInputError(
+            store.path,
+            "attributes",
+            f"attribute set ({store.meta.num_attributes}) does not match "
+            f"the model's ({len(meta['attribute_names'])} attributes)",
+        )
+
+
+def predict_store(model_uri: str, store_path: str | os.PathLike[str], split: str, out: str | os.PathLike[str]) -> int:
+    """Predict every image of a store split; write Parquet or CSV (by suffix) atomically. Returns rows."""
+    import mlflow
+    import pandas as pd
+
+    from dedn.data import open_store
+
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise DednInputError(out, "--out", "must end in .parquet or .csv")
+    store = open_store(store_path)
+    model = mlflow.pyfunc.load_model(model_uri)
+    check_store_matches(model.unwrap_python_model().meta, store)
+    rows = store.indices(split)
+    feats = store.features()
+    # the model's signature takes float32 (N, C, H, W); cast one batch at a time
+    preds = [model.predict(feats[rows[s : s + 1024]].astype(np.float32)) for s in range(0, rows.size, 1024)]
+    df = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
+    df.insert(0, "image_id", [store.image_ids[i] for i in rows])
+    df.insert(1, "true_class", [store.classes.names[store.labels[i]] for i in rows])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".parquet":
+        df.to_parquet(tmp, index=False)
+    else:
+        df.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+    return len(df)
