@@ -113,37 +113,21 @@ def promote(uri: str, experiment: str, model_name: str, metric: str = "val_H", a
                 pip_requirements=["dedn-platform"],
             )
     client = _client(uri)
-    version = (
-        client.create_model_version(
-            model_name,
-            info.model_uri,
-            run_id=best.info.run_id,
-            tags={
-                "dedn.trial_run_id": best.info.run_id,
-                "dedn.search_run_id": parent.info.run_id,
-                "dedn.fingerprint": meta["fingerprint"],
-                "dedn.dataset": meta["dataset"],
-                f"dedn.{metric}": str(best.data.metrics[f"best_{metric}"]),
-                "dedn.weights": weights,
-            },
-        )
-        if _ensure_model(client, model_name)
-        else None
+    version = mlflow.register_model(
+        info.model_uri,
+        model_name,
+        tags={
+            "dedn.trial_run_id": best.info.run_id,
+            "dedn.search_run_id": parent.info.run_id,
+            "dedn.fingerprint": meta["fingerprint"],
+            "dedn.dataset": meta["dataset"],
+            f"dedn.{metric}": str(best.data.metrics[f"best_{metric}"]),
+            "dedn.weights": weights,
+        },
     )
-    assert version is not None
     if alias:
         client.set_registered_model_alias(model_name, alias, version.version)
     return version
-
-
-def _ensure_model(client: Any, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
-    return True
 
 
 def check_store_matches(meta: dict[str, Any], store: Any) -> None:

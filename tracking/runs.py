@@ -73,6 +73,8 @@ class Tracker:
     def __init__(self, uri: str, experiment_dir: Path, experiment_name: str) -> None:
         self.uri, self.dir, self.name = uri, Path(experiment_dir), experiment_name
         self._client: Any = None
+        self.offline = False
+        self.pending: set[str] = set()
         self.failed: list[tuple[str, Callable[[], Any]]] = []
         self.state = self._load()
 
@@ -103,15 +105,23 @@ class Tracker:
         os.replace(tmp, self.dir / RUNS_FILE)
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run a logging call; on failure queue it for the end instead of failing the search."""
+        """Run a logging call; on failure queue it for the end instead of failing the search.
+
+        After the first failure the store counts as offline: later calls are queued without trying,
+        so a dead server does not stall the search with retries; the queue is replayed at the end."""
+        if self.offline:
+            self.failed.append((what, fn))
+            return None
         try:
             return fn()
         except Exception:
+            self.offline = True
             self.failed.append((what, fn))
             return None
 
     def retry_failed(self, attempts: int = 3, wait_s: float = 2.0) -> list[str]:
         """Retry queued calls; returns what still could not be logged."""
+        self.offline = False
         for _ in range(attempts):
             if not self.failed:
                 break
@@ -139,34 +149,41 @@ class Tracker:
         if store_header is not None:  # what serving a promoted trial needs to know of the store
             self.client.log_dict(run.info.run_id, store_header, "store.json")
         self.state["parent"] = run.info.run_id
+        self.state["experiment_id"] = exp_id
         self._save()
         return run.info.run_id
 
-    def child(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> str | None:
-        """The trial's run: created once, then continued by id (retries, resume)."""
+    def child(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> None:
+        """The trial's run: created once, then continued by id (retries, resume). Creation that fails
+        is queued once; calls for the trial resolve its run id when they run (``run_of``)."""
         if trial_id in self.state["trials"]:
-            run_id = str(self.state["trials"][trial_id])
-            self.call(f"reopen run of {trial_name}", lambda: self.client.update_run(run_id, status="RUNNING"))
-            return run_id
+            self.call(f"reopen run of {trial_name}", lambda: self.client.update_run(self.run_of(trial_id), "RUNNING"))
+            return
+        if trial_id in self.pending:
+            return
         parent = str(self.state["parent"])
-        exp_id = self.client.get_run(parent).info.experiment_id
+        exp_id = str(self.state["experiment_id"])
 
-        def create() -> str:
+        def create() -> None:
             from mlflow.entities import Param
 
             run = self.client.create_run(
-                exp_id,
-                run_name=trial_name,
-                tags={"mlflow.parentRunId": parent, "dedn.trial_id": trial_id},
+                exp_id, run_name=trial_name, tags={"mlflow.parentRunId": parent, "dedn.trial_id": trial_id}
             )
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-            return str(run.info.run_id)
-
-        run_id = self.call(f"create run of {trial_name}", create)
-        if run_id is not None:
-            self.state["trials"][trial_id] = run_id
+            self.state["trials"][trial_id] = run.info.run_id
+            self.pending.discard(trial_id)
             self._save()
-        return run_id
+
+        self.pending.add(trial_id)
+        self.call(f"create run of {trial_name}", create)
+
+    def run_of(self, trial_id: str) -> str:
+        return str(self.state["trials"][trial_id])
+
+    def trial_call(self, trial_id: str, what: str, fn: Callable[[str], Any]) -> None:
+        """A logging call on a trial's run, its id looked up when the call runs."""
+        self.call(what, lambda: fn(self.run_of(trial_id)))
 
     def metrics(self, run_id: str, metrics: dict[str, float], step: int, what: str) -> None:
         from mlflow.entities import Metric

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,46 +17,36 @@ EXTRA_KEYS = ("samples_per_s", "epoch_seconds")
 
 class MLflowTrialLogger(Callback):
     """One nested child run per trial: params at start, metrics per epoch (step = epoch), the resolved
-    trial config, final validation metrics and the last checkpoint at the end."""
+    trial config, final validation metrics and the last checkpoint at the end. Every call goes through
+    the tracker, which queues what fails for the end instead of failing the search."""
 
     def __init__(self, tracker: Tracker, base: dict[str, Any]) -> None:
         self.tracker = tracker
         self.base = base
         self.best: dict[str, dict[str, float]] = {}
 
-    def _run(self, trial: Any) -> str | None:
-        run_id = self.tracker.child(trial.trial_id, str(trial), sampled_params(trial.config))
-        return run_id
-
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run_id = self._run(trial)
-        if run_id is None:
-            return
-        cfg = trial_config(self.base, sampled_params(trial.config)).effective()
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "trial_config.yaml"
-            path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            data = path.read_bytes()
-
-        def log() -> None:
-            with tempfile.TemporaryDirectory() as d2:
-                (Path(d2) / "trial_config.yaml").write_bytes(data)
-                self.tracker.client.log_artifact(run_id, str(Path(d2) / "trial_config.yaml"))
-
-        self.tracker.call(f"config of {trial}", log)
+        t = self.tracker
+        params = sampled_params(trial.config)
+        t.child(trial.trial_id, str(trial), params)
+        text = yaml.safe_dump(trial_config(self.base, params).effective().model_dump(mode="json"), sort_keys=False)
+        t.trial_call(
+            trial.trial_id, f"config of {trial}", lambda run: t.client.log_text(run, text, "trial_config.yaml")
+        )
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        run_id = self.tracker.state["trials"].get(trial.trial_id) or self._run(trial)
-        if run_id is None or "epoch" not in result:
+        if "epoch" not in result:
             return
+        if trial.trial_id not in self.tracker.state["trials"]:
+            self.tracker.child(trial.trial_id, str(trial), sampled_params(trial.config))
         metrics = {
             k: float(v)
             for k, v in result.items()
             if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float))
         }
-        self.tracker.metrics(run_id, metrics, int(result["epoch"]), f"epoch {result['epoch']} of {trial}")
+        self._log(trial, metrics, int(result["epoch"]), f"epoch {result['epoch']} of {trial}")
         best = self.best.get(trial.trial_id)
         if best is None or result["val_H"] > best["best_val_H"]:
             self.best[trial.trial_id] = {
@@ -71,37 +60,39 @@ class MLflowTrialLogger(Callback):
                 "best_grid_c": float(result["grid_c"]),
             }
 
+    def _log(self, trial: Any, metrics: dict[str, float], step: int, what: str) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+        self.tracker.trial_call(trial.trial_id, what, lambda run: self.tracker.client.log_batch(run, metrics=batch))
+
     def _finish(self, trial: Any, status: str, reason: str | None = None) -> None:
-        run_id = self.tracker.state["trials"].get(trial.trial_id)
-        if run_id is None:
-            return
-        client = self.tracker.client
-        best = self.best.get(trial.trial_id)
+        t, tid = self.tracker, trial.trial_id
+        best = self.best.get(tid)
         if best:
-            self.tracker.metrics(run_id, best, int(best["best_epoch"]), f"final metrics of {trial}")
-        checkpoint = getattr(trial, "checkpoint", None)
-        path = getattr(checkpoint, "path", None)
+            self._log(trial, best, int(best["best_epoch"]), f"final metrics of {trial}")
+        path = getattr(getattr(trial, "checkpoint", None), "path", None)
         if status == "FINISHED" and path and Path(path).is_dir():
-            self.tracker.call(f"checkpoint of {trial}", lambda: client.log_artifacts(run_id, path, "checkpoint"))
+            t.trial_call(tid, f"checkpoint of {trial}", lambda run: t.client.log_artifacts(run, path, "checkpoint"))
         elif path:
-            self.tracker.call(f"checkpoint uri of {trial}", lambda: client.set_tag(run_id, "dedn.checkpoint", path))
+            t.trial_call(tid, f"checkpoint uri of {trial}", lambda run: t.client.set_tag(run, "dedn.checkpoint", path))
         if reason:
-            self.tracker.call(f"error of {trial}", lambda: client.set_tag(run_id, "dedn.error", reason[:5000]))
-        self.tracker.call(f"status of {trial}", lambda: client.set_terminated(run_id, status=status))
+            t.trial_call(tid, f"error of {trial}", lambda run: t.client.set_tag(run, "dedn.error", reason[:5000]))
+        t.trial_call(tid, f"status of {trial}", lambda run: t.client.set_terminated(run, status=status))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        reason = getattr(trial, "error_file", None)
-        text = Path(reason).read_text() if reason and Path(reason).is_file() else "trial failed"
-        self._finish(trial, "FAILED", text.strip().splitlines()[-1] if text.strip() else "trial failed")
+        error_file = getattr(trial, "error_file", None)
+        text = Path(error_file).read_text().strip() if error_file and Path(error_file).is_file() else ""
+        self._finish(trial, "FAILED", text.splitlines()[-1] if text else "trial failed")
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run_id = self.tracker.state["trials"].get(trial.trial_id)
-        if run_id is not None:
-            n = int(self.tracker.state.setdefault("retries", {}).get(trial.trial_id, 0)) + 1
-            self.tracker.state["retries"][trial.trial_id] = n
-            self.tracker.call(
-                f"retry tag of {trial}", lambda: self.tracker.client.set_tag(run_id, "dedn.retries", str(n))
-            )
+        t, tid = self.tracker, trial.trial_id
+        n = int(t.state.setdefault("retries", {}).get(tid, 0)) + 1
+        t.state["retries"][tid] = n
+        t.trial_call(tid, f"retry tag of {trial}", lambda run: t.client.set_tag(run, "dedn.retries", str(n)))

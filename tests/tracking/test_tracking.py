@@ -1,0 +1,276 @@
+"""Tracking against a real ``mlflow server`` (SQLite backend, artifacts in a temporary folder) on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dedn.errors import DednInputError
+from tests.tuning.test_search import trial_rows, write_spec
+from tuning.search import SearchOptions, run_search
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    end = time.time() + 90
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = start_server(folder, port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+SPEC = """
+num_samples: 3
+max_concurrent_trials: 2
+params:
+  optim.lr: {type: loguniform, low: 5.0e-4, high: 3.0e-3}
+  loss.gamma: {type: loguniform, low: 1.0e-3, high: 0.3}
+  model.clusters: {type: categorical, choices: [manual, half]}
+scheduler: {type: fifo}
+"""
+
+
+def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Path, tiny_store: Path) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    spec = write_spec(tmp_path, tiny_store, epochs=3, body=SPEC)
+    out = run_search(
+        SearchOptions(spec_path=str(spec), name="tracked", storage_path=str(tmp_path / "runs"), tracking_uri=server)
+    )
+    assert out.not_logged == []
+    client = MlflowClient(tracking_uri=server)
+    exp = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    tags = parent.data.tags
+    assert tags["dedn.fingerprint"] == json.loads((tiny_store / "meta.json").read_text())["fingerprint"]
+    assert tags["dedn.dataset"] == "tiny" and tags["dedn.search_spec"].endswith("spec.yaml")
+    assert tags["ray.version"] and tags["optuna.version"] and tags["dedn.code_version"].startswith("0.")
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"spec.yaml", "store.json", "plots", "final_model"} <= top
+    pngs = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert pngs == {
+        f"plots/{n}.png"
+        for n in ("val_H_per_epoch", "param_importance", "parallel_coordinates", "calibration_best_trial")
+    }
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id, artifact_path="plots", tracking_uri=server, dst_path=str(tmp_path / "plots")
+        )
+    )
+    assert all((local / Path(p).name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert parent.data.metrics["test_H"] == pytest.approx(out.test["H"])  # type: ignore[index]
+
+    # each child: its trial's sampled params, every epoch's metrics, final metrics, checkpoint
+    rows = trial_rows(out.experiment)
+    by_trial = {r.data.tags["dedn.trial_id"]: r for r in children}
+    for trial_rows_ in rows.values():
+        trial_id = trial_rows_[0]["trial_id"]
+        run = by_trial[trial_id]
+        config = trial_rows_[0]["config"]
+        assert run.data.params == {k: str(v) for k, v in config.items()}
+        history = client.get_metric_history(run.info.run_id, "val_H")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+            (r["epoch"], pytest.approx(r["val_H"])) for r in trial_rows_
+        ]
+        assert run.data.metrics["best_val_H"] == pytest.approx(max(r["val_H"] for r in trial_rows_))
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "trial_config.yaml"}
+        assert run.info.status == "FINISHED"
+
+    # promote the best trial and serve it
+    from cli.main import cli
+
+    r = CliRunner().invoke(
+        cli,
+        ["promote", "--experiment", "tracked", "--model-name", "dedn-test", "--tracking-uri", server],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    version = client.get_model_version_by_alias("dedn-test", "champion")
+    best_child = max(children, key=lambda c: c.data.metrics["best_val_H"])
+    assert version.run_id == best_child.info.run_id
+    assert version.tags["dedn.fingerprint"] == tags["dedn.fingerprint"]
+    assert version.tags["dedn.weights"].startswith("retrained on trainval")
+
+    mlflow.set_tracking_uri(server)
+    model = mlflow.pyfunc.load_model("models:/dedn-test@champion")
+    from dedn.data import open_store
+    from dedn.model import mix_scores
+    from dedn.train import load_checkpoint
+
+    store = open_store(tiny_store)
+    x = store.features()[store.indices("test")].astype(np.float32)
+    got = model.predict(x)
+    # independent check: the final model's weights, scored by hand with its inference parameters
+    ckpt = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id,
+            artifact_path="final_model",
+            tracking_uri=server,
+            dst_path=str(tmp_path / "final"),
+        )
+    )
+    ref, _, meta = load_checkpoint(ckpt)
+    inf = meta["inference"]
+    with torch.no_grad():
+        p_ec, p_ef = ref.scores(ref(torch.from_numpy(x)), inf["lambda_rc"])
+        scores = mix_scores(p_ec, p_ef, inf["lambda_e"], inf["calibration"], ~torch.tensor(meta["seen"]))
+    np.testing.assert_array_equal(got["class_index"].to_numpy(), scores.argmax(1).numpy())
+    assert list(got["class_name"]) == [store.classes.names[i] for i in got["class_index"]]
+    np.testing.assert_array_equal(got["seen"].to_numpy(), store.classes.seen[got["class_index"].to_numpy()])
+
+    pred_file = tmp_path / "preds.csv"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            "--model",
+            "models:/dedn-test@champion",
+            "--data",
+            str(tiny_store),
+            "--split",
+            "test",
+            "--out",
+            str(pred_file),
+            "--tracking-uri",
+            server,
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    import pandas as pd
+
+    df = pd.read_csv(pred_file)
+    assert len(df) == len(x) and list(df["class_index"]) == list(got["class_index"])
+
+    # a store with another feature shape is refused, one line, nothing written
+    from dedn.data.synth import SynthConfig, synth_builtin
+
+    synth_builtin(tmp_path / "other", SynthConfig(channels=16, height=4, width=4))
+    r = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            "--model",
+            "models:/dedn-test@champion",
+            "--data",
+            str(tmp_path / "other"),
+            "--out",
+            str(tmp_path / "bad.csv"),
+            "--tracking-uri",
+            server,
+        ],
+    )
+    assert r.exit_code == 2 and "does not match the model" in r.stderr and not (tmp_path / "bad.csv").exists()
+
+
+def test_unreachable_server_stops_the_search_before_any_trial(tmp_path: Path, tiny_store: Path) -> None:
+    spec = write_spec(tmp_path, tiny_store, epochs=2, body=SPEC)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(DednInputError, match="tracking store: cannot be reached"):
+        run_search(
+            SearchOptions(spec_path=str(spec), name="nope", storage_path=str(tmp_path / "runs"), tracking_uri=dead)
+        )
+    assert not (tmp_path / "runs" / "nope").exists()
+
+
+def test_server_going_away_fails_no_trial(tmp_path: Path, tiny_store: Path) -> None:
+    """The server dies after the first trial has logged: every trial still finishes, the search ends
+    normally and reports what it could not log."""
+    port = free_port()
+    server = start_server(tmp_path / "mlflow", port)
+    uri = f"http://127.0.0.1:{port}"
+    spec = write_spec(tmp_path, tiny_store, epochs=8, body=SPEC.replace("num_samples: 3", "num_samples: 4"))
+    exp = tmp_path / "runs" / "flaky"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import main; main()",
+            "search",
+            "-c",
+            str(spec),
+            "--name",
+            "flaky",
+            "--storage-path",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            uri,
+            "--no-final-test",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**__import__("os").environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"},
+    )
+    try:
+        end = time.time() + 240
+        while time.time() < end and not any(len(v) >= 2 for v in trial_rows(exp).values()):
+            time.sleep(0.3)
+        server.terminate()
+        server.wait(timeout=30)
+        log, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+        server.kill()
+    assert proc.returncode == 0, log[-3000:]
+    assert "4 terminated" in log and "not logged" in log
+    assert all(len(v) >= 1 for v in trial_rows(exp).values()) and len(trial_rows(exp)) == 4
