@@ -274,3 +274,44 @@ def test_server_going_away_fails_no_trial(tmp_path: Path, tiny_store: Path) -> N
     assert proc.returncode == 0, log[-3000:]
     assert "4 terminated" in log and "not logged" in log
     assert all(len(v) >= 1 for v in trial_rows(exp).values()) and len(trial_rows(exp)) == 4
+
+
+def test_dedn_ui_serves_the_store_on_loopback(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import main; main()",
+            "ui",
+            "--port",
+            str(port),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'ui.db'}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        first = proc.stdout.readline() if proc.stdout else ""
+        assert f"http://127.0.0.1:{port}" in first
+        end, status = time.time() + 90, None
+        while time.time() < end and status is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    status = r.status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        local = {line.split()[3] for line in listening.splitlines() if line.strip()}  # local address column
+        assert local == {f"127.0.0.1:{port}"}, listening
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
