@@ -117,7 +117,29 @@ def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str]:
     from dedn.train import check_compatible
 
     check_compatible(cfg.effective(), store)
+    check_space_against_store(spec, base, store, opts.spec_path)
     return spec, base, str(store_path)
+
+
+def check_space_against_store(spec: SearchSpec, base: dict[str, Any], store: Any, source: str) -> None:
+    """Every cluster choice must exist in the store and k-means' Q may not exceed its attribute count."""
+    from dedn.train import resolve_partition
+
+    d = store.meta.num_attributes
+    q = spec.params.get("model.kmeans_q")
+    if q is not None and q.high is not None and q.high > d:
+        raise DednInputError(
+            source, "params.model.kmeans_q", f"high must be <= D={d} attributes of the store, got {q.high:g}"
+        )
+    clusters = spec.params.get("model.clusters")
+    for choice in (clusters.choices or []) if clusters is not None else []:
+        values: dict[str, Any] = {"model.clusters": choice}
+        if choice == "kmeans":
+            values["model.kmeans_q"] = min(2, d)
+        try:
+            resolve_partition(trial_config(base, values).effective(), store)
+        except DednInputError as e:
+            raise DednInputError(source, "params.model.clusters", f"choice {choice!r}: {e.rule}") from None
 
 
 def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:

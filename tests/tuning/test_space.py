@@ -72,3 +72,24 @@ def test_bad_specs_fail_at_load(tmp_path: Path) -> None:
 
 def test_sampled_params_keep_only_dotted_keys() -> None:
     assert sampled_params({"optim.lr": 1e-3, "trial_id": "x"}) == {"optim.lr": 1e-3}
+
+
+def test_space_is_checked_against_the_store(tmp_path: Path, tiny_store: Path) -> None:
+    from tuning.search import SearchOptions, prepare
+
+    too_many = _spec(
+        tmp_path,
+        f"store: {tiny_store}\nparams:\n  model.clusters: {{type: categorical, choices: [kmeans]}}\n"
+        "  model.kmeans_q: {type: int, low: 2, high: 40, when: {model.clusters: kmeans}}\n",
+    )
+    with pytest.raises(DednInputError, match=r"params.model.kmeans_q: high must be <= D=24"):
+        prepare(SearchOptions(spec_path=str(too_many)))
+    unknown = _spec(
+        tmp_path, f"store: {tiny_store}\nparams:\n  model.clusters: {{type: categorical, choices: [manual, wings]}}\n"
+    )
+    with pytest.raises(DednInputError, match=r"params.model.clusters: choice 'wings'"):
+        prepare(SearchOptions(spec_path=str(unknown)))
+    ok = _spec(
+        tmp_path, f"store: {tiny_store}\nparams:\n  model.clusters: {{type: categorical, choices: [manual, half]}}\n"
+    )
+    assert prepare(SearchOptions(spec_path=str(ok)))[2] == str(tiny_store)
