@@ -99,6 +99,10 @@ class Tracker:
         path = self.dir / RUNS_FILE
         return json.loads(path.read_text()) if path.is_file() else {"parent": None, "trials": {}}
 
+    def save(self) -> None:
+        """Write the run ids (and per-trial progress) to mlflow_runs.json, atomically."""
+        self._save()
+
     def _save(self) -> None:
         tmp = self.dir / (RUNS_FILE + ".tmp")
         tmp.write_text(json.dumps(self.state, indent=2))

@@ -41,12 +41,20 @@ class MLflowTrialLogger(Callback):
             return
         if trial.trial_id not in self.tracker.state["trials"]:
             self.tracker.child(trial.trial_id, str(trial), sampled_params(trial.config))
+        epoch = int(result["epoch"])
+        last = self.tracker.state.setdefault("last_epoch", {})
+        if epoch <= int(last.get(trial.trial_id, 0)):
+            # A worker killed after reporting this epoch but before its checkpoint was kept: the retry
+            # re-runs it from the previous checkpoint on the same minibatch stream. Log each epoch once.
+            return
+        last[trial.trial_id] = epoch
+        self.tracker.save()
         metrics = {
             k: float(v)
             for k, v in result.items()
             if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float))
         }
-        self._log(trial, metrics, int(result["epoch"]), f"epoch {result['epoch']} of {trial}")
+        self._log(trial, metrics, epoch, f"epoch {epoch} of {trial}")
         best = self.best.get(trial.trial_id)
         if best is None or result["val_H"] > best["best_val_H"]:
             self.best[trial.trial_id] = {

@@ -152,8 +152,8 @@ scheduler: {type: fifo}
     assert proc.returncode == 0, log[-3000:]
     (rows,) = trial_rows(exp).values()
     epochs = [r["epoch"] for r in rows]
-    # resumed from its checkpoint: no epoch trained or counted twice, the run ends at the last epoch. (The
-    # epoch whose checkpoint was saved just before the kill may miss its result row; it is not re-run.)
+    # resumed from its checkpoint: no epoch counted twice, the run ends at the last epoch. (An epoch reported
+    # just before the kill, whose checkpoint was not kept, is re-run from the previous one and reported once.)
     assert epochs == sorted(set(epochs)) and epochs[-1] == 30 and len(epochs) >= 29, epochs
     assert len({r["pid"] for r in rows}) == 2  # two worker processes: the killed one and the retry
     from mlflow.tracking import MlflowClient
