@@ -21,12 +21,17 @@ _URI = click.option(
 @click.option("--metric", default="val_H", show_default=True, help="Validation metric that picks the trial.")
 @click.option("--model-name", required=True, help="Registered model name.")
 @click.option("--alias", default="champion", show_default=True, help="Alias set on the new version ('' for none).")
+@click.option("--store", default=None, help="Store to verify validation metrics on (default: the trial's).")
 @_URI
-def promote(experiment: str, metric: str, model_name: str, alias: str, tracking_uri: str | None) -> None:
+def promote(
+    experiment: str, metric: str, model_name: str, alias: str, store: str | None, tracking_uri: str | None
+) -> None:
     """Register the best trial of a search as a new model version, tagged, with an alias.
 
-    The model is an MLflow pyfunc: weights, resolved config, class names, inference parameters, the
-    store fingerprint and an input example.
+    The model is an MLflow pyfunc of the trial's best-epoch weights: resolved config, class names,
+    inference parameters, the store fingerprint and an input example. Before the alias moves, the
+    registered model is loaded and must reproduce the trial's validation U, S, H, T. Promoting the
+    same trial again reuses its version.
 
     \b
     Examples:
@@ -36,14 +41,10 @@ def promote(experiment: str, metric: str, model_name: str, alias: str, tracking_
     from tracking.registry import promote as do_promote
     from tracking.runs import resolve_tracking_uri
 
-    v = do_promote(resolve_tracking_uri(tracking_uri), experiment, model_name, metric, alias or None)
-    click.echo(
-        f"registered {model_name} version {v.version}"
-        + (f", alias {alias}" if alias else "")
-        + f"\nmodel uri: models:/{model_name}@{alias}"
-        if alias
-        else f"models:/{model_name}/{v.version}"
-    )
+    v = do_promote(resolve_tracking_uri(tracking_uri), experiment, model_name, metric, alias or None, store)
+    uri = f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{v.version}"
+    click.echo(f"registered {model_name} version {v.version}, validation metrics reproduced")
+    click.echo(f"model uri: {uri}")
 
 
 @click.command()

@@ -39,10 +39,9 @@ def best_child_run(uri: str, experiment: str, metric: str) -> tuple[Any, Any]:
     return parent, best
 
 
-def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> tuple[Path, str]:
-    """A checkpoint folder (model.safetensors, config.yaml, checkpoint.json) for the promoted weights:
-    the search's final model (retrained on trainval) when this is the search's best trial, else the
-    trial's best-epoch weights (trained on the validation task's train split)."""
+def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
+    """A checkpoint folder (model.safetensors, config.yaml, checkpoint.json) holding the trial's
+    best-epoch weights (trained on the validation task's train split), with its inference point."""
     import mlflow
     import torch
     import yaml
@@ -50,14 +49,6 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> tuple[P
     from dedn.config import validate_config
     from dedn.train import save_checkpoint
 
-    if parent.data.tags.get("dedn.best_trial_run_id") == best.info.run_id:
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=parent.info.run_id, artifact_path="final_model", dst_path=str(folder), tracking_uri=uri
-            )
-            return Path(path), "retrained on trainval (search's final model)"
-        except Exception:  # no final model logged (search run with --no-final-test)
-            pass
     ckpt = Path(
         mlflow.artifacts.download_artifacts(
             run_id=best.info.run_id, artifact_path="checkpoint", dst_path=str(folder / "trial"), tracking_uri=uri
@@ -73,8 +64,8 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> tuple[P
     header = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/store.json")
     cfg = validate_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
     m = best.data.metrics
-    if "best_grid_lambda_rc" in m and best.data.params.get("inference.lambda_rc") is None:
-        # a post-hoc search: the inference point chosen on validation for this trial
+    if parent.data.tags.get("dedn.posthoc_inference") == "true":
+        # a post-hoc search: the inference point this trial chose on validation
         cfg = cfg.model_copy(
             update={
                 "inference": cfg.inference.model_copy(
@@ -86,45 +77,98 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> tuple[P
                 )
             }
         )
-    out = save_checkpoint(
-        folder / "model", state, cfg, header, np.asarray(partition), {"weights": "trial best epoch (validation task)"}
+    return save_checkpoint(
+        folder / "model",
+        state,
+        cfg,
+        header,
+        np.asarray(partition),
+        {"weights": "trial best epoch (validation task)", "trial_run_id": best.info.run_id},
     )
-    return out, "trial best epoch (trained on the validation task's train split)"
 
 
-def promote(uri: str, experiment: str, model_name: str, metric: str = "val_H", alias: str | None = "champion") -> Any:
-    """Log the best trial as a pyfunc model, register a new version, tag it and set the alias."""
+def verify_validation(python_model: Any, store_path: str, expected: dict[str, float]) -> dict[str, float]:
+    """Score the validation task with the loaded model's weights and inference point; refuse a mismatch."""
+    import torch
+
+    from dedn.data import open_store
+    from dedn.train import FeatureSource, evaluate, make_task
+
+    store = open_store(store_path)
+    check_store_matches(python_model.meta, store)
+    cfg = python_model.cfg.model_copy(update={"device": "cpu"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a one-CPU trial: the same summation order, the same scores
+    try:
+        got, _, _ = evaluate(
+            python_model.model,
+            FeatureSource(store.features(), torch.device("cpu")),
+            store,
+            make_task(store, "validation"),
+            cfg,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    for k in ("U", "S", "H", "T"):
+        if abs(got[k] - expected[f"best_val_{k}"]) > 1e-6:
+            raise DednInputError(
+                store_path,
+                f"val_{k}",
+                f"the registered model gives {got[k]:.6f}, the trial "
+                f"logged {expected[f'best_val_{k}']:.6f}: not moving the alias",
+            )
+    return got
+
+
+def promote(
+    uri: str,
+    experiment: str,
+    model_name: str,
+    metric: str = "val_H",
+    alias: str | None = "champion",
+    store: str | None = None,
+) -> Any:
+    """Log the best trial as a pyfunc model and register it (once per trial), check that the registered
+    model loads and reproduces the trial's validation metrics, then move the alias."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     parent, best = best_child_run(uri, experiment, metric)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory() as d:
-        ckpt, weights = _trial_checkpoint(uri, parent, best, Path(d))
-        meta = json.loads((ckpt / "checkpoint.json").read_text())
-        c, h, w = meta["feature_shape"]
-        example = np.zeros((2, c, h, w), dtype=np.float32)
-        with mlflow.start_run(run_id=best.info.run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_CODE),
-                artifacts={"checkpoint": str(ckpt)},
-                input_example=example,
-                pip_requirements=["dedn-platform"],
-            )
     client = _client(uri)
-    version = mlflow.register_model(
-        info.model_uri,
-        model_name,
-        tags={
+    try:
+        existing = client.search_model_versions(f"name='{model_name}' and tag.`dedn.trial_run_id`='{best.info.run_id}'")
+    except MlflowException:
+        existing = []
+    if existing:  # promoting the same trial again: no duplicate version
+        version = existing[0]
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = _trial_checkpoint(uri, parent, best, Path(d))
+            meta = json.loads((ckpt / "checkpoint.json").read_text())
+            c, h, w = meta["feature_shape"]
+            with mlflow.start_run(run_id=best.info.run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={"checkpoint": str(ckpt)},
+                    input_example=np.zeros((2, c, h, w), dtype=np.float32),
+                    pip_requirements=["dedn-platform"],
+                )
+        tags = {
             "dedn.trial_run_id": best.info.run_id,
+            "dedn.trial_id": best.data.tags.get("dedn.trial_id", ""),
             "dedn.search_run_id": parent.info.run_id,
             "dedn.fingerprint": meta["fingerprint"],
             "dedn.dataset": meta["dataset"],
-            f"dedn.{metric}": str(best.data.metrics[f"best_{metric}"]),
-            "dedn.weights": weights,
-        },
-    )
+            "dedn.selected_by": metric,
+            **{f"dedn.{k}": str(v) for k, v in best.data.metrics.items() if k.startswith("best_")},
+        }
+        version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    loaded = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
+    store_path = store or loaded.unwrap_python_model().cfg.data.store
+    verify_validation(loaded.unwrap_python_model(), store_path, best.data.metrics)
     if alias:
         client.set_registered_model_alias(model_name, alias, version.version)
     return version

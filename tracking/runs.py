@@ -32,6 +32,20 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def check_not_scattered(uri: str, joins_cluster: bool) -> None:
+    """Refuse a file-system store (``file:`` or a bare path) when joining a cluster: relative paths
+    resolve differently per node and such stores are where runs scatter. SQLite on the driver, written
+    only by the driver, or a server (http://) is fine."""
+    scheme = uri.split(":", 1)[0] if "://" in uri or uri.startswith("file:") else ""
+    if joins_cluster and scheme in ("", "file"):
+        raise DednInputError(
+            uri,
+            "tracking store",
+            "a file store cannot serve a multi-node cluster: use "
+            "--tracking-uri http://host:port (a shared server) or sqlite:///ABSOLUTE/PATH on the driver",
+        )
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail at once, with one line, when the tracking store cannot be used."""
     from mlflow.tracking import MlflowClient

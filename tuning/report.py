@@ -17,7 +17,7 @@ from tuning.space import trial_config
 C_GRID = [round(0.1 * i, 2) for i in range(31)]
 
 
-def parent_tags(store: FeatureStore, spec_path: str) -> dict[str, str]:
+def parent_tags(store: FeatureStore, spec_path: str, posthoc: bool) -> dict[str, str]:
     import optuna
     import ray
 
@@ -28,6 +28,7 @@ def parent_tags(store: FeatureStore, spec_path: str) -> dict[str, str]:
         "dedn.code_version": code_version(),
         "ray.version": ray.__version__,
         "optuna.version": optuna.__version__,
+        "dedn.posthoc_inference": str(posthoc).lower(),
     }
 
 

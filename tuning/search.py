@@ -164,9 +164,10 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
     num_samples = opts.num_samples or spec.num_samples
     tracker = None
     if opts.track:
-        from tracking.runs import Tracker, check_reachable, resolve_tracking_uri
+        from tracking.runs import Tracker, check_not_scattered, check_reachable, resolve_tracking_uri
 
         uri = resolve_tracking_uri(opts.tracking_uri)
+        check_not_scattered(uri, joins_cluster=opts.address is not None)
         check_reachable(uri)  # before any trial runs
         opts = SearchOptions(**{**vars(opts), "tracking_uri": uri})
     exp.mkdir(parents=True, exist_ok=True)
@@ -181,7 +182,11 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         from dedn.train import checkpoint_header
 
         header_store = open_store(store_path)
-        tracker.parent(parent_tags(header_store, opts.spec_path), opts.spec_path, checkpoint_header(header_store))
+        tracker.parent(
+            parent_tags(header_store, opts.spec_path, opts.posthoc_inference),
+            opts.spec_path,
+            checkpoint_header(header_store),
+        )
 
     # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -137,41 +137,53 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
     # promote the best trial and serve it
     from cli.main import cli
 
-    r = CliRunner().invoke(
-        cli,
-        ["promote", "--experiment", "tracked", "--model-name", "dedn-test", "--tracking-uri", server],
-        catch_exceptions=False,
-    )
+    promote_args = ["promote", "--experiment", "tracked", "--model-name", "dedn-test", "--tracking-uri", server]
+    r = CliRunner().invoke(cli, promote_args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    assert "validation metrics reproduced" in r.output
     version = client.get_model_version_by_alias("dedn-test", "champion")
     best_child = max(children, key=lambda c: c.data.metrics["best_val_H"])
     assert version.run_id == best_child.info.run_id
+    assert version.tags["dedn.trial_run_id"] == best_child.info.run_id
+    assert version.tags["dedn.trial_id"] == best_child.data.tags["dedn.trial_id"]
+    assert float(version.tags["dedn.best_val_H"]) == pytest.approx(best_child.data.metrics["best_val_H"])
     assert version.tags["dedn.fingerprint"] == tags["dedn.fingerprint"]
-    assert version.tags["dedn.weights"].startswith("retrained on trainval")
+    r = CliRunner().invoke(cli, promote_args, catch_exceptions=False)  # again: no duplicate version
+    assert r.exit_code == 0 and len(client.search_model_versions("name='dedn-test'")) == 1
 
     mlflow.set_tracking_uri(server)
     model = mlflow.pyfunc.load_model("models:/dedn-test@champion")
     from dedn.data import open_store
     from dedn.model import mix_scores
-    from dedn.train import load_checkpoint
+    from dedn.train import build_model, resolve_partition
+    from tuning.space import trial_config
 
     store = open_store(tiny_store)
     x = store.features()[store.indices("test")].astype(np.float32)
     got = model.predict(x)
-    # independent check: the final model's weights, scored by hand with its inference parameters
+    # independent check: the trial's own checkpoint, scored by hand with the trial's inference point
     ckpt = Path(
         mlflow.artifacts.download_artifacts(
-            run_id=parent.info.run_id,
-            artifact_path="final_model",
+            run_id=best_child.info.run_id,
+            artifact_path="checkpoint",
             tracking_uri=server,
-            dst_path=str(tmp_path / "final"),
+            dst_path=str(tmp_path / "trial"),
         )
     )
-    ref, _, meta = load_checkpoint(ckpt)
-    inf = meta["inference"]
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["best_model"]
+    sampled = {k: json.loads(v) if v[:1] in "0123456789-" else v for k, v in best_child.data.params.items()}
+    base = {
+        "data": {"store": str(tiny_store)},
+        **json.loads(json.dumps(__import__("yaml").safe_load((tmp_path / "base.yaml").read_text()))),
+    }
+    cfg = trial_config({**base, "data": {"store": str(tiny_store)}}, sampled).effective()
+    ref = build_model(cfg, store, resolve_partition(cfg, store), torch.device("cpu"))
+    ref.load_state_dict(state)
+    ref.eval()
+    inf = cfg.inference
     with torch.no_grad():
-        p_ec, p_ef = ref.scores(ref(torch.from_numpy(x)), inf["lambda_rc"])
-        scores = mix_scores(p_ec, p_ef, inf["lambda_e"], inf["calibration"], ~torch.tensor(meta["seen"]))
+        p_ec, p_ef = ref.scores(ref(torch.from_numpy(x)), inf.lambda_rc)
+        scores = mix_scores(p_ec, p_ef, inf.lambda_e, inf.calibration, torch.from_numpy(~store.classes.seen))
     np.testing.assert_array_equal(got["class_index"].to_numpy(), scores.argmax(1).numpy())
     assert list(got["class_name"]) == [store.classes.names[i] for i in got["class_index"]]
     np.testing.assert_array_equal(got["seen"].to_numpy(), store.classes.seen[got["class_index"].to_numpy()])
@@ -219,6 +231,53 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
         ],
     )
     assert r.exit_code == 2 and "does not match the model" in r.stderr and not (tmp_path / "bad.csv").exists()
+
+
+def test_embedded_sqlite_default(tmp_path: Path, tiny_store: Path) -> None:
+    """Without --tracking-uri a search logs to mlflow.db in the working folder."""
+    spec = write_spec(tmp_path, tiny_store, epochs=2, body=SPEC.replace("num_samples: 3", "num_samples: 2"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import main; main()",
+            "search",
+            "-c",
+            str(spec),
+            "--name",
+            "embedded",
+            "--storage-path",
+            str(tmp_path / "runs"),
+            "--no-final-test",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
+        | {"PYTHONPATH": str(ROOT)},
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("embedded").experiment_id])
+    assert len(runs) == 3  # the parent and two trials
+
+
+def test_file_store_is_refused_on_a_cluster(tmp_path: Path, tiny_store: Path) -> None:
+    spec = write_spec(tmp_path, tiny_store, epochs=2, body=SPEC)
+    with pytest.raises(DednInputError, match="a file store cannot serve a multi-node cluster"):
+        run_search(
+            SearchOptions(
+                spec_path=str(spec),
+                name="scatter",
+                storage_path=str(tmp_path / "runs"),
+                address="127.0.0.1:6379",
+                tracking_uri=str(tmp_path / "mlruns"),
+            )
+        )
+    assert not (tmp_path / "runs" / "scatter").exists()
 
 
 def test_unreachable_server_stops_the_search_before_any_trial(tmp_path: Path, tiny_store: Path) -> None:
