@@ -84,7 +84,12 @@ def run_mode(spec: Path, runs: Path, name: str, posthoc: bool) -> dict[str, Any]
     t_start = time.time()
     out = run_search(
         SearchOptions(
-            spec_path=str(spec), name=name, storage_path=str(runs), final_test=True, posthoc_inference=posthoc
+            spec_path=str(spec),
+            name=name,
+            storage_path=str(runs),
+            final_test=True,
+            posthoc_inference=posthoc,
+            tracking_uri=f"sqlite:///{runs / 'mlflow.db'}",
         )
     )
     curve = finish_curve(out.experiment, t_start)
