@@ -105,8 +105,9 @@ def _scheduler(spec: SearchSpec, epochs: int) -> Any:
     )
 
 
-def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str]:
-    """Validate the spec, the base config and the store before Ray starts; returns the store path."""
+def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str, Any]:
+    """Validate the spec, the base config and the store before Ray starts; returns the spec, the base
+    config, the store path and the opened store (features not read yet)."""
     spec, base, base_path = load_search_spec(opts.spec_path)
     store_path = opts.store or spec.store or base.get("data", {}).get("store")
     if not store_path:
@@ -118,7 +119,7 @@ def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str]:
 
     check_compatible(cfg.effective(), store)
     check_space_against_store(spec, base, store, opts.spec_path)
-    return spec, base, str(store_path)
+    return spec, base, str(store_path), store
 
 
 def check_space_against_store(spec: SearchSpec, base: dict[str, Any], store: Any, source: str) -> None:
@@ -159,7 +160,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
         raise DednInputError(exp, "experiment", "already exists: pick another --name or use --resume")
-    spec, base, store_path = prepare(opts)
+    spec, base, store_path, store = prepare(opts)
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     num_samples = opts.num_samples or spec.num_samples
     tracker = None
@@ -181,17 +182,13 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         tracker = Tracker(opts.tracking_uri, exp, name)
         from dedn.train import checkpoint_header
 
-        header_store = open_store(store_path)
         tracker.parent(
-            parent_tags(header_store, opts.spec_path, opts.posthoc_inference),
-            opts.spec_path,
-            checkpoint_header(header_store),
+            parent_tags(store, opts.spec_path, opts.posthoc_inference), opts.spec_path, checkpoint_header(store)
         )
 
     # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with ray_session(opts.address):
-        store = open_store(store_path)
         shared = share_store(store)  # read once, put once; trials read the object store
         trainable = _trainable(shared, base, opts)
         if resume:

@@ -162,7 +162,8 @@ scheduler: {type: fifo}
     (run,) = child_runs(uri, "kill")  # the retried trial continued its own run
     history = MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "val_H")
     steps = [m.step for m in history]
-    assert len(steps) == len(set(steps)) and set(steps) == set(epochs)
+    # each epoch logged once; the run may hold the epoch whose result row Tune lost in the kill
+    assert len(steps) == len(set(steps)) and set(epochs) <= set(steps) <= set(range(1, 31))
     assert run.data.tags.get("dedn.retries") == "1" and run.info.status == "FINISHED"
 
 
