@@ -31,19 +31,12 @@ def _child(kind: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MB: VmRSS now, or VmHWM, the peak (not ru_maxrss: Linux
+    carries ru_maxrss across fork+exec from the parent)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _peak_mb() -> float:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec from the parent.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -54,7 +47,7 @@ def child(kind: str, args: list[str]) -> None:
     from dedn.data import open_store
     from dedn.data.convert import convert_hdf5, convert_xlsa17
 
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     t = time.perf_counter()
     result: dict = {}
     if kind == "load":
@@ -69,7 +62,7 @@ def child(kind: str, args: list[str]) -> None:
         convert_hdf5(args[0], args[1], att_splits=None, chunk_rows=int(args[2]), overwrite=True, dtype="float32")
     elif kind == "xlsa17":
         convert_xlsa17(args[0], args[1], args[2], chunk_rows=int(args[3]), overwrite=True, dtype="float32")
-    result.update(seconds=time.perf_counter() - t, base_mb=base, peak_mb=_peak_mb())
+    result.update(seconds=time.perf_counter() - t, base_mb=base, peak_mb=_status_mb("VmHWM"))
     print(json.dumps(result))
 
 
@@ -98,7 +91,7 @@ def make_hdf5(path: Path, n: int, shape: tuple[int, int, int], att_k: int = 4, d
     labels = np.arange(n) % att_k
     idx = np.arange(n)
     with h5py.File(path, "w") as f:
-        fm = f.create_dataset("feature_map", (n, *shape), dtype="f4", chunks=(64, *shape))
+        fm = f.create_dataset("feature_map", (n, *shape), dtype="f4", chunks=(min(64, n), *shape))
         for s in range(0, n, 1024):
             fm[s : s + 1024] = rng.random((min(1024, n - s), *shape), dtype=np.float32)
         f["labels"] = labels
