@@ -1,6 +1,9 @@
-"""DEDN's loss terms (paper eq. 7, 12, 13, 15; DAZLE's self-calibration), each a scalar batch mean.
+"""DEDN's loss terms (paper eq. 7, 12, 13, 15; DAZLE's self-calibration), each a batch mean.
 
 Shapes: B batch, K classes, N any feature width. ``seen_mask`` / ``unseen_mask`` are (K,) bool.
+Scores may carry leading dimensions (a population of M models: (M, B, K)); the batch is always the
+second-to-last dimension and the result keeps the leading dimensions (a scalar for (B, K) input).
+Scalar hyperparameters may then be tensors of the leading shape, one value per model.
 """
 
 from __future__ import annotations
@@ -18,8 +21,15 @@ MalVariant = Literal["paper", "released"]
 DistanceVariant = Literal["paper", "released"]
 
 
+def _per_model(value: float | Tensor, scores: Tensor) -> float | Tensor:
+    """A hyperparameter as a float, or a tensor of the leading shape viewed to broadcast over (B, K)."""
+    if isinstance(value, Tensor):
+        return value.to(scores.dtype).reshape(*value.shape, 1, 1)
+    return value
+
+
 def margin_aware_loss(
-    scores: Tensor, target: Tensor, seen_mask: Tensor, eps: float, variant: MalVariant = "paper"
+    scores: Tensor, target: Tensor, seen_mask: Tensor, eps: float | Tensor, variant: MalVariant = "paper"
 ) -> Tensor:
     """Margin-aware loss (eq. 15): cross-entropy over margin-shifted scores, batch mean.
 
@@ -30,22 +40,27 @@ def margin_aware_loss(
     """
     if variant not in ("paper", "released"):
         raise DednInputError("loss", "mal_variant", f"must be 'paper' or 'released', got {variant!r}")
-    target_shift = -2.0 * eps if variant == "paper" else -eps
+    e = _per_model(eps, scores)
+    target_shift = -2.0 * e if variant == "paper" else -e
     is_target = F.one_hot(target, scores.shape[-1]).bool()  # (B, K)
-    shift = seen_mask.to(scores.dtype) * eps  # (K,) +eps on every seen class, 0 on unseen
-    z = torch.where(is_target, scores + target_shift, scores + shift)  # (B, K)
-    return F.cross_entropy(z, target)
+    shift = seen_mask.to(scores.dtype) * e  # (K,) +eps on every seen class, 0 on unseen
+    z = torch.where(is_target, scores + target_shift, scores + shift)  # (..., B, K)
+    return cross_entropy_loss(z, target)
 
 
 def cross_entropy_loss(scores: Tensor, target: Tensor) -> Tensor:
-    """Plain cross-entropy over all K classes (eq. 13, the "w/o MAL" ablation). scores (B, K), target (B,)."""
-    return F.cross_entropy(scores, target)
+    """Plain cross-entropy over all K classes (eq. 13, the "w/o MAL" ablation). scores (..., B, K), target (B,)."""
+    if scores.ndim == 2:
+        return F.cross_entropy(scores, target)
+    lead, (b, k) = scores.shape[:-2], scores.shape[-2:]
+    per_sample = F.cross_entropy(scores.reshape(-1, k), target.repeat(int(math.prod(lead))), reduction="none")
+    return per_sample.view(*lead, b).mean(-1)
 
 
 def pair_distance(x: Tensor, y: Tensor, variant: DistanceVariant = "paper") -> Tensor:
     """d(x, y) of eq. 7 and 12: JSD(softmax x || softmax y) + a distance term, both batch means.
 
-    x, y (B, N). ``paper``: + mean_b ||x_b - y_b||^2. ``released``: + (1/B) sum_b sum_j |d_bj|^3 / ||d_b||
+    x, y (..., B, N). ``paper``: + mean_b ||x_b - y_b||^2. ``released``: + (1/B) sum_b sum_j |d_bj|^3 / ||d_b||
     with d = x - y (0 where d_b = 0). Softmax over the last dimension, computed in float32.
     Raises DednInputError for an unknown variant.
     """
@@ -54,26 +69,26 @@ def pair_distance(x: Tensor, y: Tensor, variant: DistanceVariant = "paper") -> T
     log_p = F.log_softmax(x.float(), dim=-1)  # (B, N)
     log_q = F.log_softmax(y.float(), dim=-1)
     log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)  # log((p+q)/2)
-    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)  # (B,)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)  # (..., B)
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
-    jsd = 0.5 * (kl_pm + kl_qm).mean()
-    d = (x - y).float()  # (B, N)
+    jsd = 0.5 * (kl_pm + kl_qm).mean(-1)
+    d = (x - y).float()  # (..., B, N)
     if variant == "paper":
-        dist = d.pow(2).sum(-1).mean()
+        dist = d.pow(2).sum(-1).mean(-1)
     else:
-        norm = d.norm(dim=-1, keepdim=True)  # (B, 1)
+        norm = d.norm(dim=-1, keepdim=True)  # (..., B, 1)
         # |d|^3 / ||d||: where ||d|| = 0 every |d_j| is 0 too, so the term is 0.
-        dist = (d.abs().pow(3) / norm.clamp_min(torch.finfo(d.dtype).tiny)).sum(-1).mean()
+        dist = (d.abs().pow(3) / norm.clamp_min(torch.finfo(d.dtype).tiny)).sum(-1).mean(-1)
     return jsd + dist
 
 
-def self_calibration_loss(scores: Tensor, unseen_mask: Tensor, c: float) -> Tensor:
+def self_calibration_loss(scores: Tensor, unseen_mask: Tensor, c: float | Tensor) -> Tensor:
     """DAZLE's self-calibration: -log( mean_b sum_{u unseen} softmax(P + c s)_{b,u} ), s = +1 unseen, -1 else.
 
-    scores (B, K), unseen_mask (K,) bool. Computed with log-sum-exp in float32.
+    scores (..., B, K), unseen_mask (K,) bool. Computed with log-sum-exp in float32.
     """
     s = unseen_mask.to(torch.float32) * 2.0 - 1.0  # (K,)
-    log_prob = F.log_softmax(scores.float() + c * s, dim=-1)  # (B, K)
-    log_mass = torch.logsumexp(log_prob.masked_fill(~unseen_mask, float("-inf")), dim=-1)  # (B,) log sum_u p
+    log_prob = F.log_softmax(scores.float() + _per_model(c, scores.float()) * s, dim=-1)  # (..., B, K)
+    log_mass = torch.logsumexp(log_prob.masked_fill(~unseen_mask, float("-inf")), dim=-1)  # (..., B) log sum_u p
     # -log(mean_b exp(log_mass_b))
-    return -(torch.logsumexp(log_mass, dim=0) - math.log(scores.shape[0]))
+    return -(torch.logsumexp(log_mass, dim=-1) - math.log(scores.shape[-2]))

@@ -242,25 +242,12 @@ class DEDN(nn.Module):
 
     def forward(self, features: Tensor) -> Branches:
         """features (B, C, H, W) or (B, C, R) -> Branches of (B, D) attribute scores."""
-        f = self._flatten(features)  # (B, C, R)
         experts = self.experts
-        n = len(experts) * self.cfg.num_attributes  # ED: rows per half of M_r
-        v_pads = [e.padded_v() for e in experts]  # (S, Dmax, G) per expert
-        region = [e.region_rows(v) for e, v in zip(experts, v_pads, strict=True)]
-        m_r = torch.cat([r[0] for r in region] + [r[1] for r in region])  # (2ED, C) = [scores; attention]
-        # M_r F, computed as F^T M_r^T: the (B, R, 2ED) result needs no transpose, softmax runs over dim 1.
-        o_r = AttendSum.apply(torch.matmul(f.transpose(1, 2), m_r.T).float(), n)  # (B, R, 2ED) -> (B, ED)
-        o_rs = list(o_r.split(self.cfg.num_attributes, dim=1))  # per expert (B, D)
-        o_cs: list[Tensor | None] = [None] * len(experts)
-        if self.cfg.channel_attention:
-            chan = [e.channel_rows(v) for e, v in zip(experts, v_pads, strict=True)]
-            m_c = torch.cat([c[0] for c in chan] + [c[1] for c in chan])  # (2ED, R)
-            o_c = AttendSum.apply(torch.matmul(f, m_c.T).float(), n)  # (M_c F^T)^T: (B, C, 2ED) -> (B, ED)
-            o_cs = list(o_c.split(self.cfg.num_attributes, dim=1))
+        outs = expert_branches(self._flatten(features), experts, self.cfg.num_attributes, self.cfg.channel_attention)
         out: list[Tensor | None] = [None] * 4
-        for i, e in enumerate(experts):
+        for e, (o_r, o_c) in zip(experts, outs, strict=True):
             slot = 0 if e is self.cexp else 2
-            out[slot], out[slot + 1] = o_rs[i], o_cs[i]
+            out[slot], out[slot + 1] = o_r, o_c
         return Branches(*out)
 
     def scores(self, branches: Branches, lambda_rc: float | None = None) -> tuple[Tensor | None, Tensor | None]:
@@ -273,6 +260,28 @@ class DEDN(nn.Module):
         p_ec = class_scores(expert_output(branches.cexp_r, branches.cexp_c, lambda_rc), a)
         p_ef = class_scores(expert_output(branches.fexp_r, branches.fexp_c, lambda_rc), a)
         return p_ec, p_ef
+
+
+def expert_branches(
+    f: Tensor, experts: list[ExpertWeights], rows: int, channel_attention: bool
+) -> list[tuple[Tensor, Tensor | None]]:
+    """(O_r, O_c) of each expert, (B, rows) each, from normalised features f (B, C, R): all experts' rows
+    in one region GEMM and one channel GEMM. ``rows``: attribute rows per expert (D, or M*D for a
+    population whose members are stacked in each expert's rows)."""
+    n = len(experts) * rows  # rows per half of M_r
+    v_pads = [e.padded_v() for e in experts]  # (S, Dmax, G) per expert
+    region = [e.region_rows(v) for e, v in zip(experts, v_pads, strict=True)]
+    m_r = torch.cat([r[0] for r in region] + [r[1] for r in region])  # (2n, C) = [scores; attention]
+    # M_r F, computed as F^T M_r^T: the (B, R, 2n) result needs no transpose, softmax runs over dim 1.
+    o_r = AttendSum.apply(torch.matmul(f.transpose(1, 2), m_r.T).float(), n)  # (B, R, 2n) -> (B, n)
+    o_rs = list(o_r.split(rows, dim=1))  # per expert (B, rows)
+    o_cs: list[Tensor | None] = [None] * len(experts)
+    if channel_attention:
+        chan = [e.channel_rows(v) for e, v in zip(experts, v_pads, strict=True)]
+        m_c = torch.cat([c[0] for c in chan] + [c[1] for c in chan])  # (2n, R)
+        o_c = AttendSum.apply(torch.matmul(f, m_c.T).float(), n)  # (M_c F^T)^T: (B, C, 2n) -> (B, n)
+        o_cs = list(o_c.split(rows, dim=1))
+    return list(zip(o_rs, o_cs, strict=True))
 
 
 def expert_output(o_r: Tensor | None, o_c: Tensor | None, lambda_rc: float | None = None) -> Tensor | None:

@@ -31,7 +31,7 @@ from dedn.data.splits import SPLITS
 from dedn.data.store import FeatureStore
 from dedn.errors import DednInputError
 from dedn.inference import branch_outputs, score_grid
-from dedn.model import DEDN, LossConfig, ModelConfig, dedn_loss
+from dedn.model import DEDN, Branches, LossConfig, ModelConfig, dedn_loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,16 +226,24 @@ def evaluate(
 ) -> tuple[dict[str, float], dict[str, float], list[dict[str, float]]]:
     """Metrics at the configured inference point and over the whole grid, from one forward pass."""
     model.eval()
-    inf = cfg.inference
     branches = branch_outputs(model, source.rows(task.eval_rows), cfg.eval_batch_size)
-    a = model.class_attributes[torch.as_tensor(task.classes, device=model.class_attributes.device)]
+    model.train()
+    return evaluate_branches(branches, model.class_attributes, store, task, cfg)
+
+
+def evaluate_branches(
+    branches: Branches, class_attributes: torch.Tensor, store: FeatureStore, task: Task, cfg: TrainConfig
+) -> tuple[dict[str, float], dict[str, float], list[dict[str, float]]]:
+    """Metrics at the configured inference point, the best grid point and the whole grid, from cached
+    (N, D) branch outputs of the task's evaluation images."""
+    inf = cfg.inference
+    a = class_attributes[torch.as_tensor(task.classes, device=class_attributes.device)]
     local = np.searchsorted(task.classes, store.labels[task.eval_rows])
     seen_l, unseen_l = np.flatnonzero(~task.unseen), np.flatnonzero(task.unseen)
     args = (branches, a, task.unseen)
     configured = score_grid(*args, [inf.lambda_rc], [inf.lambda_e], [inf.calibration], local, seen_l, unseen_l)[0]
     grid = score_grid(*args, inf.grid_lambda_rc, inf.grid_lambda_e, inf.grid_calibration, local, seen_l, unseen_l)
     best = max(grid, key=lambda r: r["H"])
-    model.train()
     return configured, best, grid
 
 
@@ -266,6 +274,7 @@ def train(
     eval_only_at: int | None = None,
     select_on: str = "configured",
     progress: bool = False,
+    batch_seed: int | None = None,
 ) -> TrainResult:
     """Train DEDN on one task and evaluate every epoch.
 
@@ -282,6 +291,7 @@ def train(
         eval_only_at: evaluate only at this epoch (other records carry empty metrics): a test split
             scored once.
         select_on: ``configured`` (H at the config's inference point) or ``grid`` (best grid point's H).
+        batch_seed: seed of the minibatch stream; defaults to ``cfg.seed`` (which also seeds the weights).
     Returns:
         TrainResult with per-epoch history and the state dict of the best epoch by evaluation H.
     Raises:
@@ -321,7 +331,15 @@ def train(
     for epoch in range(start, n_epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        batches = epoch_batches(task.train_rows, store.labels, o.batch_size, cfg.seed, epoch, o.balanced, train_classes)
+        batches = epoch_batches(
+            task.train_rows,
+            store.labels,
+            o.batch_size,
+            cfg.seed if batch_seed is None else batch_seed,
+            epoch,
+            o.balanced,
+            train_classes,
+        )
         sums: dict[str, torch.Tensor] = {}
         iterator: Any = batches
         if progress:
