@@ -25,7 +25,19 @@ import click
     envvar="DEDN_STORAGE_PATH",
     help="Where experiments live; shared storage (e.g. s3://bucket/dedn) on a multi-node cluster.",
 )
-@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Trials (overrides the spec).")
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Configurations to train (overrides the spec); with --population M, in ceil(N/M) Tune trials.",
+)
+@click.option(
+    "--population",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train M configurations per trial as one batched model, halving members as they fall behind "
+    "(overrides the spec's population.size; 1 = one configuration per trial).",
+)
 @click.option("--max-concurrent-trials", type=click.IntRange(min=1), default=None)
 @click.option("--time-budget-s", type=click.FloatRange(min=1), default=None, help="Stop starting trials after this.")
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
@@ -67,6 +79,7 @@ def search(
     name: str | None,
     storage_path: str,
     num_samples: int | None,
+    population: int | None,
     max_concurrent_trials: int | None,
     time_budget_s: float | None,
     cpus_per_trial: float,
@@ -89,6 +102,7 @@ def search(
       dedn search -c configs/search/tiny.yaml --store data/tiny
       dedn search -c configs/search/cub.yaml --store data/cub --address auto --gpus-per-trial 0.25
       dedn search -c configs/search/tiny.yaml --posthoc-inference --num-samples 16
+      dedn search -c configs/search/cub.yaml --population 16 --gpus-per-trial 1
       dedn search -c configs/search/tiny.yaml --resume runs/tiny-20261127-101500
       dedn search -c configs/search/cub.yaml --tracking-uri http://127.0.0.1:5000
     """
@@ -111,10 +125,11 @@ def search(
         final_test=not no_final_test,
         tracking_uri=tracking_uri,
         track=not no_tracking,
+        population=population,
     )
     out = run_search(opts, resume=resume is not None)
     click.echo(
-        f"\nexperiment  {out.experiment}   ({out.num_trials} trials: "
+        f"\nexperiment  {out.experiment}   ({out.num_trials} {'population ' if out.population > 1 else ''}trials: "
         + ", ".join(f"{n} {s.lower()}" for s, n in out.trial_states.items())
         + f", {out.seconds:.0f} s)"
     )

@@ -389,7 +389,8 @@ class Halving:
             raise DednInputError("population", "min_members", f"must be >= 1, got {self.min_members}")
 
     def rungs(self, epochs: int) -> list[int]:
-        out, r = [], float(self.grace_period)
+        out: list[int] = []
+        r = float(self.grace_period)
         while round(r) < epochs:
             if not out or round(r) > out[-1]:
                 out.append(round(r))

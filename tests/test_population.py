@@ -78,7 +78,9 @@ def test_rmsprop_per_member_matches_torch() -> None:
     opt = PopulationRMSprop(
         {"w": stacked}, {"w": torch.arange(2)}, [h[0] for h in hyper], [h[1] for h in hyper], [h[2] for h in hyper]
     )
-    ref_opts = [torch.optim.RMSprop([p], lr=lr, momentum=m, weight_decay=wd) for p, (lr, m, wd) in zip(refs, hyper)]
+    ref_opts = [
+        torch.optim.RMSprop([p], lr=lr, momentum=m, weight_decay=wd) for p, (lr, m, wd) in zip(refs, hyper, strict=True)
+    ]
     for _ in range(6):
         grad = torch.randn(2, 3, 4, generator=g)
         stacked.grad = grad.clone()

@@ -171,7 +171,7 @@ class Tracker:
         self._save()
         return run.info.run_id
 
-    def child(self, trial_id: str, trial_name: str, params: dict[str, Any]) -> None:
+    def child(self, trial_id: str, trial_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
         """The trial's run: created once, then continued by id (retries, resume). Creation that fails
         is queued once; calls for the trial resolve its run id when they run (``run_of``)."""
         if trial_id in self.state["trials"]:
@@ -186,7 +186,9 @@ class Tracker:
             from mlflow.entities import Param
 
             run = self.client.create_run(
-                exp_id, run_name=trial_name, tags={"mlflow.parentRunId": parent, "dedn.trial_id": trial_id}
+                exp_id,
+                run_name=trial_name,
+                tags={"mlflow.parentRunId": parent, "dedn.trial_id": trial_id, **(tags or {})},
             )
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
             self.state["trials"][trial_id] = run.info.run_id

@@ -92,28 +92,30 @@ def report_search(
 ) -> list[str]:
     """Log plots, the final model and summary metrics on the parent run; returns what could not be logged."""
     import optuna
-    import torch
 
     from dedn.train import save_checkpoint
+    from tuning.tracking_callback import member_key
 
     tracker.state = tracker._load()  # the callback (a separate copy) wrote the trial runs
     parent = str(tracker.state["parent"])
     store = shared.materialize()
 
+    from tuning.population import best_weights, member_entries
+
     curves: dict[str, tuple[list[int], list[float]]] = {}
     params: list[dict[str, Any]] = []
     best_h: list[float] = []
-    best_name, best_result = None, None
+    best_name, best_entry = None, None
     for r in results:
-        df: Any = r.metrics_dataframe
-        if df is None or "val_H" not in df:
-            continue
-        label = Path(r.path).name.split("_")[2] if len(Path(r.path).name.split("_")) > 2 else Path(r.path).name
-        curves[label] = (df["epoch"].astype(int).tolist(), df["val_H"].astype(float).tolist())
-        params.append({k: v for k, v in r.config.items() if "." in k})
-        best_h.append(float(df["val_H"].max()))
-        if best_result is None or best_h[-1] > max(best_h[:-1], default=-1.0):
-            best_name, best_result = label, r
+        for e in member_entries(r):
+            df: Any = e.df
+            if df is None or "val_H" not in df or df["val_H"].isna().all():
+                continue
+            curves[e.label] = (df["epoch"].astype(int).tolist(), df["val_H"].astype(float).tolist())
+            params.append(e.config)
+            best_h.append(float(df["val_H"].max()))
+            if best_entry is None or best_h[-1] > max(best_h[:-1], default=-1.0):
+                best_name, best_entry = e.label, e
     _log_figure(tracker, parent, plots.h_per_epoch(curves, best_name), "val_H_per_epoch.png")
     try:
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'optuna.db'}")
@@ -123,9 +125,9 @@ def report_search(
     _log_figure(tracker, parent, plots.param_importance(importances), "param_importance.png")
     _log_figure(tracker, parent, plots.parallel_coordinates(params, best_h), "parallel_coordinates.png")
 
-    checkpoint = getattr(best_result, "checkpoint", None)
-    if checkpoint is not None and Path(checkpoint.path).is_dir():
-        state = torch.load(Path(checkpoint.path) / "state.pt", map_location="cpu", weights_only=True)["best_model"]
+    checkpoint = getattr(best_entry.result, "checkpoint", None) if best_entry is not None else None
+    if best_entry is not None and checkpoint is not None and Path(checkpoint.path).is_dir():
+        state = best_weights(checkpoint.path, best_entry.member)
         values = dict(best_config)
         if posthoc:
             values.update(
@@ -157,9 +159,11 @@ def report_search(
         tracker.call("final model", lambda: tracker.client.log_artifacts(parent, str(folder), "final_model"))
         summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T")})
     tracker.metrics(parent, summary, 0, "summary metrics")
-    if best_result is not None:
-        trial_id = best_result.metrics.get("trial_id") if best_result.metrics else None
-        run_id = tracker.state["trials"].get(trial_id) if trial_id else None
+    if best_entry is not None:
+        m = best_entry.result.metrics
+        trial_id = m.get("trial_id") if m else None
+        key = trial_id if best_entry.member is None or not trial_id else member_key(trial_id, best_entry.member)
+        run_id = tracker.state["trials"].get(key) if key else None
         if run_id:
             tracker.call("best-trial tag", lambda: tracker.client.set_tag(parent, "dedn.best_trial_run_id", run_id))
     tracker.call("parent status", lambda: tracker.client.set_terminated(parent, status="FINISHED"))

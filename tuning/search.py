@@ -38,6 +38,7 @@ class SearchOptions:
     final_test: bool = True
     tracking_uri: str | None = None
     track: bool = True
+    population: int | None = None
 
 
 @dataclass
@@ -54,18 +55,36 @@ class SearchOutcome:
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     not_logged: list[str] | None = None
+    population: int = 1
 
 
 def _experiment_dir(storage_path: str, name: str) -> Path:
     return Path(storage_path).expanduser().resolve() / name
 
 
-def _trainable(shared: SharedStore, base: dict[str, Any], opts: SearchOptions) -> Any:
+def population_size(spec: SearchSpec, opts: SearchOptions) -> int:
+    return int(opts.population or spec.population.size)
+
+
+def _trainable(shared: SharedStore, base: dict[str, Any], opts: SearchOptions, spec: SearchSpec) -> Any:
     from ray import tune
 
+    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+    if population_size(spec, opts) > 1:
+        from tuning.population import population_trainable
+
+        p = spec.population
+        halving = (
+            {"grace_period": p.grace_period, "reduction_factor": p.reduction_factor, "min_members": p.min_members}
+            if p.halving
+            else None
+        )
+        fn = tune.with_parameters(
+            population_trainable, shared=shared, base=base, posthoc=opts.posthoc_inference, halving=halving
+        )
+        return tune.with_resources(fn, resources)
     from tuning.trainable import dedn_trainable
 
-    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
     return tune.with_resources(
         tune.with_parameters(dedn_trainable, shared=shared, base=base, posthoc=opts.posthoc_inference), resources
     )
@@ -78,6 +97,11 @@ def _searcher(spec: SearchSpec, opts: SearchOptions, study_db: Path, name: str) 
     define = DefineByRun(spec, opts.posthoc_inference)
     keep = {k for k in spec.params if not (opts.posthoc_inference and k in INFERENCE_PARAMS)}
     points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
+    size = population_size(spec, opts)
+    if size > 1:
+        from tuning.population import make_population_searcher
+
+        return make_population_searcher(define, size, f"sqlite:///{study_db}", name, spec.seed, points, METRIC, MODE)
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_db}")
     return OptunaSearch(
         space=define,
@@ -162,7 +186,9 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         raise DednInputError(exp, "experiment", "already exists: pick another --name or use --resume")
     spec, base, store_path, store = prepare(opts)
     epochs = int(trial_config(base, {}).effective().optim.epochs)
-    num_samples = opts.num_samples or spec.num_samples
+    size = population_size(spec, opts)
+    # num_samples counts configurations; with populations each Tune trial trains `size` of them.
+    num_samples = -(-(opts.num_samples or spec.num_samples) // size)
     tracker = None
     if opts.track:
         from tracking.runs import Tracker, check_not_scattered, check_reachable, resolve_tracking_uri
@@ -190,7 +216,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with ray_session(opts.address):
         shared = share_store(store)  # read once, put once; trials read the object store
-        trainable = _trainable(shared, base, opts)
+        trainable = _trainable(shared, base, opts, spec)
         if resume:
             tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:
@@ -223,7 +249,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
             states[state] = states.get(state, 0) + 1
             if r.error:
                 errors[Path(r.path).name] = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}"
-        best_config, best_metrics = best_trial(results)
+        best_config, best_metrics, _ = best_trial(results)
         if not best_metrics:
             raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
         row = best_metrics
@@ -256,27 +282,32 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         tracking_uri=opts.tracking_uri if tracker else None,
         parent_run_id=tracker.state["parent"] if tracker else None,
         not_logged=not_logged,
+        population=size,
     )
     (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
     return outcome
 
 
-def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The trial and epoch with the highest validation H over all reported epochs: (sampled config, metrics)."""
-    best: tuple[float, dict[str, Any], dict[str, Any]] = (-1.0, {}, {})
+def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The configuration and epoch with the highest validation H over all reported epochs of every trial
+    (every member of a population trial counts as a trial): (sampled config, metrics, its Entry)."""
+    from tuning.population import member_entries
+
+    best: tuple[float, dict[str, Any], dict[str, Any], Any] = (-1.0, {}, {}, None)
     for r in results:
-        df: Any = r.metrics_dataframe
-        if df is None or METRIC not in df:
-            continue
-        row = df.loc[df[METRIC].idxmax()]
-        if float(row[METRIC]) > best[0]:
-            metrics = {
-                k: (v.item() if hasattr(v, "item") else v)
-                for k, v in row.items()
-                if k.startswith(("val_", "grid_", "epoch"))
-            }
-            best = (float(row[METRIC]), {k: v for k, v in r.config.items() if "." in k}, metrics)
-    return best[1], best[2]
+        for e in member_entries(r):
+            df: Any = e.df
+            if df is None or METRIC not in df or df[METRIC].isna().all():
+                continue
+            row = df.loc[df[METRIC].idxmax()]
+            if float(row[METRIC]) > best[0]:
+                metrics = {
+                    k: (v.item() if hasattr(v, "item") else v)
+                    for k, v in row.items()
+                    if k.startswith(("val_", "grid_", "epoch")) and k != "val_member"
+                }
+                best = (float(row[METRIC]), e.config, metrics, e)
+    return best[1], best[2], best[3]
 
 
 def _final_test(

@@ -62,6 +62,19 @@ class SchedulerSpec(BaseModel):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class PopulationSpec(BaseModel):
+    """Population trials (``dedn search --population M``): ``size`` configurations per Tune trial, trained
+    as one batched model; members are cut by successive halving at epochs grace_period * eta^k."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(1, ge=1)
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    min_members: int = Field(1, ge=1)
+    halving: bool = True
+
+
 class SearchSpec(BaseModel):
     """A search: base training config, space, sampler and scheduler settings."""
 
@@ -77,6 +90,7 @@ class SearchSpec(BaseModel):
     params: dict[str, ParamSpec]
     points_to_evaluate: list[dict[str, Any]] = []
     scheduler: SchedulerSpec = SchedulerSpec()
+    population: PopulationSpec = PopulationSpec()
 
     @model_validator(mode="after")
     def _conditions_refer_to_earlier_params(self) -> SearchSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,55 +10,110 @@ import yaml
 from ray.tune import Callback
 
 from tracking.runs import Tracker
+from tuning.population import section
 from tuning.space import sampled_params, trial_config
 
 EPOCH_KEYS = ("val_", "loss_", "grid_")
 EXTRA_KEYS = ("samples_per_s", "epoch_seconds")
 
 
+def member_key(trial_id: str, member: int) -> str:
+    """The run key of member ``member`` of population trial ``trial_id``."""
+    return f"{trial_id}-m{member}"
+
+
+def _members(trial: Any) -> list[dict[str, Any]] | None:
+    config = trial.config if isinstance(trial.config, dict) else {}
+    members = config.get("members")
+    return list(members) if isinstance(members, list) else None
+
+
+def _log_text(t: Tracker, text: str, name: str) -> Callable[[str], Any]:
+    return lambda run: t.client.log_text(run, text, name)
+
+
+def _set_tag(t: Tracker, tag: str, value: str) -> Callable[[str], Any]:
+    return lambda run: t.client.set_tag(run, tag, value)
+
+
 class MLflowTrialLogger(Callback):
     """One nested child run per trial: params at start, metrics per epoch (step = epoch), the resolved
     trial config, final validation metrics and the last checkpoint at the end. Every call goes through
-    the tracker, which queues what fails for the end instead of failing the search."""
+    the tracker, which queues what fails for the end instead of failing the search.
+
+    A population trial gets one child run per member (key ``<trial id>-m<j>``), logged exactly like a
+    single trial's run, tagged with the population trial id, the member index and its Optuna trial
+    number; a member stopped by successive halving is tagged ``dedn.stopped`` at that epoch."""
 
     def __init__(self, tracker: Tracker, base: dict[str, Any]) -> None:
         self.tracker = tracker
         self.base = base
         self.best: dict[str, dict[str, float]] = {}
+        self.ended: dict[str, str] = {}  # population members stopped or failed: run key -> status
+
+    def _runs(self, trial: Any) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
+        """(run key, run name, params, extra tags) of each configuration the trial trains."""
+        members = _members(trial)
+        if members is None:
+            return [(trial.trial_id, str(trial), sampled_params(trial.config), {})]
+        numbers = trial.config.get("optuna_trials") or [None] * len(members)
+        return [
+            (
+                member_key(trial.trial_id, j),
+                f"{trial}-m{j}",
+                dict(m),
+                {"dedn.population_trial": trial.trial_id, "dedn.member": str(j), "optuna.trial_number": str(n)},
+            )
+            for j, (m, n) in enumerate(zip(members, numbers, strict=True))
+        ]
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         t = self.tracker
-        params = sampled_params(trial.config)
-        t.child(trial.trial_id, str(trial), params)
-        text = yaml.safe_dump(trial_config(self.base, params).effective().model_dump(mode="json"), sort_keys=False)
-        t.trial_call(
-            trial.trial_id, f"config of {trial}", lambda run: t.client.log_text(run, text, "trial_config.yaml")
-        )
+        for key, name, params, tags in self._runs(trial):
+            t.child(key, name, params, tags)
+            text = yaml.safe_dump(trial_config(self.base, params).effective().model_dump(mode="json"), sort_keys=False)
+            t.trial_call(key, f"config of {name}", _log_text(t, text, "trial_config.yaml"))
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
         if "epoch" not in result:
             return
-        if trial.trial_id not in self.tracker.state["trials"]:
-            self.tracker.child(trial.trial_id, str(trial), sampled_params(trial.config))
+        runs = self._runs(trial)
+        for key, name, params, tags in runs:
+            if key not in self.tracker.state["trials"]:
+                self.tracker.child(key, name, params, tags)
+        if _members(trial) is not None:
+            for j, m in section(result, "members").items():
+                self._epoch(member_key(trial.trial_id, int(j)), f"{trial}-m{j}", m)
+            for j, end in section(result, "ended").items():
+                key = member_key(trial.trial_id, int(j))
+                reason = str(end.get("reason") or end["status"])
+                tag = "dedn.error" if end["status"] == "failed" else "dedn.stopped"
+                self.tracker.trial_call(key, f"end of {trial}-m{j}", _set_tag(self.tracker, tag, reason))
+                self.ended[key] = str(end["status"])
+            return
+        self._epoch(trial.trial_id, str(trial), result)
+
+    def _epoch(self, key: str, name: str, result: dict[str, Any]) -> None:
+        """Log one epoch of one configuration (a trial, or a member of a population) once."""
         epoch = int(result["epoch"])
         last = self.tracker.state.setdefault("last_epoch", {})
-        if epoch <= int(last.get(trial.trial_id, 0)):
+        if epoch <= int(last.get(key, 0)):
             # A worker killed after reporting this epoch but before its checkpoint was kept: the retry
             # re-runs it from the previous checkpoint on the same minibatch stream. Log each epoch once.
             return
-        last[trial.trial_id] = epoch
+        last[key] = epoch
         self.tracker.save()
         metrics = {
             k: float(v)
             for k, v in result.items()
             if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float))
         }
-        self._log(trial, metrics, epoch, f"epoch {epoch} of {trial}")
-        best = self.best.get(trial.trial_id)
+        self._log(key, metrics, epoch, f"epoch {epoch} of {name}")
+        best = self.best.get(key)
         if best is None or result["val_H"] > best["best_val_H"]:
-            self.best[trial.trial_id] = {
+            self.best[key] = {
                 "best_val_H": float(result["val_H"]),
                 "best_val_U": float(result["val_U"]),
                 "best_val_S": float(result["val_S"]),
@@ -68,28 +124,47 @@ class MLflowTrialLogger(Callback):
                 "best_grid_c": float(result["grid_c"]),
             }
 
-    def _log(self, trial: Any, metrics: dict[str, float], step: int, what: str) -> None:
+    def _log(self, key: str, metrics: dict[str, float], step: int, what: str) -> None:
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
-        self.tracker.trial_call(trial.trial_id, what, lambda run: self.tracker.client.log_batch(run, metrics=batch))
+        self.tracker.trial_call(key, what, lambda run: self.tracker.client.log_batch(run, metrics=batch))
 
     def _finish(self, trial: Any, status: str, reason: str | None = None) -> None:
-        t, tid = self.tracker, trial.trial_id
-        best = self.best.get(tid)
-        if best:
-            self._log(trial, best, int(best["best_epoch"]), f"final metrics of {trial}")
         path = getattr(getattr(trial, "checkpoint", None), "path", None)
+        members = _members(trial)
+        if members is None:
+            self._finish_run(trial.trial_id, str(trial), status, reason, path)
+            return
+        for j in range(len(members)):
+            key = member_key(trial.trial_id, j)
+            ended = self.ended.get(key)
+            member_status = (
+                "FAILED" if ended == "failed" or (status == "FAILED" and key not in self.best) else "FINISHED"
+            )
+            folder = None
+            if path and Path(path).is_dir() and member_status == "FINISHED" and key in self.best:
+                from tuning.population import write_member_checkpoint
+
+                # kept in the experiment folder: a queued upload (tracking offline) still finds it later
+                folder = str(write_member_checkpoint(path, j, self.tracker.dir / "member_checkpoints" / key))
+            self._finish_run(key, f"{trial}-m{j}", member_status, reason if member_status == "FAILED" else None, folder)
+
+    def _finish_run(self, key: str, name: str, status: str, reason: str | None, path: str | None) -> None:
+        t = self.tracker
+        best = self.best.get(key)
+        if best:
+            self._log(key, best, int(best["best_epoch"]), f"final metrics of {name}")
         if status == "FINISHED" and path and Path(path).is_dir():
-            t.trial_call(tid, f"checkpoint of {trial}", lambda run: t.client.log_artifacts(run, path, "checkpoint"))
+            t.trial_call(key, f"checkpoint of {name}", lambda run: t.client.log_artifacts(run, path, "checkpoint"))
         elif path:
-            t.trial_call(tid, f"checkpoint uri of {trial}", lambda run: t.client.set_tag(run, "dedn.checkpoint", path))
+            t.trial_call(key, f"checkpoint uri of {name}", lambda run: t.client.set_tag(run, "dedn.checkpoint", path))
         if reason:
-            t.trial_call(tid, f"error of {trial}", lambda run: t.client.set_tag(run, "dedn.error", reason[:5000]))
-        t.trial_call(tid, f"status of {trial}", lambda run: t.client.set_terminated(run, status=status))
+            t.trial_call(key, f"error of {name}", lambda run: t.client.set_tag(run, "dedn.error", reason[:5000]))
+        t.trial_call(key, f"status of {name}", lambda run: t.client.set_terminated(run, status=status))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")
@@ -103,4 +178,5 @@ class MLflowTrialLogger(Callback):
         t, tid = self.tracker, trial.trial_id
         n = int(t.state.setdefault("retries", {}).get(tid, 0)) + 1
         t.state["retries"][tid] = n
-        t.trial_call(tid, f"retry tag of {trial}", lambda run: t.client.set_tag(run, "dedn.retries", str(n)))
+        for key, name, _, _ in self._runs(trial):
+            t.trial_call(key, f"retry tag of {name}", lambda run: t.client.set_tag(run, "dedn.retries", str(n)))

@@ -1,0 +1,102 @@
+"""``dedn search --population``: real local Ray, a real ``mlflow server`` on a loopback port, Optuna in
+SQLite. Every member is its own Optuna trial and its own MLflow child run; halving stops members."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.tracking.test_tracking import server  # noqa: F401  (module fixture: a real mlflow server)
+from tests.tuning.test_search import trial_rows, write_spec
+from tuning.search import SearchOptions, run_search
+
+SPEC = """
+num_samples: 8
+max_concurrent_trials: 2
+params:
+  optim.lr: {type: loguniform, low: 5.0e-4, high: 3.0e-3}
+  loss.gamma: {type: loguniform, low: 1.0e-3, high: 0.3}
+  model.clusters: {type: categorical, choices: [manual, half]}
+scheduler: {type: fifo}
+population: {size: 4, grace_period: 1, reduction_factor: 2}
+"""
+
+
+def test_population_search_records_every_member(server: str, tmp_path: Path, tiny_store: Path) -> None:  # noqa: F811
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    spec = write_spec(tmp_path, tiny_store, epochs=3, body=SPEC)
+    out = run_search(
+        SearchOptions(spec_path=str(spec), name="pop", storage_path=str(tmp_path / "runs"), tracking_uri=server)
+    )
+    assert out.population == 4 and out.num_trials == 2  # 8 configurations in 2 population trials
+    assert out.not_logged == [] and out.test is not None
+
+    # what each member reported, from Tune's result.json rows
+    reported: dict[int, list[tuple[int, float]]] = {}  # Optuna trial number -> [(epoch, val_H)]
+    configs: dict[int, dict] = {}
+    ended: dict[int, tuple[str, int]] = {}
+    for rows in trial_rows(out.experiment).values():
+        numbers = rows[0]["config"]["optuna_trials"]
+        for j, number in enumerate(numbers):
+            configs[number] = rows[0]["config"]["members"][j]
+            reported[number] = [(r["epoch"], r["members"][str(j)]["val_H"]) for r in rows if str(j) in r["members"]]
+            for r in rows:
+                if str(j) in r["ended"]:
+                    ended[number] = (r["ended"][str(j)]["status"], r["epoch"])
+        # halving with grace 1, eta 2 over 3 epochs: 4 members -> 2 after epoch 1 -> 1 after epoch 2
+        assert [r["members_trained"] for r in rows] == [4, 2, 1]
+        assert [r["members_active"] for r in rows] == [2, 1, 1]
+        assert sorted(e for n, (_, e) in ended.items() if n in numbers) == [1, 1, 2]
+    assert len(reported) == 8 and all(s == "stopped" for s, _ in ended.values())
+
+    # Optuna: one trial per member; intermediate values are its per-epoch val_H; halving -> PRUNED
+    study = optuna.load_study(study_name="pop", storage=f"sqlite:///{out.experiment / 'optuna.db'}")
+    assert len(study.trials) == 8
+    for t in study.trials:
+        assert t.params == configs[t.number]
+        assert sorted(t.intermediate_values.items()) == [(e, pytest.approx(h)) for e, h in reported[t.number]]
+        if t.number in ended:
+            assert t.state == optuna.trial.TrialState.PRUNED
+        else:
+            assert t.state == optuna.trial.TrialState.COMPLETE
+            assert t.value == pytest.approx(max(h for _, h in reported[t.number]))
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
+
+    # MLflow: one child run per member, with its params, its val_H history and how it ended
+    client = MlflowClient(tracking_uri=server)
+    exp = client.get_experiment_by_name("pop")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 8
+    for run in children:
+        number = int(run.data.tags["optuna.trial_number"])
+        assert run.data.params == {k: str(v) for k, v in configs[number].items()}
+        history = client.get_metric_history(run.info.run_id, "val_H")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+            (e, pytest.approx(h)) for e, h in reported[number]
+        ]
+        assert run.data.metrics["best_val_H"] == pytest.approx(max(h for _, h in reported[number]))
+        if number in ended:
+            assert run.data.tags["dedn.stopped"] == f"stopped by successive halving at epoch {ended[number][1]}"
+        assert run.info.status == "FINISHED"
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "trial_config.yaml"}
+    best = max(children, key=lambda r: r.data.metrics["best_val_H"])
+    assert out.best_metrics["val_H"] == pytest.approx(best.data.metrics["best_val_H"])
+    assert out.best_config == configs[int(best.data.tags["optuna.trial_number"])]
+
+    # the best member promotes like any trial: its registered weights reproduce its validation metrics
+    from cli.main import cli
+
+    args = ["promote", "--experiment", "pop", "--model-name", "dedn-pop", "--tracking-uri", server]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "validation metrics reproduced" in r.output
+    version = client.get_model_version_by_alias("dedn-pop", "champion")
+    assert version.run_id == best.info.run_id
+    progress = json.loads(next((out.experiment / "member_checkpoints").glob("*/progress.json")).read_text())
+    assert {"partition", "history", "best_epoch"} <= set(progress)
