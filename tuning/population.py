@@ -200,6 +200,7 @@ def population_trainable(
     base: dict[str, Any],
     posthoc: bool,
     halving: dict[str, Any] | None,
+    checkpoint_every: int = 1,
 ) -> None:
     """One Tune trial training ``config["members"]`` as one population on the shared store."""
     import logging
@@ -208,6 +209,7 @@ def population_trainable(
     from ray import tune
 
     from dedn.population import Halving, train_population
+    from tuning.trainable import wants_checkpoint
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
@@ -222,6 +224,8 @@ def population_trainable(
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_population_checkpoint(folder)
+
+    last_epoch = cfgs[0].effective().optim.epochs
 
     def report(epoch: int, records: dict[int, Any], p: Any) -> None:
         per = {str(j): member_metrics(r, posthoc) for j, r in records.items()}
@@ -246,6 +250,11 @@ def population_trainable(
                 "features_zero_copy": zero_copy,
             }
         )
+        improved = any(p.best_epoch[j] == epoch for j in records) or bool(ended)
+        metrics["checkpointed"] = wants_checkpoint(epoch, last_epoch, checkpoint_every, improved)
+        if not metrics["checkpointed"]:
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as folder:
             save_population_checkpoint(folder, epoch, p, members)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

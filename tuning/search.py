@@ -80,14 +80,20 @@ def _trainable(shared: SharedStore, base: dict[str, Any], opts: SearchOptions, s
             else None
         )
         fn = tune.with_parameters(
-            population_trainable, shared=shared, base=base, posthoc=opts.posthoc_inference, halving=halving
+            population_trainable,
+            shared=shared,
+            base=base,
+            posthoc=opts.posthoc_inference,
+            halving=halving,
+            checkpoint_every=spec.checkpoint_every,
         )
         return tune.with_resources(fn, resources)
     from tuning.trainable import dedn_trainable
 
-    return tune.with_resources(
-        tune.with_parameters(dedn_trainable, shared=shared, base=base, posthoc=opts.posthoc_inference), resources
+    fn = tune.with_parameters(
+        dedn_trainable, shared=shared, base=base, posthoc=opts.posthoc_inference, checkpoint_every=spec.checkpoint_every
     )
+    return tune.with_resources(fn, resources)
 
 
 def _searcher(spec: SearchSpec, opts: SearchOptions, study_db: Path, name: str) -> Any:

@@ -91,6 +91,11 @@ class SearchSpec(BaseModel):
     points_to_evaluate: list[dict[str, Any]] = []
     scheduler: SchedulerSpec = SchedulerSpec()
     population: PopulationSpec = PopulationSpec()
+    checkpoint_every: int = Field(
+        1,
+        ge=1,
+        description="Checkpoint a trial every N epochs, at its last epoch and whenever its best epoch improves.",
+    )
 
     @model_validator(mode="after")
     def _conditions_refer_to_earlier_params(self) -> SearchSpec:

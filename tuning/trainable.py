@@ -68,7 +68,15 @@ def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
     return m
 
 
-def dedn_trainable(config: dict[str, Any], shared: SharedStore, base: dict[str, Any], posthoc: bool) -> None:
+def wants_checkpoint(epoch: int, last_epoch: int, every: int, improved: bool) -> bool:
+    """Checkpoint every ``every`` epochs, at the last epoch, and whenever the best epoch improved (so the
+    best weights are always persisted, whatever ``every`` is)."""
+    return improved or epoch == last_epoch or epoch % every == 0
+
+
+def dedn_trainable(
+    config: dict[str, Any], shared: SharedStore, base: dict[str, Any], posthoc: bool, checkpoint_every: int = 1
+) -> None:
     """One trial: sampled values from ``config`` over the base training config, on the shared store."""
     import logging
 
@@ -89,8 +97,16 @@ def dedn_trainable(config: dict[str, Any], shared: SharedStore, base: dict[str, 
         with checkpoint.as_directory() as folder:
             resume = load_trial_state(folder)
 
+    last_epoch = cfg.effective().optim.epochs
+
     def report(record: EpochRecord, p: Progress) -> None:
         metrics = {**epoch_metrics(record, posthoc), "node_id": node, "features_zero_copy": zero_copy}
+        metrics["checkpointed"] = wants_checkpoint(
+            record.epoch, last_epoch, checkpoint_every, p.best_epoch == record.epoch
+        )
+        if not metrics["checkpointed"]:
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as folder:
             save_trial_state(folder, record, p)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

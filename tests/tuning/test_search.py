@@ -53,6 +53,7 @@ params:
 points_to_evaluate:
   - {optim.lr: 1.0e+9, loss.gamma: 0.1, model.clusters: manual, inference.calibration: 1.0}
 scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+checkpoint_every: 3
 """,
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -69,6 +70,12 @@ scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
     epochs = [len(v) for v in ok.values()]
     assert max(epochs) == 4 and min(epochs) < 4, epochs  # ASHA stopped someone early
     assert all([r["epoch"] for r in v] == list(range(1, len(v) + 1)) for v in ok.values())
+    # checkpoints every 3rd epoch, at the last epoch (4) and whenever validation H improved
+    for v in ok.values():
+        h = [r["val_H"] for r in v]
+        for i, r in enumerate(v):
+            improved = h[i] > max(h[:i], default=-1.0)
+            assert r["checkpointed"] == (improved or r["epoch"] in (3, 4)), (r["epoch"], h)
     best = max(r["val_H"] for v in ok.values() for r in v)
     assert out.best_metrics["val_H"] == pytest.approx(best)
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{out.experiment / 'optuna.db'}")
