@@ -1,0 +1,336 @@
+"""MLflow logging throughput: a local tracking server (SQLite backend) against the embedded SQLite store.
+
+The script starts ``mlflow server`` itself on a free 127.0.0.1 port (``--backend-store-uri sqlite:///<tmp>/mlflow.db``,
+``--default-artifact-root <tmp>/artifacts``), waits for ``GET /health``, and stops it at the end. Targets:
+- server: ``mlflow server`` with its defaults (``--workers`` 4, job execution on: it also starts background
+  job consumers);
+- server-nojobs: the same with ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``;
+- sqlite: no server, the client writes ``sqlite:///<tmp>/embedded.db`` itself.
+For each it times, with MlflowClient, for ``--seconds`` each after one untimed call:
+- log_metric: one ``log_metric`` call per value;
+- log_batch: ``log_batch`` of ``--batch`` metrics per call, the per-epoch batch of tuning/tracking_callback.py;
+- async log_batch: ``--async-calls`` such calls with ``synchronous=False`` (MLflow queues them and writes them from a
+  background thread), timed until all are written, and the time the caller spends per call;
+- trial start: ``create_run`` nested under a parent (tag ``mlflow.parentRunId``) plus one ``log_batch`` of 9
+  params, what tracking.runs.Tracker.child does for each trial;
+- concurrent log_batch: ``--threads`` client threads, each on its own run, logging batches at once.
+It also reports the server's CPU use while idle (all its processes, over 3 s) and the disk's sync latency at that
+moment (median of raw SQLite insert + commit in the same folder): each MLflow write is at least one commit, so on
+a slow or shared disk the commit latency bounds the throughput. ``--dir /dev/shm`` puts the databases in memory.
+The client and the server share this machine's cores, so the numbers are a floor for a server on its own host.
+
+    python benchmarks/mlflow_logging.py                          # 3 s per measurement, threads 1 4 8
+    python benchmarks/mlflow_logging.py --seconds 10 --threads 1 2 4 8 16 --workers 8 --targets server
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ("lr", "beta", "gamma", "eps", "clusters", "kmeans_q", "lambda_rc", "lambda_e", "calibration")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(tmp: Path, workers: int, jobs: bool) -> tuple[subprocess.Popen[bytes], str, float]:
+    """``mlflow server`` on a free local port, in its own process group; returns it, its URI and start seconds.
+    ``jobs`` False sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (no background job consumers)."""
+    port = free_port()
+    env = dict(os.environ)
+    if not jobs:
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--backend-store-uri",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+        "--default-artifact-root",
+        str(tmp / "artifacts"),
+    ]
+    log = open(tmp / "server.log", "ab")  # noqa: SIM115  (closed with the process)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - t0 < 180:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}; see {tmp / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, uri, time.perf_counter() - t0
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"mlflow server did not answer /health within 180 s; see {tmp / 'server.log'}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group this script started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def idle_cpu(proc: subprocess.Popen[bytes], seconds: float = 3.0) -> float:
+    """Cores used by the server and all its child processes while no request comes in."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+
+    def used() -> float:
+        total = 0.0
+        for p in tree:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    c0, t0 = used(), time.perf_counter()
+    time.sleep(seconds)
+    return (used() - c0) / (time.perf_counter() - t0)
+
+
+def commit_ms(folder: Path, n: int = 11) -> float:
+    """Median ms of one tiny SQLite insert + commit in ``folder``: the disk's sync latency at that moment."""
+    import sqlite3
+    import statistics
+
+    con = sqlite3.connect(folder / "probe.db")
+    con.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    con.commit()
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        con.execute("INSERT INTO t VALUES (?)", (i,))
+        con.commit()
+        times.append(1e3 * (time.perf_counter() - t0))
+    con.close()
+    return statistics.median(times)
+
+
+def rate(fn: Callable[[int], None], seconds: float) -> tuple[float, int]:
+    """Calls of ``fn(i)`` per second for ``seconds`` after one untimed call; returns (calls/s, calls)."""
+    fn(0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += 1
+        fn(n)
+    return n / (time.perf_counter() - t0), n
+
+
+def async_batches(client: Any, exp_id: str, parent: str, batch: int, calls: int) -> tuple[float, float]:
+    """``calls`` batches queued with ``log_batch(..., synchronous=False)`` on one run, then waited for:
+    (calls/s from the first call until all are written, ms the caller spent per call to queue it)."""
+    from mlflow.entities import Metric
+
+    run = client.create_run(exp_id, run_name="async", tags={"mlflow.parentRunId": parent}).info.run_id
+    client.log_batch(run, metrics=[Metric("warm", 0.0, 0, 0)], synchronous=False).wait()
+    t0 = time.perf_counter()
+    ops = []
+    for step in range(1, calls + 1):
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"m{j:02d}", 0.5 + j, now, step) for j in range(batch)]
+        ops.append(client.log_batch(run, metrics=metrics, synchronous=False))
+    queued = time.perf_counter() - t0
+    for op in ops:
+        op.wait()
+    return calls / (time.perf_counter() - t0), 1000 * queued / calls
+
+
+def concurrent_batches(
+    client: Any, exp_id: str, parent: str, threads: int, batch: int, seconds: float
+) -> tuple[float, int]:
+    """``threads`` threads, one run each, logging ``batch``-metric batches for ``seconds``: (batches/s, errors)."""
+    from mlflow.entities import Metric
+
+    runs = [
+        client.create_run(exp_id, run_name=f"thread-{i}", tags={"mlflow.parentRunId": parent}).info.run_id
+        for i in range(threads)
+    ]
+    counts, errors = [0] * threads, [0] * threads
+    start = threading.Barrier(threads + 1)
+    stop = threading.Event()
+
+    def work(k: int) -> None:
+        start.wait()
+        step = 0
+        while not stop.is_set():
+            step += 1
+            now = int(time.time() * 1000)
+            try:
+                client.log_batch(runs[k], metrics=[Metric(f"m{j:02d}", 0.5 + j, now, step) for j in range(batch)])
+                counts[k] += 1
+            except Exception:  # noqa: BLE001  (count failures such as "database is locked")
+                errors[k] += 1
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in pool:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0), sum(errors)
+
+
+def measure(uri: str, a: argparse.Namespace) -> dict[str, Any]:
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(f"bench-{time.time_ns()}")
+    parent = client.create_run(exp_id, run_name="parent").info.run_id
+    run = client.create_run(exp_id, run_name="child", tags={"mlflow.parentRunId": parent}).info.run_id
+    out: dict[str, Any] = {}
+
+    def one_metric(i: int) -> None:
+        client.log_metric(run, "val_H", 0.5, step=i)
+
+    def one_batch(i: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run, metrics=[Metric(f"m{j:02d}", 0.5 + j, now, i) for j in range(a.batch)])
+
+    def trial_start(i: int) -> None:
+        r = client.create_run(exp_id, run_name=f"trial-{i}", tags={"mlflow.parentRunId": parent}).info.run_id
+        client.log_batch(r, params=[Param(p, str(0.1 * i)) for p in PARAMS])
+
+    out["metric"] = rate(one_metric, a.seconds)
+    print(f"  {uri}: log_metric {out['metric'][0]:.0f} calls/s", flush=True)
+    out["batch"] = rate(one_batch, a.seconds)
+    print(f"  {uri}: log_batch of {a.batch} {out['batch'][0]:.0f} calls/s", flush=True)
+    out["async"] = async_batches(client, exp_id, parent, a.batch, a.async_calls)
+    print(f"  {uri}: async log_batch {out['async'][0]:.0f} calls/s", flush=True)
+    out["start"] = rate(trial_start, a.seconds)
+    print(f"  {uri}: trial start {out['start'][0]:.1f} /s", flush=True)
+    for n in a.threads:
+        out[f"threads_{n}"] = concurrent_batches(client, exp_id, parent, n, a.batch, a.seconds)
+        print(f"  {uri}: {n} threads {out[f'threads_{n}'][0]:.0f} batches/s", flush=True)
+    return out
+
+
+TARGETS = ("server", "server-nojobs", "sqlite")
+
+
+def main() -> None:
+    import mlflow
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
+    ap.add_argument("--batch", type=int, default=20, help="metrics per log_batch call (one epoch of one trial)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--async-calls", type=int, default=300, help="log_batch calls queued with synchronous=False")
+    ap.add_argument("--workers", type=int, default=4, help="mlflow server worker processes (its default is 4)")
+    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument("--dir", default=None, help="folder for the databases (default: a new temporary folder)")
+    a = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="dedn-mlflow-", dir=a.dir))
+    results: dict[str, dict[str, Any]] = {}
+    for target in a.targets:
+        tmp = root / target
+        tmp.mkdir()
+        if target == "sqlite":
+            results[target] = {"commit": commit_ms(tmp), "idle": None, "start": None}
+            results[target].update(measure(f"sqlite:///{tmp / 'embedded.db'}", a))
+            continue
+        proc, uri, start_s = start_server(tmp, a.workers, jobs=target == "server")
+        print(f"{target}: mlflow server at {uri} answered /health after {start_s:.1f} s", flush=True)
+        try:
+            time.sleep(2)
+            results[target] = {"idle": idle_cpu(proc), "commit": commit_ms(tmp), "start_s": start_s}
+            results[target].update(measure(uri, a))
+        finally:
+            stop_server(proc)
+
+    names = {
+        "server": f"server, {a.workers} workers",
+        "server-nojobs": f"server, {a.workers} workers, no jobs",
+        "sqlite": "embedded SQLite",
+    }
+    width = max(18, *(len(names[t]) for t in a.targets))
+    print(
+        f"\nMLflow {mlflow.__version__} logging throughput with MlflowClient, {a.seconds:g} s per measurement; "
+        f"{os.cpu_count()} CPU cores shared by client and server; SQLite backend in {'a temporary folder' if a.dir is None else a.dir}"
+    )
+    print(f"{'measurement':<44} " + " ".join(f"{names[t]:>{width}}" for t in a.targets))
+
+    def opt(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("log_metric: metrics/s (1 per call)", lambda r: f"{r['metric'][0]:.0f}"),
+        (f"log_batch of {a.batch}: calls/s", lambda r: f"{r['batch'][0]:.1f}"),
+        (f"log_batch of {a.batch}: metrics/s", lambda r: f"{r['batch'][0] * a.batch:.0f}"),
+        (f"async log_batch of {a.batch}: calls/s", lambda r: f"{r['async'][0]:.1f}"),
+        ("async log_batch: caller ms per call", lambda r: f"{r['async'][1]:.2f}"),
+        ("trial starts/s (nested create_run + params)", lambda r: f"{r['start'][0]:.1f}"),
+    ]
+
+    def calls(key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: f"{r[key][0]:.1f} ({r[key][1]})"
+
+    def metrics(key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: f"{r[key][0] * a.batch:.0f}"
+
+    for n in a.threads:
+        label = f"{n} thread{'s' if n > 1 else ''}"
+        rows.append((f"{label}: log_batch calls/s (errors)", calls(f"threads_{n}")))
+        rows.append((f"{label}: metrics/s", metrics(f"threads_{n}")))
+    rows += [
+        ("server CPU while idle (cores)", lambda r: opt(r["idle"], ".2f")),
+        ("server start until /health (s)", lambda r: opt(r.get("start_s"), ".1f")),
+        ("disk commit before the run (ms)", lambda r: f"{r['commit']:.1f}"),
+    ]
+    for label, cell in rows:
+        print(f"{label:<44} " + " ".join(f"{cell(results[t]):>{width}}" for t in a.targets))
+    print(
+        "disk commit = median raw SQLite insert + commit in the database folder just before the target's run; "
+        "every MLflow write commits at least once."
+    )
+    cmd = f"python benchmarks/mlflow_logging.py --seconds {a.seconds:g} --threads {' '.join(map(str, a.threads))}"
+    if a.workers != 4:
+        cmd += f" --workers {a.workers}"
+    if a.batch != 20:
+        cmd += f" --batch {a.batch}"
+    if a.targets != list(TARGETS):
+        cmd += f" --targets {' '.join(a.targets)}"
+    if a.dir is not None:
+        cmd += f" --dir {a.dir}"
+    print(f"({cmd})")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
