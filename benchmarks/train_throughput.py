@@ -68,19 +68,31 @@ class SubnetDEDN(nn.Module):
         return cr, cc, fr, fc
 
 
-def _step_fn(model: nn.Module, fused: bool, att: Tensor, seen: Tensor, lcfg: LossConfig):  # type: ignore[no-untyped-def]
+def _step_fn(
+    model: nn.Module,
+    fused: bool,
+    att: Tensor,
+    seen: Tensor,
+    lcfg: LossConfig,
+    bf16: bool = False,
+    compile_: bool = False,
+):  # type: ignore[no-untyped-def]
+    """One training step. Fused: the trainer's own forward-and-loss (dedn.train.single_forward_loss), with
+    bf16 autocast and torch.compile as the config's ``precision`` and ``compile`` set them."""
+    from dedn.train import compiled, single_forward_loss
+
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    forward_loss = compiled(single_forward_loss(model, lcfg, seen, ~seen, bf16), compile_) if fused else None  # type: ignore[arg-type]
 
     def step(x: Tensor, y: Tensor) -> None:
-        if fused:
-            br = model(x)
-            p_ec, p_ef = model.scores(br)  # type: ignore[operator]
+        if forward_loss is not None:
+            loss, _ = forward_loss(x, y)
         else:
             from dedn.model import Branches
 
             br = Branches(*model(x))
             p_ec, p_ef = (br.cexp_r + br.cexp_c) @ att.T, (br.fexp_r + br.fexp_c) @ att.T
-        loss, _ = dedn_loss(br, p_ec, p_ef, y, seen, ~seen, lcfg)
+            loss, _ = dedn_loss(br, p_ec, p_ef, y, seen, ~seen, lcfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -96,7 +108,10 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=200)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it compiles first)")
     a = ap.parse_args()
+    from dedn.train import cpu_supports_bf16
+
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -116,28 +131,74 @@ def main() -> None:
         err = max(float((u - v).abs().max()) for u, v in zip(got, ref, strict=True) if u is not None)
     lcfg = LossConfig()
     att_n = fused.class_attributes
+    bf16 = cpu_supports_bf16()
+
+    models: dict[str, DEDN] = {}
+
+    def copy(name: str) -> DEDN:  # the same starting weights for every fused row
+        m = DEDN(ModelConfig(partition=tuple(ids)), vec, att, channels=a.channels, regions=r)
+        m.load_state_dict(fused.state_dict())
+        models[name] = m
+        return m
+
     steps = {
-        "fused (2 GEMMs)": _step_fn(fused, True, att_n, seen, lcfg),
-        "per-subnetwork (released layout)": _step_fn(naive, False, att_n, seen, lcfg),
+        "per-subnetwork (released layout), fp32": _step_fn(naive, False, att_n, seen, lcfg),
+        "fused, fp32": _step_fn(copy("fused, fp32"), True, att_n, seen, lcfg),
     }
+    if bf16:
+        name = "fused, bf16 autocast"
+        steps[name] = _step_fn(copy(name), True, att_n, seen, lcfg, bf16=True)
+        if not a.no_compile:
+            name = "fused, bf16 autocast + torch.compile"
+            steps[name] = _step_fn(copy(name), True, att_n, seen, lcfg, True, True)
+    elif not a.no_compile:
+        name = "fused, fp32 + torch.compile"
+        steps[name] = _step_fn(copy(name), True, att_n, seen, lcfg, compile_=True)
+    first: dict[str, float] = {}
+    for name, fn in steps.items():  # warm-up, which includes compiling
+        t = time.perf_counter()
+        fn(x, y)
+        first[name] = time.perf_counter() - t
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for fn in steps.values():
-        fn(x, y)  # warm-up
-    for _ in range(a.steps):  # interleaved, so load on the shared machine hits both alike
+    for _ in range(a.steps):  # interleaved, so load on the shared machine hits all alike
         for name, fn in steps.items():
             t = time.perf_counter()
             fn(x, y)
             times[name].append(time.perf_counter() - t)
+    # After the same 1 + steps updates: each fused row's outputs and loss on a held-out batch against fp32.
+    x2 = torch.randn(a.batch, a.channels, a.size, a.size)
+    y2 = torch.randint(0, a.classes * 3 // 4, (a.batch,))
+    outs = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            br = m(x2)
+            p_ec, p_ef = m.scores(br)
+            outs[name] = (br, float(dedn_loss(br, p_ec, p_ef, y2, seen, ~seen, lcfg)[0]))
+    ref_br, ref_loss = outs["fused, fp32"]
+
+    def rel(name: str) -> str:
+        if name not in outs:
+            return f"{'-':>10} {'-':>10}"
+        br, loss = outs[name]
+        d = max(float((u - v).abs().max() / v.abs().max()) for u, v in zip(br, ref_br, strict=True) if v is not None)
+        return f"{d:>10.1e} {abs(loss - ref_loss) / abs(ref_loss):>10.1e}"
+
     print(
         f"\nDEDN training step, CPU, {torch.get_num_threads()} threads: C={a.channels} {a.size}x{a.size} "
         f"D={d} (Q=6) K={a.classes} B={a.batch} G={g}; max |fused - per-subnetwork| forward = {err:.1e}"
     )
-    print(f"{'implementation':<36} {'ms/step (median)':>17} {'samples/s':>10}")
+    print(
+        f"native bf16 on this CPU: {bf16}. 'first s': the first step, compiling included. 'branches' and 'loss': "
+        f"after {a.steps + 1} steps, relative difference from the fp32 fused model on a held-out batch"
+    )
+    print(
+        f"{'implementation':<40} {'ms/step':>8} {'samples/s':>10} {'vs naive':>9} {'first s':>8} "
+        f"{'branches':>10} {'loss':>10}"
+    )
     med = {k: float(np.median(v)) for k, v in times.items()}
+    naive_ms = next(iter(med.values()))
     for name, m in med.items():
-        print(f"{name:<36} {1000 * m:>17.1f} {a.batch / m:>10.0f}")
-    names = list(med)
-    print(f"speed-up fused / per-subnetwork: {med[names[1]] / med[names[0]]:.2f}x")
+        print(f"{name:<40} {1000 * m:>8.1f} {a.batch / m:>10.0f} {naive_ms / m:>8.2f}x {first[name]:>8.1f} {rel(name)}")
     print(f"(python benchmarks/train_throughput.py --channels {a.channels} --size {a.size} --steps {a.steps})")
 
 

@@ -101,6 +101,12 @@ class TrainConfig(_Frozen):
     ablation: Literal[ABLATIONS] = "none"  # type: ignore[valid-type]
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "float32", "bf16"] = Field(
+        "auto",
+        description="Matrix products in bf16 autocast: auto = on a GPU only; bf16 = also on a CPU with native "
+        "bf16 (else float32); float32 = never.",
+    )
+    compile: bool = Field(False, description="torch.compile the training step's forward and loss.")
     eval_batch_size: int = Field(512, ge=1)
     final_fit: bool = Field(True, description="Retrain on trainval for the chosen epochs and test once.")
     paper_protocol: bool = Field(True, description="Also report best-over-epochs test metrics (labelled).")

@@ -1,9 +1,10 @@
-"""DEDN, the Dual Expert Distillation Network (paper section 3), fused into two batched GEMMs per step.
+"""DEDN, the Dual Expert Distillation Network (paper section 3), fused into two GEMMs per branch.
 
 Every DAN (Dual Attention Network) over an attribute subset V_s (D_s x G) uses the four small matrices
 V_s W1, V_s W2 (D_s x C) and V_s W3, V_s W4 (D_s x R). Stacking them for the coarse expert (cExp, one DAN
 over all D attributes) and the fine expert (fExp, one DAN per cluster, rows put back in attribute order)
-gives M_r (4D x C) and M_c (4D x R); then the region branch is M_r @ F and the channel branch M_c @ F^T,
+gives the score rows [V W1] and attention rows [V W2] (2D x C each) of the region branch, and [V W3],
+[V W4] (2D x R) of the channel branch; each branch is then two GEMMs against the batch's features,
 whatever the number of clusters Q. The per-cluster products V_q W_q come from one torch.bmm over
 cluster-padded V rows (Q, Dmax, G), gathered back to attribute order with a precomputed index.
 
@@ -159,28 +160,28 @@ class ExpertWeights(nn.Module):
         return self.rows(v_pad, self.w3), self.rows(v_pad, self.w4)
 
 
-class AttendSum(torch.autograd.Function):
-    """o = sum over dim 1 of scores * softmax_dim1(logits), with y = [scores | logits] along the last dim.
+class AttendPair(torch.autograd.Function):
+    """o = sum over the last dim of s * softmax_last(l): s, l (N, B, X) of any float dtype -> o (N, B) float32.
 
-    y (B, X, 2n) -> o (B, n). Same values as splitting y and composing softmax, product and sum, but
-    the backward writes dL/dy in one pass instead of re-assembling it from the split (a strided
-    concatenation that dominated the channel branch's backward on CPU): for p = softmax(logits),
-    dL/dscores = g p and dL/dlogits = g p (scores - o).
+    Softmax and the weighted sum run in float32 (also when the products that made s and l ran in bf16);
+    the backward writes both gradients in one pass, in the inputs' dtypes: for p = softmax(l),
+    dL/ds = g p and dL/dl = g p (s - o).
     """
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, n: int) -> Tensor:
-        scores, logits = y[..., :n], y[..., n:]
-        p = torch.softmax(logits, dim=1)
-        o = (scores * p).sum(1)
-        ctx.save_for_backward(scores, p, o)
+    def forward(ctx: Any, s: Tensor, logits: Tensor) -> Tensor:
+        p = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        o = (s * p).sum(-1)  # float32 by type promotion
+        ctx.save_for_backward(s, p, o)
+        ctx.dtypes = (s.dtype, logits.dtype)
         return o
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
-        scores, p, o = ctx.saved_tensors
-        gp = p * g.unsqueeze(1)  # (B, X, n)
-        return torch.cat([gp, gp * (scores - o.unsqueeze(1))], dim=-1), None
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:
+        s, p, o = ctx.saved_tensors
+        gs = p * g.unsqueeze(-1)  # (N, B, X) float32
+        gl = (s - o.unsqueeze(-1)).mul_(gs)  # a fresh tensor: safe to write in place
+        return gs.to(ctx.dtypes[0]), gl.to(ctx.dtypes[1])
 
 
 class DEDN(nn.Module):
@@ -265,22 +266,27 @@ class DEDN(nn.Module):
 def expert_branches(
     f: Tensor, experts: list[ExpertWeights], rows: int, channel_attention: bool
 ) -> list[tuple[Tensor, Tensor | None]]:
-    """(O_r, O_c) of each expert, (B, rows) each, from normalised features f (B, C, R): all experts' rows
-    in one region GEMM and one channel GEMM. ``rows``: attribute rows per expert (D, or M*D for a
-    population whose members are stacked in each expert's rows)."""
-    n = len(experts) * rows  # rows per half of M_r
+    """(O_r, O_c) of each expert, (B, rows) each, from normalised features f (B, C, R).
+
+    All experts' rows go through one score GEMM and one attention GEMM per branch. The products are
+    attribute-major, (n, C) @ (C, B*R) -> (n, B, R), so the softmax and the weighted sum run over the
+    contiguous last dimension. ``rows``: attribute rows per expert (D, or M*D for a population whose
+    members are stacked in each expert's rows).
+    """
+    b, c, r = f.shape
     v_pads = [e.padded_v() for e in experts]  # (S, Dmax, G) per expert
     region = [e.region_rows(v) for e, v in zip(experts, v_pads, strict=True)]
-    m_r = torch.cat([r[0] for r in region] + [r[1] for r in region])  # (2n, C) = [scores; attention]
-    # M_r F, computed as F^T M_r^T: the (B, R, 2n) result needs no transpose, softmax runs over dim 1.
-    o_r = AttendSum.apply(torch.matmul(f.transpose(1, 2), m_r.T).float(), n)  # (B, R, 2n) -> (B, n)
-    o_rs = list(o_r.split(rows, dim=1))  # per expert (B, rows)
+    f_cbr = f.permute(1, 0, 2).reshape(c, b * r)  # (C, B*R)
+    s_r = (torch.cat([x[0] for x in region]) @ f_cbr).view(-1, b, r)  # V W1 F: (n, B, R) scores
+    l_r = (torch.cat([x[1] for x in region]) @ f_cbr).view(-1, b, r)  # V W2 F: attention logits
+    o_rs = list(AttendPair.apply(s_r, l_r).T.split(rows, dim=1))  # per expert (B, rows)
     o_cs: list[Tensor | None] = [None] * len(experts)
     if channel_attention:
         chan = [e.channel_rows(v) for e, v in zip(experts, v_pads, strict=True)]
-        m_c = torch.cat([c[0] for c in chan] + [c[1] for c in chan])  # (2n, R)
-        o_c = AttendSum.apply(torch.matmul(f, m_c.T).float(), n)  # (M_c F^T)^T: (B, C, 2n) -> (B, n)
-        o_cs = list(o_c.split(rows, dim=1))
+        f_rbc = f.permute(2, 0, 1).reshape(r, b * c)  # (R, B*C)
+        s_c = (torch.cat([x[0] for x in chan]) @ f_rbc).view(-1, b, c)  # V W3 F^T: (n, B, C)
+        l_c = (torch.cat([x[1] for x in chan]) @ f_rbc).view(-1, b, c)  # V W4 F^T
+        o_cs = list(AttendPair.apply(s_c, l_c).T.split(rows, dim=1))
     return list(zip(o_rs, o_cs, strict=True))
 
 

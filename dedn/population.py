@@ -42,12 +42,14 @@ from dedn.train import (
     TrainResult,
     build_model,
     check_compatible,
+    compiled,
     epoch_batches,
     evaluate_branches,
     loss_config,
     make_task,
     resolve_device,
     resolve_partition,
+    use_bf16,
 )
 
 # Settings every member must share: they shape the batched model or the minibatch stream.
@@ -64,6 +66,7 @@ SHARED_FIELDS = (
     "optim.epochs",
     "optim.balanced",
     "device",
+    "precision",
     "eval_batch_size",
 )
 PER_MEMBER_LOSS = ("beta", "gamma", "eps", "lambda_cal", "calibration")
@@ -370,6 +373,28 @@ def population_loss(
     return total, {k: v.detach() for k, v in parts.items()}
 
 
+def population_forward_loss(
+    model: PopulationDEDN,
+    hyper: dict[str, Tensor],
+    shared: Any,
+    seen_mask: Tensor,
+    unseen_mask: Tensor,
+    bf16: bool,
+) -> Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+    """The population step's forward and loss, (x, y) -> ((M,) losses, parts); GEMMs under bf16 autocast
+    when ``bf16``, the rest in float32 (as ``dedn.train.single_forward_loss``)."""
+    device_type = model.class_attributes.device.type
+
+    def forward_loss(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            branches = model(x)
+        branches = Branches(*(b.float() if b is not None else None for b in branches))
+        p_ec, p_ef = model.scores(branches)
+        return population_loss(branches, p_ec, p_ef, y, seen_mask, unseen_mask, hyper, shared)
+
+    return forward_loss
+
+
 @dataclass(frozen=True)
 class Halving:
     """Successive halving of members: at epochs grace_period * reduction_factor^k (k = 0, 1, ..., before
@@ -511,12 +536,18 @@ def train_population(
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
     hyper = _hyper(cfgs, active, device)
-    autocast = device.type == "cuda"
+    bf16 = use_bf16(first, device)
+
+    def step_fn() -> Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+        fl = population_forward_loss(model, hyper, lshared, seen_mask, unseen_mask, bf16)
+        return compiled(fl, first.compile)
+
+    forward_loss = step_fn()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def drop(keep_local: list[int]) -> None:
-        nonlocal model, optimizer, hyper, active
+        nonlocal model, optimizer, hyper, active, forward_loss
         new_active = [active[i] for i in keep_local]
         if keep_local == list(range(len(active))):
             return
@@ -527,6 +558,7 @@ def train_population(
         optimizer = optimizer.subset(dict(_named(model)), model.member_of(), index, keep_local)
         active = new_active
         hyper = _hyper(cfgs, active, device)
+        forward_loss = step_fn()  # the batched matrices shrank: a new step (recompiled when compiling)
 
     for epoch in range(start, n_epochs + 1):
         if not active:
@@ -539,11 +571,7 @@ def train_population(
         for rows in batches:
             x = source.batch(rows)
             y = labels[rows].to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                branches = model(x)
-            branches = Branches(*(b.float() if b is not None else None for b in branches))
-            p_ec, p_ef = model.scores(branches)
-            losses, parts = population_loss(branches, p_ec, p_ef, y, seen_mask, unseen_mask, hyper, lshared)
+            losses, parts = forward_loss(x, y)
             finite = torch.isfinite(losses)
             optimizer.zero_grad()
             if not bool(finite.all()):  # members that diverged stop; the others take this step without them

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -172,6 +172,51 @@ class FeatureSource:
         if self.resident is not None:
             return self.resident[torch.as_tensor(rows, device=self.device)].float()
         return self.host[rows]
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast for the matrix products: ``precision`` bf16, or auto on a GPU. The CPU needs native
+    bf16 instructions (AVX512-BF16 or AMX), else it falls back to float32."""
+    if cfg.precision == "float32":
+        return False
+    if device.type == "cuda":
+        return True
+    return cfg.precision == "bf16" and cpu_supports_bf16()
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def single_forward_loss(
+    model: DEDN, lcfg: LossConfig, seen_mask: torch.Tensor, unseen_mask: torch.Tensor, bf16: bool
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The training step's forward and loss, (x, y) -> (loss, parts): GEMMs under bf16 autocast when
+    ``bf16``, softmax-weighted sums, scores and losses in float32."""
+    device_type = model.class_attributes.device.type
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            branches = model(x)
+        branches = Branches(*(b.float() if b is not None else None for b in branches))
+        p_ec, p_ef = model.scores(branches)
+        return dedn_loss(branches, p_ec, p_ef, y, seen_mask, unseen_mask, lcfg)
+
+    return forward_loss
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def compiled(fn: F, enabled: bool) -> F:
+    """``torch.compile(fn)`` when enabled (first steps pay the compile time), else ``fn``."""
+    if not enabled:
+        return fn
+    return cast(F, torch.compile(fn, dynamic=False))
 
 
 def epoch_batches(
@@ -326,7 +371,9 @@ def train(
         best_state = {
             k: v.detach().cpu().clone() for k, v in (resume or {}).get("best_model", model.state_dict()).items()
         }
-    autocast = device.type == "cuda"
+    forward_loss = compiled(
+        single_forward_loss(model, lcfg, seen_mask, unseen_mask, use_bf16(cfg, device)), cfg.compile
+    )
     train_classes = np.flatnonzero(task.train_seen)
     for epoch in range(start, n_epochs + 1):
         t0 = time.perf_counter()
@@ -349,11 +396,7 @@ def train(
         for rows in iterator:
             x = source.batch(rows)
             y = labels[rows].to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                branches = model(x)
-            branches = type(branches)(*(b.float() if b is not None else None for b in branches))
-            p_ec, p_ef = model.scores(branches)
-            loss, parts = dedn_loss(branches, p_ec, p_ef, y, seen_mask, unseen_mask, lcfg)
+            loss, parts = forward_loss(x, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}: training diverged")
             optimizer.zero_grad(set_to_none=True)

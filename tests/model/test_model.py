@@ -303,8 +303,8 @@ def test_forward_op_count_does_not_depend_on_cluster_count() -> None:
         counts.append(counter.ops)
     assert counts[0] == counts[1]
     assert counts[0]["aten.bmm.default"] == 4  # one per fExp weight W1..W4
-    # Two GEMMs against the features (M_r @ F and M_c @ F^T) plus cExp's four V W products.
-    assert sum(v for k, v in counts[0].items() if "mm" in k) == 4 + 4 + 2
+    # Four GEMMs against the features (scores and attention of each branch) plus cExp's four V W products.
+    assert sum(v for k, v in counts[0].items() if "mm" in k) == 4 + 4 + 4
 
 
 # ---- determinism and refusals ----
