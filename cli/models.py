@@ -64,15 +64,11 @@ def predict(model_uri: str, store: str, split: str, out: str, tracking_uri: str 
       dedn predict --model models:/dedn-tiny@champion --data data/tiny --split test --out preds.parquet
       dedn predict --model models:/dedn-cub/3 --data data/cub --split test_unseen --out unseen.csv
     """
-    import mlflow
-
     from tracking.registry import predict_store
-    from tracking.runs import resolve_tracking_uri
+    from tracking.runs import mlflow_uris, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    n = predict_store(model_uri, store, split, out)
+    with mlflow_uris(resolve_tracking_uri(tracking_uri)):
+        n = predict_store(model_uri, store, split, out)
     click.echo(f"wrote {n} predictions to {out}")
 
 

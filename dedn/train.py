@@ -185,9 +185,13 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    """Whether this CPU runs bf16 matrix products natively: AVX512-BF16 (Cooper Lake, Sapphire Rapids and
+    later, AMD Zen 4 and later) or AMX, and oneDNN takes the bf16 path. oneDNN's own check
+    (``_is_mkldnn_bf16_supported``) is only "AVX-512 core": true on Skylake/Cascade Lake too, where bf16
+    GEMMs are emulated and slower than float32."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -374,6 +378,7 @@ def train(
     forward_loss = compiled(
         single_forward_loss(model, lcfg, seen_mask, unseen_mask, use_bf16(cfg, device)), cfg.compile
     )
+    optimizer_step = compiled(optimizer.step, cfg.compile)  # RMSprop's foreach loop as one kernel set
     train_classes = np.flatnonzero(task.train_seen)
     for epoch in range(start, n_epochs + 1):
         t0 = time.perf_counter()
@@ -401,7 +406,7 @@ def train(
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}: training diverged")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizer_step()
             for k, v in parts.items():  # summed on the device: no host sync per step
                 sums[k] = sums[k] + v * len(rows) if k in sums else v * len(rows)
         n_seen = sum(len(b) for b in batches)

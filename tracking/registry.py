@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from dedn.errors import DednInputError
+from tracking.runs import mlflow_uris
 
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 
@@ -130,12 +131,17 @@ def promote(
 ) -> Any:
     """Log the best trial as a pyfunc model and register it (once per trial), check that the registered
     model loads and reproduces the trial's validation metrics, then move the alias."""
+    parent, best = best_child_run(uri, experiment, metric)
+    with mlflow_uris(uri):
+        return _promote(uri, parent, best, model_name, metric, alias, store)
+
+
+def _promote(
+    uri: str, parent: Any, best: Any, model_name: str, metric: str, alias: str | None, store: str | None
+) -> Any:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    parent, best = best_child_run(uri, experiment, metric)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     client = _client(uri)
     try:
         existing = client.search_model_versions(f"name='{model_name}' and tag.`dedn.trial_run_id`='{best.info.run_id}'")

@@ -11,11 +11,12 @@ goes away during a search, logging calls are queued and retried at the end; what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,30 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise DednInputError(uri, "tracking store", f"cannot be reached: {type(e).__name__}: {str(e)[:200]}") from None
     finally:
         for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at ``uri`` for a block, then restore them
+    exactly, unset ones included (the fluent ``mlflow.*`` calls promote and predict need read these
+    globals, and ``set_*_uri`` also exports MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to child processes)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:

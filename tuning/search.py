@@ -56,6 +56,7 @@ class SearchOutcome:
     parent_run_id: str | None = None
     not_logged: list[str] | None = None
     population: int = 1
+    phases: dict[str, float] | None = None  # seconds per phase of the command
 
 
 def _experiment_dir(storage_path: str, name: str) -> Path:
@@ -220,8 +221,19 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
 
     # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    phases: dict[str, float] = {"prepare (spec, store, tracking)": time.perf_counter() - t0}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
     with ray_session(opts.address):
+        phase("Ray start")
         shared = share_store(store)  # read once, put once; trials read the object store
+        phase("store into the object store")
         trainable = _trainable(shared, base, opts, spec)
         if resume:
             tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -236,6 +248,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
                     num_samples=num_samples,
                     max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
                     time_budget_s=opts.time_budget_s or spec.time_budget_s,
+                    reuse_actors=spec.reuse_actors,
                 ),
                 run_config=tune.RunConfig(
                     name=name,
@@ -247,6 +260,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
                 ),
             )
         grid = tuner.fit()
+        phase("trials (Tune)")
         results = [grid[i] for i in range(len(grid))]
         states: dict[str, int] = {}
         errors: dict[str, str] = {}
@@ -268,6 +282,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
                 )
             )
             test = final["test"]
+            phase("final retrain + test")
         not_logged = None
         if tracker is not None:
             from tuning.report import report_search
@@ -275,6 +290,8 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
             not_logged = report_search(
                 tracker, exp, name, results, shared, base, best_config, best_metrics, final, opts.posthoc_inference
             )
+            phase("MLflow summary and plots")
+    phase("Ray stop")
     outcome = SearchOutcome(
         experiment=exp,
         best_config=best_config,
@@ -289,6 +306,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         parent_run_id=tracker.state["parent"] if tracker else None,
         not_logged=not_logged,
         population=size,
+        phases=phases,
     )
     (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
     return outcome

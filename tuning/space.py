@@ -91,6 +91,9 @@ class SearchSpec(BaseModel):
     points_to_evaluate: list[dict[str, Any]] = []
     scheduler: SchedulerSpec = SchedulerSpec()
     population: PopulationSpec = PopulationSpec()
+    reuse_actors: bool = Field(
+        True, description="Run a new trial in a finished trial's worker process instead of starting a new one."
+    )
     checkpoint_every: int = Field(
         1,
         ge=1,

@@ -4,6 +4,7 @@ SQLite. Every member is its own Optuna trial and its own MLflow child run; halvi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,15 @@ def test_population_search_records_every_member(server: str, tmp_path: Path, tin
     assert out.best_config == configs[int(best.data.tags["optuna.trial_number"])]
 
     # the best member promotes like any trial: its registered weights reproduce its validation metrics
+    import mlflow
+
     from cli.main import cli
 
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     args = ["promote", "--experiment", "pop", "--model-name", "dedn-pop", "--tracking-uri", server]
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    # promote leaves MLflow's process-wide URIs as it found them (later code must not talk to this server)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
     assert r.exit_code == 0, r.output
     assert "validation metrics reproduced" in r.output
     version = client.get_model_version_by_alias("dedn-pop", "champion")
