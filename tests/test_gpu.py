@@ -36,3 +36,31 @@ def test_gpu_training_learns(tiny_store: Path) -> None:
     r = train(load_config(CONFIG, [f"data.store={tiny_store}", "device=cuda", "optim.epochs=6"]), s)
     assert all(np.isfinite(h.loss["total"]) for h in r.history)
     assert r.history[-1].eval["T"] > 0.5
+
+
+def test_gpu_population_members_match_their_single_models(tiny_store: Path) -> None:
+    from dedn.population import train_population
+
+    s = open_store(tiny_store)
+    sets = [f"data.store={tiny_store}", "device=cuda", "optim.epochs=2", "precision=float32"]
+    cfgs = [load_config(CONFIG, [*sets, f"optim.lr={lr}"]) for lr in (5e-4, 2e-3)]
+    pop = train_population(cfgs, s)
+    for m, cfg in zip(pop, cfgs, strict=True):
+        single = train(cfg, s)
+        for a, b in zip(m.result.history, single.history, strict=True):
+            assert a.loss["total"] == pytest.approx(b.loss["total"], rel=1e-3)
+
+
+def test_gpu_check_script_runs_small() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--small", "--steps", "2", "--members", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    assert "NO" not in out.split("2. Training")[0]  # every agreement check within its tolerance
