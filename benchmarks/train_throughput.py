@@ -100,6 +100,27 @@ def _step_fn(
     return step
 
 
+def _population_step(fused: DEDN, m: int, seen: Tensor, lcfg: LossConfig):  # type: ignore[no-untyped-def]
+    """M copies of ``fused`` (learning rates 1e-4 .. 1e-2) trained as one population, as dedn.population does."""
+    from dedn.population import PopulationDEDN, PopulationRMSprop, population_forward_loss
+
+    pop = PopulationDEDN([fused] * m)
+    hyper = {
+        k: torch.full((m,), float(getattr(lcfg, k))) for k in ("beta", "gamma", "eps", "lambda_cal", "calibration")
+    }
+    fl = population_forward_loss(pop, hyper, lcfg, seen, ~seen, False)
+    lrs = [float(x) for x in np.geomspace(1e-4, 1e-2, m)]
+    opt = PopulationRMSprop(dict(pop.named_parameters()), pop.member_of(), lrs, [0.9] * m, [1e-4] * m)
+
+    def step(x: Tensor, y: Tensor) -> None:
+        losses, _ = fl(x, y)
+        opt.zero_grad()
+        losses.sum().backward()
+        opt.step()
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--channels", type=int, default=256)
@@ -109,6 +130,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it compiles first)")
+    ap.add_argument("--members", type=int, nargs="*", default=[4], help="population sizes to time (fp32)")
     a = ap.parse_args()
     from dedn.train import cpu_supports_bf16
 
@@ -154,6 +176,11 @@ def main() -> None:
     elif not a.no_compile:
         name = "fused, fp32 + torch.compile"
         steps[name] = _step_fn(copy(name), True, att_n, seen, lcfg, compile_=True)
+    batch_of: dict[str, int] = {k: a.batch for k in steps}  # member-samples per step
+    for m in a.members:
+        name = f"population of {m}, fp32 (per member)"
+        steps[name] = _population_step(fused, m, seen, lcfg)
+        batch_of[name] = a.batch * m
     first: dict[str, float] = {}
     for name, fn in steps.items():  # warm-up, which includes compiling
         t = time.perf_counter()
@@ -198,7 +225,12 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in times.items()}
     naive_ms = next(iter(med.values()))
     for name, m in med.items():
-        print(f"{name:<40} {1000 * m:>8.1f} {a.batch / m:>10.0f} {naive_ms / m:>8.2f}x {first[name]:>8.1f} {rel(name)}")
+        per = m * a.batch / batch_of[name]  # population rows: the step time per member
+        print(
+            f"{name:<40} {1000 * per:>8.1f} {a.batch / per:>10.0f} {naive_ms / per:>8.2f}x {first[name]:>8.1f} "
+            f"{rel(name)}"
+        )
+    print("(population rows: step time / M and member-samples/s; members differ in learning rate, 1e-4 to 1e-2)")
     print(f"(python benchmarks/train_throughput.py --channels {a.channels} --size {a.size} --steps {a.steps})")
 
 
