@@ -115,7 +115,7 @@ def _searcher(spec: SearchSpec, opts: SearchOptions, study_db: Path, name: str) 
         metric=METRIC,
         mode=MODE,
         points_to_evaluate=points,
-        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        sampler=optuna.samplers.TPESampler(seed=spec.seed, constant_liar=True),  # concurrent trials spread out
         study_name=name,
         storage=storage,
     )
