@@ -477,6 +477,7 @@ def train_population(
     batch_seed: int | None = None,
     select_on: str = "configured",
     resume: dict[str, Any] | None = None,
+    check_each_step: bool | None = None,
 ) -> list[MemberResult]:
     """Train the configurations ``cfgs`` as one population and evaluate every member every epoch.
 
@@ -488,6 +489,9 @@ def train_population(
         halving: successive-halving rule; None trains every member to the end.
         batch_seed: seed of the shared minibatch stream (default: member 0's seed).
         resume: a dict from ``population_state`` of an earlier epoch: training continues after it.
+        check_each_step: drop a diverging member at the step its loss turns non-finite (a host sync per
+            step); otherwise it is masked out of the loss on the device and dropped at the epoch's end.
+            None: per step on a CPU, per epoch on a GPU.
     Returns:
         One MemberResult per config, in order.
     Raises:
@@ -537,6 +541,8 @@ def train_population(
         optimizer.load_state_dict(resume["optimizer"])
     hyper = _hyper(cfgs, active, device)
     bf16 = use_bf16(first, device)
+    if check_each_step is None:
+        check_each_step = device.type != "cuda"
 
     def step_fn() -> Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
         fl = population_forward_loss(model, hyper, lshared, seen_mask, unseen_mask, bf16)
@@ -568,12 +574,19 @@ def train_population(
             task.train_rows, store.labels, o.batch_size, stream_seed, epoch, o.balanced, train_classes
         )
         sums: dict[str, Tensor] = {}
-        for rows in batches:
+        ok = torch.ones(len(active), dtype=torch.bool, device=device)  # members finite so far (deferred check)
+        for rows, y in source.epoch_indices(batches, labels):
             x = source.batch(rows)
-            y = labels[rows].to(device)
             losses, parts = forward_loss(x, y)
             finite = torch.isfinite(losses)
             optimizer.zero_grad()
+            if not check_each_step:  # on a GPU: no host sync per step; diverged members leave at epoch end
+                ok &= finite
+                torch.where(ok, losses, torch.zeros_like(losses)).sum().backward()
+                optimizer.step()
+                for k, v in parts.items():
+                    sums[k] = sums[k] + v * len(rows) if k in sums else v * len(rows)
+                continue
             if not bool(finite.all()):  # members that diverged stop; the others take this step without them
                 torch.where(finite, losses, torch.zeros_like(losses)).sum().backward()
                 optimizer.step()
@@ -594,6 +607,14 @@ def train_population(
             optimizer.step()
             for k, v in parts.items():
                 sums[k] = sums[k] + v * len(rows) if k in sums else v * len(rows)
+        if not check_each_step and active and not bool(ok.all()):
+            bad = [active[i] for i in torch.nonzero(~ok).flatten().tolist()]
+            for j in bad:
+                status[j], last_epoch[j] = "failed", epoch
+                reasons[j] = f"loss is not finite in epoch {epoch}: training diverged"
+            keep_local = [i for i, j in enumerate(active) if j not in bad]
+            sums = {k: v[keep_local] for k, v in sums.items()}
+            drop(keep_local)
         if not active:
             break
         n_seen = sum(len(b) for b in batches)

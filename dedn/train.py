@@ -162,10 +162,28 @@ class FeatureSource:
                 t[s : s + step] = torch.from_numpy(np.array(features[s : s + step])).to(device, dtype)
             self.resident = t
 
-    def batch(self, rows: np.ndarray) -> torch.Tensor:
+    def batch(self, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Features of ``rows``: host indices, or (GPU) indices already on the device (no copy per batch)."""
         if self.resident is not None:
             return self.resident[torch.as_tensor(rows, device=self.device)]
-        return torch.from_numpy(self.host[rows].astype(np.float32))
+        return torch.from_numpy(self.host[np.asarray(rows)].astype(np.float32))
+
+    def epoch_indices(
+        self, batches: list[np.ndarray], labels: torch.Tensor
+    ) -> list[tuple[np.ndarray | torch.Tensor, torch.Tensor]]:
+        """(rows, targets) per batch. On a GPU the epoch's row indices go to the device in one copy and the
+        targets are read from ``labels`` there, so a step copies nothing from the host."""
+        out: list[tuple[np.ndarray | torch.Tensor, torch.Tensor]] = []
+        if self.resident is None or not batches:
+            out.extend((rows, labels[torch.from_numpy(rows)]) for rows in batches)
+            return out
+        flat = torch.as_tensor(np.concatenate(batches), device=self.device)
+        targets = labels.to(self.device)[flat]
+        start = 0
+        for rows in batches:
+            out.append((flat[start : start + len(rows)], targets[start : start + len(rows)]))
+            start += len(rows)
+        return out
 
     def rows(self, rows: np.ndarray) -> np.ndarray | torch.Tensor:
         """A split's features for evaluation (kept on the device on a GPU)."""
@@ -324,6 +342,7 @@ def train(
     select_on: str = "configured",
     progress: bool = False,
     batch_seed: int | None = None,
+    check_each_step: bool | None = None,
 ) -> TrainResult:
     """Train DEDN on one task and evaluate every epoch.
 
@@ -341,6 +360,8 @@ def train(
             scored once.
         select_on: ``configured`` (H at the config's inference point) or ``grid`` (best grid point's H).
         batch_seed: seed of the minibatch stream; defaults to ``cfg.seed`` (which also seeds the weights).
+        check_each_step: stop at the first non-finite loss (a host sync per step); None: on a CPU only,
+            on a GPU the check runs once per epoch.
     Returns:
         TrainResult with per-epoch history and the state dict of the best epoch by evaluation H.
     Raises:
@@ -379,6 +400,8 @@ def train(
         single_forward_loss(model, lcfg, seen_mask, unseen_mask, use_bf16(cfg, device)), cfg.compile
     )
     optimizer_step = compiled(optimizer.step, cfg.compile)  # RMSprop's foreach loop as one kernel set
+    if check_each_step is None:
+        check_each_step = device.type != "cuda"
     train_classes = np.flatnonzero(task.train_seen)
     for epoch in range(start, n_epochs + 1):
         t0 = time.perf_counter()
@@ -393,22 +416,27 @@ def train(
             train_classes,
         )
         sums: dict[str, torch.Tensor] = {}
-        iterator: Any = batches
+        iterator: Any = source.epoch_indices(batches, labels)
         if progress:
             from tqdm import tqdm
 
-            iterator = tqdm(batches, desc=f"{task.name} epoch {epoch}/{n_epochs}", leave=False, unit="batch")
-        for rows in iterator:
+            iterator = tqdm(iterator, desc=f"{task.name} epoch {epoch}/{n_epochs}", leave=False, unit="batch")
+        diverged = torch.zeros((), dtype=torch.bool, device=device)
+        for rows, y in iterator:
             x = source.batch(rows)
-            y = labels[rows].to(device)
             loss, parts = forward_loss(x, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}: training diverged")
+            if check_each_step:
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}: training diverged")
+            else:  # on a GPU: no host sync per step; the flag is read at the end of the epoch
+                diverged |= ~torch.isfinite(loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer_step()
             for k, v in parts.items():  # summed on the device: no host sync per step
                 sums[k] = sums[k] + v * len(rows) if k in sums else v * len(rows)
+        if bool(diverged):
+            raise FloatingPointError(f"loss is not finite in epoch {epoch}: training diverged")
         n_seen = sum(len(b) for b in batches)
         train_s = time.perf_counter() - t0
         configured: dict[str, float] = {}

@@ -171,3 +171,19 @@ def test_members_that_cannot_share_a_model_are_refused(tiny_store: Path) -> None
         train_population(cfgs, store)
     with pytest.raises(DednInputError, match="reduction_factor"):
         Halving(reduction_factor=1.0)
+
+
+def test_deferred_divergence_check_matches_the_per_step_one_for_the_others(tiny_store: Path) -> None:
+    """The GPU way (no host sync per step: a diverged member is masked on the device and leaves at the
+    epoch's end) gives the surviving members exactly what the per-step check gives them."""
+    store = open_store(tiny_store)
+    cfgs = [_cfg(tiny_store), _cfg(tiny_store, "optim.lr=1e9"), _cfg(tiny_store, "loss.gamma=0.5")]
+    per_step = train_population(cfgs, store, check_each_step=True)
+    deferred = train_population(cfgs, store, check_each_step=False)
+    assert deferred[1].status == "failed" and deferred[1].last_epoch == 1
+    assert "not finite in epoch 1" in (deferred[1].reason or "")
+    for j in (0, 2):
+        assert deferred[j].status == "finished"
+        assert [r.loss for r in deferred[j].result.history] == [r.loss for r in per_step[j].result.history]
+        for k, v in per_step[j].result.best_state.items():
+            assert torch.equal(deferred[j].result.best_state[k], v), k

@@ -174,3 +174,12 @@ def test_no_distill_and_no_align_drop_their_terms(tiny_store: Path) -> None:
     assert "distill" in full and "distill" not in nd
     assert "align_ec" in full and "align_ec" not in na
     assert "mal_ec" in full and "ce_ec" in nm and "mal_ec" not in nm
+
+
+def test_divergence_is_caught_per_step_or_at_the_end_of_the_epoch(tiny_store: Path) -> None:
+    s = open_store(tiny_store)
+    cfg = _cfg(tiny_store, "optim.lr=1e9", "optim.epochs=2")
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at epoch 1"):
+        train(cfg, s, check_each_step=True)
+    with pytest.raises(FloatingPointError, match=r"loss is not finite in epoch 1"):
+        train(cfg, s, check_each_step=False)  # the GPU way: one host sync per epoch
