@@ -204,17 +204,22 @@ def throughput(a: argparse.Namespace, device: torch.device) -> list[tuple[str, i
         try:
             step = make()
 
-            def batch(rows_: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            # as the trainer does: on a GPU the epoch's indices and targets are on the device before the steps
+            on_device = [] if resident is None else resident.epoch_indices(batches, labels)
+
+            def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                rows_ = batches[i]
                 if on_host or resident is None:  # the released code: index on the host, copy each batch
                     return torch.from_numpy(host[rows_].astype(np.float32)).to(device), labels[rows_].to(device)
-                return resident.batch(rows_), labels[rows_].to(device)
+                idx, y = on_device[i]
+                return resident.batch(idx), y
 
-            for rows_ in batches[: a.warmup]:
-                step(*batch(rows_))
+            for i in range(a.warmup):
+                step(*batch(i))
             sync(device)
             t = time.perf_counter()
-            for rows_ in batches[a.warmup :]:
-                step(*batch(rows_))
+            for i in range(a.warmup, len(batches)):
+                step(*batch(i))
             sync(device)
             ms = 1000 * (time.perf_counter() - t) / a.steps
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
