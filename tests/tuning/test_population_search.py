@@ -106,3 +106,79 @@ def test_population_search_records_every_member(server: str, tmp_path: Path, tin
     assert version.run_id == best.info.run_id
     progress = json.loads(next((out.experiment / "member_checkpoints").glob("*/progress.json")).read_text())
     assert {"partition", "history", "best_epoch"} <= set(progress)
+
+
+def test_population_search_resumes_after_the_driver_dies(tmp_path: Path, tiny_store: Path) -> None:
+    import signal
+    import subprocess
+
+    import optuna
+
+    from tests.tuning.test_search import ROOT, _cli, _wait_for, child_runs
+
+    spec = write_spec(
+        tmp_path,
+        tiny_store,
+        epochs=6,
+        body="""
+num_samples: 6
+max_concurrent_trials: 1
+params:
+  optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
+  loss.eps: {type: uniform, low: 0.0, high: 2.0}
+scheduler: {type: fifo}
+population: {size: 2, grace_period: 2, reduction_factor: 2}
+""",
+    )
+    runs, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = runs / "presume"
+    args = ["search", "-c", str(spec), "--name", "presume", "--storage-path", str(runs), "--no-final-test"]
+    proc = subprocess.Popen(
+        _cli(*args, "--tracking-uri", uri),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def two_done_third_started():  # type: ignore[no-untyped-def]
+            rows = trial_rows(exp)
+            done = [k for k, v in rows.items() if v and v[-1]["epoch"] == 6]
+            started = [k for k, v in rows.items() if v and v[-1]["epoch"] < 6]
+            return (done, started) if len(done) >= 2 and started else None
+
+        done, _ = _wait_for(two_done_third_started, 300, "two finished populations and a third under way")
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die at once
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = trial_rows(exp)
+    r = subprocess.run(
+        _cli("search", "-c", str(spec), "--resume", str(exp), "--no-final-test"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    after = trial_rows(exp)
+    assert len(after) == 3  # 6 configurations in populations of 2
+    for k in done:
+        assert after[k] == before[k]
+    for k, v in after.items():  # every population reached its last epoch, halved to one member at epoch 2
+        assert sorted({x["epoch"] for x in v}) == list(range(1, 7)), (k, [x["epoch"] for x in v])
+        assert {x["epoch"]: x["members_trained"] for x in v} == {1: 2, 2: 2, 3: 1, 4: 1, 5: 1, 6: 1}
+    # every member told once, also those of the population the driver's death interrupted
+    study = optuna.load_study(study_name="presume", storage=f"sqlite:///{exp / 'optuna.db'}")
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE"] * 3 + ["PRUNED"] * 3
+    members = child_runs(uri, "presume")
+    assert len(members) == 6 and all(m.info.status == "FINISHED" for m in members)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for m in members:  # each member's epochs logged once, across the driver's death
+        steps = sorted(x.step for x in client.get_metric_history(m.info.run_id, "val_H"))
+        assert steps == (list(range(1, 7)) if "dedn.stopped" not in m.data.tags else [1, 2]), steps
