@@ -85,6 +85,7 @@ def main() -> None:
     import mlflow  # noqa: F401  one-time imports before the first mode, so no mode pays them
     import optuna  # noqa: F401
     import ray.tune  # noqa: F401
+
     got = {m: run_mode(m, tmp, a.trials, not a.no_tracking) for m in a.modes}
 
     print(
