@@ -182,3 +182,67 @@ population: {size: 2, grace_period: 2, reduction_factor: 2}
     for m in members:  # each member's epochs logged once, across the driver's death
         steps = sorted(x.step for x in client.get_metric_history(m.info.run_id, "val_H"))
         assert steps == (list(range(1, 7)) if "dedn.stopped" not in m.data.tags else [1, 2]), steps
+
+
+def test_killed_population_worker_is_retried_from_its_checkpoint(tmp_path: Path, tiny_store: Path) -> None:
+    """SIGKILL the worker of a population trial after its first halving: Tune retries it from the
+    population checkpoint, which holds the surviving members' stacked weights and optimiser state."""
+    import signal
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.tuning.test_search import ROOT, _cli, _wait_for, child_runs
+
+    spec = write_spec(
+        tmp_path,
+        tiny_store,
+        epochs=20,
+        body="""
+num_samples: 3
+max_failures: 2
+params:
+  optim.lr: {type: loguniform, low: 1.0e-3, high: 2.0e-3}
+scheduler: {type: fifo}
+population: {size: 3, grace_period: 2, reduction_factor: 3}
+""",
+    )
+    exp, uri = tmp_path / "runs" / "pkill", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", "-c", str(spec), "--name", "pkill", "--storage-path", str(tmp_path / "runs")]
+    proc = subprocess.Popen(
+        _cli(*args, "--no-final-test", "--tracking-uri", uri),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def running_pid():  # type: ignore[no-untyped-def]
+            rows = [r for v in trial_rows(exp).values() for r in v]
+            return rows[-1]["pid"] if rows and rows[-1]["epoch"] >= 4 else None
+
+        pid = _wait_for(running_pid, 240, "the population's fourth epoch")
+        os.kill(pid, signal.SIGKILL)  # the trial's worker dies after the halving at epoch 2
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-3000:]
+    (rows,) = trial_rows(exp).values()
+    epochs = [r["epoch"] for r in rows]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 20 and len(epochs) >= 19, epochs
+    assert len({r["pid"] for r in rows}) == 2  # the killed worker and the retry
+    # halving 3 -> 1 at epoch 2 held across the retry: one member trained after it, the same one
+    assert all(r["members_trained"] == (3 if r["epoch"] <= 2 else 1) for r in rows)
+    assert len({tuple(r["members"]) for r in rows if r["epoch"] > 2}) == 1
+    client = MlflowClient(tracking_uri=uri)
+    members = child_runs(uri, "pkill")
+    assert len(members) == 3 and all(m.info.status == "FINISHED" for m in members)
+    for m in members:  # each epoch logged once, across the retry
+        steps = [x.step for x in client.get_metric_history(m.info.run_id, "val_H")]
+        assert len(steps) == len(set(steps))
+        if "dedn.stopped" in m.data.tags:
+            assert sorted(steps) == [1, 2]
+        else:
+            assert set(epochs) <= set(steps) <= set(range(1, 21))
+            assert m.data.tags.get("dedn.retries") == "1"
