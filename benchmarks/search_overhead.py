@@ -3,7 +3,8 @@ search (configs/search/tiny.yaml on the built-in store) run several ways, one af
 
 Modes:
 - ``fresh``: a new worker process per trial (``reuse_actors: false``), one configuration per trial;
-- ``reuse``: the default, finished trials' worker processes run the next trials (``reuse_actors: true``);
+- ``reuse``: finished trials' worker processes run the next trials (``reuse_actors: true``, as the
+  quick-start spec sets);
 - ``population``: as ``reuse``, with 4 configurations per trial (``--population 4``), members halved.
 
 For each mode the table splits the command's wall time into its phases (Ray start, store put, trials,

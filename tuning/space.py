@@ -92,7 +92,9 @@ class SearchSpec(BaseModel):
     scheduler: SchedulerSpec = SchedulerSpec()
     population: PopulationSpec = PopulationSpec()
     reuse_actors: bool = Field(
-        True, description="Run a new trial in a finished trial's worker process instead of starting a new one."
+        False,
+        description="Run a new trial in a finished trial's worker process instead of starting a new one "
+        "(faster for many short trials; off by default, as in Ray Tune, which calls it racy).",
     )
     checkpoint_every: int = Field(
         1,
