@@ -229,17 +229,7 @@ class DEDN(nn.Module):
         return [e for e in (self.cexp, self.fexp) if e is not None]
 
     def _flatten(self, features: Tensor) -> Tensor:
-        if features.ndim == 4:
-            features = features.flatten(2)  # (B, C, H*W)
-        if features.ndim != 3 or features.shape[1:] != (self.channels, self.regions):
-            raise DednInputError(
-                "model",
-                "features",
-                f"must be (B, C={self.channels}, H, W) with H*W={self.regions} or (B, C, R), got {tuple(features.shape)}",
-            )
-        if self.cfg.normalize_features:
-            features = F.normalize(features, dim=1)  # each region's channel vector to unit length
-        return features
+        return flatten_features(features, self.channels, self.regions, self.cfg.normalize_features, "model")
 
     def forward(self, features: Tensor) -> Branches:
         """features (B, C, H, W) or (B, C, R) -> Branches of (B, D) attribute scores."""
@@ -261,6 +251,20 @@ class DEDN(nn.Module):
         p_ec = class_scores(expert_output(branches.cexp_r, branches.cexp_c, lambda_rc), a)
         p_ef = class_scores(expert_output(branches.fexp_r, branches.fexp_c, lambda_rc), a)
         return p_ec, p_ef
+
+
+def flatten_features(features: Tensor, channels: int, regions: int, normalize: bool, source: str) -> Tensor:
+    """(B, C, H, W) or (B, C, R) features -> (B, C, R), each region's channel vector L2-normalised when
+    ``normalize``. Raises DednInputError (naming ``source``) for any other shape."""
+    if features.ndim == 4:
+        features = features.flatten(2)  # (B, C, H*W)
+    if features.ndim != 3 or features.shape[1:] != (channels, regions):
+        raise DednInputError(
+            source,
+            "features",
+            f"must be (B, C={channels}, H, W) with H*W={regions} or (B, C, R), got {tuple(features.shape)}",
+        )
+    return F.normalize(features, dim=1) if normalize else features
 
 
 def expert_branches(

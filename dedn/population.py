@@ -35,7 +35,15 @@ from dedn.data.store import FeatureStore
 from dedn.errors import DednInputError
 from dedn.inference import branch_outputs
 from dedn.losses import cross_entropy_loss, margin_aware_loss, pair_distance, self_calibration_loss
-from dedn.model import DEDN, Branches, ExpertWeights, calibration_signs, class_scores, expert_branches
+from dedn.model import (
+    DEDN,
+    Branches,
+    ExpertWeights,
+    calibration_signs,
+    class_scores,
+    expert_branches,
+    flatten_features,
+)
 from dedn.train import (
     EpochRecord,
     FeatureSource,
@@ -143,15 +151,7 @@ class PopulationDEDN(nn.Module):
 
     def forward(self, features: Tensor) -> Branches:
         """features (B, C, H, W) or (B, C, R) -> Branches of (B, M, D): every member's O_r and O_c."""
-        f = features.flatten(2) if features.ndim == 4 else features
-        if f.ndim != 3 or f.shape[1:] != (self.channels, self.regions):
-            raise DednInputError(
-                "population",
-                "features",
-                f"must be (B, C={self.channels}, H, W) with H*W={self.regions}, got {tuple(features.shape)}",
-            )
-        if self.cfg.normalize_features:
-            f = torch.nn.functional.normalize(f, dim=1)
+        f = flatten_features(features, self.channels, self.regions, self.cfg.normalize_features, "population")
         m, d = self.num_members, self.num_attributes
         outs = expert_branches(f, self.experts, m * d, self.cfg.channel_attention)
         out: list[Tensor | None] = [None] * 4

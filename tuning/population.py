@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cluster.objects import SharedStore, is_object_store_view
+from cluster.objects import SharedStore
 from tuning.space import DefineByRun, trial_config
 
 STATE, PROGRESS = "state.pt", "progress.json"
@@ -203,27 +203,14 @@ def population_trainable(
     checkpoint_every: int = 1,
 ) -> None:
     """One Tune trial training ``config["members"]`` as one population on the shared store."""
-    import logging
-
-    import ray
     from ray import tune
 
     from dedn.population import Halving, train_population
-    from tuning.trainable import wants_checkpoint
+    from tuning.trainable import trial_setup, wants_checkpoint
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(cpus)))
-    store = shared.materialize()
+    store, node, zero_copy, resume = trial_setup(shared, load_population_checkpoint)
     members = list(config["members"])
     cfgs = [trial_config(base, m) for m in members]
-    node = ray.get_runtime_context().get_node_id()
-    zero_copy = is_object_store_view(store.features())
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_population_checkpoint(folder)
 
     last_epoch = cfgs[0].effective().optim.epochs
 

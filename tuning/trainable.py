@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,29 @@ def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
     return m
 
 
+def trial_setup(
+    shared: SharedStore, load_state: Callable[[str], dict[str, Any]]
+) -> tuple[Any, str, bool, dict[str, Any] | None]:
+    """What every trial does first: quiet per-checkpoint logging, threads = the CPUs Tune assigned, the
+    store as an object-store view. Returns (store, node id, whether features are zero-copy, the state of
+    the trial's last checkpoint read with ``load_state``, or None on a first start)."""
+    import logging
+
+    import ray
+    from ray import tune
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no line per saved checkpoint
+    ctx = ray.get_runtime_context()
+    torch.set_num_threads(max(1, int(ctx.get_assigned_resources().get("CPU", 1.0))))
+    store = shared.materialize()
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_state(folder)
+    return store, ctx.get_node_id(), is_object_store_view(store.features()), resume
+
+
 def wants_checkpoint(epoch: int, last_epoch: int, every: int, improved: bool) -> bool:
     """Checkpoint every ``every`` epochs, at the last epoch, and whenever the best epoch improved (so the
     best weights are always persisted, whatever ``every`` is)."""
@@ -78,24 +102,10 @@ def dedn_trainable(
     config: dict[str, Any], shared: SharedStore, base: dict[str, Any], posthoc: bool, checkpoint_every: int = 1
 ) -> None:
     """One trial: sampled values from ``config`` over the base training config, on the shared store."""
-    import logging
-
-    import ray
     from ray import tune
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no line per saved checkpoint
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(cpus)))
-    store = shared.materialize()
+    store, node, zero_copy, resume = trial_setup(shared, load_trial_state)
     cfg = trial_config(base, sampled_params(config))
-    node = ray.get_runtime_context().get_node_id()
-    zero_copy = is_object_store_view(store.features())
-
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_trial_state(folder)
 
     last_epoch = cfg.effective().optim.epochs
 
