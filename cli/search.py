@@ -144,7 +144,7 @@ def search(
     for k, v in sorted(out.best_config.items()):
         click.echo(f"  {k:<24} {v:.4g}" if isinstance(v, float) else f"  {k:<24} {v}")
     m = out.best_metrics
-    if posthoc_inference or (resume is not None and "inference.lambda_e" not in out.best_config):
+    if out.posthoc_inference:
         click.echo(
             f"  {'inference (validation grid)':<24} lambda_rc={m['grid_lambda_rc']} "
             f"lambda_e={m['grid_lambda_e']} c={m['grid_c']}"

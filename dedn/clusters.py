@@ -3,6 +3,10 @@
 A partition is a (D,) int array of cluster ids in [0, Q), every cluster non-empty. Manual tables are
 the spec's table 1 (0-based attribute indices, ranges inclusive). "half" merges neighbouring manual
 clusters pairwise in table order (CUB 6 -> 3, SUN 4 -> 2, AWA2 4 -> 2), the paper's figure 4d.
+"released" (SUN only) is the grouping the authors' released SUN code actually builds, sizes 64/27/9/2:
+its indicator is written with ``65-74`` and ``74-77`` (negative single indices) where slices were meant,
+so only attributes 93, 85 and 99 join the environment and light groups besides 77-84. Released SUN
+checkpoints were trained with it; the paper's table 1 (``manual``) stays the default.
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ MANUAL_TABLES: dict[str, dict[str, Ranges]] = {
     },
 }
 NUM_ATTRIBUTES = {"CUB": 312, "SUN": 102, "AWA2": 85}
+
+# The released SUN code's indicator, as it evaluates (0-based, inclusive): everything not listed is group 0.
+RELEASED_TABLES: dict[str, dict[str, Ranges]] = {
+    "SUN": {
+        "function": [(0, 37), (65, 76), (86, 92), (94, 98), (100, 101)],
+        "instance": [(38, 64)],
+        "environment": [(77, 84), (93, 93)],
+        "light": [(85, 85), (99, 99)],
+    },
+}
 
 
 def _ranges_to_ids(table: dict[str, Ranges], num_attributes: int) -> np.ndarray:
@@ -101,12 +115,20 @@ def half_preset(names: list[str], ids: np.ndarray) -> tuple[list[str], np.ndarra
 
 
 def presets_for(dataset: str, num_attributes: int) -> dict[str, tuple[list[str], np.ndarray]]:
-    """The manual and half presets when ``dataset`` is CUB, SUN or AWA2 with its attribute count."""
+    """The manual and half presets (and SUN's ``released``) when ``dataset`` is CUB, SUN or AWA2 with its
+    attribute count; {} otherwise."""
     key = dataset.upper()
     if NUM_ATTRIBUTES.get(key) != num_attributes:
         return {}
     names, ids = manual_preset(key)
-    return {"manual": (names, ids), "half": half_preset(names, ids)}
+    presets = {"manual": (names, ids), "half": half_preset(names, ids)}
+    if key in RELEASED_TABLES:
+        table = RELEASED_TABLES[key]
+        presets["released"] = (
+            list(table),
+            validate_partition(_ranges_to_ids(table, num_attributes), num_attributes, f"released preset {key}"),
+        )
+    return presets
 
 
 def kmeans_partition(vectors: np.ndarray, num_clusters: int, seed: int = 0) -> np.ndarray:

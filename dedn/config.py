@@ -56,6 +56,12 @@ class LossSection(_Frozen):
     gamma: float = Field(0.1, ge=0)
     eps: float = Field(1.0, ge=0)
     fidelity: Literal["paper", "released"] = "paper"
+    distance: Literal["mse", "sum", "released"] | None = Field(
+        None,
+        description="Squared-error term of d(x, y) in L_align and L_distill: mse (mean over the vector, the "
+        "paper's words), sum (eq. 7/12 as typeset), released (the authors' cubic term); None: mse under "
+        "fidelity paper, released under fidelity released.",
+    )
     mal_variant: Literal["paper", "released"] = "paper"
     lambda_cal: float = Field(0.0, ge=0)
     calibration: float = 1.0
@@ -129,6 +135,8 @@ class TrainConfig(_Frozen):
         }
         for key, value in table[self.ablation].items():
             _set_path(raw, key, value, "ablation")
+        if raw["loss"].get("distance") is None:
+            raw["loss"]["distance"] = "released" if raw["loss"]["fidelity"] == "released" else "mse"
         raw["released"] = {}
         raw["fidelity"] = "paper" if self.fidelity == "paper" else "released"
         return TrainConfig.model_validate(raw)

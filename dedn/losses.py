@@ -18,7 +18,8 @@ from torch import Tensor
 from dedn.errors import DednInputError
 
 MalVariant = Literal["paper", "released"]
-DistanceVariant = Literal["paper", "released"]
+Distance = Literal["mse", "sum", "released"]
+DISTANCES: tuple[str, ...] = ("mse", "sum", "released")
 
 
 def _per_model(value: float | Tensor, scores: Tensor) -> float | Tensor:
@@ -57,15 +58,20 @@ def cross_entropy_loss(scores: Tensor, target: Tensor) -> Tensor:
     return per_sample.view(*lead, b).mean(-1)
 
 
-def pair_distance(x: Tensor, y: Tensor, variant: DistanceVariant = "paper") -> Tensor:
-    """d(x, y) of eq. 7 and 12: JSD(softmax x || softmax y) + a distance term, both batch means.
+def pair_distance(x: Tensor, y: Tensor, distance: Distance = "mse") -> Tensor:
+    """d(x, y) of eq. 7 and 12: JSD(softmax x || softmax y) + a squared-error term, both batch means.
 
-    x, y (..., B, N). ``paper``: + mean_b ||x_b - y_b||^2. ``released``: + (1/B) sum_b sum_j |d_bj|^3 / ||d_b||
-    with d = x - y (0 where d_b = 0). Softmax over the last dimension, computed in float32.
-    Raises DednInputError for an unknown variant.
+    x, y (..., B, N); d = x - y. The squared-error term, by ``distance``:
+    ``mse`` (default; the paper's words, "Mean Squared Error"): (1/B) sum_b (1/N) ||d_b||^2.
+    ``sum`` (eq. 7/12 as typeset): (1/B) sum_b ||d_b||^2, N times ``mse``.
+    ``released`` (the authors' code): (1/B) sum_b sum_j |d_bj|^3 / ||d_b|| (0 where d_b = 0).
+    Softmax over the last dimension, computed in float32.
+    Raises DednInputError for another name (``paper`` included: it named the summed term before the
+    default became the mean, so it is refused rather than silently changed).
     """
-    if variant not in ("paper", "released"):
-        raise DednInputError("loss", "fidelity", f"must be 'paper' or 'released', got {variant!r}")
+    if distance not in DISTANCES:
+        hint = " ('paper' is now 'mse', the default, or 'sum', the typeset formula)" if distance == "paper" else ""
+        raise DednInputError("loss", "distance", f"must be one of {', '.join(DISTANCES)}, got {distance!r}{hint}")
     log_p = F.log_softmax(x.float(), dim=-1)  # (B, N)
     log_q = F.log_softmax(y.float(), dim=-1)
     log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)  # log((p+q)/2)
@@ -73,7 +79,9 @@ def pair_distance(x: Tensor, y: Tensor, variant: DistanceVariant = "paper") -> T
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
     jsd = 0.5 * (kl_pm + kl_qm).mean(-1)
     d = (x - y).float()  # (..., B, N)
-    if variant == "paper":
+    if distance == "mse":
+        dist = d.pow(2).mean(-1).mean(-1)
+    elif distance == "sum":
         dist = d.pow(2).sum(-1).mean(-1)
     else:
         norm = d.norm(dim=-1, keepdim=True)  # (..., B, 1)

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from dedn.clusters import validate_partition
 from dedn.errors import DednInputError
 from dedn.losses import (
+    DISTANCES,
+    Distance,
     cross_entropy_loss,
     margin_aware_loss,
     pair_distance,
@@ -330,8 +332,9 @@ def mix_scores(p_ec: Tensor | None, p_ef: Tensor | None, lambda_e: float, c: flo
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss switches (eq. 18). ``mal`` False: plain cross-entropy. ``fidelity`` picks pair_distance's term
-    (released: cubic, and distillation on the calibrated scores P + c s as the released code does).
+    """Loss switches (eq. 18). ``mal`` False: plain cross-entropy. ``distance`` is pair_distance's
+    squared-error term (mse, sum or released) in L_align and L_distill. ``fidelity`` released distils the
+    calibrated scores P + c s, as the released code does.
     ``mal_variant``: "paper" (z_y = P_y - 2 eps; released CUB) or "released" (z_y = P_y - eps; SUN/AWA2).
     ``lambda_cal`` > 0 adds DAZLE's self-calibration loss with ``calibration`` c on each expert's P.
     Raises DednInputError for unknown variants or negative weights.
@@ -342,14 +345,25 @@ class LossConfig:
     gamma: float = 0.1
     eps: float = 1.0
     fidelity: Fidelity = "paper"
+    distance: Distance | None = None  # None: mse under fidelity paper, released under fidelity released
     mal_variant: Fidelity = "paper"
     lambda_cal: float = 0.0
     calibration: float = 1.0
+
+    @property
+    def distance_term(self) -> Distance:
+        """The resolved ``distance`` (never None after construction)."""
+        assert self.distance is not None
+        return self.distance
 
     def __post_init__(self) -> None:
         for name in ("fidelity", "mal_variant"):
             if getattr(self, name) not in ("paper", "released"):
                 raise DednInputError("loss", name, f"must be 'paper' or 'released', got {getattr(self, name)!r}")
+        if self.distance is None:
+            object.__setattr__(self, "distance", "released" if self.fidelity == "released" else "mse")
+        if self.distance not in DISTANCES:
+            raise DednInputError("loss", "distance", f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         for name in ("beta", "gamma", "lambda_cal"):
             if getattr(self, name) < 0:
                 raise DednInputError("loss", name, f"must be >= 0, got {getattr(self, name)}")
@@ -388,7 +402,7 @@ def dedn_loss(
         parts[f"{cls_name}_{tag}"] = cls
         total = total + cls
         if o_r is not None and o_c is not None and cfg.beta > 0:
-            align = pair_distance(o_r, o_c, cfg.fidelity)
+            align = pair_distance(o_r, o_c, cfg.distance_term)
             parts[f"align_{tag}"] = align
             total = total + cfg.beta * align
         if cfg.lambda_cal > 0:
@@ -397,9 +411,9 @@ def dedn_loss(
     if p_ec is not None and p_ef is not None and cfg.gamma > 0:
         if cfg.fidelity == "released":  # released code distils the calibrated scores P + c s
             shift = cfg.calibration * calibration_signs(unseen_mask.to(p_ec.device), p_ec.dtype)
-            distill = pair_distance(p_ec + shift, p_ef + shift, cfg.fidelity)
+            distill = pair_distance(p_ec + shift, p_ef + shift, cfg.distance_term)
         else:
-            distill = pair_distance(p_ec, p_ef, cfg.fidelity)
+            distill = pair_distance(p_ec, p_ef, cfg.distance_term)
         parts["distill"] = distill
         total = total + cfg.gamma * distill
     if cal is not None:

@@ -69,6 +69,7 @@ SHARED_FIELDS = (
     "model.low_rank_hidden",
     "loss.mal",
     "loss.fidelity",
+    "loss.distance",
     "loss.mal_variant",
     "optim.batch_size",
     "optim.epochs",
@@ -331,7 +332,7 @@ def population_loss(
     """Every member's eq. 18 loss, (M,), the terms of ``dedn.model.dedn_loss`` with per-member weights.
 
     branches (B, M, D); p_ec/p_ef (M, B, K); ``hyper``: (M,) tensors beta, gamma, eps, lambda_cal,
-    calibration; ``shared``: a LossConfig for the switches members share (mal, fidelity, mal_variant).
+    calibration; ``shared``: a LossConfig for the switches members share (mal, fidelity, distance, mal_variant).
     Returns the per-member totals and detached per-member parts (M,) each.
     """
     device = target.device
@@ -351,7 +352,7 @@ def population_loss(
         parts[f"{cls_name}_{tag}"] = cls
         total = total + cls
         if o_r is not None and o_c is not None:
-            align = pair_distance(o_r.transpose(0, 1), o_c.transpose(0, 1), shared.fidelity)  # (M,)
+            align = pair_distance(o_r.transpose(0, 1), o_c.transpose(0, 1), shared.distance)  # (M,)
             parts[f"align_{tag}"] = align
             total = total + hyper["beta"] * align
         if bool((hyper["lambda_cal"] > 0).any()):
@@ -361,9 +362,9 @@ def population_loss(
         if shared.fidelity == "released":
             signs = calibration_signs(unseen_mask.to(device), p_ec.dtype)  # (K,)
             shift = hyper["calibration"].view(-1, 1, 1) * signs
-            distill = pair_distance(p_ec + shift, p_ef + shift, shared.fidelity)
+            distill = pair_distance(p_ec + shift, p_ef + shift, shared.distance)
         else:
-            distill = pair_distance(p_ec, p_ef, shared.fidelity)
+            distill = pair_distance(p_ec, p_ef, shared.distance)
         parts["distill"] = distill
         total = total + hyper["gamma"] * distill
     if cal is not None:

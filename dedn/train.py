@@ -140,6 +140,7 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
         gamma=x.gamma,
         eps=x.eps,
         fidelity=x.fidelity,
+        distance=x.distance or ("released" if x.fidelity == "released" else "mse"),
         mal_variant=x.mal_variant,
         lambda_cal=x.lambda_cal,
         calibration=x.calibration,

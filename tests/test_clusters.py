@@ -37,6 +37,26 @@ def test_spot_indices_from_the_spec() -> None:
     assert sun[74] == sun[85] == 3 and sun[77] == 2
 
 
+def released_sun_indicator() -> np.ndarray:
+    """The released SUN code's indicator, transcribed statement by statement (numpy indexes as torch does)."""
+    indicator = np.array([0] * 102)
+    indicator[38:65] = 1
+    indicator[65 - 74] = 2
+    indicator[77:85] = 2
+    indicator[74 - 77] = indicator[85 - 102] = 3
+    return indicator
+
+
+def test_released_sun_preset_is_the_released_codes_grouping() -> None:
+    names, ids = presets_for("SUN", 102)["released"]
+    assert names == ["function", "instance", "environment", "light"]
+    assert np.bincount(ids).tolist() == [64, 27, 9, 2]
+    assert np.array_equal(ids, released_sun_indicator())
+    # The paper's table stays the manual preset; no other dataset gets a released preset.
+    assert np.bincount(presets_for("SUN", 102)["manual"][1]).tolist() == [38, 27, 17, 20]
+    assert "released" not in presets_for("CUB", 312) and "released" not in presets_for("AWA2", 85)
+
+
 def test_half_merges_neighbours() -> None:
     names, ids = half_preset(["a", "b", "c"], np.array([0, 1, 2, 2, 1]))
     assert names == ["a+b", "c"] and ids.tolist() == [0, 0, 1, 1, 0]

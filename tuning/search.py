@@ -57,6 +57,7 @@ class SearchOutcome:
     not_logged: list[str] | None = None
     population: int = 1
     phases: dict[str, float] | None = None  # seconds per phase of the command
+    posthoc_inference: bool = False  # lambda_rc, lambda_e, c chosen per trial on the validation grid
 
 
 def _experiment_dir(storage_path: str, name: str) -> Path:
@@ -192,6 +193,8 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
     elif exp.exists():
         raise DednInputError(exp, "experiment", "already exists: pick another --name or use --resume")
     spec, base, store_path, store = prepare(opts)
+    if spec.posthoc_inference and not opts.posthoc_inference:
+        opts = SearchOptions(**{**vars(opts), "posthoc_inference": True})
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     size = population_size(spec, opts)
     # num_samples counts configurations; with populations each Tune trial trains `size` of them.
@@ -307,6 +310,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         not_logged=not_logged,
         population=size,
         phases=phases,
+        posthoc_inference=opts.posthoc_inference,
     )
     (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
     return outcome

@@ -96,6 +96,11 @@ class SearchSpec(BaseModel):
         description="Run a new trial in a finished trial's worker process instead of starting a new one "
         "(faster for many short trials; off by default, as in Ray Tune, which calls it racy).",
     )
+    posthoc_inference: bool = Field(
+        False,
+        description="Do not sample lambda_rc, lambda_e, c: each trial sweeps them on validation and reports its "
+        "best grid point (dedn search --posthoc-inference turns it on too).",
+    )
     checkpoint_every: int = Field(
         1,
         ge=1,

@@ -94,3 +94,11 @@ def test_real_structure_is_kept(tmp_path: Path, dataset: str) -> None:
     assert s.attributes.names == bench.attribute_names
     assert not np.isin(s.labels[s.indices("trainval")], np.flatnonzero(~s.classes.seen)).any()
     assert meta.presets["manual"] and meta.provenance["config"]["channels"] == 4
+    if dataset == "SUN":  # the released code's grouping is a preset of SUN stores: --set model.clusters=released
+        from dedn.config import validate_config
+        from dedn.train import resolve_partition
+
+        cfg = validate_config({"data": {"store": str(tmp_path / "s")}, "model": {"clusters": "released"}}, "test")
+        assert np.bincount(resolve_partition(cfg, s)).tolist() == [64, 27, 9, 2]
+    else:
+        assert "released" not in meta.presets

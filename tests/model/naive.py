@@ -130,18 +130,27 @@ def naive_ce(scores: Tensor, target: Tensor) -> Tensor:
     return total / scores.shape[0]
 
 
-def naive_distance(x: Tensor, y: Tensor, variant: str = "paper") -> Tensor:
+def naive_distance(x: Tensor, y: Tensor, distance: str = "mse") -> Tensor:
+    """JSD plus the squared-error term, one sample and one element at a time."""
     total = x.new_zeros(())
     for b in range(x.shape[0]):
         p, q = softmax(x[b], 0), softmax(y[b], 0)
         m = (p + q) / 2
         jsd = 0.5 * ((p * torch.log(p / m)).sum() + (q * torch.log(q / m)).sum())
-        d = x[b] - y[b]
-        if variant == "paper":
-            dist = (d**2).sum()
+        n = x.shape[1]
+        squares = x.new_zeros(())
+        for j in range(n):
+            squares = squares + (x[b, j] - y[b, j]) ** 2
+        if distance == "mse":
+            dist = squares / n
+        elif distance == "sum":
+            dist = squares
         else:
-            norm = torch.sqrt((d**2).sum())
-            dist = (d.abs() ** 3).sum() / norm if float(norm.detach()) > 0 else x.new_zeros(())
+            norm = torch.sqrt(squares)
+            cubes = x.new_zeros(())
+            for j in range(n):
+                cubes = cubes + (x[b, j] - y[b, j]).abs() ** 3
+            dist = cubes / norm if float(norm.detach()) > 0 else x.new_zeros(())
         total = total + jsd + dist
     return total / x.shape[0]
 
@@ -167,11 +176,13 @@ def naive_total(
     gamma: float = 0.1,
     eps: float = 1.0,
     fidelity: str = "paper",
+    distance: str | None = None,
     mal_variant: str = "paper",
     lambda_cal: float = 0.0,
     calibration: float = 1.0,
 ) -> Tensor:
     """Eq. 18 (plus the released extras) term by term."""
+    distance = distance or ("released" if fidelity == "released" else "mse")
     total = torch.zeros(())
     for tag in ("cexp", "fexp"):
         pt = p[tag]
@@ -180,14 +191,14 @@ def naive_total(
         total = total + (naive_mal(pt, target, seen, eps, mal_variant) if mal else naive_ce(pt, target))
         o_r, o_c = out[f"{tag}_r"], out[f"{tag}_c"]
         if o_r is not None and o_c is not None:
-            total = total + beta * naive_distance(o_r, o_c, fidelity)
+            total = total + beta * naive_distance(o_r, o_c, distance)
         if lambda_cal > 0:
             total = total + lambda_cal * naive_cal(pt, unseen, calibration)
     p_ec, p_ef = p["cexp"], p["fexp"]
     if p_ec is not None and p_ef is not None:
         if fidelity == "released":
             s = torch.tensor([1.0 if bool(u) else -1.0 for u in unseen]) * calibration
-            total = total + gamma * naive_distance(p_ec + s, p_ef + s, fidelity)
+            total = total + gamma * naive_distance(p_ec + s, p_ef + s, distance)
         else:
-            total = total + gamma * naive_distance(p_ec, p_ef, fidelity)
+            total = total + gamma * naive_distance(p_ec, p_ef, distance)
     return total

@@ -56,42 +56,64 @@ def test_cross_entropy_against_naive() -> None:
     torch.testing.assert_close(cross_entropy_loss(scores, target), naive_ce(scores, target), atol=1e-6, rtol=1e-6)
 
 
-def test_pair_distance_hand_worked_paper() -> None:
+def test_pair_distance_hand_worked_mse_and_sum() -> None:
     # x = [0, 0], y = [ln 3, 0]: p = [.5, .5], q = [.75, .25], m = [.625, .375]
     # KL(p||m) = .5 ln(.8) + .5 ln(4/3) = 0.0322693; KL(q||m) = .75 ln(1.2) + .25 ln(2/3) = 0.0353749
-    # JSD = 0.0338221; ||x - y||^2 = (ln 3)^2 = 1.2069490; d = 1.2407710
+    # JSD = 0.0338221; ||x - y||^2 = (ln 3)^2 = 1.2069490, its mean over N = 2 elements 0.6034745
     x, y = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
-    assert pair_distance(x, y).item() == pytest.approx(1.2407710, abs=1e-5)
+    assert pair_distance(x, y).item() == pytest.approx(0.6372966, abs=1e-5)  # mse is the default
+    assert pair_distance(x, y, "mse").item() == pytest.approx(0.6372966, abs=1e-5)
+    assert pair_distance(x, y, "sum").item() == pytest.approx(1.2407710, abs=1e-5)
 
 
 def test_pair_distance_hand_worked_released_cubic() -> None:
     # y = x + 2 everywhere: the softmaxes agree (JSD 0); d = [-2, -2, -2]:
-    # paper: sum d^2 = 12; released: sum |d|^3 / ||d|| = 24 / (2 sqrt 3) = 4 sqrt 3 = 6.928203
+    # mse: mean d^2 = 4; sum: sum d^2 = 12; released: sum |d|^3 / ||d|| = 24 / (2 sqrt 3) = 4 sqrt 3 = 6.928203
     x = torch.tensor([[0.5, -1.0, 2.0]])
     y = x + 2.0
-    assert pair_distance(x, y).item() == pytest.approx(12.0, abs=1e-5)
+    assert pair_distance(x, y).item() == pytest.approx(4.0, abs=1e-5)
+    assert pair_distance(x, y, "sum").item() == pytest.approx(12.0, abs=1e-5)
     assert pair_distance(x, y, "released").item() == pytest.approx(6.928203, abs=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["paper", "released"])
-def test_pair_distance_against_naive(variant: str) -> None:
-    torch.manual_seed(3)
-    x, y = torch.randn(5, 7) * 2, torch.randn(5, 7)
-    got = pair_distance(x, y, variant)  # type: ignore[arg-type]
-    torch.testing.assert_close(got, naive_distance(x, y, variant), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("distance", ["mse", "sum", "released"])
+@pytest.mark.parametrize("n", [1, 7, 200])
+def test_pair_distance_against_naive(distance: str, n: int) -> None:
+    torch.manual_seed(3 + n)
+    x, y = torch.randn(5, n) * 2, torch.randn(5, n)
+    got = pair_distance(x, y, distance)  # type: ignore[arg-type]
+    torch.testing.assert_close(got, naive_distance(x, y, distance), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 10, 312])
+def test_pair_distance_sum_is_n_times_mse_beyond_the_jsd(n: int) -> None:
+    # The two readings share the JSD and differ in the squared term by exactly the vector length N.
+    torch.manual_seed(n)
+    x, y = torch.randn(4, n), torch.randn(4, n) + 0.5
+    jsd = pair_distance(x, y, "mse") - (x - y).pow(2).mean()
+    torch.testing.assert_close(pair_distance(x, y, "sum") - jsd, n * (pair_distance(x, y, "mse") - jsd))
+
+
+def test_pair_distance_leading_member_dimension() -> None:
+    torch.manual_seed(5)
+    x, y = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+    for distance in ("mse", "sum", "released"):
+        got = pair_distance(x, y, distance)  # type: ignore[arg-type]
+        want = torch.stack([naive_distance(x[m], y[m], distance) for m in range(3)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_pair_distance_stable_for_large_scores() -> None:
     x, y = torch.tensor([[1000.0, 0.0]]), torch.tensor([[0.0, 1000.0]])
-    d = pair_distance(x, y)
-    # p and q are one-hot on different classes: JSD = ln 2; squared term 2e6.
-    assert d.item() == pytest.approx(2e6 + math.log(2.0), rel=1e-6)
+    # p and q are one-hot on different classes: JSD = ln 2; squared term 2e6 summed, 1e6 as a mean.
+    assert pair_distance(x, y).item() == pytest.approx(1e6 + math.log(2.0), rel=1e-6)
+    assert pair_distance(x, y, "sum").item() == pytest.approx(2e6 + math.log(2.0), rel=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["paper", "released"])
-def test_pair_distance_zero_for_equal_inputs_with_finite_gradient(variant: str) -> None:
+@pytest.mark.parametrize("distance", ["mse", "sum", "released"])
+def test_pair_distance_zero_for_equal_inputs_with_finite_gradient(distance: str) -> None:
     x = torch.randn(3, 4, requires_grad=True)
-    d = pair_distance(x, x.detach().clone(), variant)  # type: ignore[arg-type]
+    d = pair_distance(x, x.detach().clone(), distance)  # type: ignore[arg-type]
     d.backward()
     assert d.item() == pytest.approx(0.0, abs=1e-6)
     assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -100,8 +122,11 @@ def test_pair_distance_zero_for_equal_inputs_with_finite_gradient(variant: str) 
 def test_unknown_variants_refused() -> None:
     with pytest.raises(DednInputError, match="mal_variant"):
         margin_aware_loss(torch.zeros(1, 3), torch.tensor([0]), SEEN, 1.0, "other")  # type: ignore[arg-type]
-    with pytest.raises(DednInputError, match="fidelity"):
+    with pytest.raises(DednInputError, match="distance"):
         pair_distance(torch.zeros(1, 3), torch.zeros(1, 3), "other")  # type: ignore[arg-type]
+    # The old name of the summed term is refused with the two names that replace it, not silently remapped.
+    with pytest.raises(DednInputError, match="'paper' is now 'mse'.*'sum'"):
+        pair_distance(torch.zeros(1, 3), torch.zeros(1, 3), "paper")  # type: ignore[arg-type]
 
 
 def test_self_calibration_hand_worked() -> None:

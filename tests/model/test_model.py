@@ -118,6 +118,8 @@ LOSS_CONFIGS = {
     "released": LossConfig(fidelity="released", mal_variant="released", lambda_cal=0.11, calibration=0.7),
     "no-mal": LossConfig(mal=False, beta=0.5, gamma=0.3),
     "no-distill-no-align": LossConfig(beta=0.0, gamma=0.0, eps=2.0),
+    "sum": LossConfig(distance="sum", gamma=0.3, beta=0.2),
+    "released-mse": LossConfig(fidelity="released", distance="mse", calibration=0.4),
 }
 
 
@@ -249,7 +251,7 @@ def test_released_fidelity_uses_cubic_term_and_calibrated_distillation() -> None
     _, parts, b, (p_ec, p_ef) = loss_parts(LossConfig(fidelity="released", calibration=0.5))
     assert b.cexp_r is not None and b.cexp_c is not None
     close(parts["align_ec"], pair_distance(b.cexp_r, b.cexp_c, "released").detach())
-    assert not torch.allclose(parts["align_ec"], pair_distance(b.cexp_r, b.cexp_c, "paper"))
+    assert not torch.allclose(parts["align_ec"], pair_distance(b.cexp_r, b.cexp_c, "mse"))
     s = 0.5 * (UNSEEN.float() * 2 - 1)
     close(parts["distill"], pair_distance(p_ec + s, p_ef + s, "released").detach())
 

@@ -19,14 +19,16 @@ ORDER = np.argsort(IDS, kind="stable")  # attribute at each cluster-order column
 SEEN = torch.tensor([True, False, True, True, False])
 
 
-def released_state(sun: bool = False, seed: int = 0) -> dict[str, Tensor]:
+def released_state(sun: bool = False, seed: int = 0, ids: np.ndarray = IDS) -> dict[str, Tensor]:
     """A state dict in the released layout, with trained-looking (all non-zero) weights."""
     g = torch.Generator().manual_seed(seed)
+    d = ids.size
+    order = np.argsort(ids, kind="stable")
 
     def randn(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=g) * 0.7
 
-    w2v = randn(D, G)
+    w2v = randn(d, G)
 
     def subnet(prefix: str, v: Tensor) -> dict[str, Tensor]:
         out = {f"{prefix}.V": F.normalize(v) + 0.1 * randn(*v.shape)}
@@ -38,10 +40,10 @@ def released_state(sun: bool = False, seed: int = 0) -> dict[str, Tensor]:
         return out
 
     state = subnet("GNet", w2v)  # released GNet keeps the original attribute order
-    for q in range(IDS.max() + 1):
-        state.update(subnet(f"Snet{q}", w2v[torch.from_numpy(q == IDS)]))
-    a = torch.rand(K, D, generator=g)
-    state["att"] = F.normalize(a[:, torch.from_numpy(ORDER)])  # columns in cluster order
+    for q in range(ids.max() + 1):
+        state.update(subnet(f"Snet{q}", w2v[torch.from_numpy(q == ids)]))
+    a = torch.rand(K, d, generator=g)
+    state["att"] = F.normalize(a[:, torch.from_numpy(order)])  # columns in cluster order
     state["weight_ce"] = torch.eye(K)
     state["bias"] = torch.tensor(1)  # the released script passes an int
     mask_bias = torch.ones(1, K)
@@ -50,10 +52,12 @@ def released_state(sun: bool = False, seed: int = 0) -> dict[str, Tensor]:
     return state
 
 
-def released_scores(state: dict[str, Tensor], x: Tensor, mixcr: float, e_mix: float, sun: bool) -> Tensor:
+def released_scores(
+    state: dict[str, Tensor], x: Tensor, mixcr: float, e_mix: float, sun: bool, ids: np.ndarray = IDS
+) -> Tensor:
     """The released model's eval-mode forward and eval mixing, transcribed (cluster order throughout)."""
     fs = F.normalize(x.reshape(x.shape[0], x.shape[1], -1), dim=1)  # batch x C x R
-    ind = torch.from_numpy(IDS)
+    ind = torch.from_numpy(ids)
 
     def subnet(p: str, fs: Tensor) -> tuple[Tensor, Tensor]:
         v = state[f"{p}.V"]
@@ -69,7 +73,7 @@ def released_scores(state: dict[str, Tensor], x: Tensor, mixcr: float, e_mix: fl
         a_c = F.softmax(torch.einsum("iv,vf,bfr->bir", v, state[f"{p}.{att}"], ft), dim=-1)
         return s_pc, a_c * s_c
 
-    q_count = int(IDS.max()) + 1
+    q_count = int(ids.max()) + 1
     vec_bias = state["mask_bias"] * state["bias"]
     subs = [subnet(f"Snet{q}", fs) for q in range(q_count)]
     s_pa = torch.cat([s[0] for s in subs], dim=1).sum(2)
@@ -101,6 +105,43 @@ def test_imported_model_matches_released_forward(tmp_path: Path, sun: bool) -> N
             ours = mix_scores(p_ec, p_ef, e_mix, c, ~seen)
             ref = released_scores(state, x, mixcr, e_mix, sun)
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def released_sun_indicator() -> Tensor:
+    """DEDN_Sun.py's module-level indicator, transcribed statement by statement (its slices that are
+    really negative single indices included): groups of 64/27/9/2."""
+    indicator = torch.tensor([0] * 102)
+    indicator[38:65] = 1
+    indicator[65 - 74] = 2
+    indicator[77:85] = 2
+    indicator[74 - 77] = indicator[85 - 102] = 3
+    return indicator
+
+
+def test_released_sun_checkpoint_imports_with_the_released_preset(tmp_path: Path) -> None:
+    from dedn.clusters import presets_for
+
+    indicator = released_sun_indicator().numpy()
+    state = released_state(sun=True, seed=4, ids=indicator)  # Snet q holds the file's group q
+    assert [state[f"Snet{q}.V"].shape[0] for q in range(4)] == [64, 27, 9, 2]
+    path = tmp_path / "sun.pth"
+    torch.save(state, path)
+    _, preset = presets_for("SUN", 102)["released"]
+    model, c, seen = load_released_checkpoint(path, preset)
+    assert model.cfg.low_rank_hidden == HIDDEN and model.cfg.num_clusters == 4
+    model.eval()
+    x = torch.randn(3, C, 3, 3, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        b = model(x)
+        for mixcr, e_mix in [(0.95, 0.3), (0.5, 0.5)]:
+            p_ec, p_ef = model.scores(b, mixcr)
+            ours = mix_scores(p_ec, p_ef, e_mix, c, ~seen)
+            ref = released_scores(state, x, mixcr, e_mix, sun=True, ids=indicator)
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # The paper's table (38/27/17/20) cannot hold this file: the Snet row counts disagree.
+    _, manual = presets_for("SUN", 102)["manual"]
+    with pytest.raises(DednInputError, match=r"Snet0.V: must have shape \(38"):
+        load_released_checkpoint(path, manual)
 
 
 def test_rows_return_to_attribute_order() -> None:
