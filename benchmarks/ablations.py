@@ -14,13 +14,14 @@ import argparse
 import time
 from pathlib import Path
 
+from common import ROOT
+
 from dedn.baselines import eszsl_protocol
 from dedn.config import load_config
 from dedn.data import open_store
 from dedn.data.synth import SynthConfig, synth_from_benchmark
 from dedn.train import fit_and_test
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = [  # (label, overrides); the default squared-error term is the mean (loss.distance=mse)
     ("DEDN (full)", ["ablation=none"]),
     ("DEDN, summed square", ["ablation=none", "loss.distance=sum"]),  # the default before the mean
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=7)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--rows", nargs="+", default=None, help="only the settings whose label contains one of these")
     a = ap.parse_args()
     lines: list[tuple[str, str, float, float, float, float, float, float]] = []
     for ds in a.datasets:
@@ -52,6 +54,8 @@ def main() -> None:
         e = eszsl_protocol(s)
         lines.append((ds, "ESZSL", e.val["H"], e.test["U"], e.test["S"], e.test["H"], e.test["T"], 0.0))
         for name, sets in ROWS:
+            if a.rows and not any(r in name for r in a.rows):
+                continue
             t = time.perf_counter()
             cfg = load_config(
                 ROOT / "configs" / f"{ds.lower()}.yaml",
@@ -70,7 +74,7 @@ def main() -> None:
             lines.append(
                 (ds, name, r.validation.best_grid["H"], m["U"], m["S"], m["H"], m["T"], time.perf_counter() - t)
             )
-            print(f"{ds} {name}: val H {100 * lines[-1][2]:.1f} test H {100 * m['H']:.1f}", flush=True)
+            print(f"row {ds:<6} {name:<22} " + " ".join(f"{100 * v:>6.1f}" for v in lines[-1][2:7]), flush=True)
     print(
         f"\nSemi-synthetic stores C={a.channels} {a.size}x{a.size}, {a.epochs} epochs, lr {a.lr}, CPU; "
         "validation-chosen epoch and (lambda_rc, lambda_e, c); test scored once (%)"
@@ -85,7 +89,7 @@ def main() -> None:
         )
     for ds in a.datasets:
         h = {name: th for d, name, _, _, _, th, _, _ in lines if d == ds}
-        if h.get("DEDN w/o L_distill"):
+        if h.get("DEDN w/o L_distill") and "DEDN (full)" in h and "DEDN, summed square" in h:
             print(
                 f"{ds}: full DEDN test H / no-distillation test H = "
                 f"{h['DEDN (full)'] / h['DEDN w/o L_distill']:.2f} (summed square: "

@@ -12,8 +12,8 @@ One script, a few minutes on one GPU. It prints two tables:
    - the single-configuration trainer's step (features resident on the device; float32, bf16 autocast,
      and optionally torch.compile);
    - populations of M = 8, 16, 32 configurations trained as one batched model (bf16 autocast).
-   Each step is the trainer's own forward-and-loss function (dedn.train.single_forward_loss,
-   dedn.population.population_forward_loss), backward, and the optimiser step.
+   Each step is the trainer's own forward-and-loss function (dedn.build.build_step,
+   the same with per-member weights), backward, and the optimiser step.
 
 Targets on one H100/H200: single configuration <= 10 ms/step; population >= 25,000 member-samples/s.
 
@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT
 
 
 def build(channels: int, regions: int, classes: int, members: int, seed: int = 0) -> tuple[Any, ...]:
-    from dedn.clusters import manual_preset
     from dedn.model import DEDN, ModelConfig
+    from dedn.partitions import manual_preset
 
     _, ids = manual_preset("CUB")
     g = torch.Generator().manual_seed(seed)
@@ -67,11 +66,12 @@ def masks(classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 
 def single_step(model: Any, device: torch.device, classes: int, bf16: bool, compile_: bool) -> Callable[..., Any]:
-    from dedn.model import LossConfig
-    from dedn.train import compiled, single_forward_loss
+    from dedn.build import build_step
+    from dedn.config import LossConfig
+    from dedn.device import compiled
 
     seen, unseen = masks(classes, device)
-    fl = compiled(single_forward_loss(model, LossConfig(), seen, unseen, bf16), compile_)
+    fl = compiled(build_step(model, LossConfig(), seen, unseen, bf16), compile_)
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -84,17 +84,18 @@ def single_step(model: Any, device: torch.device, classes: int, bf16: bool, comp
 
 
 def population_step(models: list[Any], device: torch.device, classes: int, bf16: bool) -> Callable[..., Any]:
-    from dedn.model import LossConfig
-    from dedn.population import PopulationDEDN, PopulationRMSprop, population_forward_loss
+    from dedn.build import build_step
+    from dedn.config import LossConfig
+    from dedn.population_model import PopulationDEDN, PopulationRMSprop
 
     pop = PopulationDEDN(models).to(device)
     m = len(models)
     hyper = {
         k: torch.full((m,), v, device=device)
-        for k, v in {"beta": 1e-3, "gamma": 0.1, "eps": 1.0, "lambda_cal": 0.0, "calibration": 1.0}.items()
+        for k, v in {"beta": 1e-3, "gamma": 0.1, "eps": 1.0, "calibration": 1.0}.items()
     }
     seen, unseen = masks(classes, device)
-    fl = population_forward_loss(pop, hyper, LossConfig(), seen, unseen, bf16)
+    fl = build_step(pop, LossConfig(), seen, unseen, bf16, hyper)
     lrs = list(np.geomspace(1e-4, 1e-2, m))
     opt = PopulationRMSprop(dict(pop.named_parameters()), pop.member_of(), lrs, [0.9] * m, [1e-4] * m)
 
@@ -113,7 +114,7 @@ def naive_step(model: Any, device: torch.device, classes: int) -> Callable[..., 
 
     net = SubnetDEDN(model).to(device)
     seen, _ = masks(classes, device)
-    from dedn.model import LossConfig
+    from dedn.config import LossConfig
 
     return _step_fn(net, False, model.class_attributes.to(device), seen, LossConfig())  # type: ignore[no-any-return]
 
@@ -133,8 +134,10 @@ def sync(device: torch.device) -> None:
 
 def agreement(a: argparse.Namespace, device: torch.device) -> list[tuple[str, float, float]]:
     """(check, max relative difference, tolerance) rows."""
-    from dedn.model import Branches, LossConfig, dedn_loss
-    from dedn.population import PopulationDEDN
+    from dedn.config import LossConfig
+    from dedn.losses import dedn_loss
+    from dedn.model import Branches
+    from dedn.population_model import PopulationDEDN
 
     models, _ = build(a.channels, a.size * a.size, a.classes, 2)
     ref = models[0]
@@ -187,7 +190,7 @@ def agreement(a: argparse.Namespace, device: torch.device) -> list[tuple[str, fl
 
 def throughput(a: argparse.Namespace, device: torch.device) -> list[tuple[str, int, float, float, float]]:
     """(implementation, members, ms/step, member-samples/s, peak device MB) rows."""
-    from dedn.train import FeatureSource
+    from dedn.feeding import FeatureSource
 
     r = a.size * a.size
     rng = np.random.default_rng(0)
@@ -262,7 +265,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--members", type=int, nargs="*", default=None)
     a = ap.parse_args()
-    from dedn.train import cpu_supports_bf16
+    from dedn.device import cpu_supports_bf16
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not a.small:

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dedn.clusters import manual_preset
-from dedn.model import DEDN, LossConfig, ModelConfig, dedn_loss
+from dedn.config import LossConfig
+from dedn.losses import dedn_loss
+from dedn.model import DEDN, ModelConfig
+from dedn.partitions import manual_preset
 
 
 class SubnetDAN(nn.Module):
@@ -77,12 +79,13 @@ def _step_fn(
     bf16: bool = False,
     compile_: bool = False,
 ):  # type: ignore[no-untyped-def]
-    """One training step. Fused: the trainer's own forward-and-loss (dedn.train.single_forward_loss), with
+    """One training step. Fused: the trainer's own forward-and-loss (dedn.build.build_step), with
     bf16 autocast and torch.compile as the config's ``precision`` and ``compile`` set them."""
-    from dedn.train import compiled, single_forward_loss
+    from dedn.build import build_step
+    from dedn.device import compiled
 
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
-    forward_loss = compiled(single_forward_loss(model, lcfg, seen, ~seen, bf16), compile_) if fused else None  # type: ignore[arg-type]
+    forward_loss = compiled(build_step(model, lcfg, seen, ~seen, bf16), compile_) if fused else None  # type: ignore[arg-type]
 
     def step(x: Tensor, y: Tensor) -> None:
         if forward_loss is not None:
@@ -102,13 +105,15 @@ def _step_fn(
 
 def _population_step(fused: DEDN, m: int, seen: Tensor, lcfg: LossConfig):  # type: ignore[no-untyped-def]
     """M copies of ``fused`` (learning rates 1e-4 .. 1e-2) trained as one population, as dedn.population does."""
-    from dedn.population import PopulationDEDN, PopulationRMSprop, population_forward_loss
+    from dedn.build import build_step
+    from dedn.population_model import PopulationDEDN, PopulationRMSprop
 
     pop = PopulationDEDN([fused] * m)
     hyper = {
-        k: torch.full((m,), float(getattr(lcfg, k))) for k in ("beta", "gamma", "eps", "lambda_cal", "calibration")
+        k: torch.full((m,), float(getattr(lcfg, k)))
+        for k in ("beta", "gamma", "eps", "calibration")  # lambda_cal 0: off
     }
-    fl = population_forward_loss(pop, hyper, lcfg, seen, ~seen, False)
+    fl = build_step(pop, lcfg, seen, ~seen, False, hyper)
     lrs = [float(x) for x in np.geomspace(1e-4, 1e-2, m)]
     opt = PopulationRMSprop(dict(pop.named_parameters()), pop.member_of(), lrs, [0.9] * m, [1e-4] * m)
 
@@ -122,6 +127,8 @@ def _population_step(fused: DEDN, m: int, seen: Tensor, lcfg: LossConfig):  # ty
 
 
 def main() -> None:
+    """Parse the options, measure every row, print the table. Over 80 lines on purpose: a benchmark's main
+    is one straight script, so each printed row sits next to the code that measured it."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--channels", type=int, default=256)
     ap.add_argument("--size", type=int, default=7)
@@ -132,7 +139,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it compiles first)")
     ap.add_argument("--members", type=int, nargs="*", default=[4], help="population sizes to time (fp32)")
     a = ap.parse_args()
-    from dedn.train import cpu_supports_bf16
+    from dedn.device import cpu_supports_bf16
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DEDN": "dedn.model",
     "ModelConfig": "dedn.model",
-    "LossConfig": "dedn.model",
-    "dedn_loss": "dedn.model",
+    "LossConfig": "dedn.config",
+    "dedn_loss": "dedn.losses",
     "mix_scores": "dedn.model",
     "margin_aware_loss": "dedn.losses",
     "pair_distance": "dedn.losses",
@@ -27,7 +27,7 @@ _EXPORTS = {
     "load_config": "dedn.config",
     "train": "dedn.train",
     "fit_and_test": "dedn.train",
-    "load_checkpoint": "dedn.train",
+    "load_checkpoint": "dedn.checkpoints",
     "DednInputError": "dedn.errors",
 }
 

@@ -104,7 +104,7 @@ def eszsl_gzsl(
 def eszsl_protocol(store: FeatureStore) -> ESZSLResult:
     """The honest protocol for ESZSL on a store: choose (gamma, lambda, c) on the validation task,
     refit on trainval, evaluate the test task once."""
-    from dedn.train import make_task
+    from dedn.evaluation import make_task
 
     x = pool(store.features())
     att = store.classes.attributes.astype(np.float64)
@@ -133,3 +133,6 @@ def eszsl_protocol(store: FeatureStore) -> ESZSLResult:
         c,
     )
     return ESZSLResult(gamma, lam, c, val_metrics, test_metrics)
+
+
+__all__ = ["ESZSLResult", "eszsl_fit", "eszsl_gzsl", "eszsl_protocol", "eszsl_search", "pool"]

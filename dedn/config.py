@@ -7,6 +7,7 @@ error reported together in one DednInputError line naming the file.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import os
 from pathlib import Path
@@ -17,11 +18,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dedn.errors import DednInputError, DednInputErrors
 
+SelectOn = Literal[
+    "configured", "grid"
+]  # which H picks a run's best epoch: the config's inference point or the grid's best
 ABLATIONS = ("none", "no_distill", "cexp_only", "fexp_only", "no_channel_attention", "no_mal", "no_align")
 
 
+_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("_DEPTH", default=0)  # sections being built
+
+
 class _Frozen(BaseModel):
+    """A frozen config section; built in Python (not through ``validate_config``) a bad value raises
+    DednInputErrors naming the section, like a bad YAML file does."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        depth = _DEPTH.set(_DEPTH.get() + 1)
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            if _DEPTH.get() > 1:  # nested in another section, or inside validate_config: its caller reports
+                raise
+            raise DednInputErrors(type(self).__name__, _error_list(e)) from None
+        finally:
+            _DEPTH.reset(depth)
 
 
 class DataConfig(_Frozen):
@@ -50,7 +71,13 @@ class ModelSection(_Frozen):
         return self
 
 
-class LossSection(_Frozen):
+class LossConfig(_Frozen):
+    """The loss of eq. 18: ``mal`` False is plain cross-entropy; beta weighs L_align, gamma L_distill, eps is
+    MAL's margin. ``distance`` is d(x, y)'s squared-error term (see ``dedn.losses.pair_distance``); None
+    resolves by ``fidelity``. ``fidelity`` released also distils the calibrated scores P + c s, as the
+    released code does. ``mal_variant`` paper: z_y = P_y - 2 eps (released CUB); released: z_y = P_y - eps
+    (SUN/AWA2). ``lambda_cal`` > 0 adds DAZLE's self-calibration loss with ``calibration`` c."""
+
     mal: bool = True
     beta: float = Field(0.001, ge=0)
     gamma: float = Field(0.1, ge=0)
@@ -65,6 +92,13 @@ class LossSection(_Frozen):
     mal_variant: Literal["paper", "released"] = "paper"
     lambda_cal: float = Field(0.0, ge=0)
     calibration: float = 1.0
+
+    @property
+    def distance_term(self) -> Literal["mse", "sum", "released"]:
+        """``distance``, resolved: mse under fidelity paper, released under fidelity released."""
+        if self.distance is not None:
+            return self.distance
+        return "released" if self.fidelity == "released" else "mse"
 
 
 class OptimSection(_Frozen):
@@ -97,7 +131,7 @@ class TrainConfig(_Frozen):
 
     data: DataConfig
     model: ModelSection = ModelSection()
-    loss: LossSection = LossSection()
+    loss: LossConfig = LossConfig()
     optim: OptimSection = OptimSection()
     inference: InferenceSection = InferenceSection()
     fidelity: Literal["paper", "released"] = "paper"
@@ -123,7 +157,7 @@ class TrainConfig(_Frozen):
         if self.fidelity == "released":
             raw["loss"]["fidelity"] = "released"
             for key, value in self.released.items():
-                _set_path(raw, key, value, "released")
+                set_path(raw, key, value, "released")
         table: dict[str, dict[str, float | bool]] = {
             "none": {},
             "no_distill": {"loss.gamma": 0.0},
@@ -134,15 +168,17 @@ class TrainConfig(_Frozen):
             "no_align": {"loss.beta": 0.0},
         }
         for key, value in table[self.ablation].items():
-            _set_path(raw, key, value, "ablation")
+            set_path(raw, key, value, "ablation")
         if raw["loss"].get("distance") is None:
-            raw["loss"]["distance"] = "released" if raw["loss"]["fidelity"] == "released" else "mse"
+            raw["loss"]["distance"] = LossConfig.model_validate(raw["loss"]).distance_term
         raw["released"] = {}
         raw["fidelity"] = "paper" if self.fidelity == "paper" else "released"
         return TrainConfig.model_validate(raw)
 
 
-def _set_path(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+def set_path(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set ``value`` at the dotted key path of a raw config mapping, making sections as needed; a path
+    through a non-section is refused naming ``source``."""
     node = raw
     keys = dotted.split(".")
     for k in keys[:-1]:
@@ -169,13 +205,19 @@ def parse_overrides(overrides: list[str], source: str = "--set") -> list[tuple[s
 
 def validate_config(raw: dict[str, Any], source: str) -> TrainConfig:
     """Validate a raw mapping; all problems reported together as one DednInputErrors."""
+    depth = _DEPTH.set(_DEPTH.get() + 1)
     try:
         cfg = TrainConfig.model_validate(raw)
         cfg.effective()
         return cfg
     except ValidationError as e:
-        errors = [(".".join(str(p) for p in err["loc"]) or "config", err["msg"]) for err in e.errors()]
-        raise DednInputErrors(source, errors) from None
+        raise DednInputErrors(source, _error_list(e)) from None
+    finally:
+        _DEPTH.reset(depth)
+
+
+def _error_list(e: ValidationError) -> list[tuple[str, str]]:
+    return [(".".join(str(p) for p in err["loc"]) or "config", err["msg"]) for err in e.errors()]
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> TrainConfig:
@@ -191,9 +233,26 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise DednInputError(p, "config", "top level must be a mapping")
     raw = copy.deepcopy(raw)
     for key, value in parse_overrides(overrides or []):
-        _set_path(raw, key, value, f"{p} --set")
+        set_path(raw, key, value, f"{p} --set")
     return validate_config(raw, str(p))
 
 
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+__all__ = [
+    "ABLATIONS",
+    "DataConfig",
+    "InferenceSection",
+    "LossConfig",
+    "ModelSection",
+    "OptimSection",
+    "SelectOn",
+    "TrainConfig",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+    "set_path",
+    "validate_config",
+]

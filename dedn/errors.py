@@ -26,3 +26,6 @@ class DednInputErrors(DednInputError):
         self.errors = errors
         joined = "; ".join(f"{field}: {rule}" for field, rule in errors)
         super().__init__(source, f"{len(errors)} error(s)", joined)
+
+
+__all__ = ["DednInputError", "DednInputErrors"]

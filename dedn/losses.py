@@ -1,4 +1,4 @@
-"""DEDN's loss terms (paper eq. 7, 12, 13, 15; DAZLE's self-calibration), each a batch mean.
+"""DEDN's loss (eq. 18) and its terms (eq. 7, 12, 13, 15; DAZLE's self-calibration), each a batch mean.
 
 Shapes: B batch, K classes, N any feature width. ``seen_mask`` / ``unseen_mask`` are (K,) bool.
 Scores may carry leading dimensions (a population of M models: (M, B, K)); the batch is always the
@@ -9,13 +9,16 @@ Scalar hyperparameters may then be tensors of the leading shape, one value per m
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dedn.config import LossConfig
 from dedn.errors import DednInputError
+from dedn.model import Branches, calibration_signs
 
 MalVariant = Literal["paper", "released"]
 Distance = Literal["mse", "sum", "released"]
@@ -100,3 +103,90 @@ def self_calibration_loss(scores: Tensor, unseen_mask: Tensor, c: float | Tensor
     log_mass = torch.logsumexp(log_prob.masked_fill(~unseen_mask, float("-inf")), dim=-1)  # (..., B) log sum_u p
     # -log(mean_b exp(log_mass_b))
     return -(torch.logsumexp(log_mass, dim=-1) - math.log(scores.shape[-2]))
+
+
+PER_MEMBER_LOSS = ("beta", "gamma", "eps", "lambda_cal", "calibration")
+
+
+def dedn_loss(
+    branches: Branches,
+    p_ec: Tensor | None,
+    p_ef: Tensor | None,
+    target: Tensor,
+    seen_mask: Tensor,
+    unseen_mask: Tensor,
+    cfg: LossConfig,
+    hyper: Mapping[str, float | Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Training loss, eq. 18: L_cls(P_ec) + L_cls(P_ef) + beta (L_align^ec + L_align^ef) + gamma L_distill
+    [+ lambda_cal (L_cal^ec + L_cal^ef)].
+
+    One model: branches (B, D), p_ec/p_ef (B, K) from ``scores`` with lambda_rc None; the total is a scalar.
+    A population of M: branches (B, M, D), p_ec/p_ef (M, B, K), and ``hyper`` gives any of beta, gamma,
+    eps, lambda_cal, calibration as (M,) tensors (the rest come from ``cfg``); every term is then (M,).
+    target (B,) long; masks (K,) bool. A weight given as a float adds its term when it is > 0; one given
+    as a tensor always adds it (a member may weigh it 0).
+    Returns the total and detached parts, keyed ``mal_ec``/``mal_ef`` (``ce_*`` when mal is off),
+    ``align_ec``/``align_ef`` (channel attention on, beta on), ``distill`` (both experts, gamma on),
+    ``cal`` (lambda_cal on; summed over experts, unweighted) and ``total``. Nothing is detached in the total.
+    """
+    w: dict[str, float | Tensor] = {k: getattr(cfg, k) for k in PER_MEMBER_LOSS}
+    w.update(hyper or {})
+    distance = cfg.distance_term
+    some = next(p for p in (p_ec, p_ef) if p is not None)
+    total = torch.zeros(some.shape[:-2], device=target.device)  # () for one model, (M,) for a population
+    cls_name = "mal" if cfg.mal else "ce"
+    cal: Tensor | None = None
+    parts: dict[str, Tensor] = {}
+    per_expert = (("ec", p_ec, branches.cexp_r, branches.cexp_c), ("ef", p_ef, branches.fexp_r, branches.fexp_c))
+    for tag, p, o_r, o_c in per_expert:  # two experts, not clusters
+        if p is None:
+            continue
+        cls = (
+            margin_aware_loss(p, target, seen_mask, w["eps"], cfg.mal_variant)
+            if cfg.mal
+            else cross_entropy_loss(p, target)
+        )
+        parts[f"{cls_name}_{tag}"] = cls
+        total = total + cls
+        if o_r is not None and o_c is not None and _on(w["beta"]):
+            if o_r.ndim == 3:  # (B, M, D) -> (M, B, D): the batch is the second-to-last dimension
+                o_r, o_c = o_r.transpose(0, 1), o_c.transpose(0, 1)
+            align = pair_distance(o_r, o_c, distance)
+            parts[f"align_{tag}"] = align
+            total = total + w["beta"] * align
+        if _on(w["lambda_cal"]):
+            term = self_calibration_loss(p, unseen_mask, w["calibration"])
+            cal = term if cal is None else cal + term
+    if p_ec is not None and p_ef is not None and _on(w["gamma"]):
+        if cfg.fidelity == "released":  # released code distils the calibrated scores P + c s
+            signs = calibration_signs(unseen_mask.to(p_ec.device), p_ec.dtype)  # (K,)
+            shift = _per_model(w["calibration"], p_ec) * signs
+            distill = pair_distance(p_ec + shift, p_ef + shift, distance)
+        else:
+            distill = pair_distance(p_ec, p_ef, distance)
+        parts["distill"] = distill
+        total = total + w["gamma"] * distill
+    if cal is not None:
+        parts["cal"] = cal
+        total = total + w["lambda_cal"] * cal
+    parts["total"] = total
+    return total, {k: v.detach() for k, v in parts.items()}
+
+
+def _on(weight: float | Tensor) -> bool:
+    """Whether a term is added: a per-member tensor always, a float when it is > 0."""
+    return isinstance(weight, Tensor) or weight > 0
+
+
+__all__ = [
+    "DISTANCES",
+    "PER_MEMBER_LOSS",
+    "Distance",
+    "MalVariant",
+    "cross_entropy_loss",
+    "dedn_loss",
+    "margin_aware_loss",
+    "pair_distance",
+    "self_calibration_loss",
+]

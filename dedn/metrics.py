@@ -72,3 +72,6 @@ def zsl_accuracy(scores: np.ndarray | torch.Tensor, target: ArrayLike, unseen_cl
         raise DednInputError("metrics", "scores", f"must be (N, K), got shape {sc.shape}")
     pred = u[np.argmax(sc[:, u], axis=1)]  # (N,) class indices
     return per_class_accuracy(pred, target, u)
+
+
+__all__ = ["ArrayLike", "gzsl_metrics", "per_class_accuracy", "zsl_accuracy"]

@@ -13,26 +13,20 @@ Shapes: B batch, C channels, R = H*W regions, D attributes, G semantic dim, K cl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dedn.clusters import validate_partition
 from dedn.errors import DednInputError
-from dedn.losses import (
-    DISTANCES,
-    Distance,
-    cross_entropy_loss,
-    margin_aware_loss,
-    pair_distance,
-    self_calibration_loss,
-)
+from dedn.partitions import validate_partition
 
-Fidelity = Literal["paper", "released"]
+if TYPE_CHECKING:
+    from dedn.config import ModelSection
 
 
 @dataclass(frozen=True)
@@ -61,6 +55,18 @@ class ModelConfig:
         object.__setattr__(self, "partition", tuple(int(i) for i in ids))  # hashable, plain ints
         if self.low_rank_hidden is not None and self.low_rank_hidden < 1:
             raise DednInputError("model", "low_rank_hidden", f"must be None or >= 1, got {self.low_rank_hidden}")
+
+    @classmethod
+    def from_section(cls, section: ModelSection, partition: Sequence[int] | np.ndarray) -> ModelConfig:
+        """The architecture of a config's ``model`` section with the resolved (D,) partition."""
+        return cls(
+            partition=tuple(int(i) for i in partition),
+            use_cexp=section.use_cexp,
+            use_fexp=section.use_fexp,
+            channel_attention=section.channel_attention,
+            normalize_features=section.normalize_features,
+            low_rank_hidden=section.low_rank_hidden,
+        )
 
     @property
     def num_attributes(self) -> int:
@@ -330,94 +336,16 @@ def mix_scores(p_ec: Tensor | None, p_ef: Tensor | None, lambda_e: float, c: flo
     return p + c * calibration_signs(unseen_mask.to(p.device), p.dtype)
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    """Loss switches (eq. 18). ``mal`` False: plain cross-entropy. ``distance`` is pair_distance's
-    squared-error term (mse, sum or released) in L_align and L_distill. ``fidelity`` released distils the
-    calibrated scores P + c s, as the released code does.
-    ``mal_variant``: "paper" (z_y = P_y - 2 eps; released CUB) or "released" (z_y = P_y - eps; SUN/AWA2).
-    ``lambda_cal`` > 0 adds DAZLE's self-calibration loss with ``calibration`` c on each expert's P.
-    Raises DednInputError for unknown variants or negative weights.
-    """
-
-    mal: bool = True
-    beta: float = 0.001
-    gamma: float = 0.1
-    eps: float = 1.0
-    fidelity: Fidelity = "paper"
-    distance: Distance | None = None  # None: mse under fidelity paper, released under fidelity released
-    mal_variant: Fidelity = "paper"
-    lambda_cal: float = 0.0
-    calibration: float = 1.0
-
-    @property
-    def distance_term(self) -> Distance:
-        """The resolved ``distance`` (never None after construction)."""
-        assert self.distance is not None
-        return self.distance
-
-    def __post_init__(self) -> None:
-        for name in ("fidelity", "mal_variant"):
-            if getattr(self, name) not in ("paper", "released"):
-                raise DednInputError("loss", name, f"must be 'paper' or 'released', got {getattr(self, name)!r}")
-        if self.distance is None:
-            object.__setattr__(self, "distance", "released" if self.fidelity == "released" else "mse")
-        if self.distance not in DISTANCES:
-            raise DednInputError("loss", "distance", f"must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
-        for name in ("beta", "gamma", "lambda_cal"):
-            if getattr(self, name) < 0:
-                raise DednInputError("loss", name, f"must be >= 0, got {getattr(self, name)}")
-
-
-def dedn_loss(
-    branches: Branches,
-    p_ec: Tensor | None,
-    p_ef: Tensor | None,
-    target: Tensor,
-    seen_mask: Tensor,
-    unseen_mask: Tensor,
-    cfg: LossConfig,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Training loss, eq. 18: L_cls(P_ec) + L_cls(P_ef) + beta (L_align^ec + L_align^ef) + gamma L_distill
-    [+ lambda_cal (L_cal^ec + L_cal^ef)].
-
-    p_ec/p_ef (B, K) from ``DEDN.scores`` with lambda_rc None; target (B,) long; masks (K,) bool.
-    Returns the total and detached parts, keyed ``mal_ec``/``mal_ef`` (``ce_*`` when mal is off),
-    ``align_ec``/``align_ef`` (channel attention on, beta > 0), ``distill`` (both experts, gamma > 0),
-    ``cal`` (lambda_cal > 0; summed over experts, unweighted) and ``total``. Nothing is detached in the total.
-    """
-    cls_name = "mal" if cfg.mal else "ce"
-    total = torch.zeros((), device=target.device)
-    cal: Tensor | None = None
-    parts: dict[str, Tensor] = {}
-    per_expert = (("ec", p_ec, branches.cexp_r, branches.cexp_c), ("ef", p_ef, branches.fexp_r, branches.fexp_c))
-    for tag, p, o_r, o_c in per_expert:  # two experts, not clusters
-        if p is None:
-            continue
-        cls = (
-            margin_aware_loss(p, target, seen_mask, cfg.eps, cfg.mal_variant)
-            if cfg.mal
-            else cross_entropy_loss(p, target)
-        )
-        parts[f"{cls_name}_{tag}"] = cls
-        total = total + cls
-        if o_r is not None and o_c is not None and cfg.beta > 0:
-            align = pair_distance(o_r, o_c, cfg.distance_term)
-            parts[f"align_{tag}"] = align
-            total = total + cfg.beta * align
-        if cfg.lambda_cal > 0:
-            term = self_calibration_loss(p, unseen_mask, cfg.calibration)
-            cal = term if cal is None else cal + term
-    if p_ec is not None and p_ef is not None and cfg.gamma > 0:
-        if cfg.fidelity == "released":  # released code distils the calibrated scores P + c s
-            shift = cfg.calibration * calibration_signs(unseen_mask.to(p_ec.device), p_ec.dtype)
-            distill = pair_distance(p_ec + shift, p_ef + shift, cfg.distance_term)
-        else:
-            distill = pair_distance(p_ec, p_ef, cfg.distance_term)
-        parts["distill"] = distill
-        total = total + cfg.gamma * distill
-    if cal is not None:
-        parts["cal"] = cal
-        total = total + cfg.lambda_cal * cal
-    parts["total"] = total
-    return total, {k: v.detach() for k, v in parts.items()}
+__all__ = [
+    "DEDN",
+    "AttendPair",
+    "Branches",
+    "ExpertWeights",
+    "ModelConfig",
+    "calibration_signs",
+    "class_scores",
+    "expert_branches",
+    "expert_output",
+    "flatten_features",
+    "mix_scores",
+]

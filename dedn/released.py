@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dedn.clusters import validate_partition
 from dedn.errors import DednInputError
 from dedn.model import DEDN, ExpertWeights, ModelConfig
+from dedn.partitions import validate_partition
 
 SOURCE = "released checkpoint"
 
@@ -162,3 +162,6 @@ def load_released_checkpoint(
     return load_released_state_dict(
         state, partition, normalize_features=normalize_features, gnet_order=gnet_order, source=str(path)
     )
+
+
+__all__ = ["SOURCE", "load_released_checkpoint", "load_released_state_dict"]

@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from dedn.build import build_model
 from dedn.config import load_config
 from dedn.data import open_store
-from dedn.train import build_model, resolve_partition, train
+from dedn.partitions import resolve_partition
+from dedn.train import train
+from tests.helpers import ROOT, TINY_CONFIG
 
 pytestmark = pytest.mark.gpu
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def test_gpu_forward_agrees_with_cpu(tiny_store: Path) -> None:
     s = open_store(tiny_store)
-    cfg = load_config(CONFIG, [f"data.store={tiny_store}"]).effective()
+    cfg = load_config(TINY_CONFIG, [f"data.store={tiny_store}"]).effective()
     part = resolve_partition(cfg, s)
     cpu = build_model(cfg, s, part, torch.device("cpu"))
     gpu = build_model(cfg, s, part, torch.device("cuda"))
@@ -33,7 +35,7 @@ def test_gpu_forward_agrees_with_cpu(tiny_store: Path) -> None:
 
 def test_gpu_training_learns(tiny_store: Path) -> None:
     s = open_store(tiny_store)
-    r = train(load_config(CONFIG, [f"data.store={tiny_store}", "device=cuda", "optim.epochs=6"]), s)
+    r = train(load_config(TINY_CONFIG, [f"data.store={tiny_store}", "device=cuda", "optim.epochs=6"]), s)
     assert all(np.isfinite(h.loss["total"]) for h in r.history)
     assert r.history[-1].eval["T"] > 0.5
 
@@ -43,7 +45,7 @@ def test_gpu_population_members_match_their_single_models(tiny_store: Path) -> N
 
     s = open_store(tiny_store)
     sets = [f"data.store={tiny_store}", "device=cuda", "optim.epochs=2", "precision=float32"]
-    cfgs = [load_config(CONFIG, [*sets, f"optim.lr={lr}"]) for lr in (5e-4, 2e-3)]
+    cfgs = [load_config(TINY_CONFIG, [*sets, f"optim.lr={lr}"]) for lr in (5e-4, 2e-3)]
     pop = train_population(cfgs, s)
     for m, cfg in zip(pop, cfgs, strict=True):
         single = train(cfg, s)
@@ -55,9 +57,8 @@ def test_gpu_check_script_runs_small() -> None:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--small", "--steps", "2", "--members", "2"],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--small", "--steps", "2", "--members", "2"],
         capture_output=True,
         text=True,
         timeout=600,

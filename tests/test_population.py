@@ -12,14 +12,14 @@ import torch
 from dedn.config import load_config
 from dedn.data import open_store
 from dedn.errors import DednInputError
-from dedn.population import Halving, PopulationRMSprop, population_state, train_population
+from dedn.population import Halving, population_state, train_population
+from dedn.population_model import PopulationRMSprop
 from dedn.train import train
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from tests.helpers import TINY_CONFIG
 
 
 def _cfg(store: Path, *sets: str):  # type: ignore[no-untyped-def]
-    return load_config(CONFIG, [f"data.store={store}", "device=cpu", "optim.epochs=3", *sets])
+    return load_config(TINY_CONFIG, [f"data.store={store}", "device=cpu", "optim.epochs=3", *sets])
 
 
 MEMBERS = [

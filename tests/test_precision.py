@@ -10,13 +10,13 @@ import torch
 
 from dedn.config import load_config
 from dedn.data import open_store
-from dedn.train import cpu_supports_bf16, train, use_bf16
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from dedn.device import cpu_supports_bf16, use_bf16
+from dedn.train import train
+from tests.helpers import TINY_CONFIG
 
 
 def _cfg(store: Path, *sets: str):  # type: ignore[no-untyped-def]
-    return load_config(CONFIG, [f"data.store={store}", "device=cpu", "optim.epochs=2", *sets])
+    return load_config(TINY_CONFIG, [f"data.store={store}", "device=cpu", "optim.epochs=2", *sets])
 
 
 def test_precision_choice(tiny_store: Path) -> None:
@@ -29,7 +29,8 @@ def test_precision_choice(tiny_store: Path) -> None:
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
 def test_bf16_training_stays_within_tolerance_of_float32(tiny_store: Path) -> None:
-    from dedn.train import build_model, resolve_partition
+    from dedn.build import build_model
+    from dedn.partitions import resolve_partition
 
     s = open_store(tiny_store)
     ref = train(_cfg(tiny_store), s, keep_epoch=2)

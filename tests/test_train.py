@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from dedn.checkpoints import load_checkpoint, save_checkpoint
 from dedn.config import load_config
 from dedn.data import open_store
 from dedn.data.store import ClassTable, StoreWriter
 from dedn.data.synth import TINY, BuiltinConfig, synth_builtin
 from dedn.errors import DednInputError
-from dedn.train import fit_and_test, load_checkpoint, make_task, save_checkpoint, train
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from dedn.evaluation import make_task
+from dedn.train import fit_and_test, train
+from tests.helpers import TINY_CONFIG
 
 
 def _cfg(store: Path, *sets: str):  # type: ignore[no-untyped-def]
-    return load_config(CONFIG, [f"data.store={store}", "device=cpu", *sets])
+    return load_config(TINY_CONFIG, [f"data.store={store}", "device=cpu", *sets])
 
 
 def test_reruns_with_the_same_seed_are_bit_identical(tiny_store: Path) -> None:
@@ -108,7 +109,7 @@ def test_checkpoint_round_trip(tiny_store: Path, tmp_path: Path) -> None:
     assert meta["fingerprint"] == s.meta.fingerprint and cfg2.optim == cfg.effective().optim
     assert all(torch.equal(model.state_dict()[k], v) for k, v in r.best_state.items())
     x = torch.from_numpy(s.features()[:5].astype(np.float32))
-    from dedn.train import build_model
+    from dedn.build import build_model
 
     ref = build_model(cfg, s, r.partition, torch.device("cpu"))
     ref.load_state_dict(r.best_state)
@@ -127,11 +128,11 @@ def test_config_errors_are_reported_together(tmp_path: Path) -> None:
     assert msg.startswith(str(bad)) and "3 error(s)" in msg
     assert "optim.lr" in msg and "optim.epochs" in msg and "model.colors" in msg and "\n" not in msg
     with pytest.raises(DednInputError, match="must be key=value"):
-        load_config(CONFIG, ["optim.lr"])
+        load_config(TINY_CONFIG, ["optim.lr"])
     with pytest.raises(DednInputError, match="clusters .kmeans. needs kmeans_q"):
-        load_config(CONFIG, ["data.store=x", "model.clusters=kmeans"])
+        load_config(TINY_CONFIG, ["data.store=x", "model.clusters=kmeans"])
     with pytest.raises(DednInputError, match="ablation"):
-        load_config(CONFIG, ["data.store=x", "ablation=no_brain"])
+        load_config(TINY_CONFIG, ["data.store=x", "ablation=no_brain"])
     with pytest.raises(DednInputError, match="config not found"):
         load_config(tmp_path / "none.yaml")
 

@@ -224,3 +224,16 @@ def read_benchmark(
         attribute_vectors=vectors,
         sources=sources,
     )
+
+
+__all__ = [
+    "ATTRIBUTE_NAME_FILES",
+    "Benchmark",
+    "SplitFile",
+    "find_companion",
+    "read_attribute_names",
+    "read_benchmark",
+    "read_class_list",
+    "read_image_labels",
+    "read_split_file",
+]

@@ -12,14 +12,13 @@ validate every header-level fact before reading a feature, and write through ``S
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dedn import __version__
-from dedn.clusters import presets_for
 from dedn.data.benchmark_files import (
     Benchmark,
     read_attribute_names,
@@ -27,22 +26,13 @@ from dedn.data.benchmark_files import (
     read_class_list,
     read_split_file,
 )
+from dedn.data.progress import Progress, no_progress
 from dedn.data.safe_pickle import load_array_pickle
+from dedn.data.schema import AttributeTable, ClassTable, StoreMeta
 from dedn.data.splits import TEST_UNSEEN, assign_splits, standard_from_locs
-from dedn.data.store import AttributeTable, ClassTable, StoreMeta, StoreWriter
+from dedn.data.writer import StoreWriter
 from dedn.errors import DednInputError
-
-Progress = Callable[[Iterator[Any], int, str], Iterator[Any]]
-
-
-def _no_progress(it: Iterator[Any], total: int, desc: str) -> Iterator[Any]:
-    return it
-
-
-def tqdm_progress(it: Iterator[Any], total: int, desc: str) -> Iterator[Any]:
-    from tqdm import tqdm
-
-    return iter(tqdm(it, total=total, desc=desc, unit="chunk", leave=False))
+from dedn.partitions import presets_for
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:
@@ -118,6 +108,17 @@ def _write_rows(
         writer.write(feats, labels[rows], splits[rows], [ids[i] for i in rows])
 
 
+def _provenance(converter: str, inputs: dict[str, str], seed: int, val_fraction: float) -> dict[str, Any]:
+    """The ``provenance`` entry of meta.json for a converted store."""
+    return {
+        "converter": converter,
+        "inputs": inputs,
+        "dedn_version": __version__,
+        "seed": seed,
+        "val_fraction": val_fraction,
+    }
+
+
 def convert_xlsa17(
     att_splits: str | os.PathLike[str],
     res101: str | os.PathLike[str],
@@ -132,7 +133,7 @@ def convert_xlsa17(
     seed: int = 0,
     val_fraction: float = 0.2,
     overwrite: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> StoreMeta:
     """Convert xlsa17 ``att_splits.mat`` + ``res101.mat`` (features 2048 x N, labels 1-based)."""
     from dedn.data.matv5 import MatrixStream
@@ -169,13 +170,7 @@ def convert_xlsa17(
     else:
         ids = [str(i) for i in range(n)]
     classes, attributes, splits = _tables_for(bench, labels, str(bench.split_file.path), seed, val_fraction)
-    provenance = {
-        "converter": "xlsa17",
-        "inputs": {**bench.sources, "res101": str(res)},
-        "dedn_version": __version__,
-        "seed": seed,
-        "val_fraction": val_fraction,
-    }
+    provenance = _provenance("xlsa17", {**bench.sources, "res101": str(res)}, seed, val_fraction)
 
     def chunks() -> Iterator[tuple[int, np.ndarray]]:
         start = 0
@@ -221,6 +216,85 @@ def _tables_for(
 HDF5_KEYS = ("feature_map", "labels", "trainval_loc", "test_seen_loc", "test_unseen_loc", "att")
 
 
+def _open_hdf5(path: Path) -> Any:
+    """The HDF5 file at ``path``, opened read-only (an ``h5py.File``, usable as a context manager)."""
+    import h5py
+
+    if not path.is_file():
+        raise DednInputError(path, "file", "not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DednInputError(path, "file", f"not a readable HDF5 file: {e}") from None
+
+
+def _read_hdf5_arrays(h5: Any, path: Path) -> tuple[Any, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Check the required keys; return the (lazy) feature-map dataset, labels, att and split locations."""
+    for key in HDF5_KEYS:
+        if key not in h5:
+            raise DednInputError(path, key, "missing key in the feature-map file")
+    fm = h5["feature_map"]
+    if fm.ndim != 4:
+        raise DednInputError(path, "feature_map", f"must be N x C x h x w, got shape {fm.shape}")
+    if not np.issubdtype(fm.dtype, np.floating):
+        raise DednInputError(path, "feature_map", f"must be floating point, got dtype {fm.dtype}")
+    n = int(fm.shape[0])
+    labels = np.asarray(h5["labels"]).reshape(-1)
+    if not np.issubdtype(labels.dtype, np.integer) and not np.all(np.mod(labels, 1) == 0):
+        raise DednInputError(path, "labels", f"must be integer class indices, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.size != n:
+        raise DednInputError(path, "labels", f"need one label per feature map (N={n}), got {labels.size}")
+    att = np.asarray(h5["att"], dtype=np.float64)
+    if att.ndim != 2:
+        raise DednInputError(path, "att", f"must be K x D, got shape {att.shape}")
+    locs = {
+        s: np.asarray(h5[f"{s}_loc"]).reshape(-1).astype(np.int64) for s in ("trainval", "test_seen", "test_unseen")
+    }
+    return fm, labels, att, locs
+
+
+def _hdf5_attribute_vectors(
+    h5: Any, attribute_vectors: str | os.PathLike[str] | None, d: int, src: str, sources: dict[str, str]
+) -> np.ndarray | None:
+    """The file's ``w2v_att``, else the ``*_attribute.pkl`` given (recorded in ``sources``), else None."""
+    vectors = np.asarray(h5["w2v_att"], dtype=np.float64) if "w2v_att" in h5 else None
+    if vectors is None and attribute_vectors is not None:
+        vectors = load_array_pickle(attribute_vectors).astype(np.float64)
+        sources["attribute_vectors"] = str(attribute_vectors)
+    if vectors is not None and (vectors.ndim != 2 or vectors.shape[0] != d):
+        vsrc = str(attribute_vectors) if "attribute_vectors" in sources else src
+        raise DednInputError(vsrc, "attribute vectors", f"must be (D={d}, G) to match att, got {vectors.shape}")
+    return vectors
+
+
+def _hdf5_class_names(
+    att_splits: str | os.PathLike[str] | None, k: int, path: Path, sources: dict[str, str]
+) -> list[str]:
+    """Class names from ``att_splits`` (recorded in ``sources``) when given, else ``class_000``..."""
+    if att_splits is None:
+        return [f"class_{i:03d}" for i in range(k)]
+    sf = read_split_file(att_splits)
+    if len(sf.class_names) != k:
+        raise DednInputError(
+            att_splits,
+            "allclasses_names",
+            f"need K={k} names to match {path.name}'s att, got {len(sf.class_names)}",
+        )
+    sources["att_splits"] = str(att_splits)
+    return sf.class_names
+
+
+def _hdf5_attribute_names(attribute_names: str | os.PathLike[str] | None, d: int) -> list[str] | None:
+    """Attribute names from a names file, checked against D; None when no file is given."""
+    names = read_attribute_names(attribute_names) if attribute_names is not None else None
+    if names is not None and len(names) != d:
+        raise DednInputError(
+            attribute_names or "", "attribute names", f"need D={d} names to match att, got {len(names)}"
+        )
+    return names
+
+
 def convert_hdf5(
     features: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -235,7 +309,7 @@ def convert_hdf5(
     seed: int = 0,
     val_fraction: float = 0.2,
     overwrite: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> StoreMeta:
     """Convert a DAZLE/MSDN/DEDN feature-map HDF5 file (0-based labels and locations).
 
@@ -243,64 +317,17 @@ def convert_hdf5(
     from ``val_classes`` (needs class names); attribute vectors from the file's ``w2v_att`` or an
     ``*_attribute.pkl`` (restricted unpickler); attribute names from a names file.
     """
-    import h5py
-
     path = Path(features)
     src = str(path)
-    if not path.is_file():
-        raise DednInputError(path, "file", "not found")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as e:
-        raise DednInputError(path, "file", f"not a readable HDF5 file: {e}") from None
-    with h5:
-        for key in HDF5_KEYS:
-            if key not in h5:
-                raise DednInputError(path, key, "missing key in the feature-map file")
-        fm = h5["feature_map"]
-        if fm.ndim != 4:
-            raise DednInputError(path, "feature_map", f"must be N x C x h x w, got shape {fm.shape}")
-        if not np.issubdtype(fm.dtype, np.floating):
-            raise DednInputError(path, "feature_map", f"must be floating point, got dtype {fm.dtype}")
+    with _open_hdf5(path) as h5:
+        fm, labels, att, locs = _read_hdf5_arrays(h5, path)
         n, c, hh, ww = (int(s) for s in fm.shape)
-        labels = np.asarray(h5["labels"]).reshape(-1)
-        if not np.issubdtype(labels.dtype, np.integer) and not np.all(np.mod(labels, 1) == 0):
-            raise DednInputError(path, "labels", f"must be integer class indices, got dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
-        if labels.size != n:
-            raise DednInputError(path, "labels", f"need one label per feature map (N={n}), got {labels.size}")
-        att = np.asarray(h5["att"], dtype=np.float64)
-        if att.ndim != 2:
-            raise DednInputError(path, "att", f"must be K x D, got shape {att.shape}")
         k, d = att.shape
-        locs = {
-            s: np.asarray(h5[f"{s}_loc"]).reshape(-1).astype(np.int64) for s in ("trainval", "test_seen", "test_unseen")
-        }
-        vectors = np.asarray(h5["w2v_att"], dtype=np.float64) if "w2v_att" in h5 else None
         sources = {"features": src}
-        if vectors is None and attribute_vectors is not None:
-            vectors = load_array_pickle(attribute_vectors).astype(np.float64)
-            sources["attribute_vectors"] = str(attribute_vectors)
-        if vectors is not None and (vectors.ndim != 2 or vectors.shape[0] != d):
-            vsrc = str(attribute_vectors) if "attribute_vectors" in sources else src
-            raise DednInputError(vsrc, "attribute vectors", f"must be (D={d}, G) to match att, got {vectors.shape}")
-        class_names = [f"class_{i:03d}" for i in range(k)]
-        if att_splits is not None:
-            sf = read_split_file(att_splits)
-            if len(sf.class_names) != k:
-                raise DednInputError(
-                    att_splits,
-                    "allclasses_names",
-                    f"need K={k} names to match {path.name}'s att, got {len(sf.class_names)}",
-                )
-            class_names = sf.class_names
-            sources["att_splits"] = str(att_splits)
+        vectors = _hdf5_attribute_vectors(h5, attribute_vectors, d, src, sources)
+        class_names = _hdf5_class_names(att_splits, k, path, sources)
         vc = read_class_list(val_classes, class_names) if val_classes is not None else None
-        names = read_attribute_names(attribute_names) if attribute_names is not None else None
-        if names is not None and len(names) != d:
-            raise DednInputError(
-                attribute_names or "", "attribute names", f"need D={d} names to match att, got {len(names)}"
-            )
+        names = _hdf5_attribute_names(attribute_names, d)
         ds_name = name or path.stem.split("_")[0]
         classes, attributes, splits = build_tables(
             source=src,
@@ -315,13 +342,7 @@ def convert_hdf5(
             seed=seed,
             val_fraction=val_fraction,
         )
-        provenance = {
-            "converter": "hdf5",
-            "inputs": sources,
-            "dedn_version": __version__,
-            "seed": seed,
-            "val_fraction": val_fraction,
-        }
+        provenance = _provenance("hdf5", sources, seed, val_fraction)
 
         def chunks() -> Iterator[tuple[int, np.ndarray]]:
             for start in range(0, n, chunk_rows):
@@ -341,3 +362,6 @@ def convert_hdf5(
             _write_rows(writer, chunks(), labels, splits, [str(i) for i in range(n)], progress, -(-n // chunk_rows))
     assert writer.meta is not None
     return writer.meta
+
+
+__all__ = ["HDF5_KEYS", "build_tables", "convert_hdf5", "convert_xlsa17", "l2_rows"]

@@ -53,3 +53,6 @@ def summary(path: str | os.PathLike[str], verify: bool = False) -> str:
     origin = prov.get("converter") or prov.get("generator") or "unknown"
     lines.append(f"provenance   {origin}")
     return "\n".join(lines)
+
+
+__all__ = ["summary"]

@@ -158,3 +158,6 @@ class MatrixStream:
                 raw = _read_exact(stream, c * rows * self.dtype.itemsize, self.source)
                 yield np.frombuffer(raw, self.dtype).reshape(c, rows).T
                 done += c
+
+
+__all__ = ["MI_COMPRESSED", "MI_MATRIX", "MatrixStream"]

@@ -59,3 +59,6 @@ def load_array_pickle(path: str | os.PathLike[str]) -> np.ndarray:
     if not (np.issubdtype(obj.dtype, np.floating) or np.issubdtype(obj.dtype, np.integer)):
         raise DednInputError(source, "pickle", f"array must be numeric, got dtype {obj.dtype}")
     return obj
+
+
+__all__ = ["load_array_pickle"]

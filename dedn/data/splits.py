@@ -130,3 +130,18 @@ def assign_splits(
         out[rows] = TRAIN
         out[held] = VAL_SEEN
     return out, val_unseen
+
+
+__all__ = [
+    "SPLITS",
+    "SPLIT_GROUPS",
+    "STANDARD_SPLITS",
+    "TEST_SEEN",
+    "TEST_UNSEEN",
+    "TRAIN",
+    "TRAINVAL",
+    "VAL_SEEN",
+    "VAL_UNSEEN",
+    "assign_splits",
+    "standard_from_locs",
+]

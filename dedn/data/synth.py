@@ -28,12 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from dedn import __version__
-from dedn.clusters import presets_for
 from dedn.data.benchmark_files import Benchmark, read_benchmark
-from dedn.data.convert import Progress, _no_progress, build_tables
+from dedn.data.convert import build_tables
+from dedn.data.progress import Progress, no_progress
+from dedn.data.schema import AttributeTable, StoreMeta
 from dedn.data.splits import TEST_SEEN, TEST_UNSEEN, TRAINVAL
-from dedn.data.store import AttributeTable, StoreMeta, StoreWriter
+from dedn.data.writer import StoreWriter
 from dedn.errors import DednInputError
+from dedn.partitions import presets_for
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def _strengths(bench: Benchmark) -> np.ndarray:
     return np.clip(raw / scale, 0.0, 1.0)
 
 
-def _patterns(cluster_ids: np.ndarray, cfg: SynthConfig, rng: np.random.Generator) -> np.ndarray:
+def attribute_patterns(cluster_ids: np.ndarray, cfg: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     """(D, C*H*W) planted pattern u_d (x) m_d of each attribute."""
     d = cluster_ids.size
     q = int(cluster_ids.max()) + 1
@@ -118,7 +120,7 @@ def synth_from_benchmark(
     name: str | None = None,
     chunk_rows: int = 1024,
     overwrite: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> StoreMeta:
     """A store with the real classes, attribute matrix, splits, per-class image counts, attribute names
     and vectors of the benchmark in ``folder`` (``att_splits.mat`` and companions), planted features."""
@@ -143,7 +145,7 @@ def synth_from_benchmark(
     presets = presets_for(bench.name, d)
     cluster_ids = presets["manual"][1] if "manual" in presets else np.arange(d) % 4
     rng = np.random.default_rng(cfg.seed)
-    patterns = _patterns(cluster_ids, cfg, rng)
+    patterns = attribute_patterns(cluster_ids, cfg, rng)
     keep = np.flatnonzero(splits >= 0)
     labels = bench.labels[keep]
     provenance = {
@@ -210,7 +212,7 @@ def synth_builtin(
     *,
     chunk_rows: int = 1024,
     overwrite: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> StoreMeta:
     """The tiny built-in dataset (20 classes, 24 attributes in 4 clusters), planted as above."""
     s = builtin_structure(builtin, cfg.seed)
@@ -241,7 +243,7 @@ def synth_builtin(
         names=attributes.names, vectors=attributes.vectors, presets={"manual": (names, cluster_ids), "half": half}
     )
     rng = np.random.default_rng(cfg.seed)
-    patterns = _patterns(cluster_ids, cfg, rng)
+    patterns = attribute_patterns(cluster_ids, cfg, rng)
     provenance = {
         "generator": "semi-synthetic",
         "structure": {"builtin": asdict(builtin)},
@@ -266,4 +268,12 @@ def synth_builtin(
     return writer.meta
 
 
-__all__ = ["TINY", "BuiltinConfig", "SynthConfig", "synth_builtin", "synth_from_benchmark"]
+__all__ = [
+    "TINY",
+    "BuiltinConfig",
+    "SynthConfig",
+    "attribute_patterns",
+    "builtin_structure",
+    "synth_builtin",
+    "synth_from_benchmark",
+]

@@ -9,7 +9,7 @@ import pytest
 from dedn.data import open_store
 from dedn.data.benchmark_files import read_benchmark
 from dedn.data.synth import TINY, BuiltinConfig, SynthConfig, builtin_structure, synth_builtin, synth_from_benchmark
-from tests.conftest import zsl_dir
+from tests.helpers import zsl_dir
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
@@ -59,11 +59,11 @@ def test_attributes_explain_the_images(tmp_path: Path) -> None:
 def test_attribute_footprints_follow_their_cluster(tmp_path: Path) -> None:
     """With no noise, an attribute's energy sits around its cluster's centre: attributes of one cluster
     share far more spatial overlap than attributes of different clusters."""
-    from dedn.data.synth import _patterns
+    from dedn.data.synth import attribute_patterns
 
     ids = np.repeat(np.arange(4), 5)
     cfg = SynthConfig(channels=16, height=9, width=9)
-    p = _patterns(ids, cfg, np.random.default_rng(0)).reshape(20, 16, 81)
+    p = attribute_patterns(ids, cfg, np.random.default_rng(0)).reshape(20, 16, 81)
     energy = (p**2).sum(1)
     energy /= np.linalg.norm(energy, axis=1, keepdims=True)
     overlap = energy @ energy.T
@@ -96,7 +96,7 @@ def test_real_structure_is_kept(tmp_path: Path, dataset: str) -> None:
     assert meta.presets["manual"] and meta.provenance["config"]["channels"] == 4
     if dataset == "SUN":  # the released code's grouping is a preset of SUN stores: --set model.clusters=released
         from dedn.config import validate_config
-        from dedn.train import resolve_partition
+        from dedn.partitions import resolve_partition
 
         cfg = validate_config({"data": {"store": str(tmp_path / "s")}, "model": {"clusters": "released"}}, "test")
         assert np.bincount(resolve_partition(cfg, s)).tolist() == [64, 27, 9, 2]

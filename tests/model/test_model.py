@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -10,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dedn.config import LossConfig
 from dedn.errors import DednInputError
-from dedn.inference import branch_outputs, score_grid
-from dedn.losses import pair_distance, self_calibration_loss
+from dedn.evaluation import branch_outputs, score_grid
+from dedn.losses import dedn_loss, pair_distance, self_calibration_loss
 from dedn.metrics import gzsl_metrics, zsl_accuracy
-from dedn.model import DEDN, Branches, LossConfig, ModelConfig, dedn_loss, mix_scores
+from dedn.model import DEDN, Branches, ModelConfig, mix_scores
 
 from .naive import NaiveDEDN, naive_total
 
@@ -99,7 +99,7 @@ def run_both(model: DEDN, loss_cfg: LossConfig) -> None:
         close(p_ef, np_["fexp"])
     p_ec, p_ef = model.scores(b)
     total, _ = dedn_loss(b, p_ec, p_ef, TARGET, SEEN, UNSEEN, loss_cfg)
-    ref = naive_total(n, naive.scores(n), TARGET, SEEN, UNSEEN, **dataclasses.asdict(loss_cfg))
+    ref = naive_total(n, naive.scores(n), TARGET, SEEN, UNSEEN, **loss_cfg.model_dump())
     close(total, ref)
     total.backward()
     ref.backward()

@@ -11,6 +11,7 @@ from torch import Tensor
 from dedn.errors import DednInputError
 from dedn.model import mix_scores
 from dedn.released import load_released_checkpoint, load_released_state_dict
+from tests.helpers import released_sun_indicator
 
 D, G, C, R, K, HIDDEN = 10, 5, 8, 9, 5, 3
 # Cluster order differs from attribute order: cluster 0 holds attributes 1, 4, 5.
@@ -107,21 +108,10 @@ def test_imported_model_matches_released_forward(tmp_path: Path, sun: bool) -> N
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-def released_sun_indicator() -> Tensor:
-    """DEDN_Sun.py's module-level indicator, transcribed statement by statement (its slices that are
-    really negative single indices included): groups of 64/27/9/2."""
-    indicator = torch.tensor([0] * 102)
-    indicator[38:65] = 1
-    indicator[65 - 74] = 2
-    indicator[77:85] = 2
-    indicator[74 - 77] = indicator[85 - 102] = 3
-    return indicator
-
-
 def test_released_sun_checkpoint_imports_with_the_released_preset(tmp_path: Path) -> None:
-    from dedn.clusters import presets_for
+    from dedn.partitions import presets_for
 
-    indicator = released_sun_indicator().numpy()
+    indicator = released_sun_indicator()
     state = released_state(sun=True, seed=4, ids=indicator)  # Snet q holds the file's group q
     assert [state[f"Snet{q}.V"].shape[0] for q in range(4)] == [64, 27, 9, 2]
     path = tmp_path / "sun.pth"

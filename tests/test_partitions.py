@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dedn.clusters import (
+from dedn.errors import DednInputError
+from dedn.partitions import (
     half_preset,
     kmeans_partition,
     manual_preset,
@@ -11,7 +12,7 @@ from dedn.clusters import (
     presets_for,
     validate_partition,
 )
-from dedn.errors import DednInputError
+from tests.helpers import released_sun_indicator
 
 # Paper table 1 / spec sizes.
 SIZES = {
@@ -35,16 +36,6 @@ def test_spot_indices_from_the_spec() -> None:
     assert cub[73] == 3 and cub[263] == cub[277] == 4 and cub[217] == 5
     _, sun = manual_preset("SUN")
     assert sun[74] == sun[85] == 3 and sun[77] == 2
-
-
-def released_sun_indicator() -> np.ndarray:
-    """The released SUN code's indicator, transcribed statement by statement (numpy indexes as torch does)."""
-    indicator = np.array([0] * 102)
-    indicator[38:65] = 1
-    indicator[65 - 74] = 2
-    indicator[77:85] = 2
-    indicator[74 - 77] = indicator[85 - 102] = 3
-    return indicator
 
 
 def test_released_sun_preset_is_the_released_codes_grouping() -> None:

@@ -12,10 +12,15 @@ checkpoints were trained with it; the paper's table 1 (``manual``) stays the def
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dedn.errors import DednInputError
+
+if TYPE_CHECKING:
+    from dedn.config import TrainConfig
+    from dedn.data.store import FeatureStore
 
 Ranges = list[tuple[int, int]]
 
@@ -147,3 +152,41 @@ def kmeans_partition(vectors: np.ndarray, num_clusters: int, seed: int = 0) -> n
     relabel = np.empty(num_clusters, dtype=np.int64)
     relabel[order] = np.arange(num_clusters)
     return validate_partition(relabel[raw], d, "kmeans")
+
+
+def resolve_partition(cfg: TrainConfig, store: FeatureStore) -> np.ndarray:
+    """(D,) cluster ids from the config's ``model.clusters`` for this store."""
+    m, d = cfg.model, store.meta.num_attributes
+    if isinstance(m.clusters, list):
+        return partition_from_groups(m.clusters, d, "model.clusters")
+    if m.clusters == "kmeans":
+        assert m.kmeans_q is not None
+        if m.kmeans_q > d:
+            raise DednInputError("config", "model.kmeans_q", f"must be <= D={d}, got {m.kmeans_q}")
+        return kmeans_partition(store.attributes.vectors, m.kmeans_q, seed=cfg.seed)
+    if m.clusters == "single":
+        return np.zeros(d, dtype=np.int64)
+    if m.clusters == "singletons":
+        return np.arange(d, dtype=np.int64)
+    if m.clusters not in store.attributes.presets:
+        raise DednInputError(
+            "config",
+            "model.clusters",
+            f"must be a preset of the store {sorted(store.attributes.presets)}, kmeans, single or singletons, "
+            f"got {m.clusters!r}",
+        )
+    return validate_partition(store.attributes.presets[m.clusters][1], d, "model.clusters")
+
+
+__all__ = [
+    "MANUAL_TABLES",
+    "NUM_ATTRIBUTES",
+    "RELEASED_TABLES",
+    "half_preset",
+    "kmeans_partition",
+    "manual_preset",
+    "partition_from_groups",
+    "presets_for",
+    "resolve_partition",
+    "validate_partition",
+]

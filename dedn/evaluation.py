@@ -1,4 +1,5 @@
-"""Inference with cached branch outputs: one forward pass per split, then any (lambda_rc, lambda_e, c) grid.
+"""Evaluation: which images a task scores among which classes, the branch outputs of a split, the
+(lambda_rc, lambda_e, c) grid scored from them, and the one mapping of a grid point to inference settings.
 
 lambda_rc, lambda_e and c change no weight, and class scores are linear in O_r and O_c, so a grid point
 is a weighted sum of four cached (N, K) score matrices; c only decides, per image, between the best
@@ -7,15 +8,57 @@ unseen class and the best other class, so every c costs O(N).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dedn.config import TrainConfig
+from dedn.data.store import FeatureStore
 from dedn.errors import DednInputError
 from dedn.metrics import gzsl_metrics, per_class_accuracy
 from dedn.model import DEDN, Branches, class_scores, expert_output, mix_scores
+
+if TYPE_CHECKING:
+    from dedn.feeding import FeatureSource
+
+
+@dataclass(frozen=True)
+class Task:
+    """Which images train, which evaluate, and among which classes.
+
+    ``classes`` (K',) global ids the evaluation chooses among; ``unseen`` (K',) bool within them;
+    ``train_seen`` (K,) bool: classes the loss treats as seen.
+    """
+
+    name: str
+    classes: np.ndarray
+    unseen: np.ndarray
+    train_seen: np.ndarray
+    train_rows: np.ndarray
+    eval_rows: np.ndarray
+
+
+def make_task(store: FeatureStore, name: str) -> Task:
+    seen, val_unseen = store.classes.seen, store.classes.val_unseen
+    if name == "validation":
+        classes = np.flatnonzero(seen)
+        task = Task(
+            name, classes, val_unseen[classes], seen & ~val_unseen, store.indices("train"), store.indices("val")
+        )
+    elif name == "test":
+        task = Task(name, np.arange(seen.size), ~seen, seen.copy(), store.indices("trainval"), store.indices("test"))
+    else:
+        raise DednInputError("train", "task", f"must be 'validation' or 'test', got {name!r}")
+    for what, rows in (("training", task.train_rows), ("evaluation", task.eval_rows)):
+        if rows.size == 0:
+            raise DednInputError(store.path, "split", f"the {name} task needs {what} images, the store has none")
+    if not task.unseen.any():
+        raise DednInputError(store.path, "val_unseen", f"the {name} task needs unseen classes, the store has none")
+    return task
 
 
 @torch.no_grad()
@@ -109,3 +152,57 @@ def _best(p: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         return p.new_full((n,), float("-inf")), torch.full((n,), p.shape[1], dtype=torch.long, device=p.device)
     best, arg = p[:, idx].max(dim=1)
     return best, idx[arg]
+
+
+def evaluate(
+    model: DEDN, source: FeatureSource, store: FeatureStore, task: Task, cfg: TrainConfig
+) -> tuple[dict[str, float], dict[str, float], list[dict[str, float]]]:
+    """Metrics at the configured inference point and over the whole grid, from one forward pass."""
+    model.eval()
+    branches = branch_outputs(model, source.rows(task.eval_rows), cfg.eval_batch_size)
+    model.train()
+    return evaluate_branches(branches, model.class_attributes, store, task, cfg)
+
+
+def evaluate_branches(
+    branches: Branches, class_attributes: torch.Tensor, store: FeatureStore, task: Task, cfg: TrainConfig
+) -> tuple[dict[str, float], dict[str, float], list[dict[str, float]]]:
+    """Metrics at the configured inference point, the best grid point and the whole grid, from cached
+    (N, D) branch outputs of the task's evaluation images."""
+    inf = cfg.inference
+    a = class_attributes[torch.as_tensor(task.classes, device=class_attributes.device)]
+    local = np.searchsorted(task.classes, store.labels[task.eval_rows])
+    seen_l, unseen_l = np.flatnonzero(~task.unseen), np.flatnonzero(task.unseen)
+    args = (branches, a, task.unseen)
+    configured = score_grid(*args, [inf.lambda_rc], [inf.lambda_e], [inf.calibration], local, seen_l, unseen_l)[0]
+    grid = score_grid(*args, inf.grid_lambda_rc, inf.grid_lambda_e, inf.grid_calibration, local, seen_l, unseen_l)
+    best = max(grid, key=lambda r: r["H"])
+    return configured, best, grid
+
+
+def inference_point(grid: Mapping[str, float], prefix: str = "") -> dict[str, float]:
+    """A grid point as ``inference`` settings {lambda_rc, lambda_e, calibration}: from an evaluation's
+    {lambda_rc, lambda_e, c} (``prefix`` "") or a trial's reported metrics (``prefix`` "grid_" or
+    "best_grid_"). Raises KeyError when the point is incomplete."""
+    return {
+        "lambda_rc": float(grid[f"{prefix}lambda_rc"]),
+        "lambda_e": float(grid[f"{prefix}lambda_e"]),
+        "calibration": float(grid[f"{prefix}c"]),
+    }
+
+
+def with_inference_point(cfg: TrainConfig, grid: Mapping[str, float], prefix: str = "") -> TrainConfig:
+    """``cfg`` whose inference settings are the grid point ``grid`` (see ``inference_point``)."""
+    return cfg.model_copy(update={"inference": cfg.inference.model_copy(update=inference_point(grid, prefix))})
+
+
+__all__ = [
+    "Task",
+    "branch_outputs",
+    "evaluate",
+    "evaluate_branches",
+    "inference_point",
+    "make_task",
+    "score_grid",
+    "with_inference_point",
+]
