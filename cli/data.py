@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from dedn.data.convert import tqdm_progress
+from dedn.data.progress import tqdm_progress
+
+__all__ = ["convert", "convert_hdf5_cmd", "convert_xlsa17_cmd", "data", "inspect", "synth"]
 
 _DTYPE = click.Choice(["float16", "float32"])
 

@@ -11,6 +11,8 @@ import click
 from dedn import __version__
 from dedn.errors import DednInputError
 
+__all__ = ["cli", "main"]
+
 
 class _Group(click.Group):
     """Turns bad input into one line on stderr and exit status 2, instead of a traceback."""

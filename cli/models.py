@@ -8,6 +8,8 @@ import sys
 
 import click
 
+__all__ = ["predict", "promote", "ui"]
+
 _URI = click.option(
     "--tracking-uri",
     default=None,

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from tuning.search import SearchOutcome
+
+__all__ = ["search"]
 
 
 @click.command()
@@ -128,6 +134,11 @@ def search(
         population=population,
     )
     out = run_search(opts, resume=resume is not None)
+    _print_outcome(out)
+
+
+def _print_outcome(out: SearchOutcome) -> None:
+    """The experiment, the MLflow parent run, failures, the best configuration and its scores."""
     click.echo(
         f"\nexperiment  {out.experiment}   ({out.num_trials} {'population ' if out.population > 1 else ''}trials: "
         + ", ".join(f"{n} {s.lower()}" for s, n in out.trial_states.items())

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from dedn.config import TrainConfig
+    from dedn.data.store import FeatureStore
+    from dedn.train import FitResult
+
+__all__ = ["train"]
 
 
 def _row(name: str, m: dict[str, float] | None, extra: str = "") -> str:
@@ -58,12 +66,12 @@ def train(
     """
     from dedn.config import load_config
     from dedn.data import open_store
-    from dedn.train import fit_and_test, save_checkpoint
+    from dedn.train import fit_and_test
 
     sets = list(overrides) + ([f"data.store={store}"] if store is not None else [])
     cfg = load_config(config_path, sets)
     ds = open_store(cfg.data.store)
-    from dedn.train import check_compatible
+    from dedn.build import check_compatible
 
     check_compatible(cfg.effective(), ds)
     click.echo(
@@ -71,6 +79,18 @@ def train(
         f"fidelity={cfg.fidelity}, ablation={cfg.ablation}"
     )
     result = fit_and_test(cfg, ds, progress=not no_progress)
+    _print_epochs(result)
+    _print_results(cfg, result)
+    if baseline == "eszsl":
+        _print_eszsl(ds)
+    if result.final is not None:
+        folder = out or Path("runs") / config_path.stem
+        _save_final_model(folder, cfg, ds, result)
+        click.echo(f"\ncheckpoint: {folder}")
+
+
+def _print_epochs(result: FitResult) -> None:
+    """One line per validation epoch; the selected epoch is starred."""
     val = result.validation
     click.echo(f"\n{'epoch':>5} {'loss':>8} {'val U':>6} {'val S':>6} {'val H':>6} {'grid H':>6} {'samples/s':>9}")
     for r in val.history:
@@ -79,6 +99,12 @@ def train(
             f"{r.epoch:>5} {r.loss['total']:>8.3f} {100 * r.eval['U']:>6.1f} {100 * r.eval['S']:>6.1f} "
             f"{100 * r.eval['H']:>6.1f} {100 * r.grid_best['H']:>6.1f} {r.samples_per_s:>9.0f}{mark}"
         )
+
+
+def _print_results(cfg: TrainConfig, result: FitResult) -> None:
+    """The end table: validation at the configured and the best grid inference point, the test scored
+    once with each, and the paper's protocol (selection on test) when it was run."""
+    val = result.validation
     g = val.best_grid
     inf = cfg.inference
     click.echo(f"\n{'(%)':<58} {'U':>6} {'S':>6} {'H':>6} {'T':>6}")
@@ -107,33 +133,41 @@ def train(
                 "selection on the test set; comparison only",
             )
         )
-    if baseline == "eszsl":
-        from dedn.baselines import eszsl_protocol
 
-        e = eszsl_protocol(ds)
-        click.echo(
-            _row(
-                "ESZSL validation (gamma, lambda, c chosen here)",
-                e.val,
-                f"gamma={e.gamma} lambda={e.lam} c={e.calibration}",
-            )
+
+def _print_eszsl(ds: FeatureStore) -> None:
+    """ESZSL on the same splits, its hyperparameters chosen on validation."""
+    from dedn.baselines import eszsl_protocol
+
+    e = eszsl_protocol(ds)
+    click.echo(
+        _row(
+            "ESZSL validation (gamma, lambda, c chosen here)",
+            e.val,
+            f"gamma={e.gamma} lambda={e.lam} c={e.calibration}",
         )
-        click.echo(_row("ESZSL test once", e.test))
-    if result.final is not None:
-        folder = out or Path("runs") / config_path.stem
-        save_checkpoint(
-            folder,
-            result.final.best_state,
-            cfg,
-            ds,
-            result.final.partition,
-            {
-                "epoch": val.best_epoch,
-                "validation": val.best,
-                "validation_grid": g,
-                "test": result.test,
-                "test_grid_point": result.test_grid_point,
-                "paper_protocol": result.paper_protocol,
-            },
-        )
-        click.echo(f"\ncheckpoint: {folder}")
+    )
+    click.echo(_row("ESZSL test once", e.test))
+
+
+def _save_final_model(folder: Path, cfg: TrainConfig, ds: FeatureStore, result: FitResult) -> None:
+    """The model retrained on trainval, with the figures it was selected and scored by."""
+    from dedn.checkpoints import save_checkpoint
+
+    assert result.final is not None
+    val = result.validation
+    save_checkpoint(
+        folder,
+        result.final.best_state,
+        cfg,
+        ds,
+        result.final.partition,
+        {
+            "epoch": val.best_epoch,
+            "validation": val.best,
+            "validation_grid": val.best_grid,
+            "test": result.test,
+            "test_grid_point": result.test_grid_point,
+            "paper_protocol": result.paper_protocol,
+        },
+    )

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+__all__ = ["ray_session"]
+
 
 @contextmanager
 def ray_session(

@@ -8,6 +8,8 @@ from typing import Any
 
 from dedn.data.store import FeatureStore
 
+__all__ = ["SharedStore", "is_object_store_view", "share_store"]
+
 
 @dataclass
 class SharedStore:

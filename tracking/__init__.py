@@ -1,1 +1,3 @@
 """tracking package."""
+
+__all__: list[str] = []

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+__all__ = ["calibration", "h_per_epoch", "parallel_coordinates", "param_importance"]
+
 
 def h_per_epoch(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], best: str | None) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))

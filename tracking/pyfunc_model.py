@@ -15,10 +15,12 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
+__all__ = ["DednModel"]
+
 
 class DednModel(PythonModel):
     def load_context(self, context: Any) -> None:
-        from dedn.train import load_checkpoint
+        from dedn.checkpoints import load_checkpoint
 
         self.model, self.cfg, self.meta = load_checkpoint(context.artifacts["checkpoint"])
         self.unseen = ~torch.tensor(self.meta["seen"], dtype=torch.bool)

@@ -13,6 +13,15 @@ import numpy as np
 from dedn.errors import DednInputError
 from tracking.runs import mlflow_uris
 
+__all__ = [
+    "PYFUNC_CODE",
+    "best_child_run",
+    "check_store_matches",
+    "predict_store",
+    "promote",
+    "verify_validation",
+]
+
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 
 
@@ -47,8 +56,9 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
     import torch
     import yaml
 
+    from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE, save_checkpoint
     from dedn.config import validate_config
-    from dedn.train import save_checkpoint
+    from dedn.evaluation import with_inference_point
 
     ckpt = Path(
         mlflow.artifacts.download_artifacts(
@@ -60,24 +70,14 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
             run_id=best.info.run_id, artifact_path="trial_config.yaml", dst_path=str(folder / "trial"), tracking_uri=uri
         )
     )
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["best_model"]
-    partition = json.loads((ckpt / "progress.json").read_text())["partition"]
+    state = torch.load(ckpt / TRIAL_STATE, map_location="cpu", weights_only=True)["best_model"]
+    partition = json.loads((ckpt / TRIAL_PROGRESS).read_text())["partition"]
     header = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/store.json")
     cfg = validate_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
     m = best.data.metrics
     if parent.data.tags.get("dedn.posthoc_inference") == "true":
         # a post-hoc search: the inference point this trial chose on validation
-        cfg = cfg.model_copy(
-            update={
-                "inference": cfg.inference.model_copy(
-                    update={
-                        "lambda_rc": m["best_grid_lambda_rc"],
-                        "lambda_e": m["best_grid_lambda_e"],
-                        "calibration": m["best_grid_c"],
-                    }
-                )
-            }
-        )
+        cfg = with_inference_point(cfg, m, prefix="best_grid_")
     return save_checkpoint(
         folder / "model",
         state,
@@ -93,7 +93,8 @@ def verify_validation(python_model: Any, store_path: str, expected: dict[str, fl
     import torch
 
     from dedn.data import open_store
-    from dedn.train import FeatureSource, evaluate, make_task
+    from dedn.evaluation import evaluate, make_task
+    from dedn.feeding import FeatureSource
 
     store = open_store(store_path)
     check_store_matches(python_model.meta, store)

@@ -22,6 +22,17 @@ from typing import Any
 
 from dedn.errors import DednInputError
 
+__all__ = [
+    "DEFAULT_URI",
+    "RUNS_FILE",
+    "Tracker",
+    "check_not_scattered",
+    "check_reachable",
+    "code_version",
+    "mlflow_uris",
+    "resolve_tracking_uri",
+]
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUNS_FILE = "mlflow_runs.json"
 
@@ -47,11 +58,25 @@ def check_not_scattered(uri: str, joins_cluster: bool) -> None:
         )
 
 
+def _environ(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The current values of environment variables (None: unset), for ``_restore_environ``."""
+    return {k: os.environ.get(k) for k in names}
+
+
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as ``_environ`` found them, unset ones included."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail at once, with one line, when the tracking store cannot be used."""
     from mlflow.tracking import MlflowClient
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    saved = _environ(("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
     try:
@@ -59,11 +84,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     except Exception as e:  # any failure here means: do not start the search
         raise DednInputError(uri, "tracking store", f"cannot be reached: {type(e).__name__}: {str(e)[:200]}") from None
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_environ(saved)
 
 
 @contextlib.contextmanager
@@ -72,22 +93,30 @@ def mlflow_uris(uri: str) -> Iterator[None]:
     exactly, unset ones included (the fluent ``mlflow.*`` calls promote and predict need read these
     globals, and ``set_*_uri`` also exports MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI to child processes)."""
     import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    env = _environ(("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"))
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_mlflow_uris(*before, env)
+
+
+def _restore_mlflow_uris(tracking: str, registry: str, env: dict[str, str | None]) -> None:
+    """Unset both URIs (MLflow's setters take None for that), restore the environment, and set back a
+    URI that then reads differently from ``tracking`` / ``registry``: one that was set, not defaulted."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    _restore_environ(env)
+    if mlflow.get_tracking_uri() != tracking:
+        mlflow.set_tracking_uri(tracking)
+    if mlflow.get_registry_uri() != registry:  # compared once the tracking URI, its default, is back
+        mlflow.set_registry_uri(registry)
+    _restore_environ(env)  # the setters export what they set
 
 
 def code_version() -> str:
@@ -115,7 +144,7 @@ class Tracker:
         self.offline = False
         self.pending: set[str] = set()
         self.failed: list[tuple[str, Callable[[], Any]]] = []
-        self.state = self._load()
+        self.state = self._read_state()
 
     @property
     def client(self) -> Any:
@@ -134,15 +163,17 @@ class Tracker:
         self.__init__(state["uri"], state["dir"], state["name"])  # type: ignore[misc]
 
     # -- persistence of run ids ---------------------------------------------------------------
-    def _load(self) -> dict[str, Any]:
+    def _read_state(self) -> dict[str, Any]:
         path = self.dir / RUNS_FILE
         return json.loads(path.read_text()) if path.is_file() else {"parent": None, "trials": {}}
 
+    def reload(self) -> None:
+        """Read the run ids back from mlflow_runs.json, where another copy of this tracker (Tune's
+        callback) wrote them."""
+        self.state = self._read_state()
+
     def save(self) -> None:
         """Write the run ids (and per-trial progress) to mlflow_runs.json, atomically."""
-        self._save()
-
-    def _save(self) -> None:
         tmp = self.dir / (RUNS_FILE + ".tmp")
         tmp.write_text(json.dumps(self.state, indent=2))
         os.replace(tmp, self.dir / RUNS_FILE)
@@ -193,7 +224,7 @@ class Tracker:
             self.client.log_dict(run.info.run_id, store_header, "store.json")
         self.state["parent"] = run.info.run_id
         self.state["experiment_id"] = exp_id
-        self._save()
+        self.save()
         return run.info.run_id
 
     def child(self, trial_id: str, trial_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
@@ -218,7 +249,7 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
             self.state["trials"][trial_id] = run.info.run_id
             self.pending.discard(trial_id)
-            self._save()
+            self.save()
 
         self.pending.add(trial_id)
         self.call(f"create run of {trial_name}", create)
@@ -231,8 +262,19 @@ class Tracker:
         self.call(what, lambda: fn(self.run_of(trial_id)))
 
     def metrics(self, run_id: str, metrics: dict[str, float], step: int, what: str) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        """Log metrics at ``step`` on a run."""
+        batch = _metric_batch(metrics, step)
         self.call(what, lambda: self.client.log_batch(run_id, metrics=batch))
+
+    def trial_metrics(self, trial_id: str, metrics: dict[str, float], step: int, what: str) -> None:
+        """Log metrics at ``step`` on a trial's run, its id looked up when the call runs."""
+        batch = _metric_batch(metrics, step)
+        self.trial_call(trial_id, what, lambda run: self.client.log_batch(run, metrics=batch))
+
+
+def _metric_batch(metrics: dict[str, float], step: int) -> list[Any]:
+    """MLflow metric entities for one step, all stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()]

@@ -1,1 +1,3 @@
 """tuning package."""
+
+__all__: list[str] = []

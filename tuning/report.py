@@ -12,7 +12,9 @@ from cluster.objects import SharedStore
 from dedn.data.store import FeatureStore
 from tracking import plots
 from tracking.runs import Tracker, code_version
-from tuning.space import trial_config
+from tuning.space import chosen_values, trial_config
+
+__all__ = ["C_GRID", "calibration_curve", "parent_tags", "report_search"]
 
 C_GRID = [round(0.1 * i, 2) for i in range(31)]
 
@@ -38,7 +40,10 @@ def calibration_curve(
     """S, U, H on the validation task against c, for the trained weights ``state``."""
     import torch
 
-    from dedn.train import FeatureSource, build_model, evaluate, make_task, resolve_partition
+    from dedn.build import build_model
+    from dedn.evaluation import evaluate, make_task
+    from dedn.feeding import FeatureSource
+    from dedn.partitions import resolve_partition
 
     cfg = trial_config(base, cfg_values).effective()
     cfg = cfg.model_copy(
@@ -91,16 +96,29 @@ def report_search(
     posthoc: bool,
 ) -> list[str]:
     """Log plots, the final model and summary metrics on the parent run; returns what could not be logged."""
-    import optuna
-
-    from dedn.train import save_checkpoint
-    from tuning.tracking_callback import member_key
-
-    tracker.state = tracker._load()  # the callback (a separate copy) wrote the trial runs
+    tracker.reload()  # the callback (a separate copy) wrote the trial runs
     parent = str(tracker.state["parent"])
     store = shared.materialize()
+    best_entry = _log_search_plots(tracker, parent, exp, name, results)
+    if best_entry is not None:
+        _log_calibration_plot(tracker, parent, best_entry, best_config, best_metrics, posthoc, base, store)
+    summary = {f"best_{k}": float(v) for k, v in best_metrics.items() if k.startswith("val_")}
+    if final is not None:
+        _log_final_model(tracker, parent, exp, final, base, store, best_metrics)
+        summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T")})
+    tracker.metrics(parent, summary, 0, "summary metrics")
+    if best_entry is not None:
+        _tag_best_trial(tracker, parent, best_entry)
+    tracker.call("parent status", lambda: tracker.client.set_terminated(parent, status="FINISHED"))
+    return tracker.retry_failed()
 
-    from tuning.population import best_weights, member_entries
+
+def _log_search_plots(tracker: Tracker, parent: str, exp: Path, name: str, results: list[Any]) -> Any:
+    """Validation H per epoch, parameter importance and parallel coordinates of every configuration the
+    search trained; returns the entry (tuning.population.Entry) with the highest validation H, or None."""
+    import optuna
+
+    from tuning.population import member_entries
 
     curves: dict[str, tuple[list[int], list[float]]] = {}
     params: list[dict[str, Any]] = []
@@ -124,47 +142,67 @@ def report_search(
         importances = {}
     _log_figure(tracker, parent, plots.param_importance(importances), "param_importance.png")
     _log_figure(tracker, parent, plots.parallel_coordinates(params, best_h), "parallel_coordinates.png")
+    return best_entry
 
-    checkpoint = getattr(best_entry.result, "checkpoint", None) if best_entry is not None else None
-    if best_entry is not None and checkpoint is not None and Path(checkpoint.path).is_dir():
-        state = best_weights(checkpoint.path, best_entry.member)
-        values = dict(best_config)
-        if posthoc:
-            values.update(
-                {
-                    "inference.lambda_rc": best_metrics["grid_lambda_rc"],
-                    "inference.lambda_e": best_metrics["grid_lambda_e"],
-                    "inference.calibration": best_metrics["grid_c"],
-                }
-            )
-        s, u, h, chosen = calibration_curve(values, base, store, state)
-        _log_figure(tracker, parent, plots.calibration(C_GRID, s, u, h, chosen), "calibration_best_trial.png")
 
-    summary = {f"best_{k}": float(v) for k, v in best_metrics.items() if k.startswith("val_")}
-    if final is not None:
-        cfg = trial_config(base, final["config"])
-        folder = save_checkpoint(
-            exp / "final_model",
-            final["state"],
-            cfg,
-            store,
-            np.asarray(final["partition"]),
-            {
-                "test": final["test"],
-                "validation": best_metrics,
-                "weights": "retrained on trainval",
-                "epoch": int(best_metrics["epoch"]),
-            },
-        )
-        tracker.call("final model", lambda: tracker.client.log_artifacts(parent, str(folder), "final_model"))
-        summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T")})
-    tracker.metrics(parent, summary, 0, "summary metrics")
-    if best_entry is not None:
-        m = best_entry.result.metrics
-        trial_id = m.get("trial_id") if m else None
-        key = trial_id if best_entry.member is None or not trial_id else member_key(trial_id, best_entry.member)
-        run_id = tracker.state["trials"].get(key) if key else None
-        if run_id:
-            tracker.call("best-trial tag", lambda: tracker.client.set_tag(parent, "dedn.best_trial_run_id", run_id))
-    tracker.call("parent status", lambda: tracker.client.set_terminated(parent, status="FINISHED"))
-    return tracker.retry_failed()
+def _log_calibration_plot(
+    tracker: Tracker,
+    parent: str,
+    entry: Any,
+    best_config: dict[str, Any],
+    best_metrics: dict[str, Any],
+    posthoc: bool,
+    base: dict[str, Any],
+    store: FeatureStore,
+) -> None:
+    """S, U and H against calibration c for the best entry's checkpointed weights (when it kept one), at
+    the chosen configuration (with ``posthoc``, at the inference point it chose on validation)."""
+    from tuning.population import best_weights
+
+    checkpoint = getattr(entry.result, "checkpoint", None)
+    if checkpoint is None or not Path(checkpoint.path).is_dir():
+        return
+    state = best_weights(checkpoint.path, entry.member)
+    values = chosen_values(best_config, best_metrics, posthoc)
+    s, u, h, chosen = calibration_curve(values, base, store, state)
+    _log_figure(tracker, parent, plots.calibration(C_GRID, s, u, h, chosen), "calibration_best_trial.png")
+
+
+def _log_final_model(
+    tracker: Tracker,
+    parent: str,
+    exp: Path,
+    final: dict[str, Any],
+    base: dict[str, Any],
+    store: FeatureStore,
+    best_metrics: dict[str, Any],
+) -> None:
+    """Save the retrained model to ``<experiment>/final_model`` and log it on the parent run."""
+    from dedn.checkpoints import save_checkpoint
+
+    folder = save_checkpoint(
+        exp / "final_model",
+        final["state"],
+        trial_config(base, final["config"]),
+        store,
+        np.asarray(final["partition"]),
+        {
+            "test": final["test"],
+            "validation": best_metrics,
+            "weights": "retrained on trainval",
+            "epoch": int(best_metrics["epoch"]),
+        },
+    )
+    tracker.call("final model", lambda: tracker.client.log_artifacts(parent, str(folder), "final_model"))
+
+
+def _tag_best_trial(tracker: Tracker, parent: str, entry: Any) -> None:
+    """Tag the parent run with the run id of the best entry's trial (or population member)."""
+    from tuning.tracking_callback import member_key
+
+    m = entry.result.metrics
+    trial_id = m.get("trial_id") if m else None
+    key = trial_id if entry.member is None or not trial_id else member_key(trial_id, entry.member)
+    run_id = tracker.state["trials"].get(key) if key else None
+    if run_id:
+        tracker.call("best-trial tag", lambda: tracker.client.set_tag(parent, "dedn.best_trial_run_id", run_id))

@@ -10,14 +10,30 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.objects import SharedStore, share_store
 from dedn.data import open_store
 from dedn.errors import DednInputError
-from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, load_search_spec, trial_config
+from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, chosen_values, load_search_spec, trial_config
+
+if TYPE_CHECKING:
+    from tracking.runs import Tracker
+
+__all__ = [
+    "METRIC",
+    "MODE",
+    "SearchOptions",
+    "SearchOutcome",
+    "best_trial",
+    "check_space_against_store",
+    "experiment_path",
+    "population_size",
+    "prepare",
+    "run_search",
+]
 
 METRIC, MODE = "val_H", "max"
 
@@ -107,9 +123,9 @@ def _searcher(spec: SearchSpec, opts: SearchOptions, study_db: Path, name: str) 
     points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
     size = population_size(spec, opts)
     if size > 1:
-        from tuning.population import make_population_searcher
+        from tuning.population_searcher import PopulationSearcher
 
-        return make_population_searcher(define, size, f"sqlite:///{study_db}", name, spec.seed, points, METRIC, MODE)
+        return PopulationSearcher(define, size, f"sqlite:///{study_db}", name, spec.seed, points, METRIC, MODE)
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_db}")
     return OptunaSearch(
         space=define,
@@ -147,7 +163,7 @@ def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str, Any]:
     base = {**base, "data": {**base.get("data", {}), "store": str(store_path)}}
     cfg = trial_config(base, {}, source=str(base_path))
     store = open_store(store_path)
-    from dedn.train import check_compatible
+    from dedn.build import check_compatible
 
     check_compatible(cfg.effective(), store)
     check_space_against_store(spec, base, store, opts.spec_path)
@@ -156,7 +172,7 @@ def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str, Any]:
 
 def check_space_against_store(spec: SearchSpec, base: dict[str, Any], store: Any, source: str) -> None:
     """Every cluster choice must exist in the store and k-means' Q may not exceed its attribute count."""
-    from dedn.train import resolve_partition
+    from dedn.partitions import resolve_partition
 
     d = store.meta.num_attributes
     q = spec.params.get("model.kmeans_q")
@@ -176,13 +192,83 @@ def check_space_against_store(spec: SearchSpec, base: dict[str, Any], store: Any
 
 
 def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
-    """Run (or with ``resume`` continue) a search; prints nothing itself, returns the outcome."""
-    import ray
-    from ray import tune
+    """Run (or with ``resume`` continue) a search; prints nothing itself, returns the outcome.
 
+    Everything is checked and the search recorded before Ray starts; then the store goes into Ray's
+    object store once, Tune runs the trials, the best configuration is retrained and tested once, and
+    the parent MLflow run gets the plots and summary. ``best.json`` in the experiment folder keeps the outcome."""
     from cluster.connect import ray_session
 
-    t0 = time.perf_counter()
+    clock = _PhaseClock()
+    exp, name, opts, spec, base, store = _prepare_experiment(opts, resume)
+    tracker = _start_tracker(opts, exp, name, store) if opts.track else None
+    # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    clock.end("prepare (spec, store, tracking)")
+    with ray_session(opts.address):
+        clock.end("Ray start")
+        shared = share_store(store)  # read once, put once; trials read the object store
+        clock.end("store into the object store")
+        grid = _tuner(shared, base, opts, spec, exp, name, tracker, resume).fit()
+        clock.end("trials (Tune)")
+        results = [grid[i] for i in range(len(grid))]
+        states, errors = _trial_states(results)
+        best_config, best_metrics, _ = best_trial(results)
+        if not best_metrics:
+            raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
+        final = None
+        if opts.final_test:
+            final = _run_final_test(shared, base, best_config, best_metrics, opts)
+            clock.end("final retrain + test")
+        not_logged = None
+        if tracker is not None:
+            from tuning.report import report_search
+
+            not_logged = report_search(
+                tracker, exp, name, results, shared, base, best_config, best_metrics, final, opts.posthoc_inference
+            )
+            clock.end("MLflow summary and plots")
+    clock.end("Ray stop")
+    outcome = SearchOutcome(
+        experiment=exp,
+        best_config=best_config,
+        best_metrics=best_metrics,
+        best_epoch=int(best_metrics["epoch"]),
+        num_trials=len(results),
+        trial_states=states,
+        errors=errors,
+        test=final["test"] if final is not None else None,
+        seconds=time.perf_counter() - clock.start,
+        tracking_uri=opts.tracking_uri if tracker else None,
+        parent_run_id=tracker.state["parent"] if tracker else None,
+        not_logged=not_logged,
+        population=population_size(spec, opts),
+        phases=clock.phases,
+        posthoc_inference=opts.posthoc_inference,
+    )
+    (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
+    return outcome
+
+
+class _PhaseClock:
+    """Seconds per phase of a command: ``end(phase)`` closes the phase that ran since the last call."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def end(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.mark
+        self.mark = now
+
+
+def _prepare_experiment(
+    opts: SearchOptions, resume: bool
+) -> tuple[Path, str, SearchOptions, SearchSpec, dict[str, Any], Any]:
+    """Everything before Ray starts: the experiment folder (new, or with ``resume`` an existing one and the
+    options it was started with), the spec, store and tracking store checked, and ``search.json`` written
+    for a new search. Returns (folder, name, the options in force, spec, base config, opened store)."""
     name = opts.name or f"{Path(opts.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = _experiment_dir(opts.storage_path, name)
     if resume:
@@ -192,128 +278,111 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
         raise DednInputError(exp, "experiment", "already exists: pick another --name or use --resume")
-    spec, base, store_path, store = prepare(opts)
+    spec, base, _, store = prepare(opts)
     if spec.posthoc_inference and not opts.posthoc_inference:
-        opts = SearchOptions(**{**vars(opts), "posthoc_inference": True})
-    epochs = int(trial_config(base, {}).effective().optim.epochs)
-    size = population_size(spec, opts)
-    # num_samples counts configurations; with populations each Tune trial trains `size` of them.
-    num_samples = -(-(opts.num_samples or spec.num_samples) // size)
-    tracker = None
+        opts = replace(opts, posthoc_inference=True)
     if opts.track:
-        from tracking.runs import Tracker, check_not_scattered, check_reachable, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(opts.tracking_uri)
-        check_not_scattered(uri, joins_cluster=opts.address is not None)
-        check_reachable(uri)  # before any trial runs
-        opts = SearchOptions(**{**vars(opts), "tracking_uri": uri})
+        opts = replace(opts, tracking_uri=_checked_tracking_uri(opts))
     exp.mkdir(parents=True, exist_ok=True)
     if not resume:
         record = {"options": {**vars(opts), "name": name}, "spec": spec.model_dump(), "base": base}
         (exp / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    if opts.track:
-        from tuning.report import parent_tags
+    return exp, name, opts, spec, base, store
 
-        assert opts.tracking_uri is not None
-        tracker = Tracker(opts.tracking_uri, exp, name)
-        from dedn.train import checkpoint_header
 
-        tracker.parent(
-            parent_tags(store, opts.spec_path, opts.posthoc_inference), opts.spec_path, checkpoint_header(store)
-        )
+def _checked_tracking_uri(opts: SearchOptions) -> str:
+    """The tracking store the search will log to, refused before any trial runs when it is a file store
+    and the search joins a cluster, or when it cannot be reached."""
+    from tracking.runs import check_not_scattered, check_reachable, resolve_tracking_uri
 
-    # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    phases: dict[str, float] = {"prepare (spec, store, tracking)": time.perf_counter() - t0}
-    mark = time.perf_counter()
+    uri = resolve_tracking_uri(opts.tracking_uri)
+    check_not_scattered(uri, joins_cluster=opts.address is not None)
+    check_reachable(uri)
+    return uri
 
-    def phase(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        phases[name] = phases.get(name, 0.0) + now - mark
-        mark = now
 
-    with ray_session(opts.address):
-        phase("Ray start")
-        shared = share_store(store)  # read once, put once; trials read the object store
-        phase("store into the object store")
-        trainable = _trainable(shared, base, opts, spec)
-        if resume:
-            tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            from tuning.tracking_callback import MLflowTrialLogger
+def _start_tracker(opts: SearchOptions, exp: Path, name: str, store: Any) -> Tracker:
+    """The search's MLflow tracker, with its parent run created (or on resume reopened)."""
+    from dedn.checkpoints import checkpoint_header
+    from tracking.runs import Tracker
+    from tuning.report import parent_tags
 
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=_searcher(spec, opts, exp / "optuna.db", name),
-                    scheduler=_scheduler(spec, epochs),
-                    num_samples=num_samples,
-                    max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
-                    time_budget_s=opts.time_budget_s or spec.time_budget_s,
-                    reuse_actors=spec.reuse_actors,
-                ),
-                run_config=tune.RunConfig(
-                    name=name,
-                    storage_path=str(exp.parent),
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[MLflowTrialLogger(tracker, base)] if tracker is not None else None,
-                    verbose=1,
-                ),
-            )
-        grid = tuner.fit()
-        phase("trials (Tune)")
-        results = [grid[i] for i in range(len(grid))]
-        states: dict[str, int] = {}
-        errors: dict[str, str] = {}
-        for r in results:
-            state = "ERROR" if r.error else "TERMINATED"
-            states[state] = states.get(state, 0) + 1
-            if r.error:
-                errors[Path(r.path).name] = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}"
-        best_config, best_metrics, _ = best_trial(results)
-        if not best_metrics:
-            raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
-        row = best_metrics
-        test = None
-        final = None
-        if opts.final_test:
-            final = ray.get(
-                final_test.options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial).remote(
-                    shared, base, best_config, int(row["epoch"]), best_metrics, opts.posthoc_inference
-                )
-            )
-            test = final["test"]
-            phase("final retrain + test")
-        not_logged = None
-        if tracker is not None:
-            from tuning.report import report_search
+    assert opts.tracking_uri is not None
+    tracker = Tracker(opts.tracking_uri, exp, name)
+    tracker.parent(parent_tags(store, opts.spec_path, opts.posthoc_inference), opts.spec_path, checkpoint_header(store))
+    return tracker
 
-            not_logged = report_search(
-                tracker, exp, name, results, shared, base, best_config, best_metrics, final, opts.posthoc_inference
-            )
-            phase("MLflow summary and plots")
-    phase("Ray stop")
-    outcome = SearchOutcome(
-        experiment=exp,
-        best_config=best_config,
-        best_metrics=best_metrics,
-        best_epoch=int(row["epoch"]),
-        num_trials=len(results),
-        trial_states=states,
-        errors=errors,
-        test=test,
-        seconds=time.perf_counter() - t0,
-        tracking_uri=opts.tracking_uri if tracker else None,
-        parent_run_id=tracker.state["parent"] if tracker else None,
-        not_logged=not_logged,
-        population=size,
-        phases=phases,
-        posthoc_inference=opts.posthoc_inference,
+
+def _tuner(
+    shared: SharedStore,
+    base: dict[str, Any],
+    opts: SearchOptions,
+    spec: SearchSpec,
+    exp: Path,
+    name: str,
+    tracker: Tracker | None,
+    resume: bool,
+) -> Any:
+    """Ray Tune's Tuner for the search: with ``resume``, the experiment's own, restored."""
+    from ray import tune
+
+    trainable = _trainable(shared, base, opts, spec)
+    if resume:
+        return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    from tuning.tracking_callback import MLflowTrialLogger
+
+    epochs = int(trial_config(base, {}).effective().optim.epochs)
+    # num_samples counts configurations; with populations each Tune trial trains `size` of them.
+    num_samples = -(-(opts.num_samples or spec.num_samples) // population_size(spec, opts))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(spec, opts, exp / "optuna.db", name),
+            scheduler=_scheduler(spec, epochs),
+            num_samples=num_samples,
+            max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
+            time_budget_s=opts.time_budget_s or spec.time_budget_s,
+            reuse_actors=spec.reuse_actors,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(exp.parent),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[MLflowTrialLogger(tracker, base)] if tracker is not None else None,
+            verbose=1,
+        ),
     )
-    (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
-    return outcome
+
+
+def _trial_states(results: list[Any]) -> tuple[dict[str, int], dict[str, str]]:
+    """How many trials ended in each state, and the last line of each failed trial's error by trial folder."""
+    states: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    for r in results:
+        state = "ERROR" if r.error else "TERMINATED"
+        states[state] = states.get(state, 0) + 1
+        if r.error:
+            errors[Path(r.path).name] = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}"
+    return states, errors
+
+
+def _run_final_test(
+    shared: SharedStore,
+    base: dict[str, Any],
+    best_config: dict[str, Any],
+    best_metrics: dict[str, Any],
+    opts: SearchOptions,
+) -> dict[str, Any]:
+    """``_final_test`` as a Ray task with a trial's resources (on a cluster it may run on any node)."""
+    import ray
+
+    task = ray.remote(_final_test).options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)
+    epochs = int(best_metrics["epoch"])
+    final: dict[str, Any] = ray.get(
+        task.remote(shared, base, best_config, epochs, best_metrics, opts.posthoc_inference)
+    )
+    return final
 
 
 def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any], Any]:
@@ -349,34 +418,10 @@ def _final_test(
     """Retrain the chosen configuration on trainval for the chosen epochs and score the test split once."""
     from dedn.train import train
 
-    values = dict(sampled)
-    if posthoc:  # the inference point chosen on validation
-        values.update(
-            {
-                "inference.lambda_rc": best["grid_lambda_rc"],
-                "inference.lambda_e": best["grid_lambda_e"],
-                "inference.calibration": best["grid_c"],
-            }
-        )
+    values = chosen_values(sampled, best, posthoc)  # with posthoc, the inference point chosen on validation
     cfg = trial_config(base, values)
     result = train(cfg, shared.materialize(), "test", epochs=epochs, keep_epoch=epochs, eval_only_at=epochs)
     return {"test": result.best, "state": result.best_state, "partition": result.partition, "config": values}
-
-
-def _remote_final_test() -> Any:
-    import ray
-
-    return ray.remote(_final_test)
-
-
-class _Lazy:
-    """``final_test.options(...).remote(...)`` without importing Ray at module import."""
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(_remote_final_test(), item)
-
-
-final_test = _Lazy()
 
 
 def experiment_path(storage_path: str, name_or_path: str) -> tuple[str, str]:
@@ -385,6 +430,3 @@ def experiment_path(storage_path: str, name_or_path: str) -> tuple[str, str]:
     if p.is_dir():
         return str(p.resolve().parent), p.resolve().name
     return storage_path, name_or_path
-
-
-__all__ = ["SearchOptions", "SearchOutcome", "experiment_path", "prepare", "run_search"]

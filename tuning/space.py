@@ -22,8 +22,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dedn.config import TrainConfig, _set_path, validate_config
+from dedn.config import TrainConfig, set_path, validate_config
 from dedn.errors import DednInputError, DednInputErrors
+
+__all__ = [
+    "INFERENCE_PARAMS",
+    "DefineByRun",
+    "ParamSpec",
+    "PopulationSpec",
+    "SchedulerSpec",
+    "SearchSpec",
+    "chosen_values",
+    "inference_values",
+    "load_search_spec",
+    "sampled_params",
+    "trial_config",
+]
 
 INFERENCE_PARAMS = ("inference.lambda_rc", "inference.lambda_e", "inference.calibration")
 
@@ -162,7 +176,7 @@ def trial_config(base_raw: dict[str, Any], sampled: dict[str, Any], source: str 
 
     raw = copy.deepcopy(base_raw)
     for key, value in sampled.items():
-        _set_path(raw, key, value, source)
+        set_path(raw, key, value, source)
     return validate_config(raw, source)
 
 
@@ -189,6 +203,23 @@ class DefineByRun:
                 log = p.type == "loguniform" or p.log
                 values[name] = trial.suggest_float(name, p.low, p.high, log=log, step=None if log else p.step)
         return None
+
+
+def inference_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The validation grid's best point of a trial's reported metrics as dotted inference-config values
+    (``inference.lambda_rc``, ``inference.lambda_e``, ``inference.calibration``)."""
+    from dedn.evaluation import inference_point
+
+    return {f"inference.{k}": v for k, v in inference_point(metrics, "grid_").items()}
+
+
+def chosen_values(sampled: dict[str, Any], metrics: dict[str, Any], posthoc: bool) -> dict[str, Any]:
+    """The dotted training-config values of a chosen configuration: its sampled values and, for a search
+    with ``posthoc`` inference, the inference point it chose on validation (``inference_values``)."""
+    values = dict(sampled)
+    if posthoc:
+        values.update(inference_values(metrics))
+    return values
 
 
 def sampled_params(config: dict[str, Any]) -> dict[str, Any]:

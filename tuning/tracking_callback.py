@@ -13,8 +13,12 @@ from tracking.runs import Tracker
 from tuning.population import section
 from tuning.space import sampled_params, trial_config
 
+__all__ = ["BEST_KEYS", "EPOCH_KEYS", "EXTRA_KEYS", "MLflowTrialLogger", "member_key"]
+
 EPOCH_KEYS = ("val_", "loss_", "grid_")
 EXTRA_KEYS = ("samples_per_s", "epoch_seconds")
+# what a run's final metrics hold, each as best_<key>: the epoch with the highest val_H
+BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "grid_lambda_e", "grid_c")
 
 
 def member_key(trial_id: str, member: int) -> str:
@@ -110,28 +114,10 @@ class MLflowTrialLogger(Callback):
             for k, v in result.items()
             if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float))
         }
-        self._log(key, metrics, epoch, f"epoch {epoch} of {name}")
+        self.tracker.trial_metrics(key, metrics, epoch, f"epoch {epoch} of {name}")
         best = self.best.get(key)
         if best is None or result["val_H"] > best["best_val_H"]:
-            self.best[key] = {
-                "best_val_H": float(result["val_H"]),
-                "best_val_U": float(result["val_U"]),
-                "best_val_S": float(result["val_S"]),
-                "best_val_T": float(result["val_T"]),
-                "best_epoch": float(result["epoch"]),
-                "best_grid_lambda_rc": float(result["grid_lambda_rc"]),
-                "best_grid_lambda_e": float(result["grid_lambda_e"]),
-                "best_grid_c": float(result["grid_c"]),
-            }
-
-    def _log(self, key: str, metrics: dict[str, float], step: int, what: str) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
-        self.tracker.trial_call(key, what, lambda run: self.tracker.client.log_batch(run, metrics=batch))
+            self.best[key] = {f"best_{k}": float(result[k]) for k in BEST_KEYS}
 
     def _finish(self, trial: Any, status: str, reason: str | None = None) -> None:
         path = getattr(getattr(trial, "checkpoint", None), "path", None)
@@ -157,7 +143,7 @@ class MLflowTrialLogger(Callback):
         t = self.tracker
         best = self.best.get(key)
         if best:
-            self._log(key, best, int(best["best_epoch"]), f"final metrics of {name}")
+            t.trial_metrics(key, best, int(best["best_epoch"]), f"final metrics of {name}")
         if status == "FINISHED" and path and Path(path).is_dir():
             t.trial_call(key, f"checkpoint of {name}", lambda run: t.client.log_artifacts(run, path, "checkpoint"))
         elif path:

@@ -7,44 +7,19 @@ no epoch is trained or counted twice.
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from cluster.objects import SharedStore, is_object_store_view
-from dedn.train import EpochRecord, Progress, train
+from dedn.checkpoints import load_trial_state, save_trial_state
+from dedn.records import EpochRecord, Progress
+from dedn.train import train
 from tuning.space import sampled_params, trial_config
 
-STATE, PROGRESS = "state.pt", "progress.json"
-
-
-def save_trial_state(folder: str, record: EpochRecord, p: Progress) -> None:
-    """Tensors go to ``state.pt`` (read back with weights_only=True), the rest to JSON."""
-    torch.save(
-        {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "best_model": p.best_state},
-        os.path.join(folder, STATE),
-    )
-    with open(os.path.join(folder, PROGRESS), "w") as f:
-        json.dump(
-            {
-                "epoch": record.epoch,
-                "best_epoch": p.best_epoch,
-                "partition": [int(i) for i in p.partition],
-                "history": [vars(r) for r in p.history],
-            },
-            f,
-        )
-
-
-def load_trial_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
-    progress = json.loads((Path(folder) / PROGRESS).read_text())
-    return {**state, "epoch": progress["epoch"], "history": progress["history"]}
+__all__ = ["dedn_trainable", "epoch_metrics", "report_epoch", "trial_setup", "wants_checkpoint"]
 
 
 def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
@@ -98,12 +73,24 @@ def wants_checkpoint(epoch: int, last_epoch: int, every: int, improved: bool) ->
     return improved or epoch == last_epoch or epoch % every == 0
 
 
+def report_epoch(metrics: dict[str, Any], checkpoint: bool, save: Callable[[str], None]) -> None:
+    """Report an epoch's metrics to Tune (``checkpointed`` says whether a checkpoint came with them); with
+    ``checkpoint``, ``save(folder)`` writes the checkpoint into a temporary folder that Tune then keeps."""
+    from ray import tune
+
+    metrics["checkpointed"] = checkpoint
+    if not checkpoint:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save(folder)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
 def dedn_trainable(
     config: dict[str, Any], shared: SharedStore, base: dict[str, Any], posthoc: bool, checkpoint_every: int = 1
 ) -> None:
     """One trial: sampled values from ``config`` over the base training config, on the shared store."""
-    from ray import tune
-
     store, node, zero_copy, resume = trial_setup(shared, load_trial_state)
     cfg = trial_config(base, sampled_params(config))
 
@@ -111,14 +98,7 @@ def dedn_trainable(
 
     def report(record: EpochRecord, p: Progress) -> None:
         metrics = {**epoch_metrics(record, posthoc), "node_id": node, "features_zero_copy": zero_copy}
-        metrics["checkpointed"] = wants_checkpoint(
-            record.epoch, last_epoch, checkpoint_every, p.best_epoch == record.epoch
-        )
-        if not metrics["checkpointed"]:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            save_trial_state(folder, record, p)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        checkpoint = wants_checkpoint(record.epoch, last_epoch, checkpoint_every, p.best_epoch == record.epoch)
+        report_epoch(metrics, checkpoint, lambda folder: save_trial_state(folder, record, p))
 
     train(cfg, store, "validation", on_epoch=report, resume=resume, select_on="grid" if posthoc else "configured")
