@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from common import ROOT, make_tables
 
 
 def shmem_mb() -> float:
@@ -31,7 +32,6 @@ def shmem_mb() -> float:
 
 def make_store(path: Path, mb: int) -> None:
     from dedn.data.store import StoreWriter
-    from tests.data.helpers import make_tables
 
     classes, attributes = make_tables()
     shape = (256, 7, 7)
@@ -115,5 +115,5 @@ def main() -> None:
 if __name__ == "__main__":
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
     main()

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = {
     "fresh": {"reuse_actors": False},
     "reuse": {"reuse_actors": True},

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import ROOT
 
 from dedn.data.synth import TINY, BuiltinConfig, synth_builtin
 from tuning.search import SearchOptions, run_search
 from tuning.space import INFERENCE_PARAMS, trial_config
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = (("sampled", False), ("posthoc", True))
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, make_tables
 
 
 def _child(kind: str, *args: str) -> dict:
@@ -68,13 +67,12 @@ def child(kind: str, args: list[str]) -> None:
 
 def make_store(path: Path, n: int, shape: tuple[int, int, int]) -> None:
     from dedn.data.store import StoreWriter
-    from tests.data.helpers import make_tables
 
     classes, attributes = make_tables()
     rng = np.random.default_rng(0)
     k = len(classes.names)
     labels = np.arange(n) % k
-    # class 0 val-unseen, class k-1 unseen: follow the split rules of tests/data/helpers.valid_rows
+    # class 0 val-unseen, class k-1 unseen: the split rules common.make_tables describes
     splits = np.where(labels == 0, 2, np.where(labels == k - 1, 4, np.where(np.arange(n) % 5 == 0, 3, 0)))
     with StoreWriter(
         path, name="bench", classes=classes, attributes=attributes, shape=shape, dtype="float32", overwrite=True

@@ -1,13 +1,13 @@
-"""Shared fixtures: tiny real stores built in temporary folders, and the real benchmark files."""
+"""Shared fixtures: tiny real stores built in temporary folders, and a real ``mlflow server``. Plain helpers
+(the real benchmark files, search specs, ...) are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-ZSL = Path(os.environ.get("DEDN_ZSL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zsl"))
+from tests.helpers import free_port, start_server
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,14 +25,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
-def zsl_dir(name: str) -> Path:
-    """The real benchmark folder, or skip the test with the reason."""
-    path = ZSL / name
-    if not (path / "att_splits.mat").is_file():
-        pytest.skip(f"real benchmark files not found at {path} (set DEDN_ZSL_DATA)")
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dedn.data.synth import synth_builtin
@@ -40,3 +32,14 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stores") / "tiny"
     synth_builtin(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real ``mlflow server`` (SQLite backend, artifacts in a temporary folder) on a loopback port."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = start_server(folder, port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from dedn.data import open_store
 from dedn.data.benchmark_files import read_image_labels
-from tests.conftest import zsl_dir
+from tests.helpers import TINY_CONFIG, zsl_dir
 
 
 def _run(*args: str) -> tuple[int, str, str]:
@@ -106,7 +106,7 @@ def test_train_end_to_end_with_baseline(tmp_path: Path) -> None:
     import json
 
     _run("data", "synth", "--builtin", "--out", str(tmp_path / "t"))
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = TINY_CONFIG
     code, out, err = _run(
         "train",
         "-c",

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 CLUSTER_YAML = ROOT / "ray-cluster.yaml"
 PROJECT_DIR = "~/dedn-platform"
 

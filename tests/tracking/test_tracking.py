@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,61 +15,8 @@ import torch
 from click.testing import CliRunner
 
 from dedn.errors import DednInputError
-from tests.tuning.test_search import trial_rows, write_spec
+from tests.helpers import ROOT, free_port, start_server, trial_rows, write_spec
 from tuning.search import SearchOptions, run_search
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(folder: Path, port: int) -> subprocess.Popen:
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    end = time.time() + 90
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not start")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = start_server(folder, port)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=30)
-
 
 SPEC = """
 num_samples: 3
@@ -153,9 +99,10 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
 
     mlflow.set_tracking_uri(server)
     model = mlflow.pyfunc.load_model("models:/dedn-test@champion")
+    from dedn.build import build_model
     from dedn.data import open_store
     from dedn.model import mix_scores
-    from dedn.train import build_model, resolve_partition
+    from dedn.partitions import resolve_partition
     from tuning.space import trial_config
 
     store = open_store(tiny_store)
@@ -290,6 +237,7 @@ def test_unreachable_server_stops_the_search_before_any_trial(tmp_path: Path, ti
     assert not (tmp_path / "runs" / "nope").exists()
 
 
+@pytest.mark.slow
 def test_server_going_away_fails_no_trial(tmp_path: Path, tiny_store: Path) -> None:
     """The server dies after the first trial has logged: every trial still finishes, the search ends
     normally and reports what it could not log."""

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.tracking.test_tracking import server  # noqa: F401  (module fixture: a real mlflow server)
-from tests.tuning.test_search import trial_rows, write_spec
+from tests.helpers import ROOT, child_runs, cli_argv, trial_rows, wait_for, write_spec
 from tuning.search import SearchOptions, run_search
 
 SPEC = """
@@ -26,7 +25,7 @@ population: {size: 4, grace_period: 1, reduction_factor: 2}
 """
 
 
-def test_population_search_records_every_member(server: str, tmp_path: Path, tiny_store: Path) -> None:  # noqa: F811
+def test_population_search_records_every_member(server: str, tmp_path: Path, tiny_store: Path) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -108,13 +107,12 @@ def test_population_search_records_every_member(server: str, tmp_path: Path, tin
     assert {"partition", "history", "best_epoch"} <= set(progress)
 
 
+@pytest.mark.slow
 def test_population_search_resumes_after_the_driver_dies(tmp_path: Path, tiny_store: Path) -> None:
     import signal
     import subprocess
 
     import optuna
-
-    from tests.tuning.test_search import ROOT, _cli, _wait_for, child_runs
 
     spec = write_spec(
         tmp_path,
@@ -134,7 +132,7 @@ population: {size: 2, grace_period: 2, reduction_factor: 2}
     exp = runs / "presume"
     args = ["search", "-c", str(spec), "--name", "presume", "--storage-path", str(runs), "--no-final-test"]
     proc = subprocess.Popen(
-        _cli(*args, "--tracking-uri", uri),
+        cli_argv(*args, "--tracking-uri", uri),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -148,7 +146,7 @@ population: {size: 2, grace_period: 2, reduction_factor: 2}
             started = [k for k, v in rows.items() if v and v[-1]["epoch"] < 6]
             return (done, started) if len(done) >= 2 and started else None
 
-        done, _ = _wait_for(two_done_third_started, 300, "two finished populations and a third under way")
+        done, _ = wait_for(two_done_third_started, 300, "two finished populations and a third under way")
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die at once
         proc.wait(timeout=30)
     finally:
@@ -156,7 +154,7 @@ population: {size: 2, grace_period: 2, reduction_factor: 2}
             os.killpg(proc.pid, signal.SIGKILL)
     before = trial_rows(exp)
     r = subprocess.run(
-        _cli("search", "-c", str(spec), "--resume", str(exp), "--no-final-test"),
+        cli_argv("search", "-c", str(spec), "--resume", str(exp), "--no-final-test"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -184,6 +182,7 @@ population: {size: 2, grace_period: 2, reduction_factor: 2}
         assert steps == (list(range(1, 7)) if "dedn.stopped" not in m.data.tags else [1, 2]), steps
 
 
+@pytest.mark.slow
 def test_killed_population_worker_is_retried_from_its_checkpoint(tmp_path: Path, tiny_store: Path) -> None:
     """SIGKILL the worker of a population trial after its first halving: Tune retries it from the
     population checkpoint, which holds the surviving members' stacked weights and optimiser state."""
@@ -191,8 +190,6 @@ def test_killed_population_worker_is_retried_from_its_checkpoint(tmp_path: Path,
     import subprocess
 
     from mlflow.tracking import MlflowClient
-
-    from tests.tuning.test_search import ROOT, _cli, _wait_for, child_runs
 
     spec = write_spec(
         tmp_path,
@@ -210,7 +207,7 @@ population: {size: 3, grace_period: 2, reduction_factor: 3}
     exp, uri = tmp_path / "runs" / "pkill", f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["search", "-c", str(spec), "--name", "pkill", "--storage-path", str(tmp_path / "runs")]
     proc = subprocess.Popen(
-        _cli(*args, "--no-final-test", "--tracking-uri", uri),
+        cli_argv(*args, "--no-final-test", "--tracking-uri", uri),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -222,7 +219,7 @@ population: {size: 3, grace_period: 2, reduction_factor: 3}
             rows = [r for v in trial_rows(exp).values() for r in v]
             return rows[-1]["pid"] if rows and rows[-1]["epoch"] >= 4 else None
 
-        pid = _wait_for(running_pid, 240, "the population's fourth epoch")
+        pid = wait_for(running_pid, 240, "the population's fourth epoch")
         os.kill(pid, signal.SIGKILL)  # the trial's worker dies after the halving at epoch 2
         log, _ = proc.communicate(timeout=300)
     finally:

@@ -6,33 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 
+from tests.helpers import ROOT, TINY_CONFIG, child_runs, cli_argv, trial_rows, wait_for, write_spec
 from tuning.search import SearchOptions, run_search
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def write_spec(folder: Path, store: Path, *, epochs: int, body: str) -> Path:
-    base = (ROOT / "configs" / "tiny.yaml").read_text().replace("epochs: 8", f"epochs: {epochs}")
-    (folder / "base.yaml").write_text(base + "device: cpu\n")
-    spec = folder / "spec.yaml"
-    spec.write_text(f"base: base.yaml\nstore: {store}\n" + body)
-    return spec
-
-
-def trial_rows(experiment: Path) -> dict[str, list[dict]]:
-    """Every trial's reported rows, read from Tune's result.json files."""
-    out = {}
-    for f in sorted(experiment.glob("*/result.json")):
-        out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return out
 
 
 def test_search_end_to_end(tmp_path: Path, tiny_store: Path) -> None:
@@ -90,29 +71,7 @@ checkpoint_every: 3
     assert len(failed) == 1 and "diverged" in failed[0].data.tags["dedn.error"]
 
 
-def child_runs(uri: str, experiment: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from cli.main import main; main()", *args]
-
-
-def _wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    end = time.time() + timeout
-    while time.time() < end:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
+@pytest.mark.slow
 def test_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path: Path, tiny_store: Path) -> None:
     spec = write_spec(
         tmp_path,
@@ -128,7 +87,7 @@ scheduler: {type: fifo}
     )
     exp = tmp_path / "runs" / "kill"
     proc = subprocess.Popen(
-        _cli(
+        cli_argv(
             "search",
             "-c",
             str(spec),
@@ -151,7 +110,7 @@ scheduler: {type: fifo}
             rows = [r for v in trial_rows(exp).values() for r in v]
             return rows[-1]["pid"] if rows and rows[-1]["epoch"] >= 3 else None
 
-        pid = _wait_for(running_pid, 240, "the trial's third epoch")
+        pid = wait_for(running_pid, 240, "the trial's third epoch")
         os.kill(pid, signal.SIGKILL)  # the trial's worker process dies mid-training
         log, _ = proc.communicate(timeout=300)
     finally:
@@ -174,6 +133,7 @@ scheduler: {type: fifo}
     assert run.data.tags.get("dedn.retries") == "1" and run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_driver_killed_then_resumed(tmp_path: Path, tiny_store: Path) -> None:
     spec = write_spec(
         tmp_path,
@@ -191,7 +151,7 @@ scheduler: {type: fifo}
     runs = tmp_path / "runs"
     exp = runs / "resume"
     proc = subprocess.Popen(
-        _cli(
+        cli_argv(
             "search",
             "-c",
             str(spec),
@@ -217,7 +177,7 @@ scheduler: {type: fifo}
             started = [k for k, v in rows.items() if v and v[-1]["epoch"] < 6]
             return (done, started) if len(done) >= 2 and started else None
 
-        done, _ = _wait_for(two_done_third_started, 240, "two finished trials and a third under way")
+        done, _ = wait_for(two_done_third_started, 240, "two finished trials and a third under way")
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die at once
         proc.wait(timeout=30)
     finally:
@@ -225,7 +185,7 @@ scheduler: {type: fifo}
             os.killpg(proc.pid, signal.SIGKILL)
     before = trial_rows(exp)
     r = subprocess.run(
-        _cli("search", "-c", str(spec), "--resume", str(exp), "--no-final-test"),
+        cli_argv("search", "-c", str(spec), "--resume", str(exp), "--no-final-test"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -271,7 +231,7 @@ def test_trials_read_features_from_the_object_store_not_parquet(tmp_path: Path, 
 
     copy = tmp_path / "store"
     shutil.copytree(tiny_store, copy)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.store={copy}", "optim.epochs=1", "device=cpu"])
+    cfg = load_config(TINY_CONFIG, [f"data.store={copy}", "optim.epochs=1", "device=cpu"])
 
     @ray.remote(num_cpus=1)
     def trial(shared):  # type: ignore[no-untyped-def]
@@ -290,6 +250,7 @@ def test_trials_read_features_from_the_object_store_not_parquet(tmp_path: Path, 
         assert zero_copy and total == expected and np.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_search_across_two_ray_nodes(tmp_path: Path, tiny_store: Path) -> None:
     """A second Ray node on this machine (Ray's own multi-node test cluster): trials run on both nodes
     and read their features from the object store."""

@@ -8,13 +8,12 @@ import optuna
 import pytest
 
 from dedn.errors import DednInputError
+from tests.helpers import ROOT, TINY_CONFIG
 from tuning.space import DefineByRun, load_search_spec, sampled_params, trial_config
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _spec(tmp_path: Path, body: str) -> Path:
-    (tmp_path / "base.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text())
+    (tmp_path / "base.yaml").write_text(TINY_CONFIG.read_text())
     p = tmp_path / "spec.yaml"
     p.write_text("base: base.yaml\n" + body)
     return p

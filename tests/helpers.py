@@ -1,0 +1,169 @@
+"""Plain helpers and constants shared by the test modules (pytest fixtures live in ``tests/conftest.py``;
+the small hand-made store builders of the data tests in ``tests/data/helpers.py``).
+
+Test modules import from here, never from one another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+ZSL = Path(os.environ.get("DEDN_ZSL_DATA", ROOT.parent / "shared" / "data" / "zsl"))
+
+
+def zsl_dir(name: str) -> Path:
+    """The real benchmark folder, or skip the test with the reason."""
+    path = ZSL / name
+    if not (path / "att_splits.mat").is_file():
+        pytest.skip(f"real benchmark files not found at {path} (set DEDN_ZSL_DATA)")
+    return path
+
+
+# --- searches -------------------------------------------------------------------------------------------
+
+
+def write_spec(folder: Path, store: Path, *, epochs: int, body: str) -> Path:
+    base = TINY_CONFIG.read_text().replace("epochs: 8", f"epochs: {epochs}")
+    (folder / "base.yaml").write_text(base + "device: cpu\n")
+    spec = folder / "spec.yaml"
+    spec.write_text(f"base: base.yaml\nstore: {store}\n" + body)
+    return spec
+
+
+def trial_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Every trial's reported rows, read from Tune's result.json files."""
+    out = {}
+    for f in sorted(experiment.glob("*/result.json")):
+        out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def child_runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def cli_argv(*args: str) -> list[str]:
+    """The command line that runs ``dedn ARGS`` in a fresh Python process."""
+    return [sys.executable, "-c", "from cli.main import main; main()", *args]
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    end = time.time() + timeout
+    while time.time() < end:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- a real mlflow server -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    end = time.time() + 90
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def released_sun_indicator() -> np.ndarray:
+    """DEDN_Sun.py's module-level indicator in the authors' released code, transcribed statement by statement
+    (its ``65-74`` and ``74-77``, negative single indices where slices were meant, included): 64/27/9/2."""
+    indicator = np.array([0] * 102)
+    indicator[38:65] = 1
+    indicator[65 - 74] = 2
+    indicator[77:85] = 2
+    indicator[74 - 77] = indicator[85 - 102] = 3
+    return indicator
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Everything under ``root`` (itself included): relative path -> (mode, size, mtime_ns). A refused
+    command must leave it equal: no file written, touched, removed or re-permissioned."""
+    out = {}
+    for p in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_size if p.is_file() else -1, st.st_mtime_ns)
+    return out
+
+
+def refused(
+    args: list[str],
+    *,
+    cwd: Path,
+    watch: list[Path],
+    file: str | Path,
+    field: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> str:
+    """Run ``dedn ARGS`` in a fresh process and require a clean refusal: exit status 2, one line of output
+    in all, ``error: <file>: <field>: <rule>`` naming ``file`` and ``field``, no traceback, and every folder
+    in ``watch`` exactly as before. Returns the error line."""
+    before = {str(w): tree(w) for w in watch}
+    proc = subprocess.run(
+        cli_argv(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert proc.returncode == 2, (proc.returncode, lines)
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("error: ") and f"{file}: " in line and f"{field}: " in line, (line, file, field)
+    for w in watch:
+        assert tree(w) == before[str(w)], f"{w} changed"
+    return line
