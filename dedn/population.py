@@ -443,7 +443,7 @@ def _evaluate_members(
         m.history.append(rec)
         records[j] = rec
         m.last_epoch = epoch
-        if rec.score(select_on) > m.best_eval["H"]:
+        if rec.score(select_on) > m.best_score(select_on):
             m.best_epoch, m.best_eval, m.best_grid = epoch, configured, grid_best
             m.best_state = live.model.member_state(i)
     return records

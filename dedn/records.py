@@ -38,9 +38,13 @@ class BestEpoch:
     grid: dict[str, float] = field(default_factory=dict)
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    def score(self, select_on: str) -> float:
+        """This epoch's H as ``EpochRecord.score`` measures it (-1 before any epoch)."""
+        return (self.grid if select_on == "grid" else self.eval).get("H", -1.0)
+
     def improves(self, record: EpochRecord, select_on: str) -> bool:
-        """Whether ``record`` beats this epoch by H (``EpochRecord.score``)."""
-        return record.score(select_on) > self.eval["H"]
+        """Whether ``record`` beats this epoch by the same H (``EpochRecord.score``)."""
+        return record.score(select_on) > self.score(select_on)
 
     def take(self, record: EpochRecord, state: dict[str, torch.Tensor]) -> None:
         self.epoch, self.eval, self.grid, self.state = record.epoch, record.eval, record.grid_best, state

@@ -207,3 +207,15 @@ def test_distance_follows_fidelity_unless_given(tiny_store: Path) -> None:
     assert _cfg(tiny_store, "fidelity=released", "loss.distance=sum").effective().loss.distance == "sum"
     with pytest.raises(DednInputError, match="loss.distance"):
         _cfg(tiny_store, "loss.distance=paper")
+
+
+def test_grid_selection_keeps_the_epoch_with_the_best_grid_h(tiny_store: Path) -> None:
+    """select_on='grid' (post-hoc inference) compares each epoch's grid H with the best epoch's grid H, so
+    the kept epoch, its metrics and its weights are the grid's best, not a later epoch's."""
+    s = open_store(tiny_store)
+    result = train(_cfg(tiny_store, "optim.epochs=5"), s, select_on="grid")
+    grid_h = [r.grid_best["H"] for r in result.history]
+    assert result.best_epoch == 1 + int(np.argmax(grid_h)), grid_h
+    assert result.best_grid == result.history[result.best_epoch - 1].grid_best
+    with pytest.raises(DednInputError, match="select_on"):
+        train(_cfg(tiny_store, "optim.epochs=1"), s, select_on="grids")  # type: ignore[arg-type]
