@@ -4,7 +4,7 @@ Every row runs the honest protocol of ``dedn train``: epoch and inference grid p
 validation task, retrain on trainval, test once. Stores are built from the real benchmark files
 (../shared/data/zsl) with planted features at CPU size.
 
-    python benchmarks/ablations.py                          # C=32, 7x7, 20 epochs, lr 3e-4, all three datasets
+    python benchmarks/ablations.py                          # C=32, 7x7, 10 epochs, lr 3e-4, all three datasets
     python benchmarks/ablations.py --datasets CUB --epochs 10 --channels 64
 """
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dedn-ablations"))
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--size", type=int, default=7)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--rows", nargs="+", default=None, help="only the settings whose label contains one of these")
     a = ap.parse_args()
