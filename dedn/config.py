@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dedn.errors import DednInputError, DednInputErrors
+from dedn.safe_yaml import load_mapping, parse_yaml
 
 SelectOn = Literal[
     "configured", "grid"
@@ -195,10 +196,9 @@ def parse_overrides(overrides: list[str], source: str = "--set") -> list[tuple[s
         if "=" not in item:
             raise DednInputError(source, item, "must be key=value (e.g. optim.lr=3e-4)")
         key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
-            raise DednInputError(source, key, f"value is not valid YAML: {e}") from None
+        if not key.strip():
+            raise DednInputError(source, item, "must be key=value with a key before '=' (e.g. optim.lr=3e-4)")
+        value = parse_yaml(text, source, key.strip()) if text.strip() else ""
         out.append((key.strip(), value))
     return out
 
@@ -223,18 +223,21 @@ def _error_list(e: ValidationError) -> list[tuple[str, str]]:
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config, apply ``key=value`` overrides, validate. Raises DednInputError(s)."""
     p = Path(path)
-    if not p.is_file():
-        raise DednInputError(p, "file", "config not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DednInputError(p, "yaml", f"not valid YAML: {e}".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise DednInputError(p, "config", "top level must be a mapping")
-    raw = copy.deepcopy(raw)
-    for key, value in parse_overrides(overrides or []):
+    raw = copy.deepcopy(load_mapping(p, "config"))  # bounded: size, encoding, alias bombs (dedn.safe_yaml)
+    sets = parse_overrides(overrides or [])
+    for key, value in sets:
         set_path(raw, key, value, f"{p} --set")
-    return validate_config(raw, str(p))
+    try:
+        return validate_config(raw, str(p))
+    except DednInputErrors as e:
+        if sets and all(_from_overrides(field, [key for key, _ in sets]) for field, _ in e.errors):
+            raise DednInputErrors(f"{p} --set", e.errors) from None  # the file is fine: name the --set
+        raise
+
+
+def _from_overrides(field: str, keys: list[str]) -> bool:
+    """Whether a validation error at ``field`` (dotted) is about a value some ``--set`` key put there."""
+    return any(field == k or field.startswith(k + ".") or k.startswith(field + ".") for k in keys)
 
 
 def dump_config(cfg: TrainConfig) -> str:

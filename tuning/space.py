@@ -15,15 +15,16 @@ it is sampled only when every named parameter took the given value in this trial
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dedn.config import TrainConfig, set_path, validate_config
 from dedn.errors import DednInputError, DednInputErrors
+from dedn.safe_yaml import load_mapping
 
 __all__ = [
     "INFERENCE_PARAMS",
@@ -61,6 +62,8 @@ class ParamSpec(BaseModel):
         else:
             if self.low is None or self.high is None:
                 raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if not (math.isfinite(self.low) and math.isfinite(self.high)):
+                raise ValueError(f"needs finite low and high, got low={self.low} high={self.high}")
             if not self.low < self.high:
                 raise ValueError(f"needs low < high, got low={self.low} high={self.high}")
             if self.type == "loguniform" and self.low <= 0:
@@ -139,19 +142,23 @@ def load_search_spec(path: str | os.PathLike[str]) -> tuple[SearchSpec, dict[str
     high and every choice (with the parameters it switches on) is validated before any trial runs.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DednInputError(p, "file", "search spec not found")
+    raw = load_mapping(p, "search spec")  # bounded: size, encoding, alias bombs (dedn.safe_yaml)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
         spec = SearchSpec.model_validate(raw)
-    except yaml.YAMLError as e:
-        raise DednInputError(p, "yaml", f"not valid YAML: {e}".replace("\n", " ")) from None
     except ValidationError as e:
-        raise DednInputErrors(p, [(".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]) from None
-    base_path = (p.parent / spec.base).resolve()
-    if not base_path.is_file():
+        raise DednInputErrors(
+            p, [(".".join(map(str, err["loc"])) or "spec", err["msg"]) for err in e.errors()]
+        ) from None
+    try:
+        base_path = (p.parent / spec.base).resolve()
+        found = base_path.is_file()
+    except (OSError, ValueError) as e:  # a NUL byte, a symlink loop
+        raise DednInputError(p, "base", f"not a usable path: {e}") from None
+    if not found:
         raise DednInputError(p, "base", f"training config {base_path} not found")
-    base_raw = yaml.safe_load(base_path.read_text()) or {}
+    base_raw = load_mapping(base_path, "base config")  # its problems name the base file itself
+    checked_base = _with_store(base_raw, spec.store)
+    validate_config(checked_base, str(base_path))  # the base on its own, before the parameters are tried on it
     for name, ps in spec.params.items():
         bounds = [ps.low, ps.high] if ps.choices is None else ps.choices
         for probe in bounds:
@@ -162,12 +169,20 @@ def load_search_spec(path: str | os.PathLike[str]) -> tuple[SearchSpec, dict[str
                     first = os_.choices[0] if os_.choices else os_.low
                     values[other] = int(first) if os_.type == "int" else first  # type: ignore[arg-type]
             try:
-                trial_config(base_raw, values, source=f"{p} params.{name}")
+                trial_config(checked_base, values, source=f"{p} params.{name}")
             except DednInputError as e:
                 raise DednInputError(
                     p, f"params.{name}", f"is not a valid training-config value at {value!r} ({e.rule})"
                 ) from None
     return spec, base_raw, base_path
+
+
+def _with_store(base_raw: dict[str, Any], store: str | None) -> dict[str, Any]:
+    """The base config with a stand-in ``data.store`` where it names none (the spec, or --store, gives it)."""
+    data = base_raw.get("data", {})
+    if not isinstance(data, dict) or "store" in data:
+        return base_raw
+    return {**base_raw, "data": {**data, "store": store or "."}}
 
 
 def trial_config(base_raw: dict[str, Any], sampled: dict[str, Any], source: str = "trial") -> TrainConfig:
