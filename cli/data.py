@@ -69,6 +69,21 @@ def _common(f):
     return f
 
 
+def _check_store_out(out: Path, command: str, inputs: list[object], kw: dict[str, object]) -> None:
+    """Before any work: the store folder to create is no input (nor holds or lies inside one), not the working
+    folder or an ancestor, and an existing one is replaced only with --overwrite when it is a dedn store."""
+    from dedn.outputs import check_output
+
+    companions = [kw.get(k) for k in ("val_classes", "attribute_names", "attribute_vectors")]
+    check_output(
+        out,
+        inputs=[Path(str(p)) for p in [*inputs, *companions] if p is not None],
+        command=command,
+        overwrite=bool(kw.get("overwrite")),
+        kind="store",
+    )
+
+
 @convert.command("xlsa17")
 @click.option("--att-splits", type=click.Path(path_type=Path), required=True, help="att_splits.mat")
 @click.option("--features", type=click.Path(path_type=Path), required=True, help="res101.mat (2048 x N pooled).")
@@ -86,6 +101,7 @@ def convert_xlsa17_cmd(att_splits: Path, features: Path, out: Path, chunk_rows: 
     """
     from dedn.data.convert import convert_xlsa17
 
+    _check_store_out(out, "dedn data convert", [att_splits, features], kw)
     meta = convert_xlsa17(att_splits, features, out, chunk_rows=chunk_rows or 2048, progress=tqdm_progress, **kw)  # type: ignore[arg-type]
     click.echo(f"wrote {out} ({meta.num_images} images, fingerprint {meta.fingerprint})")
 
@@ -105,6 +121,7 @@ def convert_hdf5_cmd(features: Path, out: Path, chunk_rows: int | None, **kw: ob
     """
     from dedn.data.convert import convert_hdf5
 
+    _check_store_out(out, "dedn data convert", [features, kw.get("att_splits")], kw)
     meta = convert_hdf5(features, out, chunk_rows=chunk_rows or 256, progress=tqdm_progress, **kw)  # type: ignore[arg-type]
     click.echo(f"wrote {out} ({meta.num_images} images, fingerprint {meta.fingerprint})")
 
@@ -159,6 +176,7 @@ def synth(
 
     if builtin == (source is not None):
         raise DednInputError("dedn data synth", "--builtin/--from", "give exactly one of --builtin or --from FOLDER")
+    _check_store_out(out, "dedn data synth", [source], {"overwrite": overwrite})
     base = TINY if builtin else SynthConfig()
     cfg = SynthConfig(
         channels=channels or base.channels,

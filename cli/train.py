@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 __all__ = ["train"]
 
+_COMMAND = "dedn train"  # the name its output folders' marker carries
+
 
 def _row(name: str, m: dict[str, float] | None, extra: str = "") -> str:
     if m is None:
@@ -34,7 +36,12 @@ def _row(name: str, m: dict[str, float] | None, extra: str = "") -> str:
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Checkpoint folder for the final model (default runs/<config name>).",
+    help="Checkpoint folder to create for the final model (default runs/<config name>).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing --out folder, only if it is a previous dedn train checkpoint.",
 )
 @click.option(
     "--baseline",
@@ -49,6 +56,7 @@ def train(
     store: Path | None,
     overrides: tuple[str, ...],
     out: Path | None,
+    overwrite: bool,
     baseline: str,
     no_progress: bool,
 ) -> None:
@@ -65,13 +73,18 @@ def train(
       dedn train -c configs/awa2.yaml --set fidelity=released --set ablation=no_distill --baseline eszsl
     """
     from dedn.config import load_config
+    from dedn.outputs import check_output
+
+    sets = list(overrides) + ([f"data.store={store}"] if store is not None else [])
+    cfg = load_config(config_path, sets)  # before torch is imported: a bad config is refused at once
+    folder = out or Path("runs") / config_path.stem
+    # before any work: the checkpoint folder never replaces the config, the store, the working folder
+    check_output(folder, inputs=[config_path, cfg.data.store], command=_COMMAND, overwrite=overwrite, kind="folder")
+    from dedn.build import check_compatible
     from dedn.data import open_store
     from dedn.train import fit_and_test
 
-    sets = list(overrides) + ([f"data.store={store}"] if store is not None else [])
-    cfg = load_config(config_path, sets)
     ds = open_store(cfg.data.store)
-    from dedn.build import check_compatible
 
     check_compatible(cfg.effective(), ds)
     click.echo(
@@ -84,8 +97,7 @@ def train(
     if baseline == "eszsl":
         _print_eszsl(ds)
     if result.final is not None:
-        folder = out or Path("runs") / config_path.stem
-        _save_final_model(folder, cfg, ds, result)
+        _save_final_model(folder, cfg, ds, result, overwrite)
         click.echo(f"\ncheckpoint: {folder}")
 
 
@@ -150,24 +162,26 @@ def _print_eszsl(ds: FeatureStore) -> None:
     click.echo(_row("ESZSL test once", e.test))
 
 
-def _save_final_model(folder: Path, cfg: TrainConfig, ds: FeatureStore, result: FitResult) -> None:
-    """The model retrained on trainval, with the figures it was selected and scored by."""
+def _save_final_model(folder: Path, cfg: TrainConfig, ds: FeatureStore, result: FitResult, overwrite: bool) -> None:
+    """The model retrained on trainval, with the figures it was selected and scored by: built in a temporary
+    sibling, marked as a ``dedn train`` output, then moved to ``folder``."""
     from dedn.checkpoints import save_checkpoint
+    from dedn.outputs import write_output_folder
 
-    assert result.final is not None
+    final = result.final
+    assert final is not None
     val = result.validation
-    save_checkpoint(
+    extra = {
+        "epoch": val.best_epoch,
+        "validation": val.best,
+        "validation_grid": val.best_grid,
+        "test": result.test,
+        "test_grid_point": result.test_grid_point,
+        "paper_protocol": result.paper_protocol,
+    }
+    write_output_folder(
         folder,
-        result.final.best_state,
-        cfg,
-        ds,
-        result.final.partition,
-        {
-            "epoch": val.best_epoch,
-            "validation": val.best,
-            "validation_grid": val.best_grid,
-            "test": result.test,
-            "test_grid_point": result.test_grid_point,
-            "paper_protocol": result.paper_protocol,
-        },
+        _COMMAND,
+        lambda tmp: save_checkpoint(tmp, final.best_state, cfg, ds, final.partition, extra),
+        overwrite=overwrite,
     )

@@ -7,20 +7,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from dedn.config import TrainConfig, dump_config, validate_config
 from dedn.data.store import FeatureStore
 from dedn.errors import DednInputError
 from dedn.model import DEDN, ModelConfig
+from dedn.outputs import temp_sibling
 from dedn.records import EpochRecord, Progress
+from dedn.safe_yaml import load_mapping
 
 TRIAL_STATE, TRIAL_PROGRESS = "state.pt", "progress.json"  # a trial checkpoint's two files
 
@@ -55,7 +55,7 @@ def save_checkpoint(
     header = store if isinstance(store, dict) else checkpoint_header(store)
     out = Path(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_sibling(out)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.yaml").write_text(dump_config(cfg))
@@ -93,7 +93,7 @@ def load_checkpoint(folder: str | os.PathLike[str], device: str = "cpu") -> tupl
     for name in ("model.safetensors", "config.yaml", "checkpoint.json"):
         if not (p / name).is_file():
             raise DednInputError(p / name, "file", "missing from the checkpoint folder")
-    cfg = validate_config(yaml.safe_load((p / "config.yaml").read_text()), str(p / "config.yaml")).effective()
+    cfg = validate_config(load_mapping(p / "config.yaml", "checkpoint config"), str(p / "config.yaml")).effective()
     meta = json.loads((p / "checkpoint.json").read_text())
     state = load_file(str(p / "model.safetensors"), device=device)
     c, h, w = meta["feature_shape"]
