@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dedn.config import LossConfig, TrainConfig
+from dedn.data.schema import IMAGES
 from dedn.data.store import FeatureStore
 from dedn.errors import DednInputError
 from dedn.losses import dedn_loss
@@ -35,11 +36,16 @@ class ScoringModel(Protocol):
 
 
 def check_compatible(cfg: TrainConfig, store: FeatureStore) -> None:
-    """Refuse a store the config cannot train on, before any work."""
+    """Refuse a store the config cannot train on, before any work.
+
+    A store written before the writer checked finiteness (no ``finite: true`` in meta.json) gets one
+    streaming pass over its features, row group by row group, and is refused if it holds NaN/inf."""
     for split in ("train", "val_seen", "val_unseen", "test_seen", "test_unseen"):
         if store.meta.split_counts.get(split, 0) == 0 and split != "val_seen":
-            raise DednInputError(store.path, split, "this split is empty; dedn train needs it")
+            raise DednInputError(store.path / IMAGES, split, "this split is empty; dedn train needs it")
     resolve_partition(cfg, store)
+    if not store.meta.finite:
+        store.check_finite()
 
 
 def build_model(cfg: TrainConfig, store: FeatureStore, partition: np.ndarray, device: torch.device) -> DEDN:

@@ -8,21 +8,25 @@ Layout (see README, "Feature store schema"):
 - ``classes.parquet``: ``name``, ``seen`` (bool), ``val_unseen`` (bool), ``attributes`` (D float32).
 - ``attributes.parquet``: ``name``, ``vector`` (G float32), one ``cluster_<preset>`` int16 column per
   preset.
-- ``meta.json``: name, C, H, W, dtype, format version, counts, preset cluster names, provenance and the
-  content fingerprint.
+- ``meta.json``: name, C, H, W, dtype, format version, counts, preset cluster names, provenance, the
+  content fingerprint and ``finite`` (true when the writer saw every feature value finite; stores written
+  before that check lack it and are scanned once before training).
 
-``dedn.data.writer`` writes this layout, ``dedn.data.store`` reads it and ``dedn.data.fingerprint``
-hashes its content.
+``dedn.data.writer`` writes this layout, ``dedn.data.store`` reads it (``dedn.data.validate`` checks it on
+open) and ``dedn.data.fingerprint`` hashes its content.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from dedn.data.splits import SPLITS
 from dedn.errors import DednInputError
 
 FORMAT_VERSION = 1
@@ -30,6 +34,70 @@ FEATURE_DTYPES = ("float16", "float32")
 IMAGES, CLASSES, ATTRIBUTES, META = "images.parquet", "classes.parquet", "attributes.parquet", "meta.json"
 # The Arrow value type of the ``features`` column for each feature dtype.
 ARROW_FLOAT = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+# -- column layout: (column, Arrow type test, the type in words) ------------------------------------------
+ColumnSpec = tuple[str, Callable[[pa.DataType], bool], str]
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
+def _is_float_list(t: pa.DataType) -> bool:
+    return isinstance(t, pa.FixedSizeListType) and t.value_type in ARROW_FLOAT.values()
+
+
+def _is_float32_list(t: pa.DataType) -> bool:
+    return isinstance(t, pa.FixedSizeListType) and t.value_type == pa.float32()
+
+
+IMAGE_COLUMNS: tuple[ColumnSpec, ...] = (
+    ("image_id", _is_string, "string"),
+    ("label", lambda t: t == pa.int32(), "int32"),
+    ("split", _is_string, "string"),
+    ("features", _is_float_list, "fixed_size_list<float16 or float32>[C*H*W]"),
+)
+CLASS_COLUMNS: tuple[ColumnSpec, ...] = (
+    ("name", _is_string, "string"),
+    ("seen", pa.types.is_boolean, "bool"),
+    ("val_unseen", pa.types.is_boolean, "bool"),
+    ("attributes", _is_float32_list, "fixed_size_list<float32>[D]"),
+)
+
+
+def attribute_columns(presets: Sequence[str]) -> tuple[ColumnSpec, ...]:
+    """The columns of attributes.parquet for a store whose meta.json names ``presets``."""
+    return (
+        ("name", _is_string, "string"),
+        ("vector", _is_float32_list, "fixed_size_list<float32>[G]"),
+        *((f"cluster_{p}", lambda t: t == pa.int16(), "int16") for p in presets),
+    )
+
+
+# -- meta.json: field -> (JSON type test, the type in words); ``finite`` is optional --------------------
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+META_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "channels": (_is_int, "an integer"),
+    "height": (_is_int, "an integer"),
+    "width": (_is_int, "an integer"),
+    "dtype": (lambda v: isinstance(v, str), "a string"),
+    "num_images": (_is_int, "an integer"),
+    "num_classes": (_is_int, "an integer"),
+    "num_attributes": (_is_int, "an integer"),
+    "semantic_dim": (_is_int, "an integer"),
+    "split_counts": (lambda v: isinstance(v, dict), "an object"),
+    "presets": (lambda v: isinstance(v, dict), "an object"),
+    "provenance": (lambda v: isinstance(v, dict), "an object"),
+    "fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "format_version": (_is_int, "an integer"),
+    "finite": (lambda v: isinstance(v, bool), "true or false"),
+}
+OPTIONAL_META_FIELDS = frozenset({"finite"})
 
 
 @dataclass(frozen=True)
@@ -114,6 +182,8 @@ class StoreMeta:
     provenance: dict[str, Any]
     fingerprint: str
     format_version: int = FORMAT_VERSION
+    # True when the writer checked every feature value finite; False for stores written before it did.
+    finite: bool = False
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -124,8 +194,83 @@ class StoreMeta:
         return self.num_images * self.channels * self.height * self.width * np.dtype(self.dtype).itemsize
 
 
+def split_class_counts(labels: np.ndarray, splits: np.ndarray, num_classes: int) -> np.ndarray:
+    """(len(SPLITS), K) number of images of each class in each split; labels and split codes in range."""
+    flat = splits.astype(np.int64) * num_classes + labels.astype(np.int64)
+    return np.bincount(flat, minlength=len(SPLITS) * num_classes).reshape(len(SPLITS), num_classes)
+
+
+def check_split_classes(counts: np.ndarray, classes: ClassTable, source: str) -> None:
+    """Refuse a store whose splits break the GZSL protocol: a class without images, an unseen class's
+    image outside test_unseen, a validation-unseen class outside val_unseen/test_seen, an empty train split.
+    ``counts`` is (len(SPLITS), K) as from ``split_class_counts``."""
+    per_class = counts.sum(axis=0)
+    empty = np.flatnonzero(per_class == 0)
+    if empty.size:
+        k = int(empty[0])
+        raise DednInputError(
+            source, "classes", f"every class needs at least one image, class {k} ({classes.names[k]!r}) has none"
+        )
+    seen, val_unseen = classes.seen, classes.val_unseen
+    rules = [
+        ("train", ~seen | val_unseen, "train must hold seen, non-validation classes only"),
+        ("val_seen", ~seen | val_unseen, "val_seen must hold seen, non-validation classes only"),
+        ("val_unseen", ~val_unseen, "val_unseen must hold validation-unseen classes only"),
+        ("test_seen", ~seen, "test_seen must hold seen classes only"),
+        ("test_unseen", seen, "test_unseen must hold unseen classes only (unseen-class images never train)"),
+    ]
+    for split, forbidden, rule in rules:
+        bad = np.flatnonzero(counts[SPLITS.index(split)] * forbidden)
+        if bad.size:
+            raise DednInputError(source, split, f"{rule}, found class {int(bad[0])}")
+    if counts[SPLITS.index("train")].sum() == 0:
+        raise DednInputError(source, "train", "the train split is empty")
+
+
+class FiniteTally:
+    """Counts non-finite feature values block by block and remembers the first image holding one, so a
+    writer or a streaming pass over a store reports them all in one line."""
+
+    def __init__(self) -> None:
+        self.values = 0
+        self.images = 0
+        self.first_row: int | None = None
+        self.first_id: str | None = None
+
+    def update(self, block: np.ndarray, first_row: int, ids: Sequence[str]) -> None:
+        """block (rows, C*H*W) of images first_row, first_row+1, ...; ids their image ids."""
+        bad = ~np.isfinite(block)
+        if not bad.any():
+            return
+        rows = bad.any(axis=1)
+        self.values += int(np.count_nonzero(bad))
+        self.images += int(np.count_nonzero(rows))
+        if self.first_row is None:
+            i = int(np.flatnonzero(rows)[0])
+            self.first_row, self.first_id = first_row + i, str(ids[i])
+
+    def check(self, source: str | PathLike[str], hint: str = "") -> None:
+        """Raise one DednInputError (field ``features``) when a non-finite value was seen."""
+        if self.values:
+            raise DednInputError(
+                source,
+                "features",
+                f"values must be finite, image {self.first_row} (id {self.first_id!r}) holds NaN/inf: "
+                f"{self.values} non-finite value(s) in {self.images} image(s){hint}",
+            )
+
+
 __all__ = [
     "ARROW_FLOAT",
+    "CLASS_COLUMNS",
+    "IMAGE_COLUMNS",
+    "META_FIELDS",
+    "OPTIONAL_META_FIELDS",
+    "ColumnSpec",
+    "FiniteTally",
+    "attribute_columns",
+    "check_split_classes",
+    "split_class_counts",
     "ATTRIBUTES",
     "CLASSES",
     "FEATURE_DTYPES",

@@ -8,7 +8,6 @@ types (``dedn.data.schema``) and ``StoreWriter`` (``dedn.data.writer``), so
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +19,22 @@ import pyarrow.parquet as pq
 
 from dedn.data.fingerprint import ImageHashes, content_fingerprint
 from dedn.data.schema import (
-    ARROW_FLOAT,
     ATTRIBUTES,
+    CLASS_COLUMNS,
     CLASSES,
-    FEATURE_DTYPES,
-    FORMAT_VERSION,
+    IMAGE_COLUMNS,
     IMAGES,
     META,
     AttributeTable,
     ClassTable,
+    FiniteTally,
     StoreMeta,
+    attribute_columns,
+    check_split_classes,
+    split_class_counts,
 )
 from dedn.data.splits import SPLIT_GROUPS, SPLITS
+from dedn.data.validate import check_columns, check_dimensions, check_split_counts, no_nulls, read_meta
 from dedn.data.writer import StoreWriter
 from dedn.errors import DednInputError
 
@@ -61,74 +64,71 @@ class FeatureStore:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open and check the store (``dedn.data.validate``): meta.json's fields, every table's columns and
+        types, meta.json's dimensions and counts against the tables, labels and split names; the feature
+        column is not read. Raises DednInputError naming the file at fault."""
         self.path = Path(path)
         if not self.path.is_dir():
             raise DednInputError(self.path, "store", "is not a feature-store folder")
         meta_path = self.path / META
-        if not meta_path.is_file():
-            raise DednInputError(meta_path, "file", "missing from the store")
-        try:
-            raw = json.loads(meta_path.read_text())
-            self.meta = StoreMeta(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise DednInputError(meta_path, "meta", f"not a valid store metadata file: {e}") from None
-        if self.meta.format_version != FORMAT_VERSION:
-            raise DednInputError(
-                meta_path,
-                "format_version",
-                f"this version reads format {FORMAT_VERSION}, got {self.meta.format_version}",
-            )
-        if self.meta.dtype not in FEATURE_DTYPES:
-            raise DednInputError(meta_path, "dtype", f"must be one of {FEATURE_DTYPES}, got {self.meta.dtype!r}")
-        m = self.meta
-        ct = _read_table(self.path / CLASSES)
+        self.meta = m = read_meta(meta_path)
+        classes_path, attributes_path, images_path = self.path / CLASSES, self.path / ATTRIBUTES, self.path / IMAGES
+        ct = _read_table(classes_path)
+        check_columns(classes_path, ct.schema, CLASS_COLUMNS)
+        at = _read_table(attributes_path)
+        check_columns(attributes_path, at.schema, attribute_columns(list(m.presets)))
+        images_file = self._open_images(images_path)
+        self._images_file: pq.ParquetFile | None = images_file
+        check_columns(images_path, images_file.schema_arrow, IMAGE_COLUMNS)
+        check_dimensions(self.path, meta_path, m, ct, at, images_file.schema_arrow, images_file.metadata.num_rows)
+        for name in ("name", "seen", "val_unseen", "attributes"):
+            no_nulls(classes_path, name, ct.column(name))
+        for name in ("name", "vector", *(f"cluster_{p}" for p in m.presets)):
+            no_nulls(attributes_path, name, at.column(name))
         d = m.num_attributes
         self.classes = ClassTable(
-            names=ct.column("name").to_pylist(),
+            names=[str(n) for n in ct.column("name").to_pylist()],
             seen=ct.column("seen").to_numpy().astype(bool),
             val_unseen=ct.column("val_unseen").to_numpy().astype(bool),
             attributes=_fsl_numpy(ct.column("attributes"), d).astype(np.float32),
         )
-        at = _read_table(self.path / ATTRIBUTES)
         presets = {p: (names, at.column(f"cluster_{p}").to_numpy().astype(np.int64)) for p, names in m.presets.items()}
         self.attributes = AttributeTable(
-            names=at.column("name").to_pylist(),
+            names=[str(n) for n in at.column("name").to_pylist()],
             vectors=_fsl_numpy(at.column("vector"), m.semantic_dim).astype(np.float32),
             presets=presets,
         )
-        self.classes.validate(str(self.path / CLASSES))
-        self.attributes.validate(str(self.path / ATTRIBUTES), d)
-        images_path = self.path / IMAGES
-        images_file = self._open_images(images_path)
-        self._images_file: pq.ParquetFile | None = images_file
-        schema = images_file.schema_arrow
-        feat_type = schema.field("features").type if "features" in schema.names else None
-        width = m.channels * m.height * m.width
-        if (
-            not isinstance(feat_type, pa.FixedSizeListType)
-            or feat_type.list_size != width
-            or feat_type.value_type != ARROW_FLOAT[m.dtype]
-        ):
+        self.classes.validate(str(classes_path))
+        self.attributes.validate(str(attributes_path), d)
+        small = _read_table(images_path, ["image_id", "label", "split"])
+        for name in ("image_id", "label", "split"):
+            no_nulls(images_path, name, small.column(name))
+        self.image_ids: list[str] = [str(i) for i in small.column("image_id").to_pylist()]
+        self.labels = small.column("label").to_numpy().astype(np.int32)
+        bad_label = np.flatnonzero((self.labels < 0) | (self.labels >= m.num_classes))
+        if bad_label.size:
+            i = int(bad_label[0])
             raise DednInputError(
                 images_path,
-                "features",
-                f"must be fixed_size_list<{m.dtype}>[{width}] (C*H*W from meta.json), got {feat_type}",
+                "label",
+                f"class index must lie in [0, {m.num_classes}), image {i} (id {self.image_ids[i]!r}) has "
+                f"{int(self.labels[i])}",
             )
-        small = _read_table(images_path, ["image_id", "label", "split"])
-        if small.num_rows != m.num_images:
-            raise DednInputError(
-                images_path, "rows", f"meta.json says {m.num_images} images, file has {small.num_rows}"
-            )
-        self.image_ids: list[str] = small.column("image_id").to_pylist()
-        self.labels = small.column("label").to_numpy().astype(np.int32)
-        if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= m.num_classes):
-            raise DednInputError(images_path, "label", f"class index must lie in [0, {m.num_classes})")
         split_names = small.column("split").to_pylist()
         lookup = {s: i for i, s in enumerate(SPLITS)}
-        unknown = set(split_names) - set(lookup)
-        if unknown:
-            raise DednInputError(images_path, "split", f"must be one of {SPLITS}, got {sorted(unknown)[0]!r}")
-        self.splits = np.fromiter((lookup[s] for s in split_names), dtype=np.int8, count=len(split_names))
+        codes = np.fromiter((lookup.get(s, -1) for s in split_names), dtype=np.int8, count=len(split_names))
+        bad_split = np.flatnonzero(codes < 0)
+        if bad_split.size:
+            i = int(bad_split[0])
+            raise DednInputError(
+                images_path,
+                "split",
+                f"must be one of {SPLITS}, image {i} (id {self.image_ids[i]!r}) has {split_names[i]!r}",
+            )
+        self.splits = codes
+        check_split_counts(meta_path, m, self.splits)
+        counts = split_class_counts(self.labels, self.splits, m.num_classes)
+        check_split_classes(counts, self.classes, str(images_path))
         self._features: np.ndarray | None = None
 
     @classmethod
@@ -223,7 +223,13 @@ class FeatureStore:
                 raise DednInputError(
                     self.path / IMAGES, "features", f"row group {i} is unreadable (truncated or corrupt): {e}"
                 ) from None
-            blocks = [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, width) for c in table.column(0).chunks]
+            chunks = table.column(0).chunks
+            nulls = sum(c.null_count + c.flatten().null_count for c in chunks)
+            if nulls:
+                raise DednInputError(
+                    self.path / IMAGES, "features", f"row group {i} holds {nulls} missing (null) feature value(s)"
+                )
+            blocks = [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, width) for c in chunks]
             del table
             while blocks:
                 yield blocks.pop(0)
@@ -235,16 +241,13 @@ class FeatureStore:
         Raises DednInputError when it differs from meta.json or a value is not finite.
         """
         hashes = ImageHashes()
+        tally = FiniteTally()
         row = 0
         for block in self.iter_feature_blocks():
-            finite = np.isfinite(block).all(axis=1)
-            if not finite.all():
-                bad = row + int(np.flatnonzero(~finite)[0])
-                raise DednInputError(
-                    self.path / IMAGES, "features", f"values must be finite, image {bad} holds NaN/inf"
-                )
+            tally.update(block, row, self.image_ids[row : row + block.shape[0]])
             hashes.parts[0].update(np.ascontiguousarray(block).tobytes())
             row += block.shape[0]
+        tally.check(self.path / IMAGES)
         hashes.update(np.empty(0, np.uint8), self.labels, self.splits, self.image_ids)
         m = self.meta
         found = content_fingerprint(m.feature_shape, m.dtype, self.classes, self.attributes, hashes)
@@ -256,6 +259,23 @@ class FeatureStore:
             )
         return found
 
+    def check_finite(self) -> None:
+        """One streaming pass over the features (row group by row group, or over the cached array in blocks):
+        raises one DednInputError naming images.parquet, ``features``, the number of NaN/inf values and the
+        first image holding one. For stores written before the writer checked (meta.json without ``finite``)."""
+        tally = FiniteTally()
+        row = 0
+        if self._features is not None:
+            flat = self._features.reshape(self.meta.num_images, -1)
+            step = max(1, (8 << 20) // max(1, flat.shape[1] * flat.itemsize))
+            blocks: Iterator[np.ndarray] = (flat[i : i + step] for i in range(0, flat.shape[0], step))
+        else:
+            blocks = self.iter_feature_blocks()
+        for block in blocks:
+            tally.update(block, row, self.image_ids[row : row + block.shape[0]])
+            row += block.shape[0]
+        tally.check(self.path / IMAGES)
+
     def class_counts(self, split: str) -> np.ndarray:
         """(K,) number of images of each class in a split or group."""
         return np.bincount(self.labels[self.indices(split)], minlength=self.meta.num_classes)
@@ -265,7 +285,8 @@ class FeatureStore:
 
 
 def open_store(path: str | os.PathLike[str]) -> FeatureStore:
-    """Open a store folder; raises DednInputError naming the file, field and rule on bad content."""
+    """Open a store folder and check its layout (cheap: schemas and the small tables, not the features);
+    raises DednInputError naming the file, field and rule on bad content."""
     return FeatureStore(path)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -30,10 +29,13 @@ from dedn.data.schema import (
     META,
     AttributeTable,
     ClassTable,
+    FiniteTally,
     StoreMeta,
+    check_split_classes,
 )
 from dedn.data.splits import SPLITS
 from dedn.errors import DednInputError
+from dedn.outputs import temp_sibling
 
 ROW_GROUP_BYTES = 8 << 20
 
@@ -46,7 +48,10 @@ def _fsl(values: np.ndarray, width: int, value_type: pa.DataType) -> pa.FixedSiz
 class StoreWriter:
     """Streams images into a new store; ``close()`` validates the whole and renames it into place.
 
-    Use as a context manager: an exception inside the block removes the temporary folder.
+    Use as a context manager: an exception inside the block removes the temporary folder; so does a
+    refusal in ``close()``. Non-finite feature values (NaN/inf, or values overflowing the store dtype)
+    are counted as chunks arrive and ``close()`` refuses the store with their count and the first image
+    holding one; a store that closes records ``finite: true`` in meta.json.
 
     Example:
         with StoreWriter(out, name="CUB", classes=ct, attributes=at, shape=(64, 7, 7)) as w:
@@ -87,7 +92,7 @@ class StoreWriter:
         # Row groups of ~ROW_GROUP_BYTES: reading one costs that much memory beside the output array.
         self.row_group_rows = row_group_rows or max(1, ROW_GROUP_BYTES // row_bytes)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._tmp = temp_sibling(self.out)
         self._schema = pa.schema(
             [
                 ("image_id", pa.string()),
@@ -100,6 +105,7 @@ class StoreWriter:
             self._tmp / IMAGES, self._schema, compression="none", write_statistics=["label", "split"]
         )
         self._hashes = ImageHashes()
+        self._finite = FiniteTally()
         self._counts = np.zeros((len(SPLITS), len(classes.names)), dtype=np.int64)
         self._num_images = 0
         self._pending: list[pa.RecordBatch] = []
@@ -140,18 +146,15 @@ class StoreWriter:
             )
         if n and (splits.min() < 0 or splits.max() >= len(SPLITS)):
             raise DednInputError(self.source, "split", f"split codes must lie in [0, {len(SPLITS)})")
-        feats = np.ascontiguousarray(features, dtype=self.dtype).reshape(n, self._width)
-        finite = np.isfinite(feats).all(axis=1)
-        if not finite.all():
-            bad = int(np.flatnonzero(~finite)[0])
-            raise DednInputError(
-                self.source,
-                "features",
-                f"values must be finite, image {first + bad} holds NaN/inf (or overflows {self.dtype})",
-            )
         ids = [f"{first + i}" for i in range(n)] if image_ids is None else [str(s) for s in image_ids]
         if len(ids) != n:
             raise DednInputError(self.source, "image_id", f"need one id per image ({n}), got {len(ids)}")
+        with np.errstate(over="ignore"):  # values beyond float16 become inf, counted just below
+            feats = np.ascontiguousarray(features, dtype=self.dtype).reshape(n, self._width)
+        self._finite.update(feats, first, ids)
+        self._num_images += n
+        if self._finite.values:
+            return  # the store will be refused at close(); the count goes on, nothing more is written
         np.add.at(self._counts, (splits.astype(np.int64), labels.astype(np.int64)), 1)
         self._hashes.update(feats, labels, splits, ids)
         split_names = np.asarray(SPLITS, dtype=object)[splits.astype(np.int64)]
@@ -166,7 +169,6 @@ class StoreWriter:
         )
         self._pending.append(batch)
         self._pending_rows += n
-        self._num_images += n
         while self._pending_rows >= self.row_group_rows:
             self._flush(self.row_group_rows)
 
@@ -181,15 +183,25 @@ class StoreWriter:
 
     # -- finishing -------------------------------------------------------------------------------
     def close(self) -> StoreMeta:
-        """Validate the whole store, write the small tables and meta.json, rename into place."""
+        """Validate the whole store, write the small tables and meta.json, rename into place.
+
+        On a refusal (DednInputError) or any other failure the temporary folder is removed."""
         if self.meta is not None:
             return self.meta
+        try:
+            return self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> StoreMeta:
         assert self._writer is not None
+        self._finite.check(self.source, f" (NaN/inf in the input, or values overflowing {self.dtype})")
         if self._pending_rows:
             self._flush(self._pending_rows)
         self._writer.close()
         self._writer = None
-        self._check_counts()
+        check_split_classes(self._counts, self.classes, self.source)
         self._write_small_tables()
         counts = {s: int(self._counts[i].sum()) for i, s in enumerate(SPLITS)}
         fingerprint = content_fingerprint(self.shape, self.dtype, self.classes, self.attributes, self._hashes)
@@ -207,6 +219,7 @@ class StoreWriter:
             presets={p: list(names) for p, (names, _) in self.attributes.presets.items()},
             provenance=self.provenance,
             fingerprint=fingerprint,
+            finite=True,
         )
         (self._tmp / META).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
         if self.out.exists():
@@ -214,31 +227,6 @@ class StoreWriter:
         os.replace(self._tmp, self.out)
         self.meta = meta
         return meta
-
-    def _check_counts(self) -> None:
-        per_class = self._counts.sum(axis=0)
-        empty = np.flatnonzero(per_class == 0)
-        if empty.size:
-            k = int(empty[0])
-            raise DednInputError(
-                self.source,
-                "classes",
-                f"every class needs at least one image, class {k} ({self.classes.names[k]!r}) has none",
-            )
-        seen, val_unseen = self.classes.seen, self.classes.val_unseen
-        rules = [
-            ("train", ~seen | val_unseen, "train must hold seen, non-validation classes only"),
-            ("val_seen", ~seen | val_unseen, "val_seen must hold seen, non-validation classes only"),
-            ("val_unseen", ~val_unseen, "val_unseen must hold validation-unseen classes only"),
-            ("test_seen", ~seen, "test_seen must hold seen classes only"),
-            ("test_unseen", seen, "test_unseen must hold unseen classes only (unseen-class images never train)"),
-        ]
-        for split, forbidden, rule in rules:
-            bad = np.flatnonzero(self._counts[SPLITS.index(split)] * forbidden)
-            if bad.size:
-                raise DednInputError(self.source, split, f"{rule}, found class {int(bad[0])}")
-        if self._counts[SPLITS.index("train")].sum() == 0:
-            raise DednInputError(self.source, "train", "the train split is empty")
 
     def _write_small_tables(self) -> None:
         c, a = self.classes, self.attributes

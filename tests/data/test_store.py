@@ -149,3 +149,16 @@ def test_existing_output_is_not_replaced_unless_asked(tmp_path: Path) -> None:
     write_store(tmp_path / "s", _feats(len(labels)), labels, splits)
     with pytest.raises(DednInputError, match="already exists"):
         write_store(tmp_path / "s", _feats(len(labels)), labels, splits)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_store_gets_the_users_umask_permissions_not_the_temporary_folders(tmp_path: Path, umask: int) -> None:
+    import os
+
+    labels, splits = valid_rows()
+    old = os.umask(umask)
+    try:
+        write_store(tmp_path / "s", np.zeros((labels.size, 2, 1, 1), np.float32), labels, splits)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp alone would give 0o700
