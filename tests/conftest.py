@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the user's config folder out of the tests: the resume-signing key of every search a test (or a
+    command it starts) runs lives in a temporary XDG_CONFIG_HOME."""
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="dedn-tests-config-")

@@ -1,4 +1,8 @@
-"""Model registry: promote the best trial of a search, load it back, predict on a store."""
+"""Model registry: promote the best trial of a search, load it back, predict on a store.
+
+Models are opened with ``tracking.served_model.open_model``: their MLmodel is checked first and the
+installed ``DednModel`` loads only the checkpoint's weights and config, never code or pickles from the
+artifact store."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from dedn.errors import DednInputError
-from tracking.runs import mlflow_uris
+from tracking.runs import check_existing_store, mlflow_uris
+from tracking.served_model import CODE_FILE, check_model_folder, code_matches, fetched_model, open_model
 
 __all__ = [
     "PYFUNC_CODE",
@@ -22,7 +27,7 @@ __all__ = [
     "verify_validation",
 ]
 
-PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
+PYFUNC_CODE = CODE_FILE
 
 
 def _client(uri: str) -> Any:
@@ -36,7 +41,10 @@ def best_child_run(uri: str, experiment: str, metric: str) -> tuple[Any, Any]:
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise DednInputError(uri, "experiment", f"no MLflow experiment named {experiment!r}")
+        names = sorted(e.name for e in client.search_experiments(max_results=1000))
+        raise DednInputError(
+            uri, "experiment", f"no MLflow experiment named {experiment!r} (experiments: {', '.join(names) or 'none'})"
+        )
     runs = client.search_runs([exp.experiment_id], max_results=10000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
@@ -54,11 +62,11 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
     best-epoch weights (trained on the validation task's train split), with its inference point."""
     import mlflow
     import torch
-    import yaml
 
     from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE, save_checkpoint
     from dedn.config import validate_config
     from dedn.evaluation import with_inference_point
+    from dedn.safe_yaml import load_mapping
 
     ckpt = Path(
         mlflow.artifacts.download_artifacts(
@@ -70,10 +78,19 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
             run_id=best.info.run_id, artifact_path="trial_config.yaml", dst_path=str(folder / "trial"), tracking_uri=uri
         )
     )
-    state = torch.load(ckpt / TRIAL_STATE, map_location="cpu", weights_only=True)["best_model"]
-    partition = json.loads((ckpt / TRIAL_PROGRESS).read_text())["partition"]
-    header = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/store.json")
-    cfg = validate_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    where = f"runs:/{best.info.run_id}/checkpoint"
+    try:  # weights only: a tampered state.pt cannot run code; it is refused with one line
+        state = torch.load(ckpt / TRIAL_STATE, map_location="cpu", weights_only=True)["best_model"]
+        partition = json.loads((ckpt / TRIAL_PROGRESS).read_text())["partition"]
+        header = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/store.json")
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DednInputError(
+            where, "checkpoint", f"not a trial checkpoint dedn wrote: {type(e).__name__}: {first}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DednInputError(f"{where}/{TRIAL_STATE}", "best_model", "not a state dict of tensors")
+    cfg = validate_config(load_mapping(cfg_path, "trial config"), str(cfg_path))
     m = best.data.metrics
     if parent.data.tags.get("dedn.posthoc_inference") == "true":
         # a post-hoc search: the inference point this trial chose on validation
@@ -132,6 +149,7 @@ def promote(
 ) -> Any:
     """Log the best trial as a pyfunc model and register it (once per trial), check that the registered
     model loads and reproduces the trial's validation metrics, then move the alias."""
+    check_existing_store(uri)  # promote reads an existing store; it never creates one
     parent, best = best_child_run(uri, experiment, metric)
     with mlflow_uris(uri):
         return _promote(uri, parent, best, model_name, metric, alias, store)
@@ -148,7 +166,8 @@ def _promote(
         existing = client.search_model_versions(f"name='{model_name}' and tag.`dedn.trial_run_id`='{best.info.run_id}'")
     except MlflowException:
         existing = []
-    if existing:  # promoting the same trial again: no duplicate version
+    existing = [v for v in existing if _logged_code_is_installed(f"models:/{model_name}/{v.version}", uri)]
+    if existing:  # promoting the same trial again: no duplicate version (unless its code is not ours)
         version = existing[0]
     else:
         with tempfile.TemporaryDirectory() as d:
@@ -173,12 +192,23 @@ def _promote(
             **{f"dedn.{k}": str(v) for k, v in best.data.metrics.items() if k.startswith("best_")},
         }
         version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    loaded = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
-    store_path = store or loaded.unwrap_python_model().cfg.data.store
-    verify_validation(loaded.unwrap_python_model(), store_path, best.data.metrics)
+    loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
+    store_path = store or loaded.cfg.data.store
+    verify_validation(loaded, store_path, best.data.metrics)
     if alias:
         client.set_registered_model_alias(model_name, alias, version.version)
     return version
+
+
+def _logged_code_is_installed(model_uri: str, uri: str) -> bool:
+    """Whether a registered version is in the project's form and logged the installed pyfunc code (a
+    version logged by other code is not reused: the alias must point at code the project ships)."""
+    try:
+        with fetched_model(model_uri, uri) as folder:
+            _, code = check_model_folder(folder, model_uri)
+            return code_matches(code)
+    except DednInputError:
+        return False
 
 
 def check_store_matches(meta: dict[str, Any], store: Any) -> None:
@@ -209,12 +239,12 @@ def predict_store(model_uri: str, store_path: str | os.PathLike[str], split: str
     if out.suffix not in (".parquet", ".csv"):
         raise DednInputError(out, "--out", "must end in .parquet or .csv")
     store = open_store(store_path)
-    model = mlflow.pyfunc.load_model(model_uri)
-    check_store_matches(model.unwrap_python_model().meta, store)
+    model = open_model(model_uri, mlflow.get_tracking_uri())
+    check_store_matches(model.meta, store)
     rows = store.indices(split)
     feats = store.features()
     # the model's signature takes float32 (N, C, H, W); cast one batch at a time
-    preds = [model.predict(feats[rows[s : s + 1024]].astype(np.float32)) for s in range(0, rows.size, 1024)]
+    preds = [model.predict(None, feats[rows[s : s + 1024]].astype(np.float32)) for s in range(0, rows.size, 1024)]
     df = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     df.insert(0, "image_id", [store.image_ids[i] for i in rows])
     df.insert(1, "true_class", [store.classes.names[store.labels[i]] for i in rows])

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import sqlite3
 import subprocess
 import time
+import urllib.parse
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +30,12 @@ __all__ = [
     "DEFAULT_URI",
     "RUNS_FILE",
     "Tracker",
+    "check_existing_store",
     "check_not_scattered",
     "check_reachable",
     "code_version",
     "mlflow_uris",
+    "quiet_mlflow",
     "resolve_tracking_uri",
 ]
 
@@ -80,11 +86,75 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
     try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        with quiet_mlflow():  # a new SQLite store logs its table creation: not worth two lines
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # any failure here means: do not start the search
         raise DednInputError(uri, "tracking store", f"cannot be reached: {type(e).__name__}: {str(e)[:200]}") from None
     finally:
         _restore_environ(saved)
+
+
+def _local_store(uri: str) -> tuple[str, Path] | None:
+    """("sqlite" | "file", path) for a store on the local disk, None for a server or another database."""
+    if uri.startswith("sqlite:"):
+        rest = uri[len("sqlite:") :]
+        path = rest[3:] if rest.startswith("///") else ""
+        return "sqlite", Path(urllib.parse.unquote(path.split("?", 1)[0]))
+    if uri.startswith("file:"):
+        return "file", Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
+    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return "file", Path(uri)
+    return None
+
+
+def check_existing_store(uri: str) -> None:
+    """Read-only commands (promote, predict, ui) never create a tracking store: refuse, before MLflow opens
+    it (MLflow would create and initialise it), a SQLite file or a file store folder that does not exist
+    and a SQLite file that is not an MLflow store. Reads nothing but SQLite's table list, read-only."""
+    local = _local_store(uri)
+    if local is None:
+        return
+    kind, path = local
+    hint = "promote, predict and ui read an existing tracking store and never create one (check --tracking-uri or MLFLOW_TRACKING_URI)"
+    if kind == "file":
+        if not path.is_dir():
+            raise DednInputError(path, "--tracking-uri", f"no such MLflow file store: {hint}")
+        return
+    if str(path) in ("", ":memory:"):
+        raise DednInputError(uri, "--tracking-uri", f"an in-memory SQLite store holds nothing: {hint}")
+    if not path.is_file():
+        raise DednInputError(path, "--tracking-uri", f"no such SQLite file: {hint}")
+    try:
+        con = sqlite3.connect(f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise DednInputError(path, "--tracking-uri", f"not a SQLite database ({e})") from None
+    if not {"experiments", "runs", "alembic_version"} <= tables:
+        raise DednInputError(path, "--tracking-uri", f"not an MLflow tracking store: {hint}")
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """Hold back MLflow's and alembic's INFO and warning lines, Python warnings and MLflow's download
+    progress bars for a block (a refusal is one line; these would surround it)."""
+    loggers = {name: logging.getLogger(name) for name in ("mlflow", "alembic")}
+    levels = {name: lg.level for name, lg in loggers.items()}
+    env = _environ(("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",))
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    for lg in loggers.values():
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # restores both on exit
+            warnings.simplefilter("ignore")
+            warnings.showwarning = lambda *args, **kwargs: None  # MLflow forces some warnings "once"
+            yield
+    finally:
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
+        _restore_environ(env)
 
 
 @contextlib.contextmanager

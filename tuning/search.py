@@ -7,9 +7,13 @@ Optuna study (``optuna.db``, open it with ``optuna-dashboard sqlite:///.../optun
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +32,7 @@ __all__ = [
     "SearchOptions",
     "SearchOutcome",
     "best_trial",
+    "check_experiment_name",
     "check_space_against_store",
     "experiment_path",
     "population_size",
@@ -74,6 +79,22 @@ class SearchOutcome:
     population: int = 1
     phases: dict[str, float] | None = None  # seconds per phase of the command
     posthoc_inference: bool = False  # lambda_rc, lambda_e, c chosen per trial on the validation grid
+
+
+def check_experiment_name(name: str, field: str = "--name") -> None:
+    """An experiment name is one folder name under the storage path: not empty, not '.' or '..', no '/' or
+    '\\', not absolute (nor a NUL byte). Checked before anything is created; raises DednInputError."""
+    rule = None
+    if name.strip() == "":
+        rule = "must not be empty"
+    elif "/" in name or "\\" in name:
+        rule = "must be a single folder name, without '/' or '\\' (it is created under --storage-path)"
+    elif name in (".", ".."):
+        rule = "must be a folder name, not '.' or '..'"
+    elif Path(name).is_absolute() or "\0" in name:
+        rule = "must be a single folder name under --storage-path, not a path"
+    if rule is not None:
+        raise DednInputError(name if name else "''", field, rule)
 
 
 def _experiment_dir(storage_path: str, name: str) -> Path:
@@ -201,11 +222,11 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
 
     clock = _PhaseClock()
     exp, name, opts, spec, base, store = _prepare_experiment(opts, resume)
-    tracker = _start_tracker(opts, exp, name, store) if opts.track else None
+    tracker = _start_tracker(opts, exp, name, store, resume) if opts.track else None
     # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     clock.end("prepare (spec, store, tracking)")
-    with ray_session(opts.address):
+    with _joined_or_abandoned(ray_session(opts.address), exp, tracker, resume):
         clock.end("Ray start")
         shared = share_store(store)  # read once, put once; trials read the object store
         clock.end("store into the object store")
@@ -269,11 +290,19 @@ def _prepare_experiment(
     """Everything before Ray starts: the experiment folder (new, or with ``resume`` an existing one and the
     options it was started with), the spec, store and tracking store checked, and ``search.json`` written
     for a new search. Returns (folder, name, the options in force, spec, base config, opened store)."""
+    from cluster.connect import check_address
+
+    check_address(opts.address)  # a malformed --address creates nothing
+    if opts.name is not None:
+        check_experiment_name(opts.name, "--resume" if resume else "--name")
     name = opts.name or f"{Path(opts.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = _experiment_dir(opts.storage_path, name)
     if resume:
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
+        from tracking.integrity import verify_state
+
+        verify_state(exp)  # Ray unpickles the folder's state: only what this user's searches signed
         saved = json.loads((exp / "search.json").read_text())
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
@@ -301,16 +330,47 @@ def _checked_tracking_uri(opts: SearchOptions) -> str:
     return uri
 
 
-def _start_tracker(opts: SearchOptions, exp: Path, name: str, store: Any) -> Tracker:
-    """The search's MLflow tracker, with its parent run created (or on resume reopened)."""
+def _start_tracker(opts: SearchOptions, exp: Path, name: str, store: Any, resume: bool = False) -> Tracker:
+    """The search's MLflow tracker, with its parent run created (or on resume reopened). If that fails, a
+    new search's folder goes again (its run, if made, ends FAILED)."""
     from dedn.checkpoints import checkpoint_header
     from tracking.runs import Tracker
     from tuning.report import parent_tags
 
     assert opts.tracking_uri is not None
     tracker = Tracker(opts.tracking_uri, exp, name)
-    tracker.parent(parent_tags(store, opts.spec_path, opts.posthoc_inference), opts.spec_path, checkpoint_header(store))
+    try:
+        tracker.parent(
+            parent_tags(store, opts.spec_path, opts.posthoc_inference), opts.spec_path, checkpoint_header(store)
+        )
+    except BaseException:
+        _abandon(exp, tracker, resume)
+        raise
     return tracker
+
+
+@contextmanager
+def _joined_or_abandoned(session: Any, exp: Path, tracker: Tracker | None, resume: bool) -> Iterator[Any]:
+    """Enter ``session`` (cluster.connect.ray_session); when that fails (no cluster at --address), the
+    search never started: its MLflow run ends FAILED and a new search's half-made folder is removed."""
+    with ExitStack() as stack:
+        try:
+            info = stack.enter_context(session)
+        except BaseException:
+            _abandon(exp, tracker, resume)
+            raise
+        yield info
+
+
+def _abandon(exp: Path, tracker: Tracker | None, resume: bool) -> None:
+    """Undo what a search that never started left: its parent run ends FAILED; the folder of a new search
+    (made by this command, nothing of Tune's in it yet) is removed. A resumed folder is kept."""
+    parent = tracker.state.get("parent") if tracker is not None else None
+    if tracker is not None and parent:
+        with suppress(Exception):
+            tracker.client.set_terminated(str(parent), status="FAILED")
+    if not resume:
+        shutil.rmtree(exp, ignore_errors=True)
 
 
 def _tuner(
@@ -329,12 +389,15 @@ def _tuner(
     trainable = _trainable(shared, base, opts, spec)
     if resume:
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    from tracking.integrity import StateSigner, signing_key
     from tuning.tracking_callback import MLflowTrialLogger
 
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     # num_samples counts configurations; with populations each Tune trial trains `size` of them.
     num_samples = -(-(opts.num_samples or spec.num_samples) // population_size(spec, opts))
-    return tune.Tuner(
+    key = signing_key()
+    logger = [MLflowTrialLogger(tracker, base)] if tracker is not None else []
+    tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=_searcher(spec, opts, exp / "optuna.db", name),
@@ -349,10 +412,78 @@ def _tuner(
             storage_path=str(exp.parent),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[MLflowTrialLogger(tracker, base)] if tracker is not None else None,
+            callbacks=[*logger, _resume_signer(str(exp))],
             verbose=1,
         ),
     )
+    StateSigner(exp, key).sign(exp, [exp / "tuner.pkl"])  # Tune wrote it as the Tuner was built
+    return tuner
+
+
+def _resume_signer(exp: str) -> Any:
+    """The Tune callback that signs the state ``--resume`` will unpickle (module level: tuner.pkl, which
+    holds the callbacks, names it by reference and a restored search keeps signing)."""
+    return _resume_signer_class()(exp)
+
+
+@functools.cache
+def _resume_signer_class() -> type:
+    """``ResumeSigner``, a ray.tune.Callback, built on first use so importing this module needs no Ray."""
+    import logging
+
+    from ray.tune import Callback
+
+    from tracking.integrity import StateSigner, signing_key
+
+    log = logging.getLogger(__name__)
+
+    class ResumeSigner(Callback):
+        """Signs the files Tune will unpickle on restore (tracking.integrity). Tune calls ``get_state``
+        inside its own save, after writing the experiment and searcher state to its driver staging folder
+        and before copying that folder into the experiment folder, so each version is signed before it
+        reaches the experiment folder. Step ends (at most every 2 s) and the experiment's end sign again,
+        for what Tune writes between saves (a trial's params.pkl or error.pkl)."""
+
+        def __init__(self, exp: str) -> None:
+            self.exp = exp
+            self._trials: list[Any] | None = None
+            self._signer: StateSigner | None = None
+            self._last = 0.0
+
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (_resume_signer, (self.exp,))
+
+        def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            self._trials = trials  # Tune's own list: holds the trials its next save writes
+
+        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            self._trials = trials
+            if time.monotonic() - self._last >= 2.0:
+                self._sign()
+
+        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+            self._trials = trials
+            self._sign()
+
+        def get_state(self) -> dict[str, Any] | None:
+            self._sign()
+            return None  # nothing of ours to save: Tune then writes no callback-state pickle
+
+        def _sign(self) -> None:
+            self._last = time.monotonic()
+            if not self._trials:
+                return
+            storage = self._trials[0].storage
+            try:
+                exp = Path(storage.experiment_fs_path)
+                exp = exp if exp.is_dir() else Path(self.exp)
+                if self._signer is None or self._signer.exp != exp:
+                    self._signer = StateSigner(exp, signing_key())
+                self._signer.sign(Path(storage.experiment_driver_staging_path))
+            except Exception as e:  # never fail the search over it: a later --resume is refused instead
+                log.warning("could not sign the search state for --resume: %s: %s", type(e).__name__, e)
+
+    return ResumeSigner
 
 
 def _trial_states(results: list[Any]) -> tuple[dict[str, int], dict[str, str]]:

@@ -287,6 +287,9 @@ def test_dedn_ui_serves_the_store_on_loopback(tmp_path: Path) -> None:
     import os
     import signal
 
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ui.db'}").search_experiments()  # ui opens, never creates
     port = free_port()
     proc = subprocess.Popen(
         [
