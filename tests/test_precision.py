@@ -46,6 +46,7 @@ def test_bf16_training_stays_within_tolerance_of_float32(tiny_store: Path) -> No
         assert (got.best_state[k] - v).norm() <= 0.1 * (v - start[k]).norm() + 1e-12, k
 
 
+@pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
 def test_compiled_step_matches_eager_float32(tiny_store: Path) -> None:
     s = open_store(tiny_store)
     ref = train(_cfg(tiny_store, "optim.epochs=1"), s)

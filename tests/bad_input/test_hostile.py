@@ -72,6 +72,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> dict
     return {"root": root, "exp": exp, "spec": spec, "uri": uri, "config": root / "config"}
 
 
+@pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
 def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     root, exp, config = searched["root"], searched["exp"], searched["config"]
     env = {"XDG_CONFIG_HOME": str(config)}
@@ -249,6 +250,7 @@ def test_search_refuses_a_malformed_address_before_creating_anything(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
 def test_search_that_cannot_join_leaves_no_folder_and_a_failed_run(tmp_path: Path, tiny_store: Path) -> None:
     from mlflow.tracking import MlflowClient
 

@@ -163,6 +163,7 @@ def test_train_out_in_a_read_only_folder(tmp_path: Path, store: Path, work: Path
         ro.chmod(0o755)
 
 
+@pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
 def test_train_twice_with_overwrite_replaces_its_own_output(store: Path, work: Path) -> None:
     out = work / "ckpt"
     _ok([*TRAIN, *FAST, "--store", str(store), "--out", str(out)], work)

@@ -180,6 +180,7 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
     assert r.exit_code == 2 and "does not match the model" in r.stderr and not (tmp_path / "bad.csv").exists()
 
 
+@pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
 def test_embedded_sqlite_default(tmp_path: Path, tiny_store: Path) -> None:
     """Without --tracking-uri a search logs to mlflow.db in the working folder."""
     spec = write_spec(tmp_path, tiny_store, epochs=2, body=SPEC.replace("num_samples: 3", "num_samples: 2"))
@@ -283,6 +284,7 @@ def test_server_going_away_fails_no_trial(tmp_path: Path, tiny_store: Path) -> N
     assert all(len(v) >= 1 for v in trial_rows(exp).values()) and len(trial_rows(exp)) == 4
 
 
+@pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
 def test_dedn_ui_serves_the_store_on_loopback(tmp_path: Path) -> None:
     import os
     import signal

@@ -25,6 +25,7 @@ population: {size: 4, grace_period: 1, reduction_factor: 2}
 """
 
 
+@pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
 def test_population_search_records_every_member(server: str, tmp_path: Path, tiny_store: Path) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
