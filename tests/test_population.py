@@ -92,6 +92,7 @@ def test_rmsprop_per_member_matches_torch() -> None:
         torch.testing.assert_close(stacked.detach()[j], refs[j].detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # long: the slow tier
 def test_halving_keeps_the_best_and_leaves_survivors_unchanged(tiny_store: Path) -> None:
     store = open_store(tiny_store)
     lrs = [3e-4, 5e-4, 8e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3]

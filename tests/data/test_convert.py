@@ -34,7 +34,10 @@ def _res101(path: Path, labels0: np.ndarray, files: list[str], c: int, compress:
     return feats
 
 
-@pytest.mark.parametrize("dataset", ["CUB", "SUN", "AWA2"])
+@pytest.mark.parametrize(
+    "dataset",
+    ["CUB", *(pytest.param(d, marks=pytest.mark.slow) for d in ("SUN", "AWA2"))],  # CUB by default
+)
 def test_xlsa17_conversion_keeps_every_fact_of_the_real_files(tmp_path: Path, dataset: str) -> None:
     folder = zsl_dir(dataset)
     n, k, d, n_seen = SIZES[dataset]
@@ -183,6 +186,7 @@ def test_hdf5_bad_inputs_fail_with_one_line_and_no_output(tmp_path: Path) -> Non
         convert_hdf5(tmp_path / "junk.hdf5", tmp_path / "x")
 
 
+@pytest.mark.slow  # long: the slow tier
 def test_xlsa17_shape_disagreements_are_refused(tmp_path: Path) -> None:
     folder = zsl_dir("AWA2")
     files, labels = read_image_labels(folder / "image_labels.csv", 50)

@@ -218,6 +218,7 @@ scheduler: {type: fifo}
         assert sorted(steps) == list(range(1, 7)), steps
 
 
+@pytest.mark.slow  # long: the slow tier
 def test_trials_read_features_from_the_object_store_not_parquet(tmp_path: Path, tiny_store: Path) -> None:
     import shutil
 
