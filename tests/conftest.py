@@ -51,3 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Keep the user's config folder out of the tests: the resume-signing key of every search a test (or a
     command it starts) runs lives in a temporary XDG_CONFIG_HOME."""
     os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="dedn-tests-config-")
+    # Nor the repository's tracking store: a search a test starts without --tracking-uri logs here (and
+    # its artifacts go beside this file), never to ./mlflow.db and ./mlruns.
+    tracking = Path(tempfile.mkdtemp(prefix="dedn-tests-mlflow-")) / "mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tracking}"

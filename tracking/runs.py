@@ -27,6 +27,7 @@ from typing import Any
 from dedn.errors import DednInputError
 
 __all__ = [
+    "artifact_location",
     "DEFAULT_URI",
     "RUNS_FILE",
     "Tracker",
@@ -44,10 +45,19 @@ RUNS_FILE = "mlflow_runs.json"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """``None`` -> the embedded SQLite store in the working folder (absolute path)."""
+    """``None`` -> ``MLFLOW_TRACKING_URI`` when set (as the CLI's option reads it), else the embedded SQLite
+    store in the working folder (absolute path)."""
     if uri is None:
-        return f"sqlite:///{Path('mlflow.db').resolve()}"
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an SQLite store's file (``mlruns/<experiment>``
+    next to it, not under whatever the working folder is); None (the server's or MLflow's default) else."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns" / experiment).as_uri()
 
 
 def check_not_scattered(uri: str, joins_cluster: bool) -> None:
@@ -287,7 +297,10 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         exp = self.client.get_experiment_by_name(self.name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.name)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            exp_id = self.client.create_experiment(self.name, artifact_location=artifact_location(self.uri, self.name))
         run = self.client.create_run(exp_id, run_name=self.name, tags=tags)
         self.client.log_artifact(run.info.run_id, spec_file)
         if store_header is not None:  # what serving a promoted trial needs to know of the store
