@@ -9,7 +9,8 @@ from typing import Any
 import click
 
 from dedn import __version__
-from dedn.errors import DednInputError
+from dedn.errors import DednInputError, DednOutputError
+from dedn.outputs import STORAGE_ERRNOS
 
 __all__ = ["cli", "main", "usage_line"]
 
@@ -64,6 +65,14 @@ class _Group(click.Group):
         except DednInputError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except DednOutputError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except OSError as e:  # a storage failure no writer named: still one line, with the file if known
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            click.echo(f"error: {DednOutputError(e.filename or 'an output', 'write', e)}", err=True)
+            ctx.exit(1)
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as e:

@@ -50,14 +50,16 @@ def save_checkpoint(
     """model.safetensors + config.yaml + checkpoint.json, written to a temporary folder then renamed.
 
     ``store``: the training store, or its ``checkpoint_header``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     header = store if isinstance(store, dict) else checkpoint_header(store)
     out = Path(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out)
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        # serialised in memory and written by Python: a full disk is then an OSError (ENOSPC), not
+        # safetensors' own error type
+        (tmp / "model.safetensors").write_bytes(save({k: v.contiguous() for k, v in state.items()}))
         (tmp / "config.yaml").write_text(dump_config(cfg))
         meta = {
             **header,

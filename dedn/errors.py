@@ -1,8 +1,19 @@
-"""The one error type for bad user input."""
+"""The error types the CLI turns into one line: bad user input, and an output that could not be written."""
 
 from __future__ import annotations
 
+import re
 from os import PathLike
+
+# scheme://user:PASSWORD@host... and ...?password=PASSWORD (libpq's query form) in a URL
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s]*", re.IGNORECASE)
+
+
+def without_password(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (``postgresql://u:***@host/db``),
+    for messages and console lines: a database or server URL may carry one."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 class DednInputError(ValueError):
@@ -13,10 +24,10 @@ class DednInputError(ValueError):
     """
 
     def __init__(self, source: str | PathLike[str], field: str, rule: str) -> None:
-        self.source = str(source)
+        self.source = without_password(str(source))  # a URL's password never reaches the console
         self.field = field
-        self.rule = rule
-        super().__init__(f"{self.source}: {field}: {rule}".replace("\n", " "))
+        self.rule = without_password(rule)
+        super().__init__(f"{self.source}: {field}: {self.rule}".replace("\n", " "))
 
 
 class DednInputErrors(DednInputError):
@@ -28,4 +39,18 @@ class DednInputErrors(DednInputError):
         super().__init__(source, f"{len(errors)} error(s)", joined)
 
 
-__all__ = ["DednInputError", "DednInputErrors"]
+class DednOutputError(RuntimeError):
+    """An output could not be written (disk full, quota, read-only or unwritable folder). The message names
+    the output and says nothing of it was kept; the CLI prints ``error: <message>`` and exits with status 1."""
+
+    def __init__(self, dest: str | PathLike[str], field: str, err: OSError) -> None:
+        import errno
+        import os
+
+        code = err.errno or 0
+        reason = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else str(err)
+        self.dest, self.field = str(dest), field
+        super().__init__(f"{self.dest}: {field}: could not be written: {reason}; nothing of it was kept")
+
+
+__all__ = ["DednInputError", "DednInputErrors", "DednOutputError", "without_password"]

@@ -23,16 +23,18 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from dedn.errors import DednInputError
+from dedn.errors import DednInputError, DednOutputError
 
 MARKER = ".dedn-output.json"
 
@@ -186,6 +188,22 @@ def write_marker(folder: Path, command: str) -> None:
     (folder / MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
+# what the storage, not the program, is at fault for: reported as one line naming the output
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def writing(dest: str | os.PathLike[str], field: str = "--out") -> Iterator[None]:
+    """Turn a storage failure while writing ``dest`` (disk full, quota, read-only, no permission) into a
+    DednOutputError naming it. The writer inside must already have removed its temporary files."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise DednOutputError(dest, field, e) from e
+        raise
+
+
 def temp_sibling(dest: Path) -> Path:
     """A new temporary folder beside ``dest`` with the permissions a plain ``mkdir`` would give under the
     user's umask (``tempfile.mkdtemp`` makes it 0700, so a store or checkpoint renamed from it into a
@@ -210,6 +228,13 @@ def write_output_folder(
     ``build`` must create the folder it is given. An existing ``out`` is re-checked just before it is
     replaced (it must still be this command's own previous output), then moved aside and removed."""
     dest = Path(out)
+    with writing(dest, field):
+        return _write_output_folder(dest, out, command, build, overwrite, field)
+
+
+def _write_output_folder(
+    dest: Path, out: str | os.PathLike[str], command: str, build: Callable[[Path], object], overwrite: bool, field: str
+) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_sibling(dest)
     try:
@@ -225,4 +250,13 @@ def write_output_folder(
     return dest
 
 
-__all__ = ["temp_sibling", "MARKER", "check_output", "read_marker", "write_marker", "write_output_folder"]
+__all__ = [
+    "STORAGE_ERRNOS",
+    "temp_sibling",
+    "writing",
+    "MARKER",
+    "check_output",
+    "read_marker",
+    "write_marker",
+    "write_output_folder",
+]

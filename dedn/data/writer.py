@@ -34,8 +34,8 @@ from dedn.data.schema import (
     check_split_classes,
 )
 from dedn.data.splits import SPLITS
-from dedn.errors import DednInputError
-from dedn.outputs import temp_sibling
+from dedn.errors import DednInputError, DednOutputError
+from dedn.outputs import STORAGE_ERRNOS, temp_sibling, writing
 
 ROW_GROUP_BYTES = 8 << 20
 
@@ -188,11 +188,12 @@ class StoreWriter:
         On a refusal (DednInputError) or any other failure the temporary folder is removed."""
         if self.meta is not None:
             return self.meta
-        try:
-            return self._finish()
-        except BaseException:
-            self.abort()
-            raise
+        with writing(self.out):
+            try:
+                return self._finish()
+            except BaseException:
+                self.abort()
+                raise
 
     def _finish(self) -> StoreMeta:
         assert self._writer is not None
@@ -262,6 +263,8 @@ class StoreWriter:
     ) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                raise DednOutputError(self.out, "--out", exc) from exc
         else:
             try:
                 self.close()
