@@ -6,7 +6,7 @@ embedded cloudpickle, or a pickle under a .json name) and the trials' ``*.pkl`` 
 one of them in the experiment folder (shared storage) would run code in the next ``dedn search --resume``.
 So the search signs each of these files with HMAC-SHA256 under a key that never leaves the user's config
 folder (``$XDG_CONFIG_HOME/dedn/resume.key``, default ``~/.config/dedn``, created 0600), and a resume
-refuses the folder unless every such file matches a signature in ``resume.sig.json``.
+refuses the folder unless every such file matches a signature in ``resume.sig``.
 
 The signatures are written by the search itself: ``tuner.pkl`` right after Tune writes it (when the Tuner
 is built), the other files from Tune's driver staging folder inside Tune's own save, before Tune copies
@@ -38,7 +38,10 @@ __all__ = [
     "verify_state",
 ]
 
-SIGNATURE_FILE = "resume.sig.json"
+# Not *.json: on --resume Tune copies the experiment folder's *.json and *.pkl into its staging folder and
+# from then on copies them back over the experiment folder, which would put back an old signature file.
+SIGNATURE_FILE = "resume.sig"
+_LEGACY_SIGNATURE_FILE = "resume.sig.json"
 KEY_FILE = "resume.key"
 _FORMAT = 1
 _KEEP = 16  # digests kept per file
@@ -102,8 +105,11 @@ def _digest(key: bytes, rel: str, path: Path) -> str:
 
 def _read_signatures(exp: Path) -> dict[str, list[str]] | None:
     """The signature file's digests by relative path; None when missing or malformed."""
+    path = exp / SIGNATURE_FILE
+    if not path.is_file() and (exp / _LEGACY_SIGNATURE_FILE).is_file():
+        path = exp / _LEGACY_SIGNATURE_FILE
     try:
-        data = json.loads((exp / SIGNATURE_FILE).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     files = data.get("files") if isinstance(data, dict) and data.get("format") == _FORMAT else None
@@ -113,7 +119,7 @@ def _read_signatures(exp: Path) -> dict[str, list[str]] | None:
 
 
 class StateSigner:
-    """Signs state files into ``<exp>/resume.sig.json``; hashes a file again only when it changed."""
+    """Signs state files into ``<exp>/resume.sig``; hashes a file again only when it changed."""
 
     def __init__(self, exp: Path, key: bytes) -> None:
         self.exp, self.key = Path(exp), key
@@ -158,6 +164,8 @@ def verify_state(exp: Path) -> None:
     not all signed with the user's key. Reads only; creates nothing (not even the key)."""
     exp = Path(exp)
     sig_file = exp / SIGNATURE_FILE
+    if not sig_file.is_file() and (exp / _LEGACY_SIGNATURE_FILE).is_file():
+        sig_file = exp / _LEGACY_SIGNATURE_FILE
     if not sig_file.is_file():
         raise DednInputError(
             sig_file, "signature", "missing: the folder's Ray state is unsigned, refusing to unpickle it"

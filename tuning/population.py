@@ -115,9 +115,9 @@ def population_trainable(
 ) -> None:
     """One Tune trial training ``config["members"]`` as one population on the shared store."""
     from dedn.population import Halving, train_population
-    from tuning.trainable import report_epoch, trial_setup, wants_checkpoint
+    from tuning.trainable import trial_setup, wants_checkpoint
 
-    store, node, zero_copy, resume = trial_setup(shared, load_population_checkpoint)
+    store, node, zero_copy, resume, reporter = trial_setup(shared, load_population_checkpoint)
     members = list(config["members"])
     cfgs = [trial_config(base, m) for m in members]
 
@@ -128,7 +128,7 @@ def population_trainable(
         metrics.update({"node_id": node, "features_zero_copy": zero_copy})
         improved = any(p.best_epoch[j] == epoch for j in records) or bool(metrics["ended"])
         checkpoint = wants_checkpoint(epoch, last_epoch, checkpoint_every, improved)
-        report_epoch(metrics, checkpoint, lambda folder: save_population_checkpoint(folder, epoch, p, members))
+        reporter.report(metrics, checkpoint, lambda folder: save_population_checkpoint(folder, epoch, p, members))
 
     results = train_population(
         cfgs,

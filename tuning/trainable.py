@@ -7,19 +7,23 @@ no epoch is trained or counted twice.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cluster.objects import SharedStore, is_object_store_view
-from dedn.checkpoints import load_trial_state, save_trial_state
+from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE, load_trial_state, save_trial_state
 from dedn.records import EpochRecord, Progress
 from dedn.train import train
 from tuning.space import sampled_params, trial_config
 
-__all__ = ["dedn_trainable", "epoch_metrics", "report_epoch", "trial_setup", "wants_checkpoint"]
+__all__ = ["EpochReporter", "dedn_trainable", "epoch_metrics", "trial_setup", "wants_checkpoint"]
 
 
 def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
@@ -46,10 +50,10 @@ def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
 
 def trial_setup(
     shared: SharedStore, load_state: Callable[[str], dict[str, Any]]
-) -> tuple[Any, str, bool, dict[str, Any] | None]:
+) -> tuple[Any, str, bool, dict[str, Any] | None, EpochReporter]:
     """What every trial does first: quiet per-checkpoint logging, threads = the CPUs Tune assigned, the
     store as an object-store view. Returns (store, node id, whether features are zero-copy, the state of
-    the trial's last checkpoint read with ``load_state``, or None on a first start)."""
+    the checkpoint to continue from read with ``load_state`` or None on a first start, the reporter)."""
     import logging
 
     import ray
@@ -59,12 +63,10 @@ def trial_setup(
     ctx = ray.get_runtime_context()
     torch.set_num_threads(max(1, int(ctx.get_assigned_resources().get("CPU", 1.0))))
     store = shared.materialize()
-    resume = None
+    reporter = EpochReporter()
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_state(folder)
-    return store, ctx.get_node_id(), is_object_store_view(store.features()), resume
+    resume = None if checkpoint is None else reporter.restore(checkpoint, load_state)
+    return store, ctx.get_node_id(), is_object_store_view(store.features()), resume, reporter
 
 
 def wants_checkpoint(epoch: int, last_epoch: int, every: int, improved: bool) -> bool:
@@ -73,25 +75,161 @@ def wants_checkpoint(epoch: int, last_epoch: int, every: int, improved: bool) ->
     return improved or epoch == last_epoch or epoch % every == 0
 
 
-def report_epoch(metrics: dict[str, Any], checkpoint: bool, save: Callable[[str], None]) -> None:
-    """Report an epoch's metrics to Tune (``checkpointed`` says whether a checkpoint came with them); with
-    ``checkpoint``, ``save(folder)`` writes the checkpoint into a temporary folder that Tune then keeps."""
+class EpochReporter:
+    """Reports a trial's epochs to Tune and keeps its checkpoints resumable whenever the driver dies.
+
+    Tune's own retention (``CheckpointConfig(num_to_keep)``) deletes a trial's older checkpoint folders
+    while the experiment state it saved last (at most every 10 s, copied to the experiment folder in the
+    background) may still name one of them; a driver killed in that window left ``--resume`` unable to
+    continue the trial ("does not exist on storage anymore"). So Tune keeps every folder
+    (``num_to_keep=None``) and the reporter empties all but the newest ``keep`` itself: it removes their
+    ``state.pt`` and leaves the small files, so every folder a saved state can name still exists. A trial
+    resumed from an emptied folder continues from the next whole one, after reporting again the epochs in
+    between from the reports that folder holds, so Tune, the scheduler and the tracking callback see the
+    same sequence of results as without the kill.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.sent: list[dict[str, Any]] = []  # every result reported so far, as reported
+
+    def report(self, metrics: dict[str, Any], checkpoint: bool, save: Callable[[str], None]) -> None:
+        """Report one epoch (``checkpointed`` says whether a checkpoint came with it); with ``checkpoint``,
+        ``save(folder)`` writes the state into a temporary folder that Tune then persists."""
+        metrics["checkpointed"] = checkpoint
+        if "val_H" in metrics:  # what the scheduler ranks by: the trial's best epoch so far
+            metrics["val_H_best"] = max(
+                [float(metrics["val_H"])] + [float(m["val_H"]) for m in self.sent if "val_H" in m]
+            )
+        self.sent.append(dict(metrics))
+        if not checkpoint:
+            _tune_report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save(folder)
+            self._stamp(Path(folder), int(metrics["epoch"]))
+            _tune_report(metrics, folder)
+        self._prune()
+
+    def restore(self, checkpoint: Any, load_state: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """The state to continue from, given the checkpoint Tune restored the trial with."""
+        named = _local_folder(checkpoint)
+        if named is None:  # not on a local or mounted file system: Tune's folder as it is
+            with checkpoint.as_directory() as folder:
+                self.sent = _reports(Path(folder)) or []
+                return load_state(folder)
+        named_epoch = _epoch(named)
+        for folder in _resume_candidates(named, named_epoch):
+            try:
+                state = load_state(str(folder))
+            except Exception:  # a folder torn by the kill: try the next one
+                continue
+            self.sent = _reports(folder) or []
+            replay = [m for m in self.sent if named_epoch is not None and int(m["epoch"]) > named_epoch]
+            for m in replay[:-1]:
+                _tune_report({**m, "checkpointed": False}, None)
+            if replay:  # the last replayed epoch carries the checkpoint it came from, whole again
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copytree(folder, tmp, dirs_exist_ok=True)
+                    _tune_report({**replay[-1], "checkpointed": True}, tmp)
+                self._prune()
+            return state
+        raise FileNotFoundError(f"{named}: no whole checkpoint to continue this trial from")
+
+    def _stamp(self, folder: Path, epoch: int) -> None:
+        """reports.json: the results so far, the epoch and a digest of state.pt (what makes a folder whole)."""
+        digest = _sha256(folder / TRIAL_STATE)
+        (folder / REPORTS).write_text(json.dumps({"epoch": epoch, "state_sha256": digest, "sent": self.sent}))
+
+    def _prune(self) -> None:
+        """Empty every whole checkpoint folder of this trial but the newest ``keep`` (by epoch, then time)."""
+        from ray import tune
+
+        latest = _local_folder(tune.get_checkpoint())
+        if latest is None:
+            return
+        whole = [f for f in latest.parent.glob("checkpoint_*") if (f / TRIAL_STATE).is_file()]
+        whole.sort(key=lambda f: (_epoch(f) or -1, (f / TRIAL_STATE).stat().st_mtime))
+        for folder in whole[: -self.keep]:
+            if folder != latest:
+                (folder / TRIAL_STATE).unlink(missing_ok=True)
+
+
+REPORTS = "reports.json"  # in each trial checkpoint: what EpochReporter needs to resume from it
+
+
+def _tune_report(metrics: dict[str, Any], folder: str | None) -> None:
     from ray import tune
 
-    metrics["checkpointed"] = checkpoint
-    if not checkpoint:
-        tune.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        save(folder)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    checkpoint = None if folder is None else tune.Checkpoint.from_directory(folder)
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def _local_folder(checkpoint: Any) -> Path | None:
+    """A Tune checkpoint's folder when it is on this machine's file system (local or mounted)."""
+    if checkpoint is None or getattr(checkpoint.filesystem, "type_name", "") != "local":
+        return None
+    folder = Path(checkpoint.path)
+    return folder if folder.is_dir() else None
+
+
+def _reports(folder: Path) -> list[dict[str, Any]] | None:
+    try:
+        return list(json.loads((folder / REPORTS).read_text())["sent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _epoch(folder: Path) -> int | None:
+    """The epoch a checkpoint folder was saved after (its reports.json, else progress.json)."""
+    for name in (REPORTS, TRIAL_PROGRESS):
+        try:
+            return int(json.loads((folder / name).read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _whole(folder: Path) -> bool:
+    """state.pt present and the one reports.json describes (a folder written before reports.json
+    existed counts as whole when state.pt is there)."""
+    state = folder / TRIAL_STATE
+    if not state.is_file():
+        return False
+    try:
+        stamp = json.loads((folder / REPORTS).read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return isinstance(stamp, dict) and stamp.get("state_sha256") == _sha256(state)
+
+
+def _resume_candidates(named: Path, named_epoch: int | None) -> list[Path]:
+    """The named folder when whole, else this trial's whole folders after it, earliest epoch first."""
+    if _whole(named):
+        return [named]
+    later = [
+        (e, f)
+        for f in named.parent.glob("checkpoint_*")
+        if f != named and (e := _epoch(f)) is not None and (named_epoch is None or e > named_epoch)
+    ]
+    return [f for _, f in sorted(later) if _whole(f)]
 
 
 def dedn_trainable(
     config: dict[str, Any], shared: SharedStore, base: dict[str, Any], posthoc: bool, checkpoint_every: int = 1
 ) -> None:
     """One trial: sampled values from ``config`` over the base training config, on the shared store."""
-    store, node, zero_copy, resume = trial_setup(shared, load_trial_state)
+    store, node, zero_copy, resume, reporter = trial_setup(shared, load_trial_state)
     cfg = trial_config(base, sampled_params(config))
 
     last_epoch = cfg.effective().optim.epochs
@@ -99,6 +237,6 @@ def dedn_trainable(
     def report(record: EpochRecord, p: Progress) -> None:
         metrics = {**epoch_metrics(record, posthoc), "node_id": node, "features_zero_copy": zero_copy}
         checkpoint = wants_checkpoint(record.epoch, last_epoch, checkpoint_every, p.best_epoch == record.epoch)
-        report_epoch(metrics, checkpoint, lambda folder: save_trial_state(folder, record, p))
+        reporter.report(metrics, checkpoint, lambda folder: save_trial_state(folder, record, p))
 
     train(cfg, store, "validation", on_epoch=report, resume=resume, select_on="grid" if posthoc else "configured")

@@ -67,7 +67,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> dict
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     exp = (root / "runs" / "hostile").resolve()
-    assert (exp / "tuner.pkl").is_file() and (exp / "resume.sig.json").is_file()
+    assert (exp / "tuner.pkl").is_file() and (exp / "resume.sig").is_file()
     assert (root / "config" / "dedn" / "resume.key").stat().st_mode & 0o777 == 0o600
     return {"root": root, "exp": exp, "spec": spec, "uri": uri, "config": root / "config"}
 
@@ -100,8 +100,8 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     assert not marker.exists()
 
     # no signature file at all
-    sig = exp / "resume.sig.json"
-    aside = root / "resume.sig.json.aside"
+    sig = exp / "resume.sig"
+    aside = root / "resume.sig.aside"
     shutil.move(sig, aside)
     try:
         refused(resume, cwd=root, watch=[exp, config], file=sig, field="signature", env=env)
@@ -136,6 +136,7 @@ def test_promote_refuses_a_tampered_trial_checkpoint(searched: dict) -> None:
     state.write_bytes(_payload(marker))
     try:
         args = ["promote", "--experiment", "hostile", "--model-name", "dedn-hostile", "--tracking-uri", searched["uri"]]
+        args += ["--trial", "best"]  # the search ran without a final test: a trial's weights
         line = refused(args, cwd=root, watch=[root], file=f"runs:/{run_id}/checkpoint", field="checkpoint")
     finally:
         state.write_bytes(original)
