@@ -1,18 +1,29 @@
-"""Connect to a Ray cluster, or start a local one that lives as long as the command."""
+"""Connect to a Ray cluster, or start a local one that lives as long as the command.
+
+Without an address a command always starts, and owns, a local Ray instance (Ray's ``address="local"``):
+``RAY_ADDRESS`` and Ray's record of the last cluster ``ray start`` made (``/tmp/ray/ray_current_cluster``,
+stale once that cluster is gone) are ignored. With an address the cluster is found, asked whether it
+answers and which authentication it wants, within seconds and in one line when it cannot be joined, before
+``ray.init`` (which would retry an address for minutes) runs. SIGTERM stops a session like Ctrl-C does.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from types import FrameType
 from typing import Any
 
+from cluster.auth import AUTH_MODE, auth_mode_restored, settle_auth
 from dedn.errors import DednInputError
 
-__all__ = ["check_address", "ray_session"]
+__all__ = ["check_address", "ray_session", "resolve_address"]
 
 _HOST = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -39,7 +50,27 @@ def check_address(address: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _probe(address: str, timeout_s: float = 5.0) -> None:
+def resolve_address(address: str) -> str:
+    """The ``host:port`` of the cluster's GCS that ``ray.init(address=...)`` would connect to: ``auto`` is
+    looked up as Ray does (``RAY_ADDRESS``, then Ray's current-cluster record, then a Ray instance running on
+    this machine), and a loopback host becomes this machine's address, as Ray advertises its nodes. A
+    ``ray://`` (Ray Client) address is returned as given. Raises DednInputError when ``auto`` finds nothing."""
+    if address.startswith("ray://"):
+        return address
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        found = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:  # auto: no cluster recorded or running here
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DednInputError(address, "--address", f"no Ray cluster found: {first}") from None
+    if found is None:
+        raise DednInputError(address, "--address", f"no Ray cluster found: give {_FORMS}")
+    check_address(found)  # an auto lookup (RAY_ADDRESS, the record) may hold anything
+    return found
+
+
+def _probe(address: str, timeout_s: float = 5.0, source: str | None = None) -> None:
     """Fail fast, with one line, when nothing listens at host:port (ray.init would retry for minutes)."""
     hp = check_address(address)
     if hp is None:
@@ -49,43 +80,147 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
             pass
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise DednInputError(address, "--address", f"no Ray cluster answers at {hp[0]}:{hp[1]} ({reason})") from None
+        raise DednInputError(
+            source or address, "--address", f"no Ray cluster answers at {hp[0]}:{hp[1]} ({reason})"
+        ) from None
+
+
+class _SigtermInterrupts:
+    """While installed (main thread only), the first SIGTERM raises KeyboardInterrupt in the main thread, as
+    Ctrl-C does, so ``with`` blocks and ``finally`` clauses clean up; a second one acts as SIGTERM did before.
+    After ``defer()`` (while cleaning up) a SIGTERM is held and raised by ``uninstall()``.
+
+    ``ray.init`` installs Ray's own C++ handler for SIGTERM (it logs the signal and aborts the process, with
+    no cleanup), so ``install()`` is called again once Ray is up."""
+
+    def __init__(self) -> None:
+        self.main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if self.main else None
+        self.previous: Any = signal.SIG_DFL if previous is None else previous  # None: set outside Python
+        self.deferred = self.held = self.fired = False
+        self.install()
+
+    def install(self) -> None:
+        if self.main and not self.fired:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self.deferred:
+            self.held = True
+            return
+        self.fired = True
+        signal.signal(signal.SIGTERM, self.previous)  # a second SIGTERM is not caught here
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def uninstall(self, raise_held: bool) -> None:
+        if not self.main:
+            return
+        signal.signal(signal.SIGTERM, self.previous)  # also over Ray's own handler
+        if self.held and raise_held:
+            raise KeyboardInterrupt("stopped by signal SIGTERM")
+
+
+@contextmanager
+def _quiet_ray(level: int = logging.CRITICAL) -> Iterator[None]:
+    """Ray's own log lines below ``level`` are held back while Ray starts or joins: a failed connection is
+    reported in one line; a local start says nothing ("Started a local Ray instance", the notice that
+    token authentication is on: it is, and a local instance needs nothing from the user for it)."""
+    loggers = [logging.getLogger("ray"), logging.getLogger("ray._private.authentication.authentication_token_setup")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels, strict=True):
+            lg.setLevel(old)
+
+
+def _join(address: str, source: str, init: dict[str, Any]) -> Any:
+    """``ray.init`` for the cluster at ``address`` (found, answering, auth settled); one line if it fails."""
+    import ray
+
+    try:
+        with _quiet_ray():
+            return ray.init(address=address, log_to_driver=True, **init)
+    except Exception as e:  # cannot join: one line, not Ray's traceback
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DednInputError(source, "--address", f"cannot join a Ray cluster: {type(e).__name__}: {first}") from None
+
+
+def _start_or_join(
+    address: str | None, num_cpus: int | None, num_gpus: int | None, auth_timeout_s: float, init: dict[str, Any]
+) -> dict[str, Any]:
+    """Join the cluster at ``address``, or with None start a local instance; returns ``ray_session``'s info.
+    Whatever a ``ray.init`` that fails or is interrupted half-way started is shut down again."""
+    import ray
+
+    try:
+        if address:
+            target = resolve_address(address)
+            _probe(target, source=address)
+            auth = "open" if target.startswith("ray://") else settle_auth(target, address, auth_timeout_s)
+            ctx = _join(target, address, init)
+        else:  # "local": never RAY_ADDRESS nor Ray's current-cluster record
+            with _quiet_ray(logging.ERROR):
+                ctx = ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    **{"logging_level": logging.WARNING, **init},
+                )
+            auth = "token" if (os.environ.get(AUTH_MODE) or "").lower() == "token" else "open"
+    except BaseException:
+        with suppress(Exception):
+            ray.shutdown()
+        raise
+    gcs = getattr(ctx, "address_info", {}).get("gcs_address")
+    return {"address": gcs, "started": not address, "auth": auth}
 
 
 @contextmanager
 def ray_session(
-    address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None, **init: Any
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    auth_timeout_s: float = 20.0,
+    **init: Any,
 ) -> Iterator[dict[str, Any]]:
-    """``address`` ``auto`` or ``host:port`` joins a running cluster (left running afterwards); None starts a
-    local instance, bound to 127.0.0.1 with no dashboard, and shuts it down on exit. Yields ray.init's info.
+    """``address`` ``auto`` or ``host:port`` joins a running cluster (left running afterwards), with the
+    token authentication it uses when this machine has its token; None starts a local instance of its own
+    (never another cluster), with no dashboard and token authentication on (Ray's default for a local
+    instance; Ray advertises it on this machine's address even though 127.0.0.1 is asked for), and shuts
+    it down on exit. Yields
+    ``{"address": the GCS address, "started": whether this session started Ray, "auth": "token" when this
+    process sends a token, else "open"}``.
 
-    A malformed address, or one where no cluster answers, is refused with one line (Ray's own log lines
-    about the failure are held back)."""
+    A malformed address, one where no cluster answers (socket within 5 s, GCS within ``auth_timeout_s``), or
+    a cluster whose token is missing or wrong here is refused with one line (DednInputError). For the
+    session's duration SIGTERM raises KeyboardInterrupt in the main thread (connecting included), so callers
+    clean up as on Ctrl-C; this process's Ray is shut down on the way out, ``RAY_AUTH_MODE`` restored."""
     import ray
 
     if ray.is_initialized():
-        yield {"address": ray.get_runtime_context().gcs_address, "started": False}
+        yield {"address": ray.get_runtime_context().gcs_address, "started": False, "auth": None}
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if address:
-        _probe(address)
-        ray_logger = logging.getLogger("ray")
-        level = ray_logger.level
-        ray_logger.setLevel(logging.CRITICAL)
-        try:
-            ctx = ray.init(address=address, log_to_driver=True, **init)
-        except Exception as e:  # cannot join: one line, not Ray's traceback
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise DednInputError(
-                address, "--address", f"cannot join a Ray cluster: {type(e).__name__}: {first}"
-            ) from None
-        finally:
-            ray_logger.setLevel(level)
-    else:
-        ctx = ray.init(
-            num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1", **init
-        )
+    sigterm = _SigtermInterrupts()
+    finished = False
     try:
-        yield {"address": getattr(ctx, "address_info", {}).get("gcs_address"), "started": not address}
+        with auth_mode_restored():
+            info = _start_or_join(address, num_cpus, num_gpus, auth_timeout_s, init)
+            sigterm.install()  # over the handler ray.init installed
+            try:
+                yield info
+            finally:
+                sigterm.defer()  # a SIGTERM now waits for Ray's shutdown, then stops the command
+                ray.shutdown()
+        finished = True
     finally:
-        ray.shutdown()
+        sigterm.uninstall(raise_held=finished)

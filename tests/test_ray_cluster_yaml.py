@@ -115,6 +115,16 @@ def test_start_commands_are_the_standard_ones(config: dict[str, Any]) -> None:
     assert "ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076" in worker[-1]
 
 
+def test_every_node_starts_ray_with_token_authentication_and_the_token(config: dict[str, Any]) -> None:
+    """Each node's `ray start` runs in token mode and finds the token where Ray looks for it, copied from
+    the token `ray get-auth-token --generate` made on the machine that runs `ray up`."""
+    for node in ("head", "worker"):
+        start = config[f"{node}_start_ray_commands"][-1]
+        assert re.search(r"(^|;\s*)RAY_AUTH_MODE=token ray start ", start), f"{node}: {start}"
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert "ray get-auth-token --generate" in CLUSTER_YAML.read_text()
+
+
 def _broken(kind: str) -> dict[str, Any]:
     bad = _raw()
     worker = next(n for n in bad["available_node_types"] if n != bad["head_node_type"])

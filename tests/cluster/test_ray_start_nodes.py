@@ -1,0 +1,133 @@
+"""``dedn search --address`` against nodes started with ``ray start``, token authentication on, as a cluster
+user runs it: without ``RAY_AUTH_MODE`` in the driver's environment, only the token in ``~/.ray/auth_token``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.nodes import RayNodes
+from tests.helpers import ROOT, child_runs, cli_argv, refused, trial_rows, write_spec
+
+pytestmark = pytest.mark.slow  # starts two Ray nodes
+
+_SPEC = """
+num_samples: 4
+max_concurrent_trials: 2
+params:
+  optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
+scheduler: {type: fifo}
+"""
+
+
+def test_search_runs_on_both_ray_start_nodes_with_token_auth(
+    token_cluster: RayNodes, tmp_path: Path, tiny_store: Path
+) -> None:
+    spec = write_spec(tmp_path, tiny_store, epochs=3, body=_SPEC)
+    runs, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", "-c", str(spec), "--name", "nodes", "--storage-path", str(runs), "--tracking-uri", uri]
+    assert "RAY_AUTH_MODE" not in token_cluster.env  # the driver is not told about token authentication
+    proc = subprocess.run(
+        cli_argv(*args, "--address", token_cluster.address),
+        cwd=tmp_path,
+        env=token_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "InvalidAuthToken" not in out and "Unauthenticated" not in out
+    assert token_cluster.token not in out
+    assert "test once (retrained on trainval)" in out  # the final retrain ran as a task on the cluster
+    rows = trial_rows(runs / "nodes")
+    assert len(rows) == 4 and all(rows.values())
+    nodes = {r["node_id"] for v in rows.values() for r in v}
+    assert nodes == {n.node_id() for n in token_cluster.nodes}  # trials ran on the head and on the worker
+    assert all(r["features_zero_copy"] for v in rows.values() for r in v)
+    trials = child_runs(uri, "nodes")
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+
+
+def _clean_ray_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [k for k in os.environ if k.startswith("RAY_")]:
+        monkeypatch.delenv(name)
+
+
+def _search_args(tmp_path: Path, tiny_store: Path) -> tuple[list[str], Path]:
+    spec = write_spec(tmp_path, tiny_store, epochs=2, body=_SPEC)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    return ["search", "-c", str(spec), "--name", "join", "--storage-path", str(runs), "--no-tracking"], runs
+
+
+def test_joining_without_the_token_is_one_line_with_the_fix(
+    token_cluster: RayNodes, tmp_path: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clean_ray_environ(monkeypatch)
+    home = tmp_path / "home"  # no ~/.ray/auth_token here
+    home.mkdir()
+    args, runs = _search_args(tmp_path, tiny_store)
+    address = token_cluster.address
+    line = refused(
+        [*args, "--address", address],
+        cwd=tmp_path,
+        watch=[home],
+        file=address,
+        field="--address",
+        env={"HOME": str(home)},
+    )
+    assert "uses token authentication and no token was found here" in line
+    for fix in ("`ray get-auth-token` on its head", "~/.ray/auth_token", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
+        assert fix in line, fix
+    assert token_cluster.token not in line
+    assert list(runs.iterdir()) == []
+
+
+def test_a_wrong_token_is_refused_in_one_line_without_showing_it(
+    token_cluster: RayNodes, tmp_path: Path, tiny_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clean_ray_environ(monkeypatch)
+    wrong = "0f" * 32
+    args, runs = _search_args(tmp_path, tiny_store)
+    address = token_cluster.address
+    env = {"HOME": token_cluster.env["HOME"], "RAY_AUTH_TOKEN": wrong}  # the right file, overridden
+    line = refused([*args, "--address", address], cwd=tmp_path, watch=[], file=address, field="--address", env=env)
+    assert "refused the token from RAY_AUTH_TOKEN: use the cluster's token (`ray get-auth-token`" in line
+    assert wrong not in line and token_cluster.token not in line
+    assert list(runs.iterdir()) == []
+
+
+_JOIN = """
+import json, os, signal, sys
+import ray
+from cluster.connect import ray_session
+before = signal.getsignal(signal.SIGTERM)
+with ray_session(sys.argv[1]) as info:
+    during = {"mode": os.environ.get("RAY_AUTH_MODE"), "nodes": len([n for n in ray.nodes() if n["Alive"]])}
+print(json.dumps({**info, **during, "after": os.environ.get("RAY_AUTH_MODE"),
+                  "handler_restored": signal.getsignal(signal.SIGTERM) is before}))
+"""
+
+
+def test_a_joined_session_sends_the_token_only_while_it_lasts(token_cluster: RayNodes) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_JOIN), token_cluster.address],
+        cwd=ROOT,
+        env=token_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["started"] is False and got["auth"] == "token" and got["mode"] == "token"
+    assert got["nodes"] == 2
+    assert got["address"].endswith(f":{token_cluster.port}")
+    assert got["after"] is None and got["handler_restored"] is True
