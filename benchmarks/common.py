@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the repository root and a small class/attribute table builder.
+"""What the benchmark scripts share: the repository root, a small class/attribute table builder and a local
+MLflow server (``start_mlflow_server`` / ``stop_mlflow_server``).
 
 The scripts run as ``python benchmarks/X.py``, so this folder is first on ``sys.path`` and they import it as
 ``from common import ROOT``. Nothing here imports from ``tests/``.
@@ -7,7 +8,7 @@ The scripts run as ``python benchmarks/X.py``, so this folder is first on ``sys.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dedn.data.store import AttributeTable, ClassTable
@@ -36,3 +37,63 @@ def make_tables(k: int = 4, d: int = 3, g: int = 2, seed: int = 0) -> tuple[Clas
         {"manual": (["x", "y"], np.array([0, 1] + [1] * (d - 2)))},
     )
     return classes, attributes
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mlflow_server(folder: Path, workers: int = 4, jobs: bool = False) -> tuple[Any, str, float]:
+    """``mlflow server`` on a free 127.0.0.1 port with a SQLite backend and artifacts in ``folder``, in its own
+    process group (stop it with ``stop_mlflow_server``). ``jobs`` False sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+    (no background job consumers). Returns the process, its URI and the seconds until ``GET /health`` answered."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = dict(os.environ)
+    if not jobs:
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", str(workers), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    cmd += ["--artifacts-destination", str(folder / "artifacts")]
+    log = open(folder / "server.log", "ab")  # noqa: SIM115  (closed with the process)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - t0 < 180:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}; see {folder / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, uri, time.perf_counter() - t0
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stop_mlflow_server(proc)
+    raise RuntimeError(f"mlflow server did not answer /health within 180 s; see {folder / 'server.log'}")
+
+
+def stop_mlflow_server(proc: Any) -> None:
+    """Stop a server ``start_mlflow_server`` started: its process group (the server and its workers)."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

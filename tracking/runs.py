@@ -2,11 +2,21 @@
 
 All logging happens in the driver, in a Ray Tune callback: trials on other nodes never touch the
 tracking store. The default store is ``sqlite:///mlflow.db`` in the working folder; ``--tracking-uri
-http://host:port`` logs to a shared server. Each trial's run id is kept in the experiment folder
-(``mlflow_runs.json``), so a retried or resumed trial continues its own run.
+http://host:port`` logs to a shared server, ``--tracking-uri postgresql://USER@HOST/DATABASE`` to a
+PostgreSQL database directly (``tracking.databases``; artifacts then go where MLflow puts them for a
+database store: ``mlruns/`` in the working folder). Each trial's run id is kept in the experiment folder
+(``mlflow_runs.state``), so a retried or resumed trial continues its own run.
 
 If the store cannot be reached when a search starts, the command stops before any trial runs. If it
 goes away during a search, logging calls are queued and retried at the end; what still fails is reported.
+
+During a search the tracking callback starts the tracker's background writer (``Tracker.start``): trial runs,
+their calls and their per-epoch metrics then leave the driver's event loop. Each metric point is first appended
+to a journal in the experiment folder (``mlflow_points.journal``), then written by writer threads with
+``MlflowClient.log_batch``, many steps of one run per call; the journal records what was written. A driver that
+dies with points queued leaves them in the journal, and the next tracker started on the folder (``--resume``)
+writes them: each exactly once, because a point keeps the timestamp it was queued with and the SQL stores
+behind ``sqlite:`` and ``mlflow server`` keep one row per (key, step, timestamp, value) of a run.
 """
 
 from __future__ import annotations
@@ -17,18 +27,24 @@ import logging
 import os
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dedn.errors import DednInputError
+
+if TYPE_CHECKING:
+    from tracking.writer import TrackingWriter
 
 __all__ = [
     "artifact_location",
     "DEFAULT_URI",
+    "JOURNAL_FILE",
+    "metric_batch",
     "RUNS_FILE",
     "Tracker",
     "check_existing_store",
@@ -41,15 +57,23 @@ __all__ = [
 ]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-RUNS_FILE = "mlflow_runs.json"
+# Not *.json: on --resume Tune copies the experiment folder's *.json and *.pkl into its staging folder and
+# from then on copies them back over the experiment folder, which would put back this file's old version.
+RUNS_FILE = "mlflow_runs.state"
+_LEGACY_RUNS_FILE = "mlflow_runs.json"
+# The writer's append-only journal of metric points (not *.json either, for the same reason).
+JOURNAL_FILE = "mlflow_points.journal"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """``None`` -> ``MLFLOW_TRACKING_URI`` when set (as the CLI's option reads it), else the embedded SQLite
-    store in the working folder (absolute path)."""
+    store in the working folder (absolute path). A PostgreSQL URL comes back with the project's driver named
+    (``tracking.databases.normalized``), the form MLflow is given."""
+    from tracking.databases import normalized
+
     if uri is None:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-    return uri
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return normalized(uri)
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -89,9 +113,15 @@ def _restore_environ(saved: dict[str, str | None]) -> None:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail at once, with one line, when the tracking store cannot be used."""
+    """Fail at once, with one line, when the tracking store cannot be used. A PostgreSQL database is first
+    connected to directly, giving up after ``timeout_s`` (MLflow itself retries a failing database for
+    minutes); MLflow then creates its tables in an empty one."""
     from mlflow.tracking import MlflowClient
 
+    from tracking.databases import database_tables, is_postgres
+
+    if is_postgres(uri):
+        database_tables(uri, "tracking store", timeout_s)
     saved = _environ(("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
@@ -120,12 +150,19 @@ def _local_store(uri: str) -> tuple[str, Path] | None:
 def check_existing_store(uri: str) -> None:
     """Read-only commands (promote, predict, ui) never create a tracking store: refuse, before MLflow opens
     it (MLflow would create and initialise it), a SQLite file or a file store folder that does not exist
-    and a SQLite file that is not an MLflow store. Reads nothing but SQLite's table list, read-only."""
+    and a SQLite file that is not an MLflow store; a PostgreSQL database that cannot be reached (in a few
+    seconds) or holds no MLflow tables. Reads nothing but the table list, read-only."""
+    from tracking.databases import database_tables, is_postgres
+
+    hint = "promote, predict and ui read an existing tracking store and never create one (check --tracking-uri or MLFLOW_TRACKING_URI)"
+    if is_postgres(uri):
+        if not {"experiments", "runs", "alembic_version"} <= database_tables(uri, "--tracking-uri"):
+            raise DednInputError(uri, "--tracking-uri", f"not an MLflow tracking store (no MLflow tables): {hint}")
+        return
     local = _local_store(uri)
     if local is None:
         return
     kind, path = local
-    hint = "promote, predict and ui read an existing tracking store and never create one (check --tracking-uri or MLFLOW_TRACKING_URI)"
     if kind == "file":
         if not path.is_dir():
             raise DednInputError(path, "--tracking-uri", f"no such MLflow file store: {hint}")
@@ -225,6 +262,8 @@ class Tracker:
         self.pending: set[str] = set()
         self.failed: list[tuple[str, Callable[[], Any]]] = []
         self.state = self._read_state()
+        self._lock = threading.RLock()  # the state and the writer's queues, between the driver and the writer
+        self._writer: TrackingWriter | None = None
 
     @property
     def client(self) -> Any:
@@ -236,7 +275,7 @@ class Tracker:
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; the client and pending calls stay behind,
-        # the run ids come back from mlflow_runs.json.
+        # the run ids come back from RUNS_FILE.
         return {"uri": self.uri, "dir": self.dir, "name": self.name}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -244,19 +283,28 @@ class Tracker:
 
     # -- persistence of run ids ---------------------------------------------------------------
     def _read_state(self) -> dict[str, Any]:
-        path = self.dir / RUNS_FILE
-        return json.loads(path.read_text()) if path.is_file() else {"parent": None, "trials": {}}
+        for path in (self.dir / RUNS_FILE, self.dir / _LEGACY_RUNS_FILE):
+            if path.is_file():
+                return dict(json.loads(path.read_text()))
+        return {"parent": None, "trials": {}}
 
     def reload(self) -> None:
-        """Read the run ids back from mlflow_runs.json, where another copy of this tracker (Tune's
+        """Read the run ids back from RUNS_FILE, where another copy of this tracker (Tune's
         callback) wrote them."""
         self.state = self._read_state()
 
     def save(self) -> None:
-        """Write the run ids (and per-trial progress) to mlflow_runs.json, atomically."""
-        tmp = self.dir / (RUNS_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        os.replace(tmp, self.dir / RUNS_FILE)
+        """Write the run ids (and per-trial progress) to RUNS_FILE, atomically. While the writer runs, a call
+        from another thread only marks the state changed: the writer writes it within about 2 s."""
+        w = self._writer
+        if w is not None and threading.current_thread() not in w.threads:
+            w.dirty = True
+            return
+        with self._lock:  # a copy that the driver's thread cannot change while it is written
+            state = {k: dict(v) if isinstance(v, dict) else v for k, v in self.state.items()}
+            tmp = self.dir / (RUNS_FILE + ".tmp")
+            tmp.write_text(json.dumps(state, indent=2))
+            os.replace(tmp, self.dir / RUNS_FILE)
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run a logging call; on failure queue it for the end instead of failing the search.
@@ -274,7 +322,10 @@ class Tracker:
             return None
 
     def retry_failed(self, attempts: int = 3, wait_s: float = 2.0) -> list[str]:
-        """Retry queued calls; returns what still could not be logged."""
+        """Retry queued calls; returns what still could not be logged. A running writer first writes what it
+        holds (``flush``)."""
+        if self._writer is not None:
+            self._writer.flush()
         self.offline = False
         for _ in range(attempts):
             if not self.failed:
@@ -314,7 +365,11 @@ class Tracker:
         """The trial's run: created once, then continued by id (retries, resume). Creation that fails
         is queued once; calls for the trial resolve its run id when they run (``run_of``)."""
         if trial_id in self.state["trials"]:
-            self.call(f"reopen run of {trial_name}", lambda: self.client.update_run(self.run_of(trial_id), "RUNNING"))
+            self._call(
+                trial_id,
+                f"reopen run of {trial_name}",
+                lambda: self.client.update_run(self.run_of(trial_id), "RUNNING"),
+            )
             return
         if trial_id in self.pending:
             return
@@ -335,27 +390,89 @@ class Tracker:
             self.save()
 
         self.pending.add(trial_id)
-        self.call(f"create run of {trial_name}", create)
+        self._call(trial_id, f"create run of {trial_name}", create)
 
     def run_of(self, trial_id: str) -> str:
         return str(self.state["trials"][trial_id])
 
     def trial_call(self, trial_id: str, what: str, fn: Callable[[str], Any]) -> None:
         """A logging call on a trial's run, its id looked up when the call runs."""
-        self.call(what, lambda: fn(self.run_of(trial_id)))
+        self._call(trial_id, what, lambda: fn(self.run_of(trial_id)))
+
+    def _call(self, trial_id: str | None, what: str, fn: Callable[[], Any]) -> None:
+        """``call``, or with the writer running, queued for it (in order, after the trial's queued metrics)."""
+        if self._writer is not None:
+            self._writer.add_call(trial_id, what, fn)
+        else:
+            self.call(what, fn)
 
     def metrics(self, run_id: str, metrics: dict[str, float], step: int, what: str) -> None:
         """Log metrics at ``step`` on a run."""
-        batch = _metric_batch(metrics, step)
+        batch = metric_batch(metrics, step)
         self.call(what, lambda: self.client.log_batch(run_id, metrics=batch))
 
     def trial_metrics(self, trial_id: str, metrics: dict[str, float], step: int, what: str) -> None:
-        """Log metrics at ``step`` on a trial's run, its id looked up when the call runs."""
-        batch = _metric_batch(metrics, step)
+        """Log metrics at ``step`` on a trial's run, its id looked up when the call runs (with the writer
+        running: journaled and queued, written with other steps of the run)."""
+        if self._writer is not None:
+            self._writer.add_point(trial_id, step, metrics, epoch=False)
+            return
+        batch = metric_batch(metrics, step)
         self.trial_call(trial_id, what, lambda run: self.client.log_batch(run, metrics=batch))
 
+    def epoch_metrics(self, trial_id: str, metrics: dict[str, float], step: int, what: str) -> bool:
+        """Log a trial's metrics for epoch ``step`` once: not when this or a later epoch of the trial was logged
+        already (a retried or resumed trial reports again the epochs after its last checkpoint). The epochs
+        logged are kept in the state (``last_epoch``) and, with the writer, in the journal. Returns whether it
+        logged them."""
+        with self._lock:
+            last = self.state.setdefault("last_epoch", {})
+            if step <= int(last.get(trial_id, 0)):
+                return False
+            last[trial_id] = step
+            if self._writer is not None:
+                self._writer.add_point(trial_id, step, metrics, epoch=True)
+                self._writer.dirty = True  # the state file catches up within about 2 s
+                return True
+        self.save()
+        self.trial_metrics(trial_id, metrics, step, what)
+        return True
 
-def _metric_batch(metrics: dict[str, float], step: int) -> list[Any]:
+    # -- the background writer ---------------------------------------------------------------------
+    def start(self, threads: int = 4, linger_s: float = 5.0, max_points: int = 50_000) -> None:
+        """Start the background writer (once): from now on ``child``, ``trial_call``, ``trial_metrics`` and
+        ``epoch_metrics`` return at once and the writer makes the calls. Points a previous driver journaled
+        and did not write are queued first. ``threads`` writer threads; a run's points wait up to ``linger_s``
+        so that one call carries several steps; at ``max_points`` queued points the caller waits."""
+        with self._lock:
+            if self._writer is None:
+                from tracking.writer import TrackingWriter
+
+                self._writer = TrackingWriter(self, threads, linger_s, max_points)
+
+    def flush(self, timeout_s: float = 600.0) -> int:
+        """Wait until the writer has written what it holds (up to ``timeout_s``, or until only points of
+        runs that do not exist remain); returns the points still queued."""
+        return self._writer.flush(timeout_s) if self._writer is not None else 0
+
+    def close(self, timeout_s: float = 600.0) -> int:
+        """Flush and stop the writer, and write the state; later calls are made at once again. Returns the
+        points left in the journal, for the next tracker started on the folder."""
+        w = self._writer
+        if w is None:
+            return 0
+        left = w.close(timeout_s)
+        self._writer = None
+        self.save()
+        return left
+
+    @property
+    def backlog(self) -> int:
+        """Metric points queued and not yet written (0 without the writer)."""
+        return self._writer.points if self._writer is not None else 0
+
+
+def metric_batch(metrics: dict[str, float], step: int) -> list[Any]:
     """MLflow metric entities for one step, all stamped now."""
     from mlflow.entities import Metric
 

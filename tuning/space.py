@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dedn.config import TrainConfig, set_path, validate_config
 from dedn.errors import DednInputError, DednInputErrors
@@ -123,6 +123,21 @@ class SearchSpec(BaseModel):
         ge=1,
         description="Checkpoint a trial every N epochs, at its last epoch and whenever its best epoch improves.",
     )
+    optuna_storage: str | None = Field(
+        None,
+        description="Where the Optuna study lives: sqlite:///PATH, postgresql://USER@HOST[:PORT]/DATABASE or "
+        "journal:PATH (default: sqlite:///<experiment>/optuna.db; dedn search --optuna-storage overrides it).",
+    )
+
+    @field_validator("optuna_storage")
+    @classmethod
+    def _storage_form(cls, url: str | None) -> str | None:
+        from tuning.optuna_storage import storage_rule
+
+        rule = storage_rule(url) if url is not None else None
+        if rule is not None:
+            raise ValueError(rule)
+        return url
 
     @model_validator(mode="after")
     def _conditions_refer_to_earlier_params(self) -> SearchSpec:

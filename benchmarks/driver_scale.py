@@ -1,0 +1,574 @@
+"""Driver load: does the search driver keep up with populations on many GPUs?
+
+The script runs the real search driver, the Tuner that ``dedn search`` builds (``tuning.search._tuner``: the
+Optuna searcher, the ASHA scheduler of the spec, the MLflow tracking callback and the resume signer), against a
+``mlflow server`` it starts on 127.0.0.1 (SQLite backend in a temporary folder) and stops at the end. Only the
+trainable differs: a synthetic one that trains nothing and reports population results in the project's format
+(``tuning.population.population_metrics``: ``epoch``, ``members/<j>/<metric>`` with the 20 values of
+``tuning.trainable.epoch_metrics``, the leading member's values, ``val_H_best``) at the rate of real hardware.
+
+With ``--gpus G --population M`` each of G concurrent Tune trials (one logical GPU each, ``ray.init(num_gpus=G)``
+on this machine) trains M members at ``--member-samples-per-s`` (29,000 per GPU, measured on an H200 at CUB shapes,
+docs/scaling.md) over ``--images-per-epoch`` (3,800: CUB's train split), so a population finishes an epoch every
+M x 3,800 / 29,000 s and the driver is offered G x 29,000 / 3,800 member-epochs/s: 488 at G = 64.
+Each trial keeps to that schedule from its own start (a trial held back by the driver catches up), writes a
+line per epoch it emitted, and stops at the spec's 80 epochs or when ASHA or the time budget stops it.
+
+Per phase (the first ``--warmup`` seconds, then windows of ``--window`` seconds, then the drain after the time
+budget until every received epoch is in MLflow) it prints:
+- offered: member-epochs due by the schedules of the trials still emitting (a trial Tune holds in ``tune.report``
+  because the driver is behind looks stopped, so this undercounts then: compare with the nominal offer); emitted: what the trials reported; received: what
+  the tracking callback was given; written: ``val_H`` points that reached MLflow (counted in the driver's
+  ``MlflowClient.log_batch``); reported: member-epochs the Optuna searcher processed;
+- backlog: offered minus written at the end of the phase (epochs late in Ray, in Tune or in the tracking queue);
+- the tracking callback's driver time per Tune result, Optuna's ask (per configuration) and report (per Tune
+  result, M member-epochs) latencies, the driver's CPU (cores) and resident memory, and the server's CPU.
+At the end it compares, per member run, the epochs the driver received (Tune's ``result.json``) with the ``val_H``
+history MLflow holds (the server's database) and the intermediate values of the member's Optuna trial, and prints
+``sustained: X of Y member-epochs/s offered, lost L, duplicated D, backlog at end N`` where X is the written rate
+after the warmup, Y = G x 29,000 / 3,800, L counts received epochs missing from MLflow or Optuna, D epochs MLflow
+holds more than once, and N the backlog when the time budget ended.
+
+``--no-writer`` keeps the tracker's background writer off (every MLflow call made in the driver's event loop);
+``--optuna-storage journal`` keeps the study in a journal file instead of ``optuna.db``. Each logical GPU is a Ray
+worker process here; where 64 of them start too slowly, ``--gpus 16 --member-samples-per-s 116000`` offers the same
+member-epochs and Tune results per second from 16 trials (256 member runs instead of 1,024).
+
+    python benchmarks/driver_scale.py --seconds 120               # 64 GPUs, populations of 16
+    python benchmarks/driver_scale.py --seconds 240 --gpus 16 --member-samples-per-s 116000 --optuna-storage journal
+    python benchmarks/driver_scale.py --seconds 600 --no-writer --profile /tmp/driver.prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import resource
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, start_mlflow_server, stop_mlflow_server
+
+LINE = 32  # bytes per line of a trial's emitted-epochs file: "<time> <epoch> <members>", padded
+LOSSES = ("cls_c", "cls_f", "align_c", "align_f", "distill", "cal", "total")
+
+
+def member_record(rng: random.Random, quality: float, epoch: int, epoch_s: float, rate: float) -> dict[str, float]:
+    """One member's validation record for ``epoch``, with the keys of ``tuning.trainable.epoch_metrics``."""
+    h = quality * (1 - 0.9**epoch) + rng.uniform(-0.01, 0.01)
+    u, s = h * rng.uniform(0.8, 1.0), min(1.0, h * rng.uniform(1.0, 1.3))
+    m = {
+        "epoch": epoch,
+        "val_H": h,
+        "val_U": u,
+        "val_S": s,
+        "val_T": u * rng.uniform(0.9, 1.1),
+        "val_H_configured": h,
+        "val_H_grid": h + rng.uniform(0, 0.02),
+        "grid_lambda_rc": rng.choice((0.5, 0.6, 0.7, 0.8, 0.9, 1.0)),
+        "grid_lambda_e": rng.choice((0.0, 0.25, 0.5, 0.75, 1.0)),
+        "grid_c": rng.choice((0.0, 0.5, 1.0, 1.5, 2.0)),
+        "samples_per_s": rate,
+        "epoch_seconds": epoch_s,
+    }
+    m.update({f"loss_{k}": rng.uniform(0.1, 3.0) / epoch for k in LOSSES})
+    return m
+
+
+def synthetic_population(config: dict[str, Any], last_epoch: int, epoch_s: float, rate: float, emitted: str) -> None:
+    """A Tune trial that trains nothing: every ``epoch_s`` seconds from its start it reports a population result
+    for its ``config["members"]`` and writes one line to ``<emitted>/<trial id>.txt`` (line 0: its start)."""
+    from ray import tune
+
+    size = len(config["members"])
+    trial_id = tune.get_context().get_trial_id()
+    rng = random.Random(trial_id)
+    quality = [rng.uniform(0.3, 0.7) for _ in range(size)]
+    start, best = time.time(), -1.0
+    with open(Path(emitted) / f"{trial_id}.txt", "a") as f:
+        f.write(f"{start:17.3f} {0:6d} {size:4d}".ljust(LINE - 1) + "\n")
+        f.flush()
+        for epoch in range(1, last_epoch + 1):
+            wait = start + epoch * epoch_s - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            per = {str(j): member_record(rng, quality[j], epoch, epoch_s, rate) for j in range(size)}
+            lead = max(per, key=lambda j: per[j]["val_H"])
+            best = max(best, per[lead]["val_H"])
+            metrics: dict[str, Any] = {"epoch": epoch, "members": per, "ended": {}}
+            metrics.update({k: v for k, v in per[lead].items() if k != "epoch"})
+            metrics.update(
+                {
+                    "val_member": int(lead),
+                    "population_samples_per_s": rate * size,
+                    "members_trained": size,
+                    "members_active": size,
+                    "peak_device_mb_per_member": 0.0,
+                    "node_id": "synthetic",
+                    "features_zero_copy": True,
+                    "checkpointed": False,
+                    "val_H_best": best,
+                }
+            )
+            f.write(f"{time.time():17.3f} {epoch:6d} {size:4d}".ljust(LINE - 1) + "\n")
+            f.flush()
+            tune.report(metrics)
+
+
+def check_format(size: int, posthoc: bool = False) -> None:
+    """The synthetic result has exactly the keys ``tuning.population.population_metrics`` reports."""
+    from types import SimpleNamespace
+
+    from dedn.records import EpochRecord
+    from tuning.population import population_metrics
+
+    loss = {k: 1.0 for k in LOSSES}
+    point = {"H": 0.5, "U": 0.4, "S": 0.6, "T": 0.4}
+    grid = {**point, "lambda_rc": 0.8, "lambda_e": 0.5, "c": 1.0}
+    records = {j: EpochRecord(1, loss, point, grid, 1.0, 100.0) for j in range(size)}
+    p = SimpleNamespace(status=["active"] * size, reasons=[None] * size, last_epoch=[1] * size)
+    p.active, p.peak_device_bytes = list(range(size)), 0
+    real = population_metrics(1, records, p, size, posthoc)
+    ours = member_record(random.Random(0), 0.5, 1, 1.0, 100.0)
+    if set(real["members"]["0"]) != set(ours):
+        raise AssertionError(f"member record keys differ: {sorted(set(real['members']['0']) ^ set(ours))}")
+
+
+class Counters:
+    """What the driver did, counted by wrappers around the real callback, searcher and MLflow client."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received = 0  # member-epochs given to the tracking callback
+        self.written = 0  # val_H points sent to MLflow in successful log_batch calls
+        self.reported = 0  # member-epochs the searcher processed
+        self.callback_s: list[tuple[float, float]] = []  # (time, seconds in the callback per Tune result)
+        self.ask_s: list[tuple[float, float]] = []  # (time, seconds per configuration asked)
+        self.report_s: list[tuple[float, float]] = []  # (time, seconds per Tune result in the searcher)
+        self.storage_url = ""
+
+
+def instrument(c: Counters) -> None:
+    """Wrap, in this process, the tracking callback's on_trial_result, the searcher's suggest and on_trial_result
+    and MlflowClient.log_batch, to count and time them (the classes stay the real ones)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.population import section
+    from tuning.study_searcher import StudySearcher
+    from tuning.tracking_callback import MLflowTrialLogger
+
+    on_result = MLflowTrialLogger.on_trial_result
+
+    @functools.wraps(on_result)
+    def logger_result(
+        self: Any, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **kw: Any
+    ) -> None:
+        t0 = time.perf_counter()
+        on_result(self, iteration, trials, trial, result, **kw)
+        dt = time.perf_counter() - t0
+        with c.lock:
+            c.received += len(section(result, "members"))
+            c.callback_s.append((time.time(), dt))
+
+    log_batch = MlflowClient.log_batch
+
+    @functools.wraps(log_batch)
+    def counted_batch(self: Any, run_id: str, metrics: Any = (), *a: Any, **kw: Any) -> Any:
+        out = log_batch(self, run_id, metrics, *a, **kw)
+        n = sum(1 for m in metrics or () if m.key == "val_H")
+        with c.lock:
+            c.written += n
+        return out
+
+    suggest = StudySearcher.suggest
+
+    @functools.wraps(suggest)
+    def timed_suggest(self: Any, trial_id: str) -> Any:
+        c.storage_url = self.storage_url
+        t0 = time.perf_counter()
+        out = suggest(self, trial_id)
+        with c.lock:
+            c.ask_s.append((time.time(), (time.perf_counter() - t0) / (self.size or 1)))
+        return out
+
+    searcher_result = StudySearcher.on_trial_result
+
+    @functools.wraps(searcher_result)
+    def timed_result(self: Any, trial_id: str, result: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        searcher_result(self, trial_id, result)
+        dt = time.perf_counter() - t0
+        with c.lock:
+            c.reported += len(section(result, "members"))
+            c.report_s.append((time.time(), dt))
+
+    MLflowTrialLogger.on_trial_result = logger_result  # type: ignore[method-assign]
+    MlflowClient.log_batch = counted_batch  # type: ignore[method-assign]
+    StudySearcher.suggest = timed_suggest  # type: ignore[method-assign]
+    StudySearcher.on_trial_result = timed_result  # type: ignore[method-assign]
+
+
+def schedule(emitted: Path, now: float, epoch_s: float, last_epoch: int, starts: dict[str, float]) -> tuple[int, int]:
+    """(member-epochs due by ``now`` on the running trials' schedules, member-epochs emitted), from the files the
+    trials write. A trial's schedule ends at its last emitted epoch once it stopped (no line for 2 epochs)."""
+    due = done = 0
+    for f in emitted.glob("*.txt"):
+        size = f.stat().st_size
+        lines = size // LINE
+        if lines == 0:
+            continue
+        if f.name not in starts:
+            with open(f, "rb") as fh:
+                head = fh.read(LINE).split()
+            starts[f.name] = float(head[0])
+            starts[f.name + "/m"] = float(head[2])
+        members = int(starts[f.name + "/m"])
+        n = lines - 1
+        on_time = min(last_epoch, int((now - starts[f.name]) / epoch_s))
+        if on_time > n + 2:  # stopped by the scheduler or the budget: due no more than it sent
+            with open(f, "rb") as fh:
+                fh.seek((lines - 1) * LINE)
+                last_line = fh.read(LINE).split()
+            on_time = n if now - float(last_line[0]) > 2 * epoch_s else on_time
+        due += max(on_time, n) * members
+        done += n * members
+    return due, done
+
+
+class Sampler(threading.Thread):
+    """Once a second: offered, emitted, received, written, reported, driver CPU and memory, server CPU."""
+
+    def __init__(self, c: Counters, emitted: Path, epoch_s: float, last_epoch: int, server_pid: int) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.c, self.emitted, self.epoch_s, self.last_epoch = c, emitted, epoch_s, last_epoch
+        self.me = psutil.Process()
+        self.server = [psutil.Process(server_pid), *psutil.Process(server_pid).children(recursive=True)]
+        self.rows: list[dict[str, float]] = []
+        self.starts: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.t_end = float("inf")  # the time budget's end: nothing is due after it
+
+    def cpu(self, procs: list[Any]) -> float:
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except Exception:
+                pass
+        return total
+
+    def sample(self) -> dict[str, float]:
+        now = time.time()
+        due, done = schedule(self.emitted, min(now, self.t_end), self.epoch_s, self.last_epoch, self.starts)
+        with self.c.lock:
+            received, written, reported = self.c.received, self.c.written, self.c.reported
+        return {
+            "t": now,
+            "due": due,
+            "emitted": done,
+            "received": received,
+            "written": written,
+            "reported": reported,
+            "cpu": self.cpu([self.me]),
+            "server_cpu": self.cpu(self.server),
+            "rss": self.me.memory_info().rss / 2**20,
+        }
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            self.rows.append(self.sample())
+
+
+def stored_epochs(exp: Path, db: Path, storage_url: str) -> dict[str, Any]:
+    """Compare the epochs the driver received with what MLflow and Optuna hold, per member run."""
+    import optuna
+
+    from tracking.runs import RUNS_FILE
+
+    received: set[tuple[str, int]] = set()
+    for f in exp.glob("*/result.json"):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                for j, m in row.get("members", {}).items():
+                    received.add((f"{row['trial_id']}-m{j}", int(m["epoch"])))
+    runs = json.loads((exp / RUNS_FILE).read_text())["trials"]
+    key_of = {v: k for k, v in runs.items()}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = con.execute("SELECT run_uuid, step, COUNT(*) FROM metrics WHERE key = 'val_H' GROUP BY run_uuid, step")
+    in_mlflow: dict[tuple[str, int], int] = {}
+    for run_id, step, n in rows:
+        if run_id in key_of:
+            in_mlflow[(key_of[run_id], int(step))] = int(n)
+    con.close()
+    in_optuna: set[tuple[str, int]] = set()
+    if storage_url:
+        from tuning.optuna_storage import open_storage
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = open_storage(storage_url)
+        for name in optuna.get_all_study_names(storage):
+            study = optuna.load_study(study_name=name, storage=storage)
+            for t in study.get_trials(deepcopy=False):
+                tune_id, member = t.user_attrs.get("tune_trial_id"), t.user_attrs.get("member")
+                for step in t.intermediate_values:
+                    in_optuna.add((f"{tune_id}-m{member}", int(step)))
+    return {
+        "received": len(received),
+        "mlflow": len(in_mlflow),
+        "lost_mlflow": len(received - set(in_mlflow)),
+        "duplicated": sum(n - 1 for n in in_mlflow.values()),
+        "optuna": len(in_optuna),
+        "lost_optuna": len(received - in_optuna),
+    }
+
+
+def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tuple[Any, Path, int]:
+    """The Tuner ``dedn search`` builds for the spec with populations of ``--population`` on ``--gpus`` logical GPUs,
+    its trainable replaced by ``synthetic_population``; returns it, the experiment folder and the epochs."""
+    from ray import tune
+
+    import tuning.search as search
+    from tracking.runs import Tracker
+    from tuning.search import SearchOptions
+    from tuning.space import load_search_spec, trial_config
+
+    spec, base, _ = load_search_spec(ROOT / "configs" / "search" / a.spec)
+    base = {**base, "data": {**base.get("data", {}), "store": str(tmp / "no-store")}}
+    epochs = int(trial_config(base, {}).effective().optim.epochs)
+    size = a.population
+    epoch_s = size * a.images_per_epoch / a.member_samples_per_s
+    spec = spec.model_copy(
+        update={
+            "num_samples": 1_000_000,
+            "max_concurrent_trials": a.gpus,
+            "time_budget_s": a.seconds,
+            "population": spec.population.model_copy(update={"size": size, "halving": False}),
+        }
+    )
+    name = "driver-scale"
+    opts = SearchOptions(
+        spec_path=str(ROOT / "configs" / "search" / a.spec),
+        name=name,
+        storage_path=str(tmp / "runs"),
+        cpus_per_trial=0.0,
+        gpus_per_trial=1.0,
+        max_concurrent_trials=a.gpus,
+        time_budget_s=a.seconds,
+        tracking_uri=uri,
+        population=size,
+        optuna_storage=f"journal:{tmp / 'runs' / name / 'optuna.journal'}" if a.optuna_storage == "journal" else None,
+    )
+    exp = tmp / "runs" / name
+    exp.mkdir(parents=True)
+    tracker = Tracker(uri, exp, name)
+    spec_file = tmp / "spec.yaml"
+    spec_file.write_text((ROOT / "configs" / "search" / a.spec).read_text())
+    tracker.parent({"dedn.benchmark": "driver_scale"}, str(spec_file))
+
+    def synthetic(shared: Any, base: Any, opts: Any, spec: Any) -> Any:
+        fn = tune.with_parameters(
+            synthetic_population,
+            last_epoch=epochs,
+            epoch_s=epoch_s,
+            rate=a.member_samples_per_s / size,
+            emitted=str(emitted),
+        )
+        return tune.with_resources(fn, {"cpu": 0.0, "gpu": 1.0})
+
+    search._trainable = synthetic  # the one part of the driver this benchmark replaces
+    return search._tuner(None, base, opts, spec, exp, name, tracker, False), exp, epochs  # type: ignore[arg-type]
+
+
+def phases(
+    rows: list[dict[str, float]], t0: float, t_end: float, warmup: float, window: float
+) -> list[tuple[str, float, float]]:
+    out = [("warmup", t0, min(t0 + warmup, t_end))]
+    t = t0 + warmup
+    while t < t_end - 1e-6:
+        out.append((f"{t - t0:.0f}-{min(t + window, t_end) - t0:.0f} s", t, min(t + window, t_end)))
+        t += window
+    if rows and rows[-1]["t"] > t_end + 0.5:
+        out.append(("drain", t_end, rows[-1]["t"]))
+    return out
+
+
+def at(rows: list[dict[str, float]], t: float) -> dict[str, float]:
+    """The last sample taken at or before ``t`` (the first one if none)."""
+    best = rows[0]
+    for r in rows:
+        if r["t"] <= t + 1e-6:
+            best = r
+    return best
+
+
+def median_ms(pairs: list[tuple[float, float]], lo: float, hi: float) -> str:
+    vals = sorted(dt for t, dt in pairs if lo <= t < hi)
+    if not vals:
+        return "-"
+    return f"{1000 * vals[len(vals) // 2]:.1f}/{1000 * vals[min(len(vals) - 1, int(len(vals) * 0.99))]:.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", type=int, default=64, help="logical GPUs = concurrent population trials")
+    ap.add_argument("--population", type=int, default=16, help="members per population trial")
+    ap.add_argument("--seconds", type=float, default=120.0, help="the search's time budget")
+    ap.add_argument("--warmup", type=float, default=30.0, help="first phase: trials starting")
+    ap.add_argument("--window", type=float, default=30.0, help="length of each later phase")
+    ap.add_argument("--member-samples-per-s", type=float, default=29_000.0, help="per GPU, all members together")
+    ap.add_argument("--images-per-epoch", type=int, default=3_800)
+    ap.add_argument("--spec", default="cub.yaml", help="search spec under configs/search/ (its scheduler, epochs)")
+    ap.add_argument("--server-workers", type=int, default=4, help="mlflow server worker processes")
+    ap.add_argument(
+        "--no-writer",
+        action="store_true",
+        help="keep the tracker's background writer off: the driver makes every MLflow call itself, in its event loop",
+    )
+    ap.add_argument(
+        "--optuna-storage",
+        choices=("sqlite", "journal"),
+        default="sqlite",
+        help="the study in optuna.db (dedn search's default) or a journal file (journal:<experiment>/optuna.journal)",
+    )
+    ap.add_argument("--profile", default=None, help="write a cProfile of the driver's main thread to this file")
+    ap.add_argument("--dir", default=None, help="parent of the temporary folder (default: the system's)")
+    a = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="dedn-driver-scale-", dir=a.dir))
+    os.environ["XDG_CONFIG_HOME"] = str(tmp / "config")  # the resume signing key of this run only
+    emitted = tmp / "emitted"
+    emitted.mkdir()
+    offered = a.gpus * a.member_samples_per_s / a.images_per_epoch
+    epoch_s = a.population * a.images_per_epoch / a.member_samples_per_s
+    check_format(a.population)
+    proc, uri, start_s = start_mlflow_server(tmp / "mlflow", workers=a.server_workers, jobs=False)
+    print(f"mlflow server at {uri} answered /health after {start_s:.1f} s; folder {tmp}", flush=True)
+    import ray
+
+    try:
+        # 16 logical CPUs, which the trials do not ask for: Ray starts that many worker processes at a time
+        ray.init(address="local", num_cpus=16, num_gpus=a.gpus, include_dashboard=False, log_to_driver=False)
+        c = Counters()
+        instrument(c)
+        if a.no_writer:
+            from tuning.tracking_callback import MLflowTrialLogger
+
+            MLflowTrialLogger.setup = lambda self, **info: None  # type: ignore[method-assign]
+        tuner, exp, epochs = build_tuner(a, tmp, uri, emitted)
+        sampler = Sampler(c, emitted, epoch_s, epochs, proc.pid)
+        sampler.rows.append(sampler.sample())
+        t0 = time.time()
+        sampler.t_end = t0 + a.seconds
+        sampler.start()
+        if a.profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.runcall(tuner.fit)
+            prof.dump_stats(a.profile)
+        else:
+            tuner.fit()
+        t_fit = time.time()
+        t_end = min(t_fit, t0 + a.seconds)
+        # the drain: until every received epoch has been written (or 120 s without progress)
+        last, since = -1, time.time()
+        while time.time() - since < 120:
+            with c.lock:
+                written, received = c.written, c.received
+            if written >= received:
+                break
+            if written != last:
+                last, since = written, time.time()
+            time.sleep(1.0)
+        sampler.stop.set()
+        sampler.join()
+        sampler.rows.append(sampler.sample())
+        ray.shutdown()
+        stored = stored_epochs(exp, tmp / "mlflow" / "mlflow.db", c.storage_url)
+    finally:
+        stop_mlflow_server(proc)
+    rows = sampler.rows
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    import mlflow
+    import optuna
+
+    print(
+        f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
+        f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
+        f"({a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else 'on'}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
+        f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
+    )
+    head = (
+        f"{'phase':<11} {'offered/s':>9} {'emitted/s':>9} {'received/s':>10} {'written/s':>9} {'reported/s':>10} "
+        f"{'backlog':>8} {'callback ms':>11} {'ask ms':>9} {'report ms':>9} {'driver cpu':>10} {'rss MB':>7} "
+        f"{'server cpu':>10}"
+    )
+    print(head)
+    print(f"{'':<11} {'':>9} {'':>9} {'':>10} {'':>9} {'':>10} {'':>8} {'med/p99':>11} {'med/p99':>9} {'med/p99':>9}")
+    for label, lo, hi in phases(rows, t0, t_end, a.warmup, a.window):
+        r0, r1 = at(rows, lo), at(rows, hi)
+        dt = max(1e-6, r1["t"] - r0["t"])
+
+        def rate(k: str, r0: dict[str, float] = r0, r1: dict[str, float] = r1, dt: float = dt) -> str:
+            return f"{(r1[k] - r0[k]) / dt:.0f}"
+
+        print(
+            f"{label:<11} {rate('due'):>9} {rate('emitted'):>9} {rate('received'):>10} {rate('written'):>9} "
+            f"{rate('reported'):>10} {r1['due'] - r1['written']:>8.0f} {median_ms(c.callback_s, lo, hi):>11} "
+            f"{median_ms(c.ask_s, lo, hi):>9} {median_ms(c.report_s, lo, hi):>9} "
+            f"{(r1['cpu'] - r0['cpu']) / dt:>10.2f} {max(r['rss'] for r in rows if lo <= r['t'] <= hi + 1):>7.0f} "
+            f"{(r1['server_cpu'] - r0['server_cpu']) / dt:>10.2f}"
+        )
+    steady0, end = at(rows, t0 + a.warmup), at(rows, t_end)
+    span = max(1e-6, end["t"] - steady0["t"])
+    sustained = (end["written"] - steady0["written"]) / span
+    backlog_end = end["due"] - end["written"]
+    print(
+        f"end of budget to end of fit {t_fit - t_end:.1f} s; driver peak RSS {peak_rss:.0f} MB; received "
+        f"{stored['received']} member-epochs; MLflow holds {stored['mlflow']} (lost {stored['lost_mlflow']}, "
+        f"duplicated {stored['duplicated']}); Optuna holds {stored['optuna']} (lost {stored['lost_optuna']})"
+    )
+    print(
+        "offered: due on the schedules of the trials still emitting (a trial that Tune holds in tune.report "
+        "because the driver is behind counts as stopped: then it undercounts; the header has the nominal offer); "
+        "backlog: offered - written at the phase's end; callback: "
+        "tracking callback per Tune result; ask: per configuration; report: searcher per Tune result "
+        f"({a.population} member-epochs); cpu in cores"
+    )
+    cmd = f"python benchmarks/driver_scale.py --seconds {a.seconds:g}"
+    if a.gpus != 64 or a.population != 16:
+        cmd += f" --gpus {a.gpus} --population {a.population}"
+    if a.member_samples_per_s != 29_000 or a.images_per_epoch != 3_800:
+        cmd += f" --member-samples-per-s {a.member_samples_per_s:g} --images-per-epoch {a.images_per_epoch}"
+    if a.warmup != 30 or a.window != 30:
+        cmd += f" --warmup {a.warmup:g} --window {a.window:g}"
+    if a.spec != "cub.yaml":
+        cmd += f" --spec {a.spec}"
+    if a.no_writer:
+        cmd += " --no-writer"
+    if a.optuna_storage != "sqlite":
+        cmd += f" --optuna-storage {a.optuna_storage}"
+    print(f"({cmd})")
+    lost = stored["lost_mlflow"] + stored["lost_optuna"]
+    print(
+        f"sustained: {sustained:.0f} of {offered:.0f} member-epochs/s offered, lost {lost}, "
+        f"duplicated {stored['duplicated']}, backlog at end {backlog_end:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,175 @@
+"""The tracker's background writer (tracking.runs.Tracker.start): every queued metric point reaches MLflow exactly
+once, in step order, and a driver killed with points queued leaves them to the next tracker on the folder, which
+writes each of them once. Real MLflow: the embedded SQLite store in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import ROOT
+from tracking.runs import JOURNAL_FILE, RUNS_FILE, Tracker
+
+KEYS = ("t0-m0", "t0-m1", "t1-m0")
+EPOCHS = 30
+
+
+def record(key: str, epoch: int) -> dict[str, float]:
+    """An epoch's metrics, distinct per run and epoch (the value tells which point it was)."""
+    base = KEYS.index(key) * 1000 + epoch
+    return {"val_H": base + 0.5, "val_U": base + 0.25, "loss_total": 1.0 / epoch, "epoch_seconds": 2.0}
+
+
+def new_tracker(tmp_path: Path) -> Tracker:
+    exp = tmp_path / "exp"
+    exp.mkdir(exist_ok=True)
+    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", exp, "writer")
+
+
+def make_runs(t: Tracker, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("num_samples: 1\n")
+    t.parent({}, str(spec))
+    for key in KEYS:
+        t.child(key, f"trial-{key}", {"optim.lr": 0.001})
+
+
+def histories(tmp_path: Path, metric: str = "val_H") -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every row MLflow holds for ``metric``, per run key, in the order MLflow returns them."""
+    state = json.loads((tmp_path / "exp" / RUNS_FILE).read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = {}
+    for key in KEYS:
+        rows = client.get_metric_history(state["trials"][key], metric)
+        out[key] = sorted((int(m.step), float(m.value)) for m in rows)
+    return out
+
+
+def expected(epochs: range) -> dict[str, list[tuple[int, float]]]:
+    return {k: [(e, record(k, e)["val_H"]) for e in epochs] for k in KEYS}
+
+
+def test_every_point_arrives_once_in_order(tmp_path: Path) -> None:
+    t = new_tracker(tmp_path)
+    t.start(threads=3, linger_s=0.2)
+    make_runs(t, tmp_path)  # queued: the writer creates the runs before it writes their points
+    for epoch in range(1, EPOCHS + 1):
+        for key in KEYS:
+            assert t.epoch_metrics(key, record(key, epoch), epoch, f"epoch {epoch}")
+    assert not t.epoch_metrics(KEYS[0], record(KEYS[0], 3), 3, "again")  # an epoch is logged once
+    t.trial_metrics(KEYS[0], {"best_val_H": 7.0}, 12, "final")
+    t.trial_call(KEYS[0], "status", lambda run: t.client.set_terminated(run, status="FINISHED"))
+    assert t.close(timeout_s=60) == 0
+    assert t.failed == [] and t.backlog == 0
+    assert histories(tmp_path) == expected(range(1, EPOCHS + 1))
+    assert histories(tmp_path, "loss_total")[KEYS[2]] == [(e, 1.0 / e) for e in range(1, EPOCHS + 1)]
+    client = MlflowClient(tracking_uri=t.uri)
+    run = client.get_run(t.run_of(KEYS[0]))
+    assert run.info.status == "FINISHED" and run.data.metrics["best_val_H"] == 7.0
+    # the journal says everything is written: a new tracker on the folder writes nothing again
+    t2 = new_tracker(tmp_path)
+    t2.start(linger_s=0.0)
+    assert t2.backlog == 0
+    t2.close(timeout_s=30)
+    assert histories(tmp_path) == expected(range(1, EPOCHS + 1))
+    # and it knows the epochs logged: a retried trial's old epochs are not logged again
+    assert not t2.epoch_metrics(KEYS[1], record(KEYS[1], EPOCHS), EPOCHS, "retried")
+
+
+def test_points_written_but_not_recorded_are_written_once(tmp_path: Path) -> None:
+    """A driver that dies after MLflow took a batch but before the journal recorded it: the next tracker writes
+    those points again, and MLflow keeps one row per point (same key, step, timestamp and value)."""
+    t = new_tracker(tmp_path)
+    make_runs(t, tmp_path)
+    t.start(threads=2, linger_s=0.0)
+    for epoch in range(1, 11):
+        for key in KEYS:
+            t.epoch_metrics(key, record(key, epoch), epoch, "epoch")
+    t.close(timeout_s=60)
+    journal = tmp_path / "exp" / JOURNAL_FILE
+    lines = journal.read_text().splitlines()
+    journal.write_text("".join(line + "\n" for line in lines if not line.startswith('{"a"')))
+    t2 = new_tracker(tmp_path)
+    t2.start(linger_s=0.0)
+    assert t2.backlog == 10 * len(KEYS)  # all of them replayed
+    assert t2.close(timeout_s=60) == 0
+    assert histories(tmp_path) == expected(range(1, 11))
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    from tracking.runs import Tracker
+    from tests.tracking.test_tracking_writer import KEYS, make_runs, new_tracker, record
+
+    tmp = Path({tmp!r})
+    t = new_tracker(tmp)
+    make_runs(t, tmp)  # the runs exist before the writer starts
+    t.start(threads=2, linger_s=3600.0)  # nothing is old enough to be written: all of it stays queued
+    for epoch in range(1, {epochs} + 1):
+        for key in KEYS:
+            t.epoch_metrics(key, record(key, epoch), epoch, "epoch")
+    print("queued", t.backlog, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER.format(root=str(ROOT), tmp=str(tmp_path), epochs=EPOCHS)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # MLflow's table creation lines
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "" if it died: then the assertion shows it
+        assert line.strip() == f"queued {EPOCHS * len(KEYS)}", (line, proc.poll())
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies with its backlog
+        proc.wait(timeout=30)
+    assert histories(tmp_path) == {k: [] for k in KEYS}  # nothing was written before the kill
+    t = new_tracker(tmp_path)
+    t.start(threads=2, linger_s=0.0)
+    assert t.backlog == EPOCHS * len(KEYS)
+    # the epochs in the journal count as logged: the resumed trial's repeated reports are not logged again
+    assert not t.epoch_metrics(KEYS[0], record(KEYS[0], 5), 5, "repeated after resume")
+    assert t.epoch_metrics(KEYS[0], record(KEYS[0], EPOCHS + 1), EPOCHS + 1, "next epoch")
+    assert t.close(timeout_s=60) == 0
+    got = histories(tmp_path)
+    want = expected(range(1, EPOCHS + 1))
+    want[KEYS[0]].append((EPOCHS + 1, record(KEYS[0], EPOCHS + 1)["val_H"]))
+    assert got == want
+    # a third tracker finds nothing left to write
+    t3 = new_tracker(tmp_path)
+    t3.start(linger_s=0.0)
+    assert t3.backlog == 0
+    t3.close(timeout_s=30)
+    assert histories(tmp_path) == want
+
+
+def test_points_wait_for_the_run_the_writer_creates(tmp_path: Path) -> None:
+    """A run created through the writer (queued) gets its points once it exists, each once."""
+    t = new_tracker(tmp_path)
+    make_runs(t, tmp_path)
+    t.start(threads=2, linger_s=0.0)
+    t.child("late", "trial-late", {})  # created by the writer, in order, before its points
+    t0 = time.monotonic()
+    for epoch in range(1, 6):
+        t.epoch_metrics("late", {"val_H": float(epoch)}, epoch, "epoch")
+    assert t.close(timeout_s=60) == 0 and time.monotonic() - t0 < 30
+    client = MlflowClient(tracking_uri=t.uri)
+    rows = client.get_metric_history(t.run_of("late"), "val_H")
+    assert sorted((m.step, m.value) for m in rows) == [(e, float(e)) for e in range(1, 6)]

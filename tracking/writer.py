@@ -1,0 +1,292 @@
+"""The tracker's background writer (``tracking.runs.Tracker.start``): MLflow calls and per-epoch metric points
+leave the driver's event loop, journaled first so a driver that dies with a backlog loses none of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tracking.runs import JOURNAL_FILE
+
+if TYPE_CHECKING:
+    from tracking.runs import Tracker
+
+__all__ = ["TrackingWriter"]
+
+_MAX_BATCH = 1000  # metrics per log_batch call: MLflow's limit
+
+
+class TrackingWriter:
+    """A tracker's background writer: per run, one ordered queue of journaled metric points and calls.
+
+    The driver's thread appends each point to the journal (``{"n": seq, "k": run key, "s": step, "t": ms,
+    "m": metrics}``, ``"e": 1`` for an epoch) and queues it, or queues a call, on the run's queue. Writer
+    threads claim a run (one thread per run at a time, so its items keep their order) whose next item is
+    due: a call at once (its creation first of all), points once the run exists and its oldest point waited
+    ``linger_s`` or fills a ``log_batch`` (1000 metrics), and then every consecutive point up to 1000 metrics
+    in one call. ``{"a": seq}`` lines record that every point up to ``seq`` is written; once all are and the
+    journal is large, the state is written and the journal starts again."""
+
+    def __init__(self, tracker: Tracker, threads: int, linger_s: float, max_points: int) -> None:
+        self.t = tracker
+        self.cond = threading.Condition(tracker._lock)
+        self.linger_s, self.max_points = linger_s, max_points
+        # run key ("" for calls of no run) -> ("p", (seq, step, ms, metrics)) and ("c", (what, fn)) items
+        self.runs: OrderedDict[str, deque[tuple[str, Any]]] = OrderedDict()
+        self.claimed: set[str] = set()  # runs a thread is working on now
+        self.order: deque[int] = deque()  # sequence numbers not yet written, in journal order
+        self.done: set[int] = set()
+        self.seq = self.acked = self.points = self.written = 0
+        self.flushing = 0
+        self.stopping = self.dirty = False
+        self.retry_at = 0.0
+        self.saved_at = time.monotonic()
+        self.path = tracker.dir / JOURNAL_FILE
+        self.max_journal_bytes = 64 * 2**20
+        with self.cond:
+            self._replay()
+            torn = False
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    torn = f.read(1) != b"\n"
+            self.journal = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close)
+            if torn:  # the last line of a killed driver: end it, so the next one starts on a line of its own
+                self.journal.write("\n")
+        self.threads = [
+            threading.Thread(target=self._loop, args=(i == 0,), name=f"mlflow-writer-{i}", daemon=True)
+            for i in range(max(1, threads))
+        ]
+        for th in self.threads:
+            th.start()
+
+    def _replay(self) -> None:
+        """Queue the journal's points that are not recorded as written; advance ``last_epoch`` to its epochs."""
+        if not self.path.is_file():
+            return
+        records = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a kill: its point was never queued
+                if "a" in rec:
+                    self.acked = max(self.acked, int(rec["a"]))
+                    self.seq = max(self.seq, int(rec["a"]))
+                else:
+                    records.append(rec)
+                    self.seq = max(self.seq, int(rec["n"]))
+        last = self.t.state.setdefault("last_epoch", {})
+        for rec in records:
+            if rec.get("e"):
+                last[rec["k"]] = max(int(last.get(rec["k"], 0)), int(rec["s"]))
+            if int(rec["n"]) > self.acked:
+                self._queue(str(rec["k"]), ("p", (int(rec["n"]), int(rec["s"]), int(rec["t"]), rec["m"])))
+
+    def _queue(self, key: str, item: tuple[str, Any]) -> None:
+        q = self.runs.get(key)
+        if q is None:
+            q = self.runs[key] = deque()
+        q.append(item)
+        if item[0] == "p":
+            self.order.append(item[1][0])
+            self.points += 1
+
+    # -- the driver's side ---------------------------------------------------------------------------
+    def add_point(self, key: str, step: int, metrics: dict[str, float], epoch: bool) -> None:
+        with self.cond:
+            while self.points >= self.max_points and not self.stopping:
+                self.cond.wait()
+            self.seq += 1
+            ts = int(time.time() * 1000)
+            rec: dict[str, Any] = {"n": self.seq, "k": key, "s": step, "t": ts, "m": metrics}
+            if epoch:
+                rec["e"] = 1
+            self.journal.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            self.journal.flush()
+            self._queue(key, ("p", (self.seq, step, ts, dict(metrics))))
+            if len(self.runs[key]) * len(metrics) >= _MAX_BATCH:
+                self.cond.notify_all()
+
+    def add_call(self, key: str | None, what: str, fn: Callable[[], Any]) -> None:
+        with self.cond:
+            self._queue(key or "", ("c", (what, fn)))
+            self.cond.notify_all()
+
+    def flush(self, timeout_s: float = 600.0, stall_s: float = 30.0) -> int:
+        """Wait until what can be written is written: at most ``timeout_s``, and no longer than ``stall_s``
+        without a point written (the store is down). Returns the points still queued."""
+        end = time.monotonic() + timeout_s
+        with self.cond:
+            self.flushing += 1
+            self.cond.notify_all()
+            written, since = self.written, time.monotonic()
+            try:
+                while self.claimed or self._writable():
+                    now = time.monotonic()
+                    if self.written != written:
+                        written, since = self.written, now
+                    if now > end or now - since > stall_s:
+                        break
+                    self.cond.wait(0.2)
+            finally:
+                self.flushing -= 1
+            return self.points
+
+    def close(self, timeout_s: float = 600.0) -> int:
+        left = self.flush(timeout_s)
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        for th in self.threads:
+            th.join(timeout=60)
+        with self.cond:
+            self.journal.close()
+        return left
+
+    # -- the writer threads --------------------------------------------------------------------------
+    def _run_id(self, key: str) -> str | None:
+        run = self.t.state["trials"].get(key)
+        return None if run is None else str(run)
+
+    def _writable(self) -> bool:
+        """Whether a queued call, or a queued point of a run that exists, remains."""
+        return any(q and (q[0][0] == "c" or self._run_id(k) is not None) for k, q in self.runs.items())
+
+    def _take(self, key: str) -> tuple[str, Any]:
+        """The run's next call, or its next points up to one log_batch of metrics; the run is claimed."""
+        q = self.runs[key]
+        if q[0][0] == "c":
+            job: tuple[str, Any] = ("call", q.popleft()[1])
+        else:
+            points: list[tuple[int, int, int, dict[str, float]]] = []
+            size = 0
+            while q and q[0][0] == "p" and (not points or size + len(q[0][1][3]) <= _MAX_BATCH):
+                size += len(q[0][1][3])
+                points.append(q.popleft()[1])
+            job = ("points", points)
+        if not q:
+            del self.runs[key]
+        self.claimed.add(key)
+        return job
+
+    def _next(self) -> tuple[str, str, Any] | None:
+        """The next job for a thread (the lock held): (kind, run key, call or points)."""
+        if self.t.offline and self.t.failed and time.monotonic() >= self.retry_at:
+            # every few seconds, the calls the store refused try again (the first one tells whether it is back)
+            self.t.offline = False
+            for what, fn in self.t.failed:
+                self._queue("", ("c", (what, fn)))
+            self.t.failed.clear()
+        waiting = time.monotonic() < self.retry_at  # the store failed a write: points wait a few seconds
+        urgent = self.flushing > 0 or self.stopping
+        now_ms = time.time() * 1000
+        for key, q in self.runs.items():
+            if key in self.claimed or not q:
+                continue
+            kind, item = q[0]
+            if kind == "p" and (waiting or self._run_id(key) is None):
+                continue
+            if kind == "c" or urgent or now_ms - item[2] >= self.linger_s * 1000 or len(q) * len(item[3]) >= _MAX_BATCH:
+                kind, job = self._take(key)
+                return kind, key, job
+        return None
+
+    def _loop(self, saves: bool) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.t.uri)
+        while True:
+            with self.cond:
+                job = self._next()
+                while job is None:
+                    if self.stopping:
+                        return
+                    if saves:
+                        self._save_if_due()
+                    self.cond.wait(timeout=0.5)
+                    job = self._next()
+            kind, key, item = job
+            if kind == "call":
+                self._call(key, *item)
+            else:
+                self._write(client, key, item)
+
+    def _call(self, key: str, what: str, fn: Callable[[], Any]) -> None:
+        """Make a queued call; when it fails, or the store is offline, queue it as ``Tracker.call`` does."""
+        failed = self.t.offline
+        if not failed:
+            try:
+                fn()
+            except Exception:
+                failed = self.t.offline = True
+        with self.cond:
+            if failed:
+                self.t.failed.append((what, fn))
+                self.retry_at = max(self.retry_at, time.monotonic() + 5.0)
+            self.claimed.discard(key)
+            self.cond.notify_all()
+
+    def _write(self, client: Any, key: str, points: list[tuple[int, int, int, dict[str, float]]]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, float(v), ts, step) for _, step, ts, m in points for k, v in m.items()]
+        ok = True
+        try:
+            run_id = self._run_id(key)
+            assert run_id is not None
+            for i in range(0, len(metrics), _MAX_BATCH):  # one call unless a point has more than 1000 metrics
+                client.log_batch(run_id, metrics=metrics[i : i + _MAX_BATCH])
+        except Exception:
+            ok = False
+        with self.cond:
+            self.claimed.discard(key)
+            if ok:
+                self.done.update(n for n, _, _, _ in points)
+                self.points -= len(points)
+                self.written += len(points)
+                self._acknowledge()
+                if self.t.offline:  # the store answers again: the calls it refused go now
+                    self.retry_at = 0.0
+            else:  # back to the front, in order, and the store gets a few seconds
+                q = self.runs.get(key)
+                if q is None:
+                    q = self.runs[key] = deque()
+                    self.runs.move_to_end(key, last=False)
+                q.extendleft(reversed([("p", p) for p in points]))
+                self.t.offline = True
+                self.retry_at = time.monotonic() + 5.0
+            self.cond.notify_all()
+
+    def _acknowledge(self) -> None:
+        """Record in the journal how far every point is written; start the journal again when it is large and
+        everything in it is written (the state, with ``last_epoch``, written first)."""
+        while self.order and self.order[0] in self.done:
+            self.done.discard(self.order.popleft())
+        ack = self.order[0] - 1 if self.order else self.seq
+        if ack <= self.acked:
+            return
+        self.acked = ack
+        self.journal.write(f'{{"a":{ack}}}\n')
+        self.journal.flush()
+        if not self.order and self.journal.tell() > self.max_journal_bytes:
+            self._write_state()
+            self.journal.close()
+            self.journal = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+            self.journal.write(f'{{"a":{ack}}}\n')
+            self.journal.flush()
+
+    def _write_state(self) -> None:
+        self.dirty = False
+        self.saved_at = time.monotonic()
+        self.t.save()  # from a writer thread: written at once
+
+    def _save_if_due(self) -> None:
+        if self.dirty and time.monotonic() - self.saved_at > 2.0:
+            self._write_state()
