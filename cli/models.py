@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import click
+
+from dedn.errors import DednInputError, without_password
 
 __all__ = ["predict", "promote", "ui"]
 
@@ -19,34 +25,64 @@ _URI = click.option(
 
 
 @click.command()
-@click.option("--experiment", required=True, help="Search experiment name (the MLflow experiment).")
-@click.option("--metric", default="val_H", show_default=True, help="Validation metric that picks the trial.")
+@click.option(
+    "--experiment",
+    default=None,
+    help="The search's experiment: its name (as the search printed) or its folder (default: the latest search).",
+)
 @click.option("--model-name", required=True, help="Registered model name.")
+@click.option(
+    "--trial",
+    default=None,
+    help="Promote this trial's best-epoch weights instead of the final model: a run name (trial-007), a Tune "
+    "trial id, a run id, or 'best' for the best trial by --metric.",
+)
+@click.option("--metric", default="val_H", show_default=True, help="Validation metric that picks --trial best.")
 @click.option("--alias", default="champion", show_default=True, help="Alias set on the new version ('' for none).")
-@click.option("--store", default=None, help="Store to verify validation metrics on (default: the trial's).")
+@click.option(
+    "--store", default=None, help="Store to verify the figures on (default: the one the model was trained on)."
+)
 @_URI
 def promote(
-    experiment: str, metric: str, model_name: str, alias: str, store: str | None, tracking_uri: str | None
+    experiment: str | None,
+    model_name: str,
+    trial: str | None,
+    metric: str,
+    alias: str,
+    store: str | None,
+    tracking_uri: str | None,
 ) -> None:
-    """Register the best trial of a search as a new model version, tagged, with an alias.
+    """Register a search's model as a new version, tagged, and move the alias to it.
 
-    The model is an MLflow pyfunc of the trial's best-epoch weights: resolved config, class names,
-    inference parameters, the store fingerprint and an input example. Before the alias moves, the
-    registered model is loaded and must reproduce the trial's validation U, S, H, T. Promoting the
-    same trial again reuses its version.
+    By default the search's final model: the chosen configuration retrained on trainval, whose test
+    U, S, H, T the search printed. Before the alias moves, the registered model is loaded and must
+    reproduce those test figures. With --trial, a trial's best-epoch weights (trained on the
+    validation task's train split) are registered instead, and must reproduce the trial's validation
+    figures. The version's tags state the inference parameters (lambda_rc, lambda_e, calibration) the
+    model applies. Promoting the same model again reuses its version.
 
     \b
     Examples:
+      dedn promote --model-name dedn-tiny
       dedn promote --experiment tiny-20261127-101500 --model-name dedn-tiny
-      dedn promote --experiment cub-search --metric val_T --model-name dedn-cub --alias staging
+      dedn promote --experiment cub-search --model-name dedn-cub --trial trial-007 --alias staging
+      dedn promote --experiment cub-search --model-name dedn-cub --trial best --metric val_T
     """
+    from tracking.registry import latest_search
     from tracking.registry import promote as do_promote
     from tracking.runs import quiet_mlflow, resolve_tracking_uri
 
+    tracking = resolve_tracking_uri(tracking_uri)
     with quiet_mlflow():  # a refusal is one line: MLflow's INFO and warning lines held back
-        v = do_promote(resolve_tracking_uri(tracking_uri), experiment, model_name, metric, alias or None, store)
+        if experiment is None:
+            name = latest_search(tracking)
+            click.echo(f"experiment {name} (the latest search)")
+        else:  # a search folder: its name
+            name = Path(experiment).name if Path(experiment).is_dir() else experiment
+        v = do_promote(tracking, name, model_name, metric, alias or None, store, trial)
     uri = f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{v.version}"
-    click.echo(f"registered {model_name} version {v.version}, validation metrics reproduced")
+    what = "validation figures of the trial" if trial else "test figures of the final model"
+    click.echo(f"registered {model_name} version {v.version}: {what} reproduced")
     click.echo(f"model uri: {uri}")
 
 
@@ -79,8 +115,10 @@ def predict(model_uri: str, store: str, split: str, out: str, overwrite: bool, t
     inputs = [store, _local_path(model_uri), _local_path(uri)]
     check_output(out, inputs=inputs, command="dedn predict", overwrite=overwrite, kind="file")
     with mlflow_uris(uri), quiet_mlflow():  # the model is checked before anything of it is loaded
-        n = predict_store(model_uri, store, split, out)
+        n, figures = predict_store(model_uri, store, split, out)
     click.echo(f"wrote {n} predictions to {out}")
+    if figures:
+        click.echo("on " + split + ": " + "   ".join(f"{k} {100 * v:.1f}" for k, v in figures.items()) + "  (%)")
 
 
 def _local_path(uri: str) -> str | None:
@@ -97,22 +135,159 @@ def _local_path(uri: str) -> str | None:
 
 
 @click.command()
-@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="Port on 127.0.0.1.")
+@click.option(
+    "--experiment",
+    default=None,
+    help="Experiment whose training-runs table opens (default: the most recently created one).",
+)
 @_URI
-def ui(port: int, tracking_uri: str | None) -> None:
-    """Start the MLflow UI on 127.0.0.1 over the project's tracking store.
+def ui(port: int, experiment: str | None, tracking_uri: str | None) -> None:
+    """Serve the MLflow UI on 127.0.0.1 over the project's tracking store, opened on a search's runs.
+
+    Prints the URL of the experiment's training-runs table (MLflow's machine-learning view, where the
+    search's parent and trial runs are listed, not its GenAI traces view) once the server answers; the
+    store's front page when it holds no experiment. MLflow's job-queue workers are not started. Ctrl-C
+    or SIGTERM stops the server and every process it started.
 
     \b
     Examples:
       dedn ui
-      dedn ui --port 5050 --tracking-uri sqlite:///runs/mlflow.db
+      dedn ui --experiment tiny-demo --port 5050 --tracking-uri sqlite:///runs/mlflow.db
     """
-    from tracking.runs import check_existing_store, resolve_tracking_uri
+    from tracking.runs import check_existing_store, quiet_mlflow, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        raise DednInputError(
+            uri, "--tracking-uri", "a tracking server serves its own UI: open this address in a browser"
+        )
     check_existing_store(uri)  # the UI reads a store; it never creates one
-    click.echo(f"MLflow UI at http://127.0.0.1:{port} over {uri} (Ctrl-C stops it)", err=False)
+    with quiet_mlflow():
+        experiment_id = _ui_experiment(uri, experiment)
+    _check_port_free(port)
+    base = f"http://127.0.0.1:{port}"
+    # MLflow 3's UI opens an experiment in its GenAI view unless the URL asks for the machine-learning one
+    url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else f"{base}/"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner, no huey consumers
+    click.echo(f"starting the MLflow UI on {base} over {without_password(uri)}")
     sys.stdout.flush()
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
-    with contextlib.suppress(KeyboardInterrupt):
-        subprocess.run(cmd, check=False)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if previous[s] != signal.SIG_IGN:  # ignored from the start (nohup, a background job): stays so
+            signal.signal(s, _interrupt)
+    proc: subprocess.Popen[bytes] | None = None
+    exited: int | None = None
+    try:
+        # its own process group: stopped as one, whatever MLflow and uvicorn start under it
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        _wait_until_answering(proc, base, uri)
+        click.echo(f"ready: {url} (Ctrl-C stops it)")
+        sys.stdout.flush()
+        exited = proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        if proc is not None:
+            _stop_group(proc.pid, proc)
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
+    if exited is not None:
+        click.echo(f"error: the MLflow server stopped by itself with status {exited}", err=True)
+        raise SystemExit(1)
+    click.echo("stopped")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP stop the UI as Ctrl-C does
+
+
+def _ui_experiment(uri: str, name: str | None) -> str | None:
+    """The id of the experiment ``dedn ui`` opens: ``name``'s (refused with the names there are when
+    the store has no such active experiment), else the most recently created one, MLflow's empty
+    ``Default`` experiment aside; None for a store without one."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if name is not None:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage != "active":
+            names = sorted(e.name for e in client.search_experiments(max_results=1000))
+            listed = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+            raise DednInputError(uri, "--experiment", f"no experiment named {name!r} (experiments: {listed or 'none'})")
+        return str(exp.experiment_id)
+    for exp in client.search_experiments(max_results=1000, order_by=["creation_time DESC"]):
+        if exp.experiment_id != "0" or client.search_runs(["0"], max_results=1):
+            return str(exp.experiment_id)
+    return None
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a loopback port something already listens on (its /health could pass for MLflow's)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise DednInputError(f"127.0.0.1:{port}", "--port", f"cannot be used: {e.strerror}") from None
+
+
+def _wait_until_answering(proc: subprocess.Popen[bytes], base: str, uri: str, timeout_s: float = 300.0) -> None:
+    """Return once the server answers ``/health`` with 200; refuse a server that exits or stays silent."""
+    import urllib.request
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise DednInputError(
+                uri, "tracking store", f"the MLflow server exited with status {proc.returncode} before answering"
+            )
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise DednInputError(uri, "tracking store", f"the MLflow server did not answer {base}/health in {timeout_s:.0f} s")
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, which only wait to be reaped, aside)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc_fs = Path("/proc")
+    if not proc_fs.is_dir():
+        return True
+    for stat in proc_fs.glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def _stop_group(pgid: int, proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM the server's process group, wait for all of it, SIGKILL what is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        end = time.monotonic() + grace_s
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+        while _group_alive(pgid) and time.monotonic() < end:
+            time.sleep(0.1)
+        if not _group_alive(pgid):
+            return

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from dedn.errors import without_password
+
 if TYPE_CHECKING:
     from tuning.search import SearchOutcome
 
@@ -62,7 +64,10 @@ __all__ = ["search"]
 @click.option(
     "--address",
     default=None,
-    help="Join a running Ray cluster ('auto' or host:port); default: a local Ray for this command.",
+    help="Join a running Ray cluster, e.g. one started with `ray start --head`: host:port of its head, or "
+    "'auto' (RAY_ADDRESS, else the Ray cluster running on this machine). A cluster with token authentication "
+    "is joined with this machine's token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN). "
+    "Default: a new local Ray of this command's own, whatever RAY_ADDRESS says.",
 )
 @click.option(
     "--resume",
@@ -76,9 +81,19 @@ __all__ = ["search"]
     "--tracking-uri",
     default=None,
     envvar="MLFLOW_TRACKING_URI",
-    help="MLflow store: http://host:port for a shared server (default: sqlite:///mlflow.db here).",
+    help="MLflow store: http://host:port for a shared server, postgresql://USER@HOST[:PORT]/DATABASE for a "
+    "PostgreSQL database (default: sqlite:///mlflow.db here).",
+)
+@click.option(
+    "--optuna-storage",
+    default=None,
+    envvar="DEDN_OPTUNA_STORAGE",
+    metavar="URL",
+    help="Where the Optuna study lives: sqlite:///PATH, postgresql://USER@HOST[:PORT]/DATABASE or journal:PATH "
+    "(a journal file; overrides the spec's optuna_storage; default: optuna.db in the experiment folder).",
 )
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option("--verbose", is_flag=True, help="Ray Tune's own per-result tables instead of one progress line.")
 def search(
     spec: Path,
     store: str | None,
@@ -95,7 +110,9 @@ def search(
     resume: str | None,
     no_final_test: bool,
     tracking_uri: str | None,
+    optuna_storage: str | None,
     no_tracking: bool,
+    verbose: bool,
 ) -> None:
     """Search DEDN hyperparameters: Optuna samples, ASHA stops bad trials, Ray runs them anywhere.
 
@@ -111,6 +128,7 @@ def search(
       dedn search -c configs/search/cub.yaml --population 16 --gpus-per-trial 1
       dedn search -c configs/search/tiny.yaml --resume runs/tiny-20261127-101500
       dedn search -c configs/search/cub.yaml --tracking-uri http://127.0.0.1:5000
+      dedn search -c configs/search/cub.yaml --tracking-uri postgresql://dedn@127.0.0.1/mlflow --optuna-storage postgresql://dedn@127.0.0.1/optuna
     """
     from tuning.search import SearchOptions, experiment_path, run_search
 
@@ -132,6 +150,8 @@ def search(
         tracking_uri=tracking_uri,
         track=not no_tracking,
         population=population,
+        verbose=verbose,
+        optuna_storage=optuna_storage,
     )
     out = run_search(opts, resume=resume is not None)
     _print_outcome(out)
@@ -140,17 +160,22 @@ def search(
 def _print_outcome(out: SearchOutcome) -> None:
     """The experiment, the MLflow parent run, failures, the best configuration and its scores."""
     click.echo(
-        f"\nexperiment  {out.experiment}   ({out.num_trials} {'population ' if out.population > 1 else ''}trials: "
+        f"\nexperiment  {out.experiment.name}   {out.experiment}   "
+        f"({out.num_trials} {'population ' if out.population > 1 else ''}trials: "
         + ", ".join(f"{n} {s.lower()}" for s, n in out.trial_states.items())
         + f", {out.seconds:.0f} s)"
     )
     if out.tracking_uri:
-        click.echo(f"mlflow      {out.tracking_uri}   parent run {out.parent_run_id}   (dedn ui to browse)")
+        click.echo(
+            f"mlflow      {without_password(out.tracking_uri)}   parent run {out.parent_run_id}   (dedn ui to browse)"
+        )
     for what in out.not_logged or []:
         click.echo(f"not logged  {what}")
     for trial, reason in out.errors.items():
         click.echo(f"failed      {trial}: {reason}")
-    click.echo(f"optuna      optuna-dashboard sqlite:///{out.experiment / 'optuna.db'}")
+    # optuna-dashboard opens a storage URL, or a journal file by its path
+    dashboard = out.optuna_storage.removeprefix("journal:") or f"sqlite:///{out.experiment / 'optuna.db'}"
+    click.echo(f"optuna      optuna-dashboard {without_password(dashboard)}")
     click.echo(f"\nbest configuration (epoch {out.best_epoch}):")
     for k, v in sorted(out.best_config.items()):
         click.echo(f"  {k:<24} {v:.4g}" if isinstance(v, float) else f"  {k:<24} {v}")

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, start_server
+from tests.helpers import ROOT, free_port, start_server
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,6 +27,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not config.getoption("--run-gpu"):
             item.add_marker(skip_gpu)
+
+
+# What a run writes and git ignores (README, Layout): git status does not show these, so they are walked.
+_RUN_OUTPUTS = ("mlflow.db", "mlruns", "runs", "mlartifacts")
+
+
+def _repository_outputs() -> dict[str, tuple[int, int]]:
+    """Untracked files git sees in the repository, and every file or folder under the run outputs it
+    ignores, each with (size, mtime) so a rewritten ``mlflow.db`` counts too. Tens of milliseconds."""
+    found: dict[str, tuple[int, int]] = {}
+    try:
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if status.returncode == 0:
+            found |= {entry[3:]: (0, 0) for entry in status.stdout.split("\0") if entry.startswith("?? ")}
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout: the run outputs below are still checked
+    for name in _RUN_OUTPUTS:
+        top = ROOT / name
+        for path in [top, *top.rglob("*")] if top.is_dir() else [top] if top.exists() else []:
+            st = path.lstat()
+            found[path.relative_to(ROOT).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_alone() -> Iterator[None]:
+    """Fail the run when the tests left files in the repository folder: an ``mlflow.db``, ``mlruns/``,
+    ``runs/`` or ``mlartifacts/`` entry, or any untracked file, that was not there (or not so) when the
+    run started."""
+    before = _repository_outputs()
+    yield
+    new = sorted(path for path, sig in _repository_outputs().items() if before.get(path) != sig)
+    if new:
+        shown = ", ".join(new[:10]) + (f" and {len(new) - 10} more" if len(new) > 10 else "")
+        pytest.fail(f"the tests left files in the repository {ROOT}: {shown}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -15,16 +15,27 @@ from typing import Any
 import numpy as np
 
 from dedn.errors import DednInputError
+from dedn.outputs import writing
 from tracking.runs import check_existing_store, mlflow_uris
-from tracking.served_model import CODE_FILE, check_model_folder, code_matches, fetched_model, open_model
+from tracking.served_model import (
+    CODE_FILE,
+    check_model_folder,
+    code_matches,
+    fetched_model,
+    model_signature,
+    open_model,
+)
 
 __all__ = [
     "PYFUNC_CODE",
     "best_child_run",
     "check_store_matches",
     "predict_store",
+    "final_model_run",
+    "latest_search",
     "promote",
-    "verify_validation",
+    "trial_run",
+    "verify_figures",
 ]
 
 PYFUNC_CODE = CODE_FILE
@@ -37,15 +48,8 @@ def _client(uri: str) -> Any:
 
 
 def best_child_run(uri: str, experiment: str, metric: str) -> tuple[Any, Any]:
-    """(parent run, best child run by ``best_<metric>``) of a search experiment."""
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=1000))
-        raise DednInputError(
-            uri, "experiment", f"no MLflow experiment named {experiment!r} (experiments: {', '.join(names) or 'none'})"
-        )
-    runs = client.search_runs([exp.experiment_id], max_results=10000)
+    """(parent run, best finished child run by ``best_<metric>``) of a search experiment."""
+    runs = _experiment_runs(uri, experiment)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
     key = f"best_{metric}"
@@ -105,8 +109,10 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
     )
 
 
-def verify_validation(python_model: Any, store_path: str, expected: dict[str, float]) -> dict[str, float]:
-    """Score the validation task with the loaded model's weights and inference point; refuse a mismatch."""
+def verify_figures(python_model: Any, store_path: str, task: str, expected: dict[str, float], what: str) -> None:
+    """Score ``task`` (validation or test) with the loaded model's weights and inference point, as the
+    search did (one thread, the same summation order); refuse, before any alias moves, a model that does
+    not reproduce ``expected`` (U, S, H, T) within 1e-6."""
     import torch
 
     from dedn.data import open_store
@@ -120,23 +126,18 @@ def verify_validation(python_model: Any, store_path: str, expected: dict[str, fl
     torch.set_num_threads(1)  # as in a one-CPU trial: the same summation order, the same scores
     try:
         got, _, _ = evaluate(
-            python_model.model,
-            FeatureSource(store.features(), torch.device("cpu")),
-            store,
-            make_task(store, "validation"),
-            cfg,
+            python_model.model, FeatureSource(store.features(), torch.device("cpu")), store, make_task(store, task), cfg
         )
     finally:
         torch.set_num_threads(threads)
+    prefix = "val" if task == "validation" else "test"
     for k in ("U", "S", "H", "T"):
-        if abs(got[k] - expected[f"best_val_{k}"]) > 1e-6:
+        if abs(got[k] - expected[k]) > 1e-6:
             raise DednInputError(
                 store_path,
-                f"val_{k}",
-                f"the registered model gives {got[k]:.6f}, the trial "
-                f"logged {expected[f'best_val_{k}']:.6f}: not moving the alias",
+                f"{prefix}_{k}",
+                f"the registered model gives {got[k]:.6f}, {what} {expected[k]:.6f}: not moving the alias",
             )
-    return got
 
 
 def promote(
@@ -146,57 +147,173 @@ def promote(
     metric: str = "val_H",
     alias: str | None = "champion",
     store: str | None = None,
+    trial: str | None = None,
 ) -> Any:
-    """Log the best trial as a pyfunc model and register it (once per trial), check that the registered
-    model loads and reproduces the trial's validation metrics, then move the alias."""
+    """Register a search's model and move the alias once the registered model reproduces its figures.
+
+    By default the search's final model: the chosen configuration retrained on trainval, the one whose
+    test U, S, H, T the search printed; they must come back from the registered model on the test split.
+    With ``trial`` (a Tune trial id, a run name such as ``trial-007``, a run id, or ``best`` for the best
+    trial by ``metric``) that trial's best-epoch weights, checked against its validation figures."""
     check_existing_store(uri)  # promote reads an existing store; it never creates one
-    parent, best = best_child_run(uri, experiment, metric)
+    if trial is None:
+        parent = final_model_run(uri, experiment)
+        with mlflow_uris(uri):
+            return _promote_final(uri, parent, model_name, alias, store)
+    if trial == "best":
+        parent, best = best_child_run(uri, experiment, metric)
+    else:
+        parent, best = trial_run(uri, experiment, trial)
     with mlflow_uris(uri):
         return _promote(uri, parent, best, model_name, metric, alias, store)
+
+
+def _experiment_runs(uri: str, experiment: str) -> list[Any]:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=1000))
+        raise DednInputError(
+            uri, "experiment", f"no MLflow experiment named {experiment!r} (experiments: {', '.join(names) or 'none'})"
+        )
+    return list(client.search_runs([exp.experiment_id], max_results=10000))
+
+
+def latest_search(uri: str) -> str:
+    """The experiment of the most recently started search in the tracking store."""
+    client = _client(uri)
+    ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    runs = (
+        client.search_runs(ids, "tags.`dedn.search_spec` != ''", max_results=1, order_by=["attributes.start_time DESC"])
+        if ids
+        else []
+    )
+    if not runs:
+        raise DednInputError(uri, "--experiment", "no search in this tracking store: run dedn search first")
+    return str(client.get_experiment(runs[0].info.experiment_id).name)
+
+
+def final_model_run(uri: str, experiment: str) -> Any:
+    """The newest parent run of the experiment that logged a final model (``final_model/``)."""
+    parents = [r for r in _experiment_runs(uri, experiment) if "mlflow.parentRunId" not in r.data.tags]
+    client = _client(uri)
+    for run in sorted(parents, key=lambda r: r.info.start_time or 0, reverse=True):
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if "final_model" in names and "test_H" in run.data.metrics:
+            return run
+    raise DednInputError(
+        uri,
+        "final_model",
+        f"experiment {experiment!r} has no final model (searched with --no-final-test, or not finished): "
+        "promote a trial with --trial ID (or --trial best)",
+    )
+
+
+def trial_run(uri: str, experiment: str, trial: str) -> tuple[Any, Any]:
+    """(parent run, child run) of one trial, named by Tune trial id, run name or run id."""
+    runs = _experiment_runs(uri, experiment)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    found = [
+        r
+        for r in children
+        if trial in (r.info.run_id, r.info.run_name, r.data.tags.get("dedn.trial_id"), f"trial-{trial}")
+    ]
+    if len(found) != 1:
+        names = sorted(str(r.info.run_name) for r in children)
+        listing = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+        rule = "matches several runs" if found else f"no such trial (trials: {listing or 'none'})"
+        raise DednInputError(uri, "--trial", f"{trial!r}: {rule}")
+    (best,) = found
+    if best.info.status != "FINISHED" or "best_val_H" not in best.data.metrics:
+        raise DednInputError(uri, "--trial", f"{trial!r}: the trial did not finish ({best.info.status})")
+    parent = next(r for r in runs if r.info.run_id == best.data.tags["mlflow.parentRunId"])
+    return parent, best
+
+
+def _inference_tags(ckpt: Path) -> dict[str, str]:
+    """The inference parameters the model applies (its config's), as version tags."""
+    from dedn.safe_yaml import load_mapping
+
+    inference = load_mapping(ckpt / "config.yaml", "model config").get("inference", {})
+    return {f"dedn.inference.{k}": str(v) for k, v in sorted(inference.items())}
+
+
+def _log_and_register(run_id: str, ckpt: Path, model_name: str, tags: dict[str, str]) -> Any:
+    import mlflow
+
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    c, h, w = meta["feature_shape"]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"checkpoint": str(ckpt)},
+            signature=model_signature(),  # any float dtype in, (N, C, H, W) checked by the model
+            input_example=np.zeros((2, c, h, w), dtype=np.float32),
+            pip_requirements=["dedn-platform"],
+        )
+    tags = {"dedn.fingerprint": meta["fingerprint"], "dedn.dataset": meta["dataset"], **tags, **_inference_tags(ckpt)}
+    return mlflow.register_model(info.model_uri, model_name, tags=tags)
+
+
+def _reusable(uri: str, model_name: str, tag: str, value: str) -> Any | None:
+    """A version registered before from the same source, in the project's form (no duplicate version)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = _client(uri).search_model_versions(f"name='{model_name}' and tag.`{tag}`='{value}'")
+    except MlflowException:
+        return None
+    found = [v for v in found if _logged_code_is_installed(f"models:/{model_name}/{v.version}", uri)]
+    return found[0] if found else None
+
+
+def _promote_final(uri: str, parent: Any, model_name: str, alias: str | None, store: str | None) -> Any:
+    import mlflow
+
+    run_id = parent.info.run_id
+    version = _reusable(uri, model_name, "dedn.final_of_search", run_id)
+    if version is None:
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="final_model", dst_path=d))
+            meta = json.loads((ckpt / "checkpoint.json").read_text())
+            tags = {
+                "dedn.final_of_search": run_id,
+                "dedn.search_run_id": run_id,
+                "dedn.weights": "final model: the chosen configuration retrained on trainval",
+                **{f"dedn.test_{k}": str(v) for k, v in meta["test"].items() if k in ("U", "S", "H", "T")},
+                **{f"dedn.{k}": str(v) for k, v in meta["validation"].items() if k.startswith("val_")},
+            }
+            version = _log_and_register(run_id, ckpt, model_name, tags)
+    loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
+    expected = {k: float(parent.data.metrics[f"test_{k}"]) for k in ("U", "S", "H", "T")}
+    verify_figures(loaded, store or loaded.cfg.data.store, "test", expected, "the search printed")
+    if alias:
+        _client(uri).set_registered_model_alias(model_name, alias, version.version)
+    return version
 
 
 def _promote(
     uri: str, parent: Any, best: Any, model_name: str, metric: str, alias: str | None, store: str | None
 ) -> Any:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = _client(uri)
-    try:
-        existing = client.search_model_versions(f"name='{model_name}' and tag.`dedn.trial_run_id`='{best.info.run_id}'")
-    except MlflowException:
-        existing = []
-    existing = [v for v in existing if _logged_code_is_installed(f"models:/{model_name}/{v.version}", uri)]
-    if existing:  # promoting the same trial again: no duplicate version (unless its code is not ours)
-        version = existing[0]
-    else:
+    version = _reusable(uri, model_name, "dedn.trial_run_id", best.info.run_id)
+    if version is None:  # promoting the same trial again reuses its version
         with tempfile.TemporaryDirectory() as d:
             ckpt = _trial_checkpoint(uri, parent, best, Path(d))
-            meta = json.loads((ckpt / "checkpoint.json").read_text())
-            c, h, w = meta["feature_shape"]
-            with mlflow.start_run(run_id=best.info.run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(PYFUNC_CODE),
-                    artifacts={"checkpoint": str(ckpt)},
-                    input_example=np.zeros((2, c, h, w), dtype=np.float32),
-                    pip_requirements=["dedn-platform"],
-                )
-        tags = {
-            "dedn.trial_run_id": best.info.run_id,
-            "dedn.trial_id": best.data.tags.get("dedn.trial_id", ""),
-            "dedn.search_run_id": parent.info.run_id,
-            "dedn.fingerprint": meta["fingerprint"],
-            "dedn.dataset": meta["dataset"],
-            "dedn.selected_by": metric,
-            **{f"dedn.{k}": str(v) for k, v in best.data.metrics.items() if k.startswith("best_")},
-        }
-        version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+            tags = {
+                "dedn.trial_run_id": best.info.run_id,
+                "dedn.trial_id": best.data.tags.get("dedn.trial_id", ""),
+                "dedn.search_run_id": parent.info.run_id,
+                "dedn.weights": "trial best epoch (validation task)",
+                "dedn.selected_by": metric,
+                **{f"dedn.{k}": str(v) for k, v in best.data.metrics.items() if k.startswith("best_val_")},
+            }
+            version = _log_and_register(best.info.run_id, ckpt, model_name, tags)
     loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
-    store_path = store or loaded.cfg.data.store
-    verify_validation(loaded, store_path, best.data.metrics)
+    expected = {k: float(best.data.metrics[f"best_val_{k}"]) for k in ("U", "S", "H", "T")}
+    verify_figures(loaded, store or loaded.cfg.data.store, "validation", expected, "the trial logged")
     if alias:
-        client.set_registered_model_alias(model_name, alias, version.version)
+        _client(uri).set_registered_model_alias(model_name, alias, version.version)
     return version
 
 
@@ -228,8 +345,12 @@ def check_store_matches(meta: dict[str, Any], store: Any) -> None:
         )
 
 
-def predict_store(model_uri: str, store_path: str | os.PathLike[str], split: str, out: str | os.PathLike[str]) -> int:
-    """Predict every image of a store split; write Parquet or CSV (by suffix) atomically. Returns rows."""
+def predict_store(
+    model_uri: str, store_path: str | os.PathLike[str], split: str, out: str | os.PathLike[str]
+) -> tuple[int, dict[str, float] | None]:
+    """Predict every image of a store split; write Parquet or CSV (by suffix) atomically. Returns the
+    number of rows and, for the ``test`` split, the GZSL U, S, H of the predictions (per-class mean
+    accuracies over test-unseen and test-seen images, as the search scores its final model)."""
     import mlflow
     import pandas as pd
 
@@ -248,11 +369,23 @@ def predict_store(model_uri: str, store_path: str | os.PathLike[str], split: str
     df = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     df.insert(0, "image_id", [store.image_ids[i] for i in rows])
     df.insert(1, "true_class", [store.classes.names[store.labels[i]] for i in rows])
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix == ".parquet":
-        df.to_parquet(tmp, index=False)
-    else:
-        df.to_csv(tmp, index=False)
-    os.replace(tmp, out)
-    return len(df)
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if out.suffix == ".parquet":
+                df.to_parquet(tmp, index=False)
+            else:
+                df.to_csv(tmp, index=False)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    figures = None
+    if split == "test" and len(df):
+        from dedn.metrics import gzsl_metrics
+
+        seen = np.flatnonzero(store.classes.seen)
+        unseen = np.flatnonzero(~store.classes.seen)
+        figures = gzsl_metrics(df["class_index"].to_numpy(), store.labels[rows], seen, unseen)
+    return len(df), figures

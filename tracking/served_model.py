@@ -29,6 +29,7 @@ __all__ = [
     "code_matches",
     "fetched_model",
     "load_dedn_model",
+    "model_signature",
     "open_model",
 ]
 
@@ -106,6 +107,27 @@ def check_model_folder(folder: Path, label: str) -> tuple[Path, Path]:
                 "a pickle or code folder in the model: refusing to open it",
             )
     return ckpt, folder / CODE_FILE.name
+
+
+def model_signature() -> Any:
+    """The MLflow signature a DEDN model is logged with: its output columns and no input schema.
+
+    MLflow enforces a tensor input spec by exact dtype, so a float32 spec refuses the feature store's own
+    float16 (and float64) before the model sees it. The model takes (N, C, H, W) features of any float
+    dtype instead, checks their shape against its checkpoint itself (a ``ValueError`` naming both shapes)
+    and scores in float32; a served model gets JSON numbers as float64 and gives the same predictions."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = Schema(
+        [
+            ColSpec("long", "class_index"),
+            ColSpec("string", "class_name"),
+            ColSpec("float", "score"),
+            ColSpec("boolean", "seen"),
+        ]
+    )
+    return ModelSignature(inputs=None, outputs=outputs)
 
 
 def code_matches(code_file: Path) -> bool:

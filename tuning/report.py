@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from cluster.objects import SharedStore
 from dedn.data.store import FeatureStore
 from tracking import plots
 from tracking.runs import Tracker, code_version
+from tuning.optuna_storage import default_storage, open_storage
 from tuning.space import chosen_values, trial_config
 
 __all__ = ["C_GRID", "calibration_curve", "parent_tags", "report_search"]
@@ -94,26 +96,30 @@ def report_search(
     best_metrics: dict[str, Any],
     final: dict[str, Any] | None,
     posthoc: bool,
+    optuna_storage: str | None = None,
 ) -> list[str]:
-    """Log plots, the final model and summary metrics on the parent run; returns what could not be logged."""
+    """Log plots, the final model and summary metrics on the parent run; returns what could not be logged.
+    ``optuna_storage``: the study's storage URL (default: ``optuna.db`` in the experiment folder)."""
     tracker.reload()  # the callback (a separate copy) wrote the trial runs
     parent = str(tracker.state["parent"])
     store = shared.materialize()
-    best_entry = _log_search_plots(tracker, parent, exp, name, results)
+    best_entry = _log_search_plots(tracker, parent, optuna_storage or default_storage(exp), name, results)
     if best_entry is not None:
         _log_calibration_plot(tracker, parent, best_entry, best_config, best_metrics, posthoc, base, store)
     summary = {f"best_{k}": float(v) for k, v in best_metrics.items() if k.startswith("val_")}
     if final is not None:
         _log_final_model(tracker, parent, exp, final, base, store, best_metrics)
         summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T")})
+    summary["best_epoch"] = float(best_metrics.get("epoch", 0))
     tracker.metrics(parent, summary, 0, "summary metrics")
+    _log_best_params(tracker, parent, chosen_values(best_config, best_metrics, posthoc))
     if best_entry is not None:
         _tag_best_trial(tracker, parent, best_entry)
     tracker.call("parent status", lambda: tracker.client.set_terminated(parent, status="FINISHED"))
     return tracker.retry_failed()
 
 
-def _log_search_plots(tracker: Tracker, parent: str, exp: Path, name: str, results: list[Any]) -> Any:
+def _log_search_plots(tracker: Tracker, parent: str, storage: str, name: str, results: list[Any]) -> Any:
     """Validation H per epoch, parameter importance and parallel coordinates of every configuration the
     search trained; returns the entry (tuning.population.Entry) with the highest validation H, or None."""
     import optuna
@@ -136,8 +142,10 @@ def _log_search_plots(tracker: Tracker, parent: str, exp: Path, name: str, resul
                 best_name, best_entry = e.label, e
     _log_figure(tracker, parent, plots.h_per_epoch(curves, best_name), "val_H_per_epoch.png")
     try:
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'optuna.db'}")
-        importances = optuna.importance.get_param_importances(study)
+        study = optuna.load_study(study_name=name, storage=open_storage(storage))
+        with warnings.catch_warnings():  # "too few trials: importances will be equal": the plot shows it
+            warnings.filterwarnings("ignore", message="The number of trials is too small", category=UserWarning)
+            importances = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError):  # fewer than two finished trials, or a constant objective
         importances = {}
     _log_figure(tracker, parent, plots.param_importance(importances), "param_importance.png")
@@ -166,6 +174,15 @@ def _log_calibration_plot(
     values = chosen_values(best_config, best_metrics, posthoc)
     s, u, h, chosen = calibration_curve(values, base, store, state)
     _log_figure(tracker, parent, plots.calibration(C_GRID, s, u, h, chosen), "calibration_best_trial.png")
+
+
+def _log_best_params(tracker: Tracker, parent: str, values: dict[str, Any]) -> None:
+    """The best configuration as the parent run's params (dotted config keys, as the child runs have)."""
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)) for k, v in sorted(values.items())]
+    if params:
+        tracker.call("best configuration", lambda: tracker.client.log_batch(parent, params=params))
 
 
 def _log_final_model(

@@ -1,13 +1,13 @@
 """``dedn search``: Ray Tune schedules DEDN trials, Optuna (TPE, seeded, SQLite) samples, ASHA stops early.
 
 The experiment folder ``<storage>/<name>/`` holds Ray Tune's state, every trial's checkpoints, the
-Optuna study (``optuna.db``, open it with ``optuna-dashboard sqlite:///.../optuna.db``) and
+Optuna study (``optuna.db``, open it with ``optuna-dashboard sqlite:///.../optuna.db``; or where
+``--optuna-storage`` puts it, ``tuning.optuna_storage``) and
 ``search.json`` (what was asked, so ``--resume`` needs nothing else).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from cluster.objects import SharedStore, share_store
 from dedn.data import open_store
 from dedn.errors import DednInputError
-from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, chosen_values, load_search_spec, trial_config
+from tuning.selection import METRIC, best_trial, run_final_test, trial_states
+from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, load_search_spec, trial_config
 
 if TYPE_CHECKING:
     from tracking.runs import Tracker
@@ -40,7 +41,8 @@ __all__ = [
     "run_search",
 ]
 
-METRIC, MODE = "val_H", "max"
+MODE = "max"
+SCHEDULER_METRIC = "val_H_best"  # the best val_H of the trial so far (tuning.trainable.EpochReporter)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class SearchOptions:
     tracking_uri: str | None = None
     track: bool = True
     population: int | None = None
+    verbose: bool = False  # Tune's own result tables instead of the one progress line
+    optuna_storage: str | None = None  # the study's storage URL (tuning.optuna_storage); None: spec's or default
 
 
 @dataclass
@@ -79,6 +83,7 @@ class SearchOutcome:
     population: int = 1
     phases: dict[str, float] | None = None  # seconds per phase of the command
     posthoc_inference: bool = False  # lambda_rc, lambda_e, c chosen per trial on the validation grid
+    optuna_storage: str = ""  # the Optuna study's storage URL
 
 
 def check_experiment_name(name: str, field: str = "--name") -> None:
@@ -135,27 +140,26 @@ def _trainable(shared: SharedStore, base: dict[str, Any], opts: SearchOptions, s
     return tune.with_resources(fn, resources)
 
 
-def _searcher(spec: SearchSpec, opts: SearchOptions, study_db: Path, name: str) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+def _searcher(spec: SearchSpec, opts: SearchOptions, exp: Path, name: str, epochs: int, tracked: bool) -> Any:
+    from tracking.runs import RUNS_FILE
+    from tuning.optuna_storage import default_storage
+    from tuning.study_searcher import StudySearcher
 
     define = DefineByRun(spec, opts.posthoc_inference)
     keep = {k for k in spec.params if not (opts.posthoc_inference and k in INFERENCE_PARAMS)}
     points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
     size = population_size(spec, opts)
-    if size > 1:
-        from tuning.population_searcher import PopulationSearcher
-
-        return PopulationSearcher(define, size, f"sqlite:///{study_db}", name, spec.seed, points, METRIC, MODE)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_db}")
-    return OptunaSearch(
-        space=define,
-        metric=METRIC,
-        mode=MODE,
-        points_to_evaluate=points,
-        sampler=optuna.samplers.TPESampler(seed=spec.seed, constant_liar=True),  # concurrent trials spread out
-        study_name=name,
-        storage=storage,
+    return StudySearcher(
+        define,
+        size if size > 1 else None,
+        opts.optuna_storage or default_storage(exp),
+        name,
+        spec.seed,
+        points,
+        METRIC,
+        MODE,
+        epochs,
+        str(exp / RUNS_FILE) if tracked else None,
     )
 
 
@@ -164,9 +168,9 @@ def _scheduler(spec: SearchSpec, epochs: int) -> Any:
 
     if spec.scheduler.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return ASHAScheduler(  # on the best epoch so far: the value the search selects on, Optuna learns
         time_attr="epoch",
-        metric=METRIC,
+        metric=SCHEDULER_METRIC,
         mode=MODE,
         max_t=epochs,
         grace_period=min(spec.scheduler.grace_period, epochs),
@@ -223,8 +227,9 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
     clock = _PhaseClock()
     exp, name, opts, spec, base, store = _prepare_experiment(opts, resume)
     tracker = _start_tracker(opts, exp, name, store, resume) if opts.track else None
-    # A checkpoint per epoch with num_to_keep forces frequent snapshots; Tune warns each time.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ctrl-C stops the search (KeyboardInterrupt out of fit), as SIGTERM does, instead of Tune's own handler
+    # ending the trials and letting the search go on to its final test
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     clock.end("prepare (spec, store, tracking)")
     with _joined_or_abandoned(ray_session(opts.address), exp, tracker, resume):
         clock.end("Ray start")
@@ -233,20 +238,38 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         grid = _tuner(shared, base, opts, spec, exp, name, tracker, resume).fit()
         clock.end("trials (Tune)")
         results = [grid[i] for i in range(len(grid))]
-        states, errors = _trial_states(results)
+        states, errors = trial_states(results)
         best_config, best_metrics, _ = best_trial(results)
         if not best_metrics:
             raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
         final = None
         if opts.final_test:
-            final = _run_final_test(shared, base, best_config, best_metrics, opts)
+            final = run_final_test(
+                shared,
+                base,
+                best_config,
+                best_metrics,
+                opts.cpus_per_trial,
+                opts.gpus_per_trial,
+                opts.posthoc_inference,
+            )
             clock.end("final retrain + test")
         not_logged = None
         if tracker is not None:
             from tuning.report import report_search
 
             not_logged = report_search(
-                tracker, exp, name, results, shared, base, best_config, best_metrics, final, opts.posthoc_inference
+                tracker,
+                exp,
+                name,
+                results,
+                shared,
+                base,
+                best_config,
+                best_metrics,
+                final,
+                opts.posthoc_inference,
+                optuna_storage=opts.optuna_storage,
             )
             clock.end("MLflow summary and plots")
     clock.end("Ray stop")
@@ -266,6 +289,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         population=population_size(spec, opts),
         phases=clock.phases,
         posthoc_inference=opts.posthoc_inference,
+        optuna_storage=opts.optuna_storage or "",
     )
     (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
     return outcome
@@ -312,6 +336,11 @@ def _prepare_experiment(
         opts = replace(opts, posthoc_inference=True)
     if opts.track:
         opts = replace(opts, tracking_uri=_checked_tracking_uri(opts))
+    from tuning.optuna_storage import checked_storage
+
+    field = "--optuna-storage" if opts.optuna_storage else "optuna_storage"
+    storage = checked_storage(opts.optuna_storage or spec.optuna_storage, exp, field, not resume, name)
+    opts = replace(opts, optuna_storage=storage)
     exp.mkdir(parents=True, exist_ok=True)
     if not resume:
         record = {"options": {**vars(opts), "name": name}, "spec": spec.model_dump(), "base": base}
@@ -359,7 +388,24 @@ def _joined_or_abandoned(session: Any, exp: Path, tracker: Tracker | None, resum
         except BaseException:
             _abandon(exp, tracker, resume)
             raise
-        yield info
+        try:
+            yield info
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect): resumable, its runs marked KILLED
+            _mark_killed(tracker)
+            raise
+
+
+def _mark_killed(tracker: Tracker | None) -> None:
+    """End the search's parent run and its trial runs still RUNNING as KILLED (``--resume`` reopens them)."""
+    if tracker is None:
+        return
+    with suppress(Exception):
+        tracker.reload()
+    runs = [tracker.state.get("parent"), *tracker.state.get("trials", {}).values()]
+    for run in [str(r) for r in runs if r]:
+        with suppress(Exception):
+            if tracker.client.get_run(run).info.status == "RUNNING":
+                tracker.client.set_terminated(run, status="KILLED")
 
 
 def _abandon(exp: Path, tracker: Tracker | None, resume: bool) -> None:
@@ -390,17 +436,28 @@ def _tuner(
     if resume:
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
     from tracking.integrity import StateSigner, signing_key
+    from tuning.resume_signer import resume_signer
     from tuning.tracking_callback import MLflowTrialLogger
 
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     # num_samples counts configurations; with populations each Tune trial trains `size` of them.
     num_samples = -(-(opts.num_samples or spec.num_samples) // population_size(spec, opts))
     key = signing_key()
-    logger = [MLflowTrialLogger(tracker, base)] if tracker is not None else []
+    logger: list[Any] = [MLflowTrialLogger(tracker, base)] if tracker is not None else []
+    if not opts.verbose:
+        import logging
+
+        from tuning.progress import ProgressView
+
+        logger.append(ProgressView(num_samples, epochs))
+        # Tune's older output engine prints nothing at verbose=0 (the newer one still prints a configuration
+        # box and a TensorBoard hint); its INFO lines (state written, ...) are not for the console either
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=_searcher(spec, opts, exp / "optuna.db", name),
+            search_alg=_searcher(spec, opts, exp, name, epochs, tracker is not None),
             scheduler=_scheduler(spec, epochs),
             num_samples=num_samples,
             max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
@@ -411,148 +468,14 @@ def _tuner(
             name=name,
             storage_path=str(exp.parent),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[*logger, _resume_signer(str(exp))],
-            verbose=1,
+            # Tune keeps every checkpoint folder; the trainable empties old ones itself (EpochReporter).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            callbacks=[*logger, resume_signer(str(exp))],
+            verbose=1 if opts.verbose else 0,
         ),
     )
     StateSigner(exp, key).sign(exp, [exp / "tuner.pkl"])  # Tune wrote it as the Tuner was built
     return tuner
-
-
-def _resume_signer(exp: str) -> Any:
-    """The Tune callback that signs the state ``--resume`` will unpickle (module level: tuner.pkl, which
-    holds the callbacks, names it by reference and a restored search keeps signing)."""
-    return _resume_signer_class()(exp)
-
-
-@functools.cache
-def _resume_signer_class() -> type:
-    """``ResumeSigner``, a ray.tune.Callback, built on first use so importing this module needs no Ray."""
-    import logging
-
-    from ray.tune import Callback
-
-    from tracking.integrity import StateSigner, signing_key
-
-    log = logging.getLogger(__name__)
-
-    class ResumeSigner(Callback):
-        """Signs the files Tune will unpickle on restore (tracking.integrity). Tune calls ``get_state``
-        inside its own save, after writing the experiment and searcher state to its driver staging folder
-        and before copying that folder into the experiment folder, so each version is signed before it
-        reaches the experiment folder. Step ends (at most every 2 s) and the experiment's end sign again,
-        for what Tune writes between saves (a trial's params.pkl or error.pkl)."""
-
-        def __init__(self, exp: str) -> None:
-            self.exp = exp
-            self._trials: list[Any] | None = None
-            self._signer: StateSigner | None = None
-            self._last = 0.0
-
-        def __reduce__(self) -> tuple[Any, tuple[str]]:
-            return (_resume_signer, (self.exp,))
-
-        def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-            self._trials = trials  # Tune's own list: holds the trials its next save writes
-
-        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-            self._trials = trials
-            if time.monotonic() - self._last >= 2.0:
-                self._sign()
-
-        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-            self._trials = trials
-            self._sign()
-
-        def get_state(self) -> dict[str, Any] | None:
-            self._sign()
-            return None  # nothing of ours to save: Tune then writes no callback-state pickle
-
-        def _sign(self) -> None:
-            self._last = time.monotonic()
-            if not self._trials:
-                return
-            storage = self._trials[0].storage
-            try:
-                exp = Path(storage.experiment_fs_path)
-                exp = exp if exp.is_dir() else Path(self.exp)
-                if self._signer is None or self._signer.exp != exp:
-                    self._signer = StateSigner(exp, signing_key())
-                self._signer.sign(Path(storage.experiment_driver_staging_path))
-            except Exception as e:  # never fail the search over it: a later --resume is refused instead
-                log.warning("could not sign the search state for --resume: %s: %s", type(e).__name__, e)
-
-    return ResumeSigner
-
-
-def _trial_states(results: list[Any]) -> tuple[dict[str, int], dict[str, str]]:
-    """How many trials ended in each state, and the last line of each failed trial's error by trial folder."""
-    states: dict[str, int] = {}
-    errors: dict[str, str] = {}
-    for r in results:
-        state = "ERROR" if r.error else "TERMINATED"
-        states[state] = states.get(state, 0) + 1
-        if r.error:
-            errors[Path(r.path).name] = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}"
-    return states, errors
-
-
-def _run_final_test(
-    shared: SharedStore,
-    base: dict[str, Any],
-    best_config: dict[str, Any],
-    best_metrics: dict[str, Any],
-    opts: SearchOptions,
-) -> dict[str, Any]:
-    """``_final_test`` as a Ray task with a trial's resources (on a cluster it may run on any node)."""
-    import ray
-
-    task = ray.remote(_final_test).options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial)
-    epochs = int(best_metrics["epoch"])
-    final: dict[str, Any] = ray.get(
-        task.remote(shared, base, best_config, epochs, best_metrics, opts.posthoc_inference)
-    )
-    return final
-
-
-def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """The configuration and epoch with the highest validation H over all reported epochs of every trial
-    (every member of a population trial counts as a trial): (sampled config, metrics, its Entry)."""
-    from tuning.population import member_entries
-
-    best: tuple[float, dict[str, Any], dict[str, Any], Any] = (-1.0, {}, {}, None)
-    for r in results:
-        for e in member_entries(r):
-            df: Any = e.df
-            if df is None or METRIC not in df or df[METRIC].isna().all():
-                continue
-            row = df.loc[df[METRIC].idxmax()]
-            if float(row[METRIC]) > best[0]:
-                metrics = {
-                    k: (v.item() if hasattr(v, "item") else v)
-                    for k, v in row.items()
-                    if k.startswith(("val_", "grid_", "epoch")) and k != "val_member"
-                }
-                best = (float(row[METRIC]), e.config, metrics, e)
-    return best[1], best[2], best[3]
-
-
-def _final_test(
-    shared: SharedStore,
-    base: dict[str, Any],
-    sampled: dict[str, Any],
-    epochs: int,
-    best: dict[str, Any],
-    posthoc: bool,
-) -> dict[str, Any]:
-    """Retrain the chosen configuration on trainval for the chosen epochs and score the test split once."""
-    from dedn.train import train
-
-    values = chosen_values(sampled, best, posthoc)  # with posthoc, the inference point chosen on validation
-    cfg = trial_config(base, values)
-    result = train(cfg, shared.materialize(), "test", epochs=epochs, keep_epoch=epochs, eval_only_at=epochs)
-    return {"test": result.best, "state": result.best_state, "partition": result.partition, "config": values}
 
 
 def experiment_path(storage_path: str, name_or_path: str) -> tuple[str, str]:

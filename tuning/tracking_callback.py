@@ -13,7 +13,7 @@ from tracking.runs import Tracker
 from tuning.population import section
 from tuning.space import sampled_params, trial_config
 
-__all__ = ["BEST_KEYS", "EPOCH_KEYS", "EXTRA_KEYS", "MLflowTrialLogger", "member_key"]
+__all__ = ["BEST_KEYS", "EPOCH_KEYS", "EXTRA_KEYS", "MLflowTrialLogger", "member_key", "run_name"]
 
 EPOCH_KEYS = ("val_", "loss_", "grid_")
 EXTRA_KEYS = ("samples_per_s", "epoch_seconds")
@@ -24,6 +24,15 @@ BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "gri
 def member_key(trial_id: str, member: int) -> str:
     """The run key of member ``member`` of population trial ``trial_id``."""
     return f"{trial_id}-m{member}"
+
+
+def run_name(trial: Any, optuna_number: int | None) -> str:
+    """A child run's name: ``trial-007`` for Optuna trial 7; a population trial (whose members are
+    Optuna trials of their own) by Tune's trial counter, its members then ``trial-003-m5``."""
+    if optuna_number is not None:
+        return f"trial-{int(optuna_number):03d}"
+    counter = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]  # Tune's "<n>_<params>"
+    return f"trial-{int(counter):03d}" if counter.isdigit() else f"trial-{trial.trial_id}"
 
 
 def _members(trial: Any) -> list[dict[str, Any]] | None:
@@ -59,17 +68,28 @@ class MLflowTrialLogger(Callback):
         """(run key, run name, params, extra tags) of each configuration the trial trains."""
         members = _members(trial)
         if members is None:
-            return [(trial.trial_id, str(trial), sampled_params(trial.config), {})]
+            number = trial.config.get("optuna_trial") if isinstance(trial.config, dict) else None
+            tags = {} if number is None else {"optuna.trial_number": str(number)}
+            return [(trial.trial_id, run_name(trial, number), sampled_params(trial.config), tags)]
         numbers = trial.config.get("optuna_trials") or [None] * len(members)
         return [
             (
                 member_key(trial.trial_id, j),
-                f"{trial}-m{j}",
+                f"{run_name(trial, None)}-m{j}",
                 dict(m),
                 {"dedn.population_trial": trial.trial_id, "dedn.member": str(j), "optuna.trial_number": str(n)},
             )
             for j, (m, n) in enumerate(zip(members, numbers, strict=True))
         ]
+
+    def setup(
+        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
+    ) -> None:
+        # the tracker's background writer: MLflow calls leave the driver's event loop (tracking.runs)
+        self.tracker.start()
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.tracker.close()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         t = self.tracker
@@ -102,19 +122,15 @@ class MLflowTrialLogger(Callback):
     def _epoch(self, key: str, name: str, result: dict[str, Any]) -> None:
         """Log one epoch of one configuration (a trial, or a member of a population) once."""
         epoch = int(result["epoch"])
-        last = self.tracker.state.setdefault("last_epoch", {})
-        if epoch <= int(last.get(key, 0)):
-            # A worker killed after reporting this epoch but before its checkpoint was kept: the retry
-            # re-runs it from the previous checkpoint on the same minibatch stream. Log each epoch once.
-            return
-        last[key] = epoch
-        self.tracker.save()
         metrics = {
             k: float(v)
             for k, v in result.items()
             if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float))
         }
-        self.tracker.trial_metrics(key, metrics, epoch, f"epoch {epoch} of {name}")
+        if not self.tracker.epoch_metrics(key, metrics, epoch, f"epoch {epoch} of {name}"):
+            # A worker killed after reporting this epoch but before its checkpoint was kept: the retry
+            # re-runs it from the previous checkpoint on the same minibatch stream. Log each epoch once.
+            return
         best = self.best.get(key)
         if best is None or result["val_H"] > best["best_val_H"]:
             self.best[key] = {f"best_{k}": float(result[k]) for k in BEST_KEYS}

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +69,10 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
     for trial_rows_ in rows.values():
         trial_id = trial_rows_[0]["trial_id"]
         run = by_trial[trial_id]
-        config = trial_rows_[0]["config"]
-        assert run.data.params == {k: str(v) for k, v in config.items()}
+        config = trial_rows_[0]["config"]  # the sampled values, and the Optuna trial number (a tag)
+        assert run.data.params == {k: str(v) for k, v in config.items() if k != "optuna_trial"}
+        assert run.data.tags["optuna.trial_number"] == str(config["optuna_trial"])
+        assert run.info.run_name == f"trial-{config['optuna_trial']:03d}"
         history = client.get_metric_history(run.info.run_id, "val_H")
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
             (r["epoch"], pytest.approx(r["val_H"])) for r in trial_rows_
@@ -80,13 +81,14 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "trial_config.yaml"}
         assert run.info.status == "FINISHED"
 
-    # promote the best trial and serve it
+    # promote the best trial (--trial best) and serve it
     from cli.main import cli
 
     promote_args = ["promote", "--experiment", "tracked", "--model-name", "dedn-test", "--tracking-uri", server]
+    promote_args += ["--trial", "best"]
     r = CliRunner().invoke(cli, promote_args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert "validation metrics reproduced" in r.output
+    assert "validation figures of the trial reproduced" in r.output
     version = client.get_model_version_by_alias("dedn-test", "champion")
     best_child = max(children, key=lambda c: c.data.metrics["best_val_H"])
     assert version.run_id == best_child.info.run_id
@@ -178,6 +180,37 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
         ],
     )
     assert r.exit_code == 2 and "does not match the model" in r.stderr and not (tmp_path / "bad.csv").exists()
+
+    # by default promote registers the final model, the one whose test figures the search printed
+    final_args = ["promote", "--experiment", str(out.experiment), "--model-name", "dedn-test", "--tracking-uri", server]
+    r = CliRunner().invoke(cli, final_args, catch_exceptions=False)
+    assert r.exit_code == 0 and "test figures of the final model reproduced" in r.output, r.output
+    final = client.get_model_version_by_alias("dedn-test", "champion")
+    assert final.version != version.version and final.run_id == parent.info.run_id
+    assert final.tags["dedn.final_of_search"] == parent.info.run_id
+    assert float(final.tags["dedn.test_H"]) == pytest.approx(out.test["H"])  # type: ignore[index]
+    applied = __import__("yaml").safe_load((out.experiment / "final_model" / "config.yaml").read_text())["inference"]
+    assert {k: final.tags[f"dedn.inference.{k}"] for k in applied} == {k: str(v) for k, v in applied.items()}
+    r = CliRunner().invoke(
+        cli,
+        ["predict", "--model", "models:/dedn-test@champion", "--data", str(tiny_store), "--split", "test"]
+        + ["--out", str(tmp_path / "final.csv"), "--tracking-uri", server],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(tmp_path / "final.csv")
+    truth = store.labels[store.indices("test")]
+    assert list(df["true_class"]) == [store.classes.names[i] for i in truth]
+
+    def per_class(classes: np.ndarray) -> float:  # mean over classes of the fraction of images right
+        accs = [np.mean(df["class_index"].to_numpy()[truth == c] == c) for c in classes if (truth == c).any()]
+        return float(np.mean(accs))
+
+    s_acc = per_class(np.flatnonzero(store.classes.seen))
+    u_acc = per_class(np.flatnonzero(~store.classes.seen))
+    assert u_acc == pytest.approx(out.test["U"]) and s_acc == pytest.approx(out.test["S"])  # type: ignore[index]
+    assert 2 * s_acc * u_acc / (s_acc + u_acc) == pytest.approx(out.test["H"])  # type: ignore[index]
+    assert f"H {100 * out.test['H']:.1f}" in r.output  # type: ignore[index]
 
 
 @pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
@@ -282,48 +315,3 @@ def test_server_going_away_fails_no_trial(tmp_path: Path, tiny_store: Path) -> N
     assert proc.returncode == 0, log[-3000:]
     assert "4 terminated" in log and "not logged" in log
     assert all(len(v) >= 1 for v in trial_rows(exp).values()) and len(trial_rows(exp)) == 4
-
-
-@pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
-def test_dedn_ui_serves_the_store_on_loopback(tmp_path: Path) -> None:
-    import os
-    import signal
-
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ui.db'}").search_experiments()  # ui opens, never creates
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from cli.main import main; main()",
-            "ui",
-            "--port",
-            str(port),
-            "--tracking-uri",
-            f"sqlite:///{tmp_path / 'ui.db'}",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        first = proc.stdout.readline() if proc.stdout else ""
-        assert f"http://127.0.0.1:{port}" in first
-        end, status = time.time() + 90, None
-        while time.time() < end and status is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    status = r.status
-            except OSError:
-                time.sleep(0.5)
-        assert status == 200
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
-        local = {line.split()[3] for line in listening.splitlines() if line.strip()}  # local address column
-        assert local == {f"127.0.0.1:{port}"}, listening
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)

@@ -59,16 +59,48 @@ checkpoint_every: 3
             assert r["checkpointed"] == (improved or r["epoch"] in (3, 4)), (r["epoch"], h)
     best = max(r["val_H"] for v in ok.values() for r in v)
     assert out.best_metrics["val_H"] == pytest.approx(best)
-    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{out.experiment / 'optuna.db'}")
-    states = [t.state for t in study.trials]
-    assert len(states) == 6 and states.count(optuna.trial.TrialState.COMPLETE) == 5
-    assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert out.test is not None and set(out.test) >= {"U", "S", "H", "T"}
     assert json.loads((out.experiment / "best.json").read_text())["num_trials"] == 6
     children = child_runs(uri, "e2e")
     assert len(children) == 6
     failed = [r for r in children if r.info.status == "FAILED"]
     assert len(failed) == 1 and "diverged" in failed[0].data.tags["dedn.error"]
+
+    # one truth: Tune's rows, the Optuna study and the MLflow runs agree on every trial and on the best
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{out.experiment / 'optuna.db'}")
+    by_tune = {v[0]["trial_id"]: v for v in ok.values()}
+    states = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert len(study.trials) == 6 and len(states) == 6
+    for tid, t in states.items():
+        if tid not in by_tune:  # the diverging trial
+            assert t.state == optuna.trial.TrialState.FAIL
+            continue
+        v = by_tune[tid]
+        assert t.intermediate_values == {r["epoch"]: r["val_H"] for r in v}  # per epoch, step = epoch
+        if len(v) == 4:  # ran to its last epoch: told its best epoch, what the search selects on
+            assert t.state == optuna.trial.TrialState.COMPLETE
+            assert t.value == pytest.approx(max(r["val_H"] for r in v))
+        else:  # stopped by ASHA (Optuna keeps a pruned trial's last intermediate value as its value)
+            assert t.state == optuna.trial.TrialState.PRUNED and t.value == pytest.approx(v[-1]["val_H"])
+    best_tid = next(tid for tid, v in by_tune.items() if any(r["val_H"] == best for r in v))
+    assert study.best_trial.user_attrs["tune_trial_id"] == best_tid
+    assert study.best_value == pytest.approx(best) == pytest.approx(out.best_metrics["val_H"])
+    runs = {r.info.run_id: r for r in children}
+    for t in study.trials:  # each Optuna trial names its MLflow run, which names it back
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.tags["dedn.trial_id"] == t.user_attrs["tune_trial_id"]
+        assert run.info.run_name == f"trial-{t.number:03d}"
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    top = max(finished, key=lambda r: r.data.metrics["best_val_H"])
+    assert top.info.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+    assert top.data.metrics["best_val_H"] == pytest.approx(study.best_value)
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(tracking_uri=uri).get_run(str(out.parent_run_id))
+    assert parent.data.params == {k: str(v) for k, v in out.best_config.items()}  # the best configuration
+    assert parent.data.metrics["best_val_H"] == pytest.approx(study.best_value)
+    assert parent.data.tags["dedn.best_trial_run_id"] == top.info.run_id
 
 
 @pytest.mark.slow
@@ -168,6 +200,9 @@ scheduler: {type: fifo}
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # Tune copies result rows into the experiment folder with its state, every 10 s by default;
+        # every 0.5 s here, so the kill lands while the third of these 3-second trials runs
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},
     )
     try:
 

@@ -1,0 +1,150 @@
+"""The registered model outside dedn: loaded with ``mlflow.pyfunc.load_model`` and served by
+``mlflow models serve`` (a real process on a free loopback port), against ``dedn predict``.
+
+A module fixture runs a small real search into a temporary SQLite store and promotes its final model; the
+feature store is the built-in one, whose features are float16."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from tests.helpers import free_port, write_spec
+
+pytestmark = pytest.mark.slow  # a real search (Ray) to promote from: the slow tier
+
+SPEC = """
+num_samples: 2
+max_concurrent_trials: 2
+params:
+  optim.lr: {type: loguniform, low: 5.0e-4, high: 3.0e-3}
+scheduler: {type: fifo}
+"""
+MODEL = "dedn-served"
+
+
+@pytest.fixture(scope="module")
+def promoted(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path) -> str:
+    """The tracking URI of a store holding ``dedn-served@champion``: a real search's final model, promoted."""
+    from cli.main import cli
+    from tuning.search import SearchOptions, run_search
+
+    folder = tmp_path_factory.mktemp("served")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    spec = write_spec(folder, tiny_store, epochs=2, body=SPEC)
+    opts = SearchOptions(spec_path=str(spec), name="served", storage_path=str(folder / "runs"), tracking_uri=uri)
+    assert run_search(opts).not_logged == []  # with its final model, the one promote registers
+    args = ["promote", "--experiment", "served", "--model-name", MODEL, "--tracking-uri", uri]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return uri
+
+
+def _test_features(store_path: Path) -> np.ndarray:
+    from dedn.data import open_store
+
+    store = open_store(store_path)
+    x = store.features()[store.indices("test")]
+    assert x.dtype == np.float16  # the store's own dtype
+    return np.asarray(x)
+
+
+def test_registered_model_gives_the_same_predictions_for_float16_float32_float64(
+    promoted: str, tiny_store: Path
+) -> None:
+    import mlflow
+
+    from tracking.runs import mlflow_uris
+
+    with mlflow_uris(promoted):
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    x16 = _test_features(tiny_store)
+    got = {dtype: model.predict(x16.astype(dtype)) for dtype in (np.float16, np.float32, np.float64)}
+    assert list(got[np.float16].columns) == ["class_index", "class_name", "score", "seen"]
+    assert len(got[np.float16]) == len(x16)
+    assert got[np.float16]["class_index"].nunique() > 1  # a comparison of more than one constant answer
+    pd.testing.assert_frame_equal(got[np.float16], got[np.float32])
+    pd.testing.assert_frame_equal(got[np.float16], got[np.float64])
+    # without an input schema the model itself still refuses features of another shape
+    with pytest.raises(ValueError, match=r"features must be \(N, 32, 4, 4\) .* got \(2, 31, 4, 4\)"):
+        model.predict(np.zeros((2, 31, 4, 4), np.float16))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server's process group (its leader is ``proc``, started in a new session) by its id."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_mlflow_models_serve_answers_as_dedn_predict(promoted: str, tiny_store: Path, tmp_path: Path) -> None:
+    from cli.main import cli
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": promoted,
+        # MLflow starts uvicorn from PATH: the virtualenv's, as with the environment activated
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion"]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        end = time.time() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < end, "mlflow models serve did not answer /ping"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        x16 = _test_features(tiny_store)
+        body = json.dumps({"inputs": x16.tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.loads(r.read())
+    finally:
+        _stop(proc)
+
+    out_file = tmp_path / "preds.parquet"
+    args = ["predict", "--model", f"models:/{MODEL}@champion", "--data", str(tiny_store), "--split", "test"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(out_file), "--tracking-uri", promoted], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    expected = pd.read_parquet(out_file)
+
+    assert list(answer) == ["predictions"]
+    served = pd.DataFrame(answer["predictions"])
+    assert list(served.columns) == ["class_index", "class_name", "score", "seen"]
+    assert len(served) == len(expected) == len(x16)
+    assert expected["class_index"].nunique() > 1
+    np.testing.assert_array_equal(served["class_index"].to_numpy(), expected["class_index"].to_numpy())
+    assert list(served["class_name"]) == list(expected["class_name"])
+    np.testing.assert_array_equal(served["seen"].to_numpy(), expected["seen"].to_numpy())
+    np.testing.assert_allclose(served["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,108 @@
+"""The search's console: one live progress line instead of Tune's result tables (``--verbose`` brings those back).
+
+On a terminal the line is rewritten in place about once a second; otherwise (a log file, CI) a line is
+written whenever a trial ends and at most every ``every_s`` seconds in between. It is worked out from
+Tune's own trial list at each step, so a resumed search counts its earlier trials too.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+__all__ = ["ProgressView", "progress_line"]
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def progress_line(trials: list[Any], total: int, last_epoch: int, elapsed: float) -> str:
+    """``trials 3/8: 2 finished, 1 stopped, 0 failed, 2 running | best val H 56.2% (trial-003) | 00:42
+    elapsed, ~01:10 left``: a trial ended early by the scheduler counts as stopped."""
+    from tuning.tracking_callback import run_name
+
+    finished = stopped = failed = running = 0
+    best: tuple[float, str] | None = None
+    for t in trials:
+        result = t.last_result or {}
+        if t.status == "ERROR":
+            failed += 1
+        elif t.status == "TERMINATED":
+            if int(result.get("epoch", 0)) < last_epoch and "members" not in t.config:
+                stopped += 1
+            else:
+                finished += 1
+        elif t.status == "RUNNING":
+            running += 1
+        value = result.get("val_H_best", result.get("val_H"))
+        if isinstance(value, (int, float)) and (best is None or value > best[0]):
+            best = (float(value), run_name(t, t.config.get("optuna_trial") if isinstance(t.config, dict) else None))
+    ended = finished + stopped + failed
+    parts = [f"trials {ended}/{total}: {finished} finished, {stopped} stopped, {failed} failed, {running} running"]
+    parts.append(f"best val H {100 * best[0]:.1f}% ({best[1]})" if best else "best val H -")
+    eta = f", ~{_clock(elapsed * (total - ended) / ended)} left" if 0 < ended < total else ""
+    parts.append(f"{_clock(elapsed)} elapsed{eta}")
+    return " | ".join(parts)
+
+
+class ProgressView(Callback):
+    """Writes ``progress_line`` to ``stream`` (default: stderr) while Tune runs."""
+
+    def __init__(self, total: int, last_epoch: int, every_s: float = 15.0) -> None:
+        self.total, self.last_epoch, self.every_s = total, last_epoch, every_s
+        self._start = time.monotonic()
+        self._last = float("-inf")
+        self._width = 0
+        self._due = False
+        self._shown = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"total": self.total, "last_epoch": self.last_epoch, "every_s": self.every_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    def _show(self, trials: list[Any], force: bool = False) -> None:
+        live = self.stream.isatty()
+        now = time.monotonic()
+        if not force and now - self._last < (1.0 if live else self.every_s):
+            return
+        self._last = now
+        line = progress_line(trials, self.total, self.last_epoch, now - self._start)
+        if line == self._shown and not live:
+            return
+        self._shown = line
+        if live:
+            self.stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        # Tune marks a trial TERMINATED or ERROR after its callbacks ran: an ended trial is shown
+        # (a line of its own when not on a terminal) at the step after
+        self._show(trials, force=self._due and not self.stream.isatty())
+        self._due = False
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._due = True
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._due = True
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self._show(trials, force=True)
+        if self.stream.isatty():
+            self.stream.write("\n")
+            self.stream.flush()

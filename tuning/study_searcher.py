@@ -1,0 +1,224 @@
+"""The search's Optuna searcher: the study learns the value the project selects on.
+
+Every configuration is its own Optuna trial (a single-configuration Tune trial is one; a population
+trial, ``tuning.population``, asks for M). Each sees its validation H per epoch as intermediate values
+(step = epoch) and ends
+- COMPLETE with its best-epoch validation H (the value the search selects on: under post-hoc inference
+  that is the best point of the validation grid, which the trial reports as ``val_H``),
+- PRUNED when it stopped before its last epoch (the scheduler stopped it, or successive halving stopped a
+  population member; Optuna's TPE then uses its intermediate values, not a final one),
+- FAIL when it raised or diverged.
+User attributes link the stores: ``tune_trial_id`` (and ``member`` in a population) from the start,
+``mlflow_run_id`` once the tracking callback has made the run. This module imports Ray;
+``tuning.population`` (what trials import) does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from tuning.population import section
+from tuning.space import DefineByRun
+
+__all__ = ["StudySearcher"]
+
+
+class StudySearcher(Searcher):
+    """A Ray Tune searcher over an Optuna study (TPE, seeded, ``constant_liar`` so trials asked together
+    spread out). ``size`` None: each Tune trial is one configuration, its config the sampled values plus
+    ``optuna_trial`` (the Optuna trial number); else each Tune trial is a population of ``size``, its config
+    ``members`` and ``optuna_trials``.
+
+    Trials are kept by their Optuna storage trial id (what ``optuna.trial.Trial`` takes to report
+    intermediate values), looked up from the trial number through the storage's public methods."""
+
+    def __init__(
+        self,
+        define: DefineByRun,
+        size: int | None,
+        storage_url: str,
+        study_name: str,
+        seed: int,
+        points: list[dict[str, Any]] | None,
+        metric: str,
+        mode: str,
+        last_epoch: int,
+        runs_file: str | None = None,
+    ) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.define, self.size = define, size
+        self.storage_url, self.study_name, self.seed = storage_url, study_name, seed
+        self.points = list(points or [])
+        self.last_epoch = last_epoch
+        self.runs_file = runs_file  # the tracking callback's run ids (tracking.runs.RUNS_FILE), if tracked
+        self.members: dict[str, list[int]] = {}  # tune trial id -> Optuna storage trial ids
+        self.reported: dict[int, int] = {}  # Optuna trial id -> last epoch reported
+        self.best: dict[int, float] = {}
+        self.told: set[int] = set()
+        self.linked: set[int] = set()  # Optuna trial ids that hold their MLflow run id
+        self._study: Any = None
+        self._storage: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_study", "_storage")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._study = None
+        self._storage = None
+
+    @property
+    def storage(self) -> Any:
+        """The study's storage, opened from ``storage_url`` (SQLite, PostgreSQL or a journal file) on first use."""
+        if self._storage is None:
+            from tuning.optuna_storage import open_storage
+
+            self._storage = open_storage(self.storage_url)
+        return self._storage
+
+    @property
+    def study(self) -> Any:
+        if self._study is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            fresh = self.study_name not in optuna.get_all_study_names(self.storage)
+            # a resumed search continues the seed's sequence where the study stands (the sampler's own
+            # random state is not saved): seeding it afresh would propose the first trials again
+            asked = 0 if fresh else len(optuna.load_study(study_name=self.study_name, storage=self.storage).trials)
+            self._study = optuna.create_study(
+                study_name=self.study_name,
+                storage=self.storage,
+                sampler=optuna.samplers.TPESampler(seed=self.seed + asked, constant_liar=True),
+                direction="maximize" if self.mode == "max" else "minimize",
+                load_if_exists=True,
+            )
+            if fresh:
+                for p in self.points:
+                    self._study.enqueue_trial(p)
+            else:
+                self._close_orphans()
+        return self._study
+
+    def _close_orphans(self) -> None:
+        """On resume: trials asked by a driver that died before its state named them (no Tune trial will
+        ever continue them) end FAIL instead of staying RUNNING; trials the restored state still names but
+        the study already finished are not told again."""
+        import optuna
+
+        mine = {tid for ids in self.members.values() for tid in ids}
+        for t in self._study.get_trials(deepcopy=False):
+            tid = self._storage_id(t.number)
+            if t.state == optuna.trial.TrialState.RUNNING and tid not in mine:
+                self._study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                self.told.add(tid)
+            elif t.state.is_finished():
+                self.told.add(tid)
+            if t.intermediate_values:
+                self.reported[tid] = max(self.reported.get(tid, 0), max(t.intermediate_values))
+
+    def _storage_id(self, number: int) -> int:
+        """The storage's trial id of the study's trial ``number``."""
+        study_id = self.storage.get_study_id_from_name(self.study_name)
+        return int(self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        configs, ids, numbers = [], [], []
+        for j in range(self.size or 1):
+            t = self.study.ask()
+            self.define(t)
+            t.set_user_attr("tune_trial_id", trial_id)
+            if self.size is not None:
+                t.set_user_attr("member", j)
+            configs.append(dict(t.params))
+            ids.append(self._storage_id(t.number))
+            numbers.append(t.number)
+        self.members[trial_id] = ids
+        if self.size is None:
+            return {**configs[0], "optuna_trial": numbers[0]}
+        return {"members": configs, "optuna_trials": numbers}
+
+    def _trial(self, tid: int) -> Any:
+        import optuna
+
+        return optuna.trial.Trial(self.study, tid)
+
+    def _tell(self, tid: int, state: Any, value: float | None = None) -> None:
+        if tid in self.told:
+            return
+        self.told.add(tid)
+        self.study.tell(self._trial(tid).number, value, state=state)
+
+    def _records(self, trial_id: str, result: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
+        """(Optuna trial id, tracking run key, per-configuration record) of each configuration in a result."""
+        ids = self.members.get(trial_id, [])
+        if self.size is None:
+            return [(ids[0], trial_id, result)] if ids and "epoch" in result else []
+        return [(ids[int(j)], f"{trial_id}-m{j}", m) for j, m in section(result, "members").items()]
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        import optuna
+
+        _ = self.study  # opened (and, on resume, reconciled with the storage) before anything is compared
+        for tid, key, m in self._records(trial_id, result):
+            epoch, value = int(m["epoch"]), float(m[self.metric])
+            if epoch > self.reported.get(tid, 0) and tid not in self.told:
+                self._trial(tid).report(value, epoch)
+                self.reported[tid] = epoch
+                self._link(tid, key)
+            self.best[tid] = max(self.best.get(tid, float("-inf")), value)
+        ids = self.members.get(trial_id, [])
+        for key, end in section(result, "ended").items():
+            tid = ids[int(key)]
+            state = optuna.trial.TrialState.FAIL if end["status"] == "failed" else optuna.trial.TrialState.PRUNED
+            self._tell(tid, state)
+
+    def _link(self, tid: int, key: str) -> None:
+        """Record the configuration's MLflow run id on its Optuna trial, once the tracking callback has it."""
+        if tid in self.linked or not self.runs_file or tid in self.told:
+            return
+        try:
+            run_id = json.loads(Path(self.runs_file).read_text())["trials"].get(key)
+        except (OSError, ValueError, KeyError, AttributeError):
+            return
+        if run_id:
+            self._trial(tid).set_user_attr("mlflow_run_id", str(run_id))
+            self.linked.add(tid)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        import optuna
+
+        if result:
+            self.on_trial_result(trial_id, result)
+        last = int(result.get("epoch", 0)) if result else 0
+        ids = self.members.get(trial_id, [])
+        for j, tid in enumerate(ids):
+            self._link(tid, trial_id if self.size is None else f"{trial_id}-m{j}")
+            if error or tid not in self.best:
+                self._tell(tid, optuna.trial.TrialState.FAIL)
+            elif last < self.last_epoch:  # stopped early: by the scheduler, or the search's time budget
+                self._tell(tid, optuna.trial.TrialState.PRUNED)
+            else:
+                self._tell(tid, optuna.trial.TrialState.COMPLETE, self.best[tid])
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {
+            "members": self.members,
+            "reported": self.reported,
+            "best": self.best,
+            "told": sorted(self.told),
+            "linked": sorted(self.linked),
+        }
+        Path(checkpoint_path).write_text(json.dumps(state))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.members = state["members"]
+        self.reported = {int(k): v for k, v in state["reported"].items()}
+        self.best = {int(k): v for k, v in state["best"].items()}
+        self.told = set(state["told"])
+        self.linked = set(state.get("linked", []))
