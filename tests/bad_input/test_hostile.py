@@ -127,6 +127,7 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow  # needs the module's search (about a minute): the slow tier
 def test_promote_refuses_a_tampered_trial_checkpoint(searched: dict) -> None:
     root = searched["root"]
     marker = root / "pwned-checkpoint"

@@ -96,12 +96,12 @@ def test_population_search_records_every_member(server: str, tmp_path: Path, tin
     from cli.main import cli
 
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
-    args = ["promote", "--experiment", "pop", "--model-name", "dedn-pop", "--tracking-uri", server]
+    args = ["promote", "--experiment", "pop", "--model-name", "dedn-pop", "--tracking-uri", server, "--trial", "best"]
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
     # promote leaves MLflow's process-wide URIs as it found them (later code must not talk to this server)
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
     assert r.exit_code == 0, r.output
-    assert "validation metrics reproduced" in r.output
+    assert "validation figures of the trial reproduced" in r.output
     version = client.get_model_version_by_alias("dedn-pop", "champion")
     assert version.run_id == best.info.run_id
     progress = json.loads(next((out.experiment / "member_checkpoints").glob("*/progress.json")).read_text())
@@ -138,6 +138,9 @@ population: {size: 2, grace_period: 2, reduction_factor: 2}
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        # Tune copies result rows into the experiment folder with its state, every 10 s by default;
+        # every 0.5 s here, so the kill lands while the third population runs
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},
     )
     try:
 
