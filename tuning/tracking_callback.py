@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,12 @@ class MLflowTrialLogger(Callback):
                 key = member_key(trial.trial_id, int(j))
                 reason = str(end.get("reason") or end["status"])
                 tag = "dedn.error" if end["status"] == "failed" else "dedn.stopped"
-                self.tracker.trial_call(key, f"end of {trial}-m{j}", _set_tag(self.tracker, tag, reason))
+                t, what, set_tag = self.tracker, f"end of {trial}-m{j}", _set_tag(self.tracker, tag, reason)
+                if key in t.state["trials"]:  # at once, not queued: a driver killed before the writer
+                    # reached a queued tag would lose it, and a resumed population does not report it again
+                    t.call(what, partial(set_tag, t.run_of(key)))
+                else:
+                    t.trial_call(key, what, set_tag)
                 self.ended[key] = str(end["status"])
             return
         self._epoch(trial.trial_id, str(trial), result)
