@@ -262,7 +262,7 @@ class Tracker:
         self.pending: set[str] = set()
         self.failed: list[tuple[str, Callable[[], Any]]] = []
         self.state = self._read_state()
-        self._lock = threading.RLock()  # the state and the writer's queues, between the driver and the writer
+        self.lock = threading.RLock()  # the state and the writer's queues, between the driver and the writer
         self._writer: TrackingWriter | None = None
 
     @property
@@ -293,14 +293,14 @@ class Tracker:
         callback) wrote them."""
         self.state = self._read_state()
 
-    def save(self) -> None:
+    def save(self, now: bool = False) -> None:
         """Write the run ids (and per-trial progress) to RUNS_FILE, atomically. While the writer runs, a call
-        from another thread only marks the state changed: the writer writes it within about 2 s."""
+        from another thread only marks the state changed (the writer writes it within about 2 s), unless ``now``."""
         w = self._writer
-        if w is not None and threading.current_thread() not in w.threads:
+        if w is not None and not now and threading.current_thread() not in w.threads:
             w.dirty = True
             return
-        with self._lock:  # a copy that the driver's thread cannot change while it is written
+        with self.lock:  # a copy that the driver's thread cannot change while it is written
             state = {k: dict(v) if isinstance(v, dict) else v for k, v in self.state.items()}
             tmp = self.dir / (RUNS_FILE + ".tmp")
             tmp.write_text(json.dumps(state, indent=2))
@@ -425,7 +425,7 @@ class Tracker:
         already (a retried or resumed trial reports again the epochs after its last checkpoint). The epochs
         logged are kept in the state (``last_epoch``) and, with the writer, in the journal. Returns whether it
         logged them."""
-        with self._lock:
+        with self.lock:
             last = self.state.setdefault("last_epoch", {})
             if step <= int(last.get(trial_id, 0)):
                 return False
@@ -444,7 +444,7 @@ class Tracker:
         ``epoch_metrics`` return at once and the writer makes the calls. Points a previous driver journaled
         and did not write are queued first. ``threads`` writer threads; a run's points wait up to ``linger_s``
         so that one call carries several steps; at ``max_points`` queued points the caller waits."""
-        with self._lock:
+        with self.lock:
             if self._writer is None:
                 from tracking.writer import TrackingWriter
 

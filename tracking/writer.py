@@ -34,7 +34,7 @@ class TrackingWriter:
 
     def __init__(self, tracker: Tracker, threads: int, linger_s: float, max_points: int) -> None:
         self.t = tracker
-        self.cond = threading.Condition(tracker._lock)
+        self.cond = threading.Condition(tracker.lock)
         self.linger_s, self.max_points = linger_s, max_points
         # run key ("" for calls of no run) -> ("p", (seq, step, ms, metrics)) and ("c", (what, fn)) items
         self.runs: OrderedDict[str, deque[tuple[str, Any]]] = OrderedDict()

@@ -119,15 +119,54 @@ DRIVER = textwrap.dedent(
     for epoch in range(1, {epochs} + 1):
         for key in KEYS:
             t.epoch_metrics(key, record(key, epoch), epoch, "epoch")
+    {ends}
     print("queued", t.backlog, flush=True)
     time.sleep(600)
     """
 )
 
+# Tune ends trial KEYS[0] (through the tracking callback): its end calls queue behind the run's lingering points
+ENDS = (
+    "from tuning.tracking_callback import MLflowTrialLogger; from types import SimpleNamespace; "
+    "MLflowTrialLogger(t, {}).on_trial_complete(0, [], SimpleNamespace(trial_id=KEYS[0], config={}, checkpoint=None))"
+)
+
+
+def test_a_run_ended_before_a_driver_kill_is_ended_by_the_next_driver(tmp_path: Path) -> None:
+    """Tune reports a trial's end once: a driver killed before the writer set the run's status leaves the end in
+    the state file, and the tracking callback of the next driver on the folder (``--resume``) sets it."""
+    from tuning.tracking_callback import MLflowTrialLogger
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER.format(root=str(ROOT), tmp=str(tmp_path), epochs=3, ends=ENDS)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == f"queued {3 * len(KEYS)}", (line, proc.poll())
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    state = json.loads((tmp_path / "exp" / RUNS_FILE).read_text())
+    assert state["ends"] == {KEYS[0]: {"status": "FINISHED", "reason": None, "path": None}}
+    assert client.get_run(state["trials"][KEYS[0]]).info.status == "RUNNING"  # the kill came first
+    t = new_tracker(tmp_path)
+    MLflowTrialLogger(t, {}).setup()  # what a resumed search's callback does first
+    assert t.close(timeout_s=60) == 0
+    statuses = {k: client.get_run(state["trials"][k]).info.status for k in KEYS}
+    assert statuses == {KEYS[0]: "FINISHED", KEYS[1]: "RUNNING", KEYS[2]: "RUNNING"}
+    assert json.loads((tmp_path / "exp" / RUNS_FILE).read_text())["ends"] == {}  # done: not repeated again
+    assert histories(tmp_path) == expected(range(1, 4))
+
 
 def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER.format(root=str(ROOT), tmp=str(tmp_path), epochs=EPOCHS)],
+        [sys.executable, "-c", DRIVER.format(root=str(ROOT), tmp=str(tmp_path), epochs=EPOCHS, ends="")],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,  # MLflow's table creation lines
