@@ -28,6 +28,7 @@ scheduler: {type: fifo}
 """
 
 
+@pytest.mark.slow  # a search, a server, two promotes and three predictions: the slow tier
 def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Path, tiny_store: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
