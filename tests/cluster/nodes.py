@@ -146,24 +146,28 @@ class RayNodes:
             assert time.time() < end, f"active nodes {sorted(seen)}, started {sorted(want)}"
             time.sleep(1.0)
 
-    def stop(self, *nodes: RayNode, grace_s: float = 5.0) -> None:
-        """SIGTERM every process of ``nodes`` (all nodes when none is named), SIGKILL what is left after
-        ``grace_s``."""
+    def stop(self, *nodes: RayNode, grace_s: float = 5.0, sig: signal.Signals = signal.SIGTERM) -> None:
+        """``sig`` (SIGTERM) to every process of ``nodes`` (all nodes when none is named), SIGKILL what is left
+        after ``grace_s``."""
         nodes = nodes or tuple(self.nodes)
 
         def alive() -> set[int]:
             return {pid for n in nodes for pid in n.pids()}
 
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        for signum, wait in ((sig, grace_s), (signal.SIGKILL, 10.0)):
             for pid in alive():
                 with suppress(ProcessLookupError):
-                    os.kill(pid, sig)
+                    os.kill(pid, signum)
             end = time.time() + wait
             while alive() and time.time() < end:
                 time.sleep(0.2)
             if not alive():
                 return
         raise AssertionError(f"processes {sorted(alive())} of {[n.name for n in nodes]} survived SIGKILL")
+
+    def kill(self, node: RayNode) -> None:
+        """SIGKILL every process of ``node`` at once, as a machine that loses power: nothing of it says goodbye."""
+        self.stop(node, grace_s=0.0, sig=signal.SIGKILL)
 
     def stop_all(self) -> None:
         """Stop every node and remove the cluster's folder."""
