@@ -406,6 +406,17 @@ class Tracker:
         else:
             self.call(what, fn)
 
+    def end(self, key: str, name: str, status: str, reason: str | None, path: str | None) -> None:
+        """A run's end: its checkpoint folder ``path`` (logged when FINISHED, else named), error and status. It is
+        in the state file before the calls are made or queued: Tune does not report an ended trial again after a
+        resume, so what a killed driver did not write, the next ``start`` on the folder writes."""
+        from tracking.writer import end_calls
+
+        with self.lock:
+            self.state.setdefault("ends", {})[key] = {"status": status, "reason": reason, "path": path}
+        self.save(now=True)
+        end_calls(self, key, name, self.state["ends"][key])
+
     def metrics(self, run_id: str, metrics: dict[str, float], step: int, what: str) -> None:
         """Log metrics at ``step`` on a run."""
         batch = metric_batch(metrics, step)
@@ -446,9 +457,12 @@ class Tracker:
         so that one call carries several steps; at ``max_points`` queued points the caller waits."""
         with self.lock:
             if self._writer is None:
-                from tracking.writer import TrackingWriter
+                from tracking.writer import TrackingWriter, end_calls
 
                 self._writer = TrackingWriter(self, threads, linger_s, max_points)
+                for key, end in list(self.state.get("ends", {}).items()):  # recorded by a driver killed before
+                    if key in self.state["trials"]:  # it wrote them
+                        end_calls(self, key, key, end)
 
     def flush(self, timeout_s: float = 600.0) -> int:
         """Wait until the writer has written what it holds (up to ``timeout_s``, or until only points of

@@ -16,7 +16,7 @@ from tracking.runs import JOURNAL_FILE
 if TYPE_CHECKING:
     from tracking.runs import Tracker
 
-__all__ = ["TrackingWriter"]
+__all__ = ["TrackingWriter", "end_calls"]
 
 _MAX_BATCH = 1000  # metrics per log_batch call: MLflow's limit
 
@@ -290,3 +290,23 @@ class TrackingWriter:
     def _save_if_due(self) -> None:
         if self.dirty and time.monotonic() - self.saved_at > 2.0:
             self._write_state()
+
+
+def end_calls(t: Tracker, key: str, name: str, end: dict[str, Any]) -> None:
+    """The calls of a run's end (``Tracker.end``), made or queued in order: the checkpoint, the error, the status;
+    once the status is written the end leaves the state."""
+    path, reason, status = end["path"], end["reason"], str(end["status"])
+    if status == "FINISHED" and path and os.path.isdir(path):
+        t.trial_call(key, f"checkpoint of {name}", lambda run: t.client.log_artifacts(run, path, "checkpoint"))
+    elif path:
+        t.trial_call(key, f"checkpoint uri of {name}", lambda run: t.client.set_tag(run, "dedn.checkpoint", path))
+    if reason:
+        t.trial_call(key, f"error of {name}", lambda run: t.client.set_tag(run, "dedn.error", reason[:5000]))
+
+    def terminate(run: str) -> None:
+        t.client.set_terminated(run, status=status)
+        with t.lock:
+            t.state.get("ends", {}).pop(key, None)
+        t.save()
+
+    t.trial_call(key, f"status of {name}", terminate)

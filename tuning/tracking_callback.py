@@ -87,11 +87,7 @@ class MLflowTrialLogger(Callback):
         self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
     ) -> None:
         # the tracker's background writer: MLflow calls leave the driver's event loop (tracking.runs)
-        t = self.tracker
-        t.start()
-        for key, end in list(t.state.get("ends", {}).items()):  # ended before a driver was killed, not yet written
-            if key in t.state["trials"]:
-                self._end_calls(key, key, end)
+        self.tracker.start()
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self.tracker.close()
@@ -170,30 +166,7 @@ class MLflowTrialLogger(Callback):
         best = self.best.get(key)
         if best:
             t.trial_metrics(key, best, int(best["best_epoch"]), f"final metrics of {name}")
-        # The end is in the state file before its calls are queued: Tune will not report this trial again after
-        # a resume, so a driver killed before the writer made them leaves them to the next one (``setup``).
-        with t.lock:
-            t.state.setdefault("ends", {})[key] = {"status": status, "reason": reason, "path": path}
-        t.save(now=True)
-        self._end_calls(key, name, t.state["ends"][key])
-
-    def _end_calls(self, key: str, name: str, end: dict[str, Any]) -> None:
-        """Queue a run's end: its checkpoint, error and status; the status written, the end leaves the state."""
-        t, path, reason, status = self.tracker, end["path"], end["reason"], str(end["status"])
-        if status == "FINISHED" and path and Path(path).is_dir():
-            t.trial_call(key, f"checkpoint of {name}", lambda run: t.client.log_artifacts(run, path, "checkpoint"))
-        elif path:
-            t.trial_call(key, f"checkpoint uri of {name}", lambda run: t.client.set_tag(run, "dedn.checkpoint", path))
-        if reason:
-            t.trial_call(key, f"error of {name}", lambda run: t.client.set_tag(run, "dedn.error", reason[:5000]))
-
-        def terminate(run: str) -> None:
-            t.client.set_terminated(run, status=status)
-            with t.lock:
-                t.state.get("ends", {}).pop(key, None)
-            t.save()
-
-        t.trial_call(key, f"status of {name}", terminate)
+        t.end(key, name, status, reason, path)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")

@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import ROOT
@@ -28,10 +29,11 @@ def record(key: str, epoch: int) -> dict[str, float]:
     return {"val_H": base + 0.5, "val_U": base + 0.25, "loss_total": 1.0 / epoch, "epoch_seconds": 2.0}
 
 
-def new_tracker(tmp_path: Path) -> Tracker:
+def new_tracker(tmp_path: Path, uri: str | None = None) -> Tracker:
+    """A tracker on ``tmp_path/exp``, logging to ``uri`` (default: SQLite in ``tmp_path``)."""
     exp = tmp_path / "exp"
     exp.mkdir(exist_ok=True)
-    return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", exp, "writer")
+    return Tracker(uri or f"sqlite:///{tmp_path / 'mlflow.db'}", exp, "writer")
 
 
 def make_runs(t: Tracker, tmp_path: Path) -> None:
@@ -42,10 +44,10 @@ def make_runs(t: Tracker, tmp_path: Path) -> None:
         t.child(key, f"trial-{key}", {"optim.lr": 0.001})
 
 
-def histories(tmp_path: Path, metric: str = "val_H") -> dict[str, list[tuple[int, float]]]:
+def histories(tmp_path: Path, metric: str = "val_H", uri: str | None = None) -> dict[str, list[tuple[int, float]]]:
     """(step, value) of every row MLflow holds for ``metric``, per run key, in the order MLflow returns them."""
     state = json.loads((tmp_path / "exp" / RUNS_FILE).read_text())
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=uri or f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = {}
     for key in KEYS:
         rows = client.get_metric_history(state["trials"][key], metric)
@@ -57,8 +59,11 @@ def expected(epochs: range) -> dict[str, list[tuple[int, float]]]:
     return {k: [(e, record(k, e)["val_H"]) for e in epochs] for k in KEYS}
 
 
-def test_every_point_arrives_once_in_order(tmp_path: Path) -> None:
-    t = new_tracker(tmp_path)
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_every_point_arrives_once_in_order(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
+    """Into the embedded SQLite store, and through a real ``mlflow server`` (the default tier's one)."""
+    uri = request.getfixturevalue("server") if store == "server" else None
+    t = new_tracker(tmp_path, uri)
     t.start(threads=3, linger_s=0.2)
     make_runs(t, tmp_path)  # queued: the writer creates the runs before it writes their points
     for epoch in range(1, EPOCHS + 1):
@@ -69,17 +74,17 @@ def test_every_point_arrives_once_in_order(tmp_path: Path) -> None:
     t.trial_call(KEYS[0], "status", lambda run: t.client.set_terminated(run, status="FINISHED"))
     assert t.close(timeout_s=60) == 0
     assert t.failed == [] and t.backlog == 0
-    assert histories(tmp_path) == expected(range(1, EPOCHS + 1))
-    assert histories(tmp_path, "loss_total")[KEYS[2]] == [(e, 1.0 / e) for e in range(1, EPOCHS + 1)]
+    assert histories(tmp_path, uri=uri) == expected(range(1, EPOCHS + 1))
+    assert histories(tmp_path, "loss_total", uri)[KEYS[2]] == [(e, 1.0 / e) for e in range(1, EPOCHS + 1)]
     client = MlflowClient(tracking_uri=t.uri)
     run = client.get_run(t.run_of(KEYS[0]))
     assert run.info.status == "FINISHED" and run.data.metrics["best_val_H"] == 7.0
     # the journal says everything is written: a new tracker on the folder writes nothing again
-    t2 = new_tracker(tmp_path)
+    t2 = new_tracker(tmp_path, uri)
     t2.start(linger_s=0.0)
     assert t2.backlog == 0
     t2.close(timeout_s=30)
-    assert histories(tmp_path) == expected(range(1, EPOCHS + 1))
+    assert histories(tmp_path, uri=uri) == expected(range(1, EPOCHS + 1))
     # and it knows the epochs logged: a retried trial's old epochs are not logged again
     assert not t2.epoch_metrics(KEYS[1], record(KEYS[1], EPOCHS), EPOCHS, "retried")
 
@@ -125,48 +130,15 @@ DRIVER = textwrap.dedent(
     """
 )
 
-# Tune ends trial KEYS[0] (through the tracking callback): its end calls queue behind the run's lingering points
-ENDS = (
-    "from tuning.tracking_callback import MLflowTrialLogger; from types import SimpleNamespace; "
-    "MLflowTrialLogger(t, {}).on_trial_complete(0, [], SimpleNamespace(trial_id=KEYS[0], config={}, checkpoint=None))"
-)
-
-
-def test_a_run_ended_before_a_driver_kill_is_ended_by_the_next_driver(tmp_path: Path) -> None:
-    """Tune reports a trial's end once: a driver killed before the writer set the run's status leaves the end in
-    the state file, and the tracking callback of the next driver on the folder (``--resume``) sets it."""
-    from tuning.tracking_callback import MLflowTrialLogger
-
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER.format(root=str(ROOT), tmp=str(tmp_path), epochs=3, ends=ENDS)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == f"queued {3 * len(KEYS)}", (line, proc.poll())
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    state = json.loads((tmp_path / "exp" / RUNS_FILE).read_text())
-    assert state["ends"] == {KEYS[0]: {"status": "FINISHED", "reason": None, "path": None}}
-    assert client.get_run(state["trials"][KEYS[0]]).info.status == "RUNNING"  # the kill came first
-    t = new_tracker(tmp_path)
-    MLflowTrialLogger(t, {}).setup()  # what a resumed search's callback does first
-    assert t.close(timeout_s=60) == 0
-    statuses = {k: client.get_run(state["trials"][k]).info.status for k in KEYS}
-    assert statuses == {KEYS[0]: "FINISHED", KEYS[1]: "RUNNING", KEYS[2]: "RUNNING"}
-    assert json.loads((tmp_path / "exp" / RUNS_FILE).read_text())["ends"] == {}  # done: not repeated again
-    assert histories(tmp_path) == expected(range(1, 4))
+# the tracking callback ends trial KEYS[0]: its end calls queue behind the run's lingering points
+ENDS = 't.end(KEYS[0], "trial-0", "FINISHED", None, None)'
 
 
 def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
+    """The driver is killed with every point queued and one run ended (Tune reports a trial's end once, and not
+    again after a resume): the next tracker started on the folder writes each point once and ends that run."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER.format(root=str(ROOT), tmp=str(tmp_path), epochs=EPOCHS, ends="")],
+        [sys.executable, "-c", DRIVER.format(root=str(ROOT), tmp=str(tmp_path), epochs=EPOCHS, ends=ENDS)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,  # MLflow's table creation lines
@@ -180,6 +152,10 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies with its backlog
         proc.wait(timeout=30)
     assert histories(tmp_path) == {k: [] for k in KEYS}  # nothing was written before the kill
+    state = json.loads((tmp_path / "exp" / RUNS_FILE).read_text())
+    assert state["ends"] == {KEYS[0]: {"status": "FINISHED", "reason": None, "path": None}}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(state["trials"][KEYS[0]]).info.status == "RUNNING"  # the kill came before the status
     t = new_tracker(tmp_path)
     t.start(threads=2, linger_s=0.0)
     assert t.backlog == EPOCHS * len(KEYS)
@@ -191,6 +167,9 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
     want = expected(range(1, EPOCHS + 1))
     want[KEYS[0]].append((EPOCHS + 1, record(KEYS[0], EPOCHS + 1)["val_H"]))
     assert got == want
+    statuses = {k: client.get_run(state["trials"][k]).info.status for k in KEYS}
+    assert statuses == {KEYS[0]: "FINISHED", KEYS[1]: "RUNNING", KEYS[2]: "RUNNING"}
+    assert json.loads((tmp_path / "exp" / RUNS_FILE).read_text())["ends"] == {}  # done: not made again
     # a third tracker finds nothing left to write
     t3 = new_tracker(tmp_path)
     t3.start(linger_s=0.0)
