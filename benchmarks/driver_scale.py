@@ -1,6 +1,6 @@
 """Driver load: does the search driver keep up with populations on many GPUs?
 
-The script runs the real search driver, the Tuner that ``dedn search`` builds (``tuning.search._tuner``: the
+The script runs the real search driver, the Tuner that ``dedn search`` builds (``tuning.search.build_tuner``: the
 Optuna searcher, the ASHA scheduler of the spec, the MLflow tracking callback and the resume signer), against a
 ``mlflow server`` it starts on 127.0.0.1 (SQLite backend in a temporary folder) and stops at the end. Only the
 trainable differs: a synthetic one that trains nothing and reports population results in the project's format
@@ -377,18 +377,17 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
     spec_file.write_text((ROOT / "configs" / "search" / a.spec).read_text())
     tracker.parent({"dedn.benchmark": "driver_scale"}, str(spec_file))
 
-    def synthetic(shared: Any, base: Any, opts: Any, spec: Any) -> Any:
-        fn = tune.with_parameters(
+    synthetic = tune.with_resources(
+        tune.with_parameters(
             synthetic_population,
             last_epoch=epochs,
             epoch_s=epoch_s,
             rate=a.member_samples_per_s / size,
             emitted=str(emitted),
-        )
-        return tune.with_resources(fn, {"cpu": 0.0, "gpu": 1.0})
-
-    search._trainable = synthetic  # the one part of the driver this benchmark replaces
-    return search._tuner(None, base, opts, spec, exp, name, tracker, False), exp, epochs  # type: ignore[arg-type]
+        ),
+        {"cpu": 0.0, "gpu": 1.0},
+    )  # the one part of the driver this benchmark replaces
+    return search.build_tuner(None, base, opts, spec, exp, name, tracker, False, trainable=synthetic), exp, epochs
 
 
 def phases(

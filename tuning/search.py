@@ -33,6 +33,7 @@ __all__ = [
     "SearchOptions",
     "SearchOutcome",
     "best_trial",
+    "build_tuner",
     "check_experiment_name",
     "check_space_against_store",
     "experiment_path",
@@ -235,7 +236,10 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         clock.end("Ray start")
         shared = share_store(store)  # read once, put once; trials read the object store
         clock.end("store into the object store")
-        grid = _tuner(shared, base, opts, spec, exp, name, tracker, resume).fit()
+        grid = build_tuner(shared, base, opts, spec, exp, name, tracker, resume).fit()
+        from tuning.study_searcher import fail_unstarted
+
+        fail_unstarted(str(opts.optuna_storage), name)  # asked for a trial that the end came before
         clock.end("trials (Tune)")
         results = [grid[i] for i in range(len(grid))]
         states, errors = trial_states(results)
@@ -419,8 +423,8 @@ def _abandon(exp: Path, tracker: Tracker | None, resume: bool) -> None:
         shutil.rmtree(exp, ignore_errors=True)
 
 
-def _tuner(
-    shared: SharedStore,
+def build_tuner(
+    shared: SharedStore | None,
     base: dict[str, Any],
     opts: SearchOptions,
     spec: SearchSpec,
@@ -428,11 +432,20 @@ def _tuner(
     name: str,
     tracker: Tracker | None,
     resume: bool,
+    trainable: Any = None,
 ) -> Any:
-    """Ray Tune's Tuner for the search: with ``resume``, the experiment's own, restored."""
+    """Ray Tune's Tuner for the search: with ``resume``, the experiment's own, restored. ``trainable`` replaces
+    the DEDN trainable (a Tune trainable with its resources; ``benchmarks/driver_scale.py`` drives the rest of
+    the driver with a synthetic one); ``shared`` is then unused."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
-    trainable = _trainable(shared, base, opts, spec)
+    if trainable is None:
+        assert shared is not None, "the DEDN trainable reads the store from the object store"
+        trainable = _trainable(shared, base, opts, spec)
+    # Tune's own loggers: result.json only (MLflow holds the metrics). Its CSV and TensorBoard loggers cost the
+    # driver 150 ms per population result of ~350 values (benchmarks/driver_scale.py --profile).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if resume:
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
     from tracking.integrity import StateSigner, signing_key
@@ -470,7 +483,7 @@ def _tuner(
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # Tune keeps every checkpoint folder; the trainable empties old ones itself (EpochReporter).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            callbacks=[*logger, resume_signer(str(exp))],
+            callbacks=[JsonLoggerCallback(), *logger, resume_signer(str(exp))],
             verbose=1 if opts.verbose else 0,
         ),
     )

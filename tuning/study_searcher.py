@@ -11,11 +11,19 @@ trial, ``tuning.population``, asks for M). Each sees its validation H per epoch 
 User attributes link the stores: ``tune_trial_id`` (and ``member`` in a population) from the start,
 ``mlflow_run_id`` once the tracking callback has made the run. This module imports Ray;
 ``tuning.population`` (what trials import) does not.
+
+Every call on the study is made by the searcher's one thread, in the order the driver queued it: each write
+to Optuna's storage syncs the disk (a few ms; a population's ask is 16 of them), and Tune's event loop does
+not wait for that. ``suggest`` answers None (Tune asks again on its next step) until the configurations it
+queued are asked; ``save``, which Tune calls with every experiment checkpoint, first waits for the queue, so
+a saved searcher state never names a report the storage does not hold.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,7 @@ from ray.tune.search import Searcher
 from tuning.population import section
 from tuning.space import DefineByRun
 
-__all__ = ["StudySearcher"]
+__all__ = ["StudySearcher", "fail_unstarted"]
 
 
 class StudySearcher(Searcher):
@@ -62,14 +70,50 @@ class StudySearcher(Searcher):
         self.linked: set[int] = set()  # Optuna trial ids that hold their MLflow run id
         self._study: Any = None
         self._storage: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._asking: Future[tuple[list[dict[str, Any]], list[int], list[int]]] | None = None
+        self._opened = False
+        self._error: BaseException | None = None
+        self._closed: set[int] = set()  # trials finished in the storage (told): the study's thread's view
+
+    _LOCAL = ("_study", "_storage", "_pool", "_asking", "_opened", "_error", "_closed")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_study", "_storage")}
+        return {k: v for k, v in self.__dict__.items() if k not in self._LOCAL}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._study = None
-        self._storage = None
+        self._study = self._storage = self._pool = self._asking = self._error = None
+        self._opened = False
+        self._closed = set(self.told)
+
+    # -- the study's thread ---------------------------------------------------------------------------
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Queue ``fn(*args)`` for the study's thread; its first error is raised by the next ``flush``."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optuna-study")
+
+        def job() -> Any:
+            try:
+                return fn(*args)
+            except BaseException as e:
+                self._error = self._error or e
+                raise
+
+        return self._pool.submit(job)
+
+    def flush(self) -> None:
+        """Wait until every queued call on the study is made; raise the first that failed."""
+        if self._pool is not None:
+            self._submit(lambda: None).result()
+        if self._error is not None:
+            raise self._error
+
+    def _open(self) -> None:
+        """Open the study (on resume: reconciled with the storage) before the driver compares anything."""
+        if not self._opened:
+            self._submit(lambda: self.study).result()
+            self._opened = True
 
     @property
     def storage(self) -> Any:
@@ -116,8 +160,10 @@ class StudySearcher(Searcher):
             if t.state == optuna.trial.TrialState.RUNNING and tid not in mine:
                 self._study.tell(t.number, state=optuna.trial.TrialState.FAIL)
                 self.told.add(tid)
+                self._closed.add(tid)
             elif t.state.is_finished():
                 self.told.add(tid)
+                self._closed.add(tid)
             if t.intermediate_values:
                 self.reported[tid] = max(self.reported.get(tid, 0), max(t.intermediate_values))
 
@@ -126,18 +172,33 @@ class StudySearcher(Searcher):
         study_id = self.storage.get_study_id_from_name(self.study_name)
         return int(self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def _ask(self) -> tuple[list[dict[str, Any]], list[int], list[int]]:
+        """(configurations, storage trial ids, trial numbers) of one Tune trial's configurations, asked now."""
         configs, ids, numbers = [], [], []
         for j in range(self.size or 1):
             t = self.study.ask()
             self.define(t)
-            t.set_user_attr("tune_trial_id", trial_id)
             if self.size is not None:
                 t.set_user_attr("member", j)
             configs.append(dict(t.params))
             ids.append(self._storage_id(t.number))
             numbers.append(t.number)
+        return configs, ids, numbers
+
+    def _claim(self, trial_id: str, ids: list[int]) -> None:
+        for tid in ids:
+            self._trial(tid).set_user_attr("tune_trial_id", trial_id)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        self._open()
+        if self._asking is None:
+            self._asking = self._submit(self._ask)
+        if not self._asking.done():
+            return None  # Tune asks again on its next step, with another trial id
+        configs, ids, numbers = self._asking.result()
+        self._asking = None
         self.members[trial_id] = ids
+        self._submit(self._claim, trial_id, ids)
         if self.size is None:
             return {**configs[0], "optuna_trial": numbers[0]}
         return {"members": configs, "optuna_trials": numbers}
@@ -151,7 +212,17 @@ class StudySearcher(Searcher):
         if tid in self.told:
             return
         self.told.add(tid)
-        self.study.tell(self._trial(tid).number, value, state=state)
+
+        def tell() -> None:
+            self.study.tell(self._trial(tid).number, value, state=state)
+            self._closed.add(tid)
+
+        self._submit(tell)
+
+    def _report(self, reports: list[tuple[int, str, float, int]]) -> None:
+        for tid, key, value, epoch in reports:
+            self._trial(tid).report(value, epoch)
+            self._link(tid, key)
 
     def _records(self, trial_id: str, result: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
         """(Optuna trial id, tracking run key, per-configuration record) of each configuration in a result."""
@@ -163,14 +234,16 @@ class StudySearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         import optuna
 
-        _ = self.study  # opened (and, on resume, reconciled with the storage) before anything is compared
+        self._open()
+        reports = []
         for tid, key, m in self._records(trial_id, result):
             epoch, value = int(m["epoch"]), float(m[self.metric])
             if epoch > self.reported.get(tid, 0) and tid not in self.told:
-                self._trial(tid).report(value, epoch)
+                reports.append((tid, key, value, epoch))
                 self.reported[tid] = epoch
-                self._link(tid, key)
             self.best[tid] = max(self.best.get(tid, float("-inf")), value)
+        if reports:
+            self._submit(self._report, reports)
         ids = self.members.get(trial_id, [])
         for key, end in section(result, "ended").items():
             tid = ids[int(key)]
@@ -179,7 +252,7 @@ class StudySearcher(Searcher):
 
     def _link(self, tid: int, key: str) -> None:
         """Record the configuration's MLflow run id on its Optuna trial, once the tracking callback has it."""
-        if tid in self.linked or not self.runs_file or tid in self.told:
+        if tid in self.linked or not self.runs_file or tid in self._closed:
             return
         try:
             run_id = json.loads(Path(self.runs_file).read_text())["trials"].get(key)
@@ -194,10 +267,11 @@ class StudySearcher(Searcher):
 
         if result:
             self.on_trial_result(trial_id, result)
+        self._open()
         last = int(result.get("epoch", 0)) if result else 0
         ids = self.members.get(trial_id, [])
         for j, tid in enumerate(ids):
-            self._link(tid, trial_id if self.size is None else f"{trial_id}-m{j}")
+            self._submit(self._link, tid, trial_id if self.size is None else f"{trial_id}-m{j}")
             if error or tid not in self.best:
                 self._tell(tid, optuna.trial.TrialState.FAIL)
             elif last < self.last_epoch:  # stopped early: by the scheduler, or the search's time budget
@@ -206,6 +280,7 @@ class StudySearcher(Searcher):
                 self._tell(tid, optuna.trial.TrialState.COMPLETE, self.best[tid])
 
     def save(self, checkpoint_path: str) -> None:
+        self.flush()  # what the state says was reported is in the storage
         state = {
             "members": self.members,
             "reported": self.reported,
@@ -221,4 +296,27 @@ class StudySearcher(Searcher):
         self.reported = {int(k): v for k, v in state["reported"].items()}
         self.best = {int(k): v for k, v in state["best"].items()}
         self.told = set(state["told"])
+        self._closed = set(self.told)
         self.linked = set(state.get("linked", []))
+
+
+def fail_unstarted(storage_url: str, study_name: str) -> int:
+    """End FAIL the study's RUNNING trials that no Tune trial took (asked as the search ended: its time budget,
+    or a stop), with the user attribute ``dedn.unstarted``; returns how many."""
+    import optuna
+
+    from tuning.optuna_storage import open_storage
+
+    storage = open_storage(storage_url)
+    if study_name not in optuna.get_all_study_names(storage):
+        return 0
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    study_id = storage.get_study_id_from_name(study_name)
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if "tune_trial_id" not in t.user_attrs:
+            tid = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            optuna.trial.Trial(study, tid).set_user_attr("dedn.unstarted", "the search ended before a trial took it")
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            n += 1
+    return n

@@ -416,15 +416,18 @@ def test_journal_file_storage_keeps_the_study_across_a_searcher_pickle(
         {"base": "b.yaml", "params": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
     )
     searcher = StudySearcher(DefineByRun(spec, False), None, url, "j", 0, None, "val_H", "max", 2)
-    first = searcher.suggest("t1")
-    assert first is not None and first["optuna_trial"] == 0
+    first = wait_for(lambda: searcher.suggest("t1"), 60, "the first configuration")
+    assert first["optuna_trial"] == 0
     for epoch, h in ((1, 0.2), (2, 0.5)):
         searcher.on_trial_result("t1", {"epoch": epoch, "val_H": h})
     searcher.on_trial_complete("t1", {"epoch": 2, "val_H": 0.5})
+    searcher.save(str(tmp_path / "searcher.json"))  # as Tune does before it pickles the experiment
+    (tmp_path / "searcher.json").unlink()
     restored = pickle.loads(pickle.dumps(searcher))  # the storage is reopened from the URL
-    second = restored.suggest("t2")
-    assert second is not None and second["optuna_trial"] == 1
+    second = wait_for(lambda: restored.suggest("t2"), 60, "the second configuration")
+    assert second["optuna_trial"] == 1
     restored.on_trial_complete("t2", {"epoch": 1, "val_H": 0.1})  # stopped before its last epoch
+    restored.flush()
     study = _study(url, "j")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     assert study.trials[0].value == 0.5 and study.trials[0].intermediate_values == {1: 0.2, 2: 0.5}

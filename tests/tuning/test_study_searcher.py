@@ -1,0 +1,75 @@
+"""The Optuna searcher's own thread (tuning.study_searcher): Tune's event loop never waits for the study, yet the
+study ends up with exactly what the driver was told, in order, and a saved searcher names nothing the storage lacks.
+Real Optuna storages (a journal file, SQLite) in a temporary folder."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.helpers import wait_for
+from tuning.space import DefineByRun, SearchSpec
+from tuning.study_searcher import StudySearcher, fail_unstarted
+
+SPEC = SearchSpec.model_validate(
+    {"base": "b.yaml", "params": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+)
+
+
+def _searcher(url: str, size: int | None = None) -> StudySearcher:
+    return StudySearcher(DefineByRun(SPEC, False), size, url, "s", 0, None, "val_H", "max", 5)
+
+
+def _study(url: str) -> optuna.Study:
+    from tuning.optuna_storage import open_storage
+
+    return optuna.load_study(study_name="s", storage=open_storage(url))
+
+
+@pytest.mark.parametrize("form", ["journal", "sqlite"])
+def test_every_report_reaches_the_study_off_the_driver_thread(tmp_path: Path, form: str) -> None:
+    url = f"journal:{tmp_path / 's.log'}" if form == "journal" else f"sqlite:///{tmp_path / 's.db'}"
+    s = _searcher(url, size=3)
+    assert s.suggest("never-taken") is None  # the ask is queued; Tune asks again on its next step
+    config = wait_for(lambda: s.suggest("t1"), 60, "a population")
+    assert config["optuna_trials"] == [0, 1, 2]
+    threads: set[str] = set()
+    original = optuna.trial.Trial.report
+
+    def spy(self: optuna.trial.Trial, value: float, step: int) -> None:
+        threads.add(threading.current_thread().name)
+        original(self, value, step)
+
+    optuna.trial.Trial.report = spy  # type: ignore[method-assign]
+    try:
+        for epoch in range(1, 6):
+            members = {str(j): {"epoch": epoch, "val_H": 0.1 * epoch + 0.01 * j} for j in range(3)}
+            s.on_trial_result("t1", {"epoch": epoch, "members": members})
+        s.on_trial_complete("t1", {"epoch": 5, "members": members})
+        s.save(str(tmp_path / "state.json"))  # waits for the queue: what it says was reported is stored
+    finally:
+        optuna.trial.Trial.report = original  # type: ignore[method-assign]
+    assert threads and all(name.startswith("optuna-study") for name in threads)
+    trials = _study(url).trials
+    assert [t.user_attrs["tune_trial_id"] for t in trials] == ["t1"] * 3  # the trial that took them
+    assert [t.user_attrs["member"] for t in trials] == [0, 1, 2]
+    for j, t in enumerate(trials):
+        assert t.intermediate_values == {e: pytest.approx(0.1 * e + 0.01 * j) for e in range(1, 6)}
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.value == pytest.approx(0.5 + 0.01 * j)
+
+
+def test_configurations_asked_as_the_search_ended_end_failed(tmp_path: Path) -> None:
+    url = f"journal:{tmp_path / 's.log'}"
+    s = _searcher(url)
+    taken = wait_for(lambda: s.suggest("t1"), 60, "a configuration")
+    s.on_trial_result("t1", {"epoch": 1, "val_H": 0.3})
+    assert s.suggest("t2") is None  # asked for the next trial; then the time budget ends
+    s.flush()
+    assert fail_unstarted(url, "s") == 1
+    trials = _study(url).trials
+    assert trials[0].number == taken["optuna_trial"] and trials[0].state == optuna.trial.TrialState.RUNNING
+    assert trials[1].state == optuna.trial.TrialState.FAIL and "dedn.unstarted" in trials[1].user_attrs
+    assert fail_unstarted(url, "s") == 0 and fail_unstarted(url, "other") == 0
