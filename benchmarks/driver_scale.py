@@ -21,7 +21,8 @@ budget until every received epoch is in MLflow) it prints:
   the tracking callback was given; written: ``val_H`` points that reached MLflow (counted in the driver's
   ``MlflowClient.log_batch``); reported: member-epochs the Optuna searcher processed;
 - backlog: offered minus written at the end of the phase (epochs late in Ray, in Tune or in the tracking queue);
-- the tracking callback's driver time per Tune result, Optuna's ask (per configuration) and report (per Tune
+- the tracking callback's driver time per Tune result, Tune's wait for a trial's configurations (per configuration: the
+  searcher asks Optuna on its own thread) and the searcher's driver time (per Tune
   result, M member-epochs) latencies, the driver's CPU (cores) and resident memory, and the server's CPU.
 At the end it compares, per member run, the epochs the driver received (Tune's ``result.json``) with the ``val_H``
 history MLflow holds (the server's database) and the intermediate values of the member's Optuna trial, and prints
@@ -42,22 +43,18 @@ member-epochs and Tune results per second from 16 trials (256 member runs instea
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import os
 import random
 import resource
-import sqlite3
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from common import ROOT, start_mlflow_server, stop_mlflow_server
+from driver_measure import LINE, Counters, Sampler, at, instrument, median_ms, phases, stored_epochs
 
-LINE = 32  # bytes per line of a trial's emitted-epochs file: "<time> <epoch> <members>", padded
 LOSSES = ("cls_c", "cls_f", "align_c", "align_f", "distill", "cal", "total")
 
 
@@ -142,198 +139,6 @@ def check_format(size: int, posthoc: bool = False) -> None:
         raise AssertionError(f"member record keys differ: {sorted(set(real['members']['0']) ^ set(ours))}")
 
 
-class Counters:
-    """What the driver did, counted by wrappers around the real callback, searcher and MLflow client."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.received = 0  # member-epochs given to the tracking callback
-        self.written = 0  # val_H points sent to MLflow in successful log_batch calls
-        self.reported = 0  # member-epochs the searcher processed
-        self.callback_s: list[tuple[float, float]] = []  # (time, seconds in the callback per Tune result)
-        self.ask_s: list[tuple[float, float]] = []  # (time, seconds per configuration asked)
-        self.report_s: list[tuple[float, float]] = []  # (time, seconds per Tune result in the searcher)
-        self.storage_url = ""
-
-
-def instrument(c: Counters) -> None:
-    """Wrap, in this process, the tracking callback's on_trial_result, the searcher's suggest and on_trial_result
-    and MlflowClient.log_batch, to count and time them (the classes stay the real ones)."""
-    from mlflow.tracking import MlflowClient
-
-    from tuning.population import section
-    from tuning.study_searcher import StudySearcher
-    from tuning.tracking_callback import MLflowTrialLogger
-
-    on_result = MLflowTrialLogger.on_trial_result
-
-    @functools.wraps(on_result)
-    def logger_result(
-        self: Any, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **kw: Any
-    ) -> None:
-        t0 = time.perf_counter()
-        on_result(self, iteration, trials, trial, result, **kw)
-        dt = time.perf_counter() - t0
-        with c.lock:
-            c.received += len(section(result, "members"))
-            c.callback_s.append((time.time(), dt))
-
-    log_batch = MlflowClient.log_batch
-
-    @functools.wraps(log_batch)
-    def counted_batch(self: Any, run_id: str, metrics: Any = (), *a: Any, **kw: Any) -> Any:
-        out = log_batch(self, run_id, metrics, *a, **kw)
-        n = sum(1 for m in metrics or () if m.key == "val_H")
-        with c.lock:
-            c.written += n
-        return out
-
-    suggest = StudySearcher.suggest
-
-    @functools.wraps(suggest)
-    def timed_suggest(self: Any, trial_id: str) -> Any:
-        c.storage_url = self.storage_url
-        t0 = time.perf_counter()
-        out = suggest(self, trial_id)
-        with c.lock:
-            c.ask_s.append((time.time(), (time.perf_counter() - t0) / (self.size or 1)))
-        return out
-
-    searcher_result = StudySearcher.on_trial_result
-
-    @functools.wraps(searcher_result)
-    def timed_result(self: Any, trial_id: str, result: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        searcher_result(self, trial_id, result)
-        dt = time.perf_counter() - t0
-        with c.lock:
-            c.reported += len(section(result, "members"))
-            c.report_s.append((time.time(), dt))
-
-    MLflowTrialLogger.on_trial_result = logger_result  # type: ignore[method-assign]
-    MlflowClient.log_batch = counted_batch  # type: ignore[method-assign]
-    StudySearcher.suggest = timed_suggest  # type: ignore[method-assign]
-    StudySearcher.on_trial_result = timed_result  # type: ignore[method-assign]
-
-
-def schedule(emitted: Path, now: float, epoch_s: float, last_epoch: int, starts: dict[str, float]) -> tuple[int, int]:
-    """(member-epochs due by ``now`` on the running trials' schedules, member-epochs emitted), from the files the
-    trials write. A trial's schedule ends at its last emitted epoch once it stopped (no line for 2 epochs)."""
-    due = done = 0
-    for f in emitted.glob("*.txt"):
-        size = f.stat().st_size
-        lines = size // LINE
-        if lines == 0:
-            continue
-        if f.name not in starts:
-            with open(f, "rb") as fh:
-                head = fh.read(LINE).split()
-            starts[f.name] = float(head[0])
-            starts[f.name + "/m"] = float(head[2])
-        members = int(starts[f.name + "/m"])
-        n = lines - 1
-        on_time = min(last_epoch, int((now - starts[f.name]) / epoch_s))
-        if on_time > n + 2:  # stopped by the scheduler or the budget: due no more than it sent
-            with open(f, "rb") as fh:
-                fh.seek((lines - 1) * LINE)
-                last_line = fh.read(LINE).split()
-            on_time = n if now - float(last_line[0]) > 2 * epoch_s else on_time
-        due += max(on_time, n) * members
-        done += n * members
-    return due, done
-
-
-class Sampler(threading.Thread):
-    """Once a second: offered, emitted, received, written, reported, driver CPU and memory, server CPU."""
-
-    def __init__(self, c: Counters, emitted: Path, epoch_s: float, last_epoch: int, server_pid: int) -> None:
-        super().__init__(daemon=True)
-        import psutil
-
-        self.c, self.emitted, self.epoch_s, self.last_epoch = c, emitted, epoch_s, last_epoch
-        self.me = psutil.Process()
-        self.server = [psutil.Process(server_pid), *psutil.Process(server_pid).children(recursive=True)]
-        self.rows: list[dict[str, float]] = []
-        self.starts: dict[str, float] = {}
-        self.stop = threading.Event()
-        self.t_end = float("inf")  # the time budget's end: nothing is due after it
-
-    def cpu(self, procs: list[Any]) -> float:
-        total = 0.0
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except Exception:
-                pass
-        return total
-
-    def sample(self) -> dict[str, float]:
-        now = time.time()
-        due, done = schedule(self.emitted, min(now, self.t_end), self.epoch_s, self.last_epoch, self.starts)
-        with self.c.lock:
-            received, written, reported = self.c.received, self.c.written, self.c.reported
-        return {
-            "t": now,
-            "due": due,
-            "emitted": done,
-            "received": received,
-            "written": written,
-            "reported": reported,
-            "cpu": self.cpu([self.me]),
-            "server_cpu": self.cpu(self.server),
-            "rss": self.me.memory_info().rss / 2**20,
-        }
-
-    def run(self) -> None:
-        while not self.stop.wait(1.0):
-            self.rows.append(self.sample())
-
-
-def stored_epochs(exp: Path, db: Path, storage_url: str) -> dict[str, Any]:
-    """Compare the epochs the driver received with what MLflow and Optuna hold, per member run."""
-    import optuna
-
-    from tracking.runs import RUNS_FILE
-
-    received: set[tuple[str, int]] = set()
-    for f in exp.glob("*/result.json"):
-        for line in f.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                for j, m in row.get("members", {}).items():
-                    received.add((f"{row['trial_id']}-m{j}", int(m["epoch"])))
-    runs = json.loads((exp / RUNS_FILE).read_text())["trials"]
-    key_of = {v: k for k, v in runs.items()}
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    rows = con.execute("SELECT run_uuid, step, COUNT(*) FROM metrics WHERE key = 'val_H' GROUP BY run_uuid, step")
-    in_mlflow: dict[tuple[str, int], int] = {}
-    for run_id, step, n in rows:
-        if run_id in key_of:
-            in_mlflow[(key_of[run_id], int(step))] = int(n)
-    con.close()
-    in_optuna: set[tuple[str, int]] = set()
-    if storage_url:
-        from tuning.optuna_storage import open_storage
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = open_storage(storage_url)
-        for name in optuna.get_all_study_names(storage):
-            study = optuna.load_study(study_name=name, storage=storage)
-            for t in study.get_trials(deepcopy=False):
-                tune_id, member = t.user_attrs.get("tune_trial_id"), t.user_attrs.get("member")
-                for step in t.intermediate_values:
-                    in_optuna.add((f"{tune_id}-m{member}", int(step)))
-    return {
-        "received": len(received),
-        "mlflow": len(in_mlflow),
-        "lost_mlflow": len(received - set(in_mlflow)),
-        "duplicated": sum(n - 1 for n in in_mlflow.values()),
-        "optuna": len(in_optuna),
-        "lost_optuna": len(received - in_optuna),
-    }
-
-
 def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tuple[Any, Path, int]:
     """The Tuner ``dedn search`` builds for the spec with populations of ``--population`` on ``--gpus`` logical GPUs,
     its trainable replaced by ``synthetic_population``; returns it, the experiment folder and the epochs."""
@@ -390,36 +195,9 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
     return search.build_tuner(None, base, opts, spec, exp, name, tracker, False, trainable=synthetic), exp, epochs
 
 
-def phases(
-    rows: list[dict[str, float]], t0: float, t_end: float, warmup: float, window: float
-) -> list[tuple[str, float, float]]:
-    out = [("warmup", t0, min(t0 + warmup, t_end))]
-    t = t0 + warmup
-    while t < t_end - 1e-6:
-        out.append((f"{t - t0:.0f}-{min(t + window, t_end) - t0:.0f} s", t, min(t + window, t_end)))
-        t += window
-    if rows and rows[-1]["t"] > t_end + 0.5:
-        out.append(("drain", t_end, rows[-1]["t"]))
-    return out
-
-
-def at(rows: list[dict[str, float]], t: float) -> dict[str, float]:
-    """The last sample taken at or before ``t`` (the first one if none)."""
-    best = rows[0]
-    for r in rows:
-        if r["t"] <= t + 1e-6:
-            best = r
-    return best
-
-
-def median_ms(pairs: list[tuple[float, float]], lo: float, hi: float) -> str:
-    vals = sorted(dt for t, dt in pairs if lo <= t < hi)
-    if not vals:
-        return "-"
-    return f"{1000 * vals[len(vals) // 2]:.1f}/{1000 * vals[min(len(vals) - 1, int(len(vals) * 0.99))]:.0f}"
-
-
 def main() -> None:
+    """Parse the options, run the search, print the table. Over 80 lines on purpose: a benchmark's main is one
+    straight script, so each printed column sits next to the code that measured it."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, default=64, help="logical GPUs = concurrent population trials")
     ap.add_argument("--population", type=int, default=16, help="members per population trial")
@@ -544,7 +322,8 @@ def main() -> None:
         "offered: due on the schedules of the trials still emitting (a trial that Tune holds in tune.report "
         "because the driver is behind counts as stopped: then it undercounts; the header has the nominal offer); "
         "backlog: offered - written at the phase's end; callback: "
-        "tracking callback per Tune result; ask: per configuration; report: searcher per Tune result "
+        "tracking callback per Tune result; ask: Tune's wait for a trial's configurations (the searcher asks on its "
+        "own thread), per configuration; report: searcher per Tune result, on the driver's thread "
         f"({a.population} member-epochs); cpu in cores"
     )
     cmd = f"python benchmarks/driver_scale.py --seconds {a.seconds:g}"

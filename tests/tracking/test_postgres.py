@@ -319,6 +319,8 @@ def test_socket_url_without_password(postgres: Postgres, tmp_path: Path) -> None
 def test_killed_search_resumes_with_both_stores_in_postgres(
     postgres: Postgres, tmp_path: Path, tiny_store: Path
 ) -> None:
+    """A search killed and resumed with MLflow and Optuna both in PostgreSQL.
+    Over 80 lines on purpose: one scenario, each check right after the step it checks."""
     tracking, study_url = postgres.createdb("mlflow_resume"), postgres.createdb("optuna_resume")
     spec = write_spec(
         tmp_path,

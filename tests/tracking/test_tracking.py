@@ -30,6 +30,8 @@ scheduler: {type: fifo}
 
 @pytest.mark.slow  # a search, a server, two promotes and three predictions: the slow tier
 def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Path, tiny_store: Path) -> None:
+    """Search, promote (trial and final model) and predict through a real MLflow server.
+    Over 80 lines on purpose: one scenario, each check right after the step it checks."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
