@@ -50,6 +50,11 @@ def _set_tag(t: Tracker, tag: str, value: str) -> Callable[[str], Any]:
     return lambda run: t.client.set_tag(run, tag, value)
 
 
+def _abandon(t: Tracker, run: str) -> None:
+    t.client.set_tag(run, "dedn.abandoned", "its driver was killed before Tune recorded the trial; not continued")
+    t.client.set_terminated(run, status="KILLED")
+
+
 class MLflowTrialLogger(Callback):
     """One nested child run per trial: params at start, metrics per epoch (step = epoch), the resolved
     trial config, final validation metrics and the last checkpoint at the end. Every call goes through
@@ -64,6 +69,7 @@ class MLflowTrialLogger(Callback):
         self.base = base
         self.best: dict[str, dict[str, float]] = {}
         self.ended: dict[str, str] = {}  # population members stopped or failed: run key -> status
+        self.checked = False  # runs of trials the restored experiment does not know: closed on the first step
 
     def _runs(self, trial: Any) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
         """(run key, run name, params, extra tags) of each configuration the trial trains."""
@@ -91,6 +97,21 @@ class MLflowTrialLogger(Callback):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self.tracker.close()
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        """Once, before the first step: a run whose Tune trial the experiment does not know (a driver killed
+        after it started the trial and before Tune saved its state; the resumed search asks again in its place,
+        and Optuna fails that trial) ends KILLED, tagged ``dedn.abandoned``."""
+        if self.checked:
+            return
+        self.checked = True
+        t, known = self.tracker, {trial.trial_id for trial in trials}
+        abandoned = t.state.setdefault("abandoned", [])
+        for key in list(t.state["trials"]):
+            if key.split("-m", 1)[0] not in known and key not in abandoned:
+                abandoned.append(key)
+                t.trial_call(key, f"abandoned run {key}", partial(_abandon, t))
+        t.save()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         t = self.tracker

@@ -105,8 +105,16 @@ scheduler: {{type: fifo}}
         assert not (trial / "error.txt").exists(), (seed, trial.name, (trial / "error.txt").read_text()[-2000:])
     study = optuna.load_study(study_name="kills", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == TRIALS, seed
-    finished = child_runs(uri, "kills")
+    runs = child_runs(uri, "kills")
+    # a trial started after Tune last saved its state, then killed: the resumed search asked again in its place
+    abandoned = [r for r in runs if "dedn.abandoned" in r.data.tags]
+    finished = [r for r in runs if "dedn.abandoned" not in r.data.tags]
     assert len(finished) == TRIALS and all(run.info.status == "FINISHED" for run in finished), seed
+    assert all(r.info.status == "KILLED" for r in abandoned), seed
+    tune_ids = {v[0]["trial_id"] for v in after.values() if v}
+    assert not {r.data.tags["dedn.trial_id"] for r in abandoned} & tune_ids, seed
+    failed = {str(t.number) for t in study.trials if t.state == optuna.trial.TrialState.FAIL}
+    assert {r.data.tags["optuna.trial_number"] for r in abandoned} <= failed, seed
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
