@@ -1,7 +1,8 @@
 """MLflow logging throughput: a local tracking server (SQLite backend) against the embedded SQLite store.
 
-The script starts ``mlflow server`` itself on a free 127.0.0.1 port (``--backend-store-uri sqlite:///<tmp>/mlflow.db``,
-``--default-artifact-root <tmp>/artifacts``), waits for ``GET /health``, and stops it at the end. Targets:
+The script starts ``mlflow server`` itself on a free 127.0.0.1 port (``benchmarks/common.py``: ``--backend-store-uri
+sqlite:///<tmp>/mlflow.db``, ``--artifacts-destination <tmp>/artifacts``), waits for ``GET /health``, and stops it at
+the end. Targets:
 - server: ``mlflow server`` with its defaults (``--workers`` 4, job execution on: it also starts background
   job consumers);
 - server-nojobs: the same with ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``;
@@ -27,78 +28,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import ROOT
+from common import ROOT, start_mlflow_server, stop_mlflow_server
 
 PARAMS = ("lr", "beta", "gamma", "eps", "clusters", "kmeans_q", "lambda_rc", "lambda_e", "calibration")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(tmp: Path, workers: int, jobs: bool) -> tuple[subprocess.Popen[bytes], str, float]:
-    """``mlflow server`` on a free local port, in its own process group; returns it, its URI and start seconds.
-    ``jobs`` False sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (no background job consumers)."""
-    port = free_port()
-    env = dict(os.environ)
-    if not jobs:
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--backend-store-uri",
-        f"sqlite:///{tmp / 'mlflow.db'}",
-        "--default-artifact-root",
-        str(tmp / "artifacts"),
-    ]
-    log = open(tmp / "server.log", "ab")  # noqa: SIM115  (closed with the process)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - t0 < 180:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}; see {tmp / 'server.log'}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, uri, time.perf_counter() - t0
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"mlflow server did not answer /health within 180 s; see {tmp / 'server.log'}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group this script started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def idle_cpu(proc: subprocess.Popen[bytes], seconds: float = 3.0) -> float:
@@ -268,14 +209,14 @@ def main() -> None:
             results[target] = {"commit": commit_ms(tmp), "idle": None, "start": None}
             results[target].update(measure(f"sqlite:///{tmp / 'embedded.db'}", a))
             continue
-        proc, uri, start_s = start_server(tmp, a.workers, jobs=target == "server")
+        proc, uri, start_s = start_mlflow_server(tmp, a.workers, jobs=target == "server")
         print(f"{target}: mlflow server at {uri} answered /health after {start_s:.1f} s", flush=True)
         try:
             time.sleep(2)
             results[target] = {"idle": idle_cpu(proc), "commit": commit_ms(tmp), "start_s": start_s}
             results[target].update(measure(uri, a))
         finally:
-            stop_server(proc)
+            stop_mlflow_server(proc)
 
     names = {
         "server": f"server, {a.workers} workers",
