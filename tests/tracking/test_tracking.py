@@ -102,8 +102,10 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
     r = CliRunner().invoke(cli, promote_args, catch_exceptions=False)  # again: no duplicate version
     assert r.exit_code == 0 and len(client.search_model_versions("name='dedn-test'")) == 1
 
-    mlflow.set_tracking_uri(server)
-    model = mlflow.pyfunc.load_model("models:/dedn-test@champion")
+    from tracking.runs import mlflow_uris
+
+    with mlflow_uris(server):  # process-wide: restored after, so that later tests do not log to this server
+        model = mlflow.pyfunc.load_model("models:/dedn-test@champion")
     from dedn.build import build_model
     from dedn.data import open_store
     from dedn.model import mix_scores
