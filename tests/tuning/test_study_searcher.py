@@ -30,7 +30,9 @@ def _study(url: str) -> optuna.Study:
 
 
 @pytest.mark.parametrize("form", ["journal", "sqlite"])
-def test_every_report_reaches_the_study_off_the_driver_thread(tmp_path: Path, form: str) -> None:
+def test_every_report_reaches_the_study_off_the_driver_thread(
+    tmp_path: Path, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = f"journal:{tmp_path / 's.log'}" if form == "journal" else f"sqlite:///{tmp_path / 's.db'}"
     s = _searcher(url, size=3)
     assert s.suggest("never-taken") is None  # the ask is queued; Tune asks again on its next step
@@ -43,15 +45,13 @@ def test_every_report_reaches_the_study_off_the_driver_thread(tmp_path: Path, fo
         threads.add(threading.current_thread().name)
         original(self, value, step)
 
-    optuna.trial.Trial.report = spy  # type: ignore[method-assign]
-    try:
-        for epoch in range(1, 6):
-            members = {str(j): {"epoch": epoch, "val_H": 0.1 * epoch + 0.01 * j} for j in range(3)}
-            s.on_trial_result("t1", {"epoch": epoch, "members": members})
-        s.on_trial_complete("t1", {"epoch": 5, "members": members})
-        s.save(str(tmp_path / "state.json"))  # waits for the queue: what it says was reported is stored
-    finally:
-        optuna.trial.Trial.report = original  # type: ignore[method-assign]
+    monkeypatch.setattr(optuna.trial.Trial, "report", spy)
+    for epoch in range(1, 6):
+        members = {str(j): {"epoch": epoch, "val_H": 0.1 * epoch + 0.01 * j} for j in range(3)}
+        s.on_trial_result("t1", {"epoch": epoch, "members": members})
+    s.on_trial_complete("t1", {"epoch": 5, "members": members})
+    s.save(str(tmp_path / "state.json"))  # waits for the queue: what it says was reported is stored
+    monkeypatch.undo()
     assert threads and all(name.startswith("optuna-study") for name in threads)
     trials = _study(url).trials
     assert [t.user_attrs["tune_trial_id"] for t in trials] == ["t1"] * 3  # the trial that took them
