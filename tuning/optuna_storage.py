@@ -12,13 +12,14 @@ study from anywhere. This module imports Optuna only to open a storage (the spec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dedn.errors import DednInputError
 from tracking.databases import database_tables, is_postgres, normalized, postgres_rule
 
-__all__ = ["FORMS", "checked_storage", "default_storage", "open_storage", "storage_rule"]
+__all__ = ["FORMS", "checked_storage", "default_storage", "open_buffered", "open_storage", "storage_rule"]
 
 FORMS = "sqlite:///PATH, postgresql://USER@HOST[:PORT]/DATABASE or journal:PATH"
 _SQLITE, _JOURNAL = "sqlite:///", "journal:"
@@ -107,3 +108,17 @@ def open_storage(url: str) -> Any:
             normalized(url), engine_kwargs={"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
         )
     return optuna.storages.RDBStorage(url)
+
+
+def open_buffered(url: str) -> tuple[Any, Callable[[], None]]:
+    """(storage, flush) for the one process that writes a study: a journal file's appends are kept in memory
+    until ``flush`` (``tuning.study_batching.BufferedJournal``: one disk sync for many calls); other storages
+    write each call at once, and their ``flush`` does nothing."""
+    if not url.startswith(_JOURNAL):
+        return open_storage(url), lambda: None
+    import optuna
+
+    from tuning.study_batching import BufferedJournal
+
+    backend = BufferedJournal(url[len(_JOURNAL) :])
+    return optuna.storages.JournalStorage(backend), backend.flush

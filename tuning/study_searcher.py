@@ -14,7 +14,8 @@ User attributes link the stores: ``tune_trial_id`` (and ``member`` in a populati
 
 Every call on the study is made by the searcher's one thread, in the order the driver queued it: each write
 to Optuna's storage syncs the disk (a few ms; a population's ask is 16 of them), and Tune's event loop does
-not wait for that. ``suggest`` answers None (Tune asks again on its next step) until the configurations it
+not wait for that. With a journal file, the thread's writes are kept in memory until its queue is empty (one
+disk sync for many calls), and a population's configurations share one TPE fit (``tuning.study_batching``). ``suggest`` answers None (Tune asks again on its next step) until the configurations it
 queued are asked; ``save``, which Tune calls with every experiment checkpoint, first waits for the queue, so
 a saved searcher state never names a report the storage does not hold.
 """
@@ -22,6 +23,7 @@ a saved searcher state never names a report the storage does not hold.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +35,10 @@ from tuning.population import section
 from tuning.space import DefineByRun
 
 __all__ = ["StudySearcher", "fail_unstarted"]
+
+
+def _nothing() -> None:
+    return None
 
 
 class StudySearcher(Searcher):
@@ -75,8 +81,13 @@ class StudySearcher(Searcher):
         self._opened = False
         self._error: BaseException | None = None
         self._closed: set[int] = set()  # trials finished in the storage (told): the study's thread's view
+        self._flush_storage: Callable[[], None] = _nothing  # writes what a buffered journal keeps
+        self._lock, self._queued = threading.Lock(), 0  # calls queued and not yet made
 
-    _LOCAL = ("_study", "_storage", "_pool", "_asking", "_opened", "_error", "_closed")
+    _LOCAL = (
+        *("_study", "_storage", "_flush_storage", "_pool", "_asking"),
+        *("_opened", "_error", "_closed", "_lock", "_queued"),
+    )
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._LOCAL}
@@ -84,6 +95,8 @@ class StudySearcher(Searcher):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._study = self._storage = self._pool = self._asking = self._error = None
+        self._flush_storage = _nothing
+        self._lock, self._queued = threading.Lock(), 0
         self._opened = False
         self._closed = set(self.told)
 
@@ -93,19 +106,34 @@ class StudySearcher(Searcher):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optuna-study")
 
+        with self._lock:
+            self._queued += 1
+
         def job() -> Any:
             try:
                 return fn(*args)
             except BaseException as e:
                 self._error = self._error or e
                 raise
+            finally:
+                with self._lock:
+                    self._queued -= 1
+                    idle = self._queued == 0
+                if idle:  # the queue is empty: what the calls wrote goes to the storage now
+                    self._write_storage()
 
         return self._pool.submit(job)
 
+    def _write_storage(self) -> None:
+        try:
+            self._flush_storage()
+        except BaseException as e:
+            self._error = self._error or e
+
     def flush(self) -> None:
-        """Wait until every queued call on the study is made; raise the first that failed."""
+        """Wait until every queued call on the study is made and written; raise the first that failed."""
         if self._pool is not None:
-            self._submit(lambda: None).result()
+            self._submit(self._write_storage).result()
         if self._error is not None:
             raise self._error
 
@@ -119,15 +147,17 @@ class StudySearcher(Searcher):
     def storage(self) -> Any:
         """The study's storage, opened from ``storage_url`` (SQLite, PostgreSQL or a journal file) on first use."""
         if self._storage is None:
-            from tuning.optuna_storage import open_storage
+            from tuning.optuna_storage import open_buffered
 
-            self._storage = open_storage(self.storage_url)
+            self._storage, self._flush_storage = open_buffered(self.storage_url)
         return self._storage
 
     @property
     def study(self) -> Any:
         if self._study is None:
             import optuna
+
+            from tuning.study_batching import PopulationTPE
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             fresh = self.study_name not in optuna.get_all_study_names(self.storage)
@@ -137,7 +167,7 @@ class StudySearcher(Searcher):
             self._study = optuna.create_study(
                 study_name=self.study_name,
                 storage=self.storage,
-                sampler=optuna.samplers.TPESampler(seed=self.seed + asked, constant_liar=True),
+                sampler=PopulationTPE(seed=self.seed + asked, constant_liar=True),
                 direction="maximize" if self.mode == "max" else "minimize",
                 load_if_exists=True,
             )
@@ -175,14 +205,15 @@ class StudySearcher(Searcher):
     def _ask(self) -> tuple[list[dict[str, Any]], list[int], list[int]]:
         """(configurations, storage trial ids, trial numbers) of one Tune trial's configurations, asked now."""
         configs, ids, numbers = [], [], []
-        for j in range(self.size or 1):
-            t = self.study.ask()
-            self.define(t)
-            if self.size is not None:
-                t.set_user_attr("member", j)
-            configs.append(dict(t.params))
-            ids.append(self._storage_id(t.number))
-            numbers.append(t.number)
+        with self.study.sampler.batch():  # one TPE fit for the whole population
+            for j in range(self.size or 1):
+                t = self.study.ask()
+                self.define(t)
+                if self.size is not None:
+                    t.set_user_attr("member", j)
+                configs.append(dict(t.params))
+                ids.append(self._storage_id(t.number))
+                numbers.append(t.number)
         return configs, ids, numbers
 
     def _claim(self, trial_id: str, ids: list[int]) -> None:
