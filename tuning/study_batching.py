@@ -1,9 +1,10 @@
 """Cheaper Optuna calls for the searcher's thread (``tuning.study_searcher``) when a search asks and reports a lot.
 
-- ``PopulationTPE``: TPE that fits its Parzen estimators once per population instead of once per member.
-  Each TPE fit reads every trial of the study (thousands, a few hundred ms each in a large population search);
-  inside ``batch()``, the members of one population share the fit of the first and each draws its own
-  candidates from it. Outside ``batch()`` it is Optuna's ``TPESampler``, call for call.
+- ``PopulationTPE``: TPE that proposes a population's configurations from one fit instead of one per member.
+  Each TPE proposal reads every trial of the study and rates its candidates against every one of them: tens of
+  ms per configuration at a few thousand trials, growing with the study, while a population search on 64 GPUs
+  asks about 20 configurations per second and holds 10,000 trials after ten minutes. Outside ``batch()`` it is
+  Optuna's ``TPESampler``, call for call.
 - ``BufferedJournal``: Optuna's journal file whose appends wait in memory until ``flush``, so that many Optuna
   calls cost one file lock, one write and one disk sync (each costs all three otherwise: a few ms).
 
@@ -14,10 +15,12 @@ them with the plain sampler and file backend call for call.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.samplers._tpe import sampler as _tpe
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
@@ -27,55 +30,70 @@ __all__ = ["BufferedJournal", "PopulationTPE"]
 
 
 class PopulationTPE(optuna.samplers.TPESampler):
-    """``TPESampler`` whose fits are shared by the configurations asked inside ``batch()``.
+    """``TPESampler`` that proposes a population's configurations from one fit, inside ``batch(size)``.
 
-    The first configuration of a batch fits TPE's two Parzen estimators (good and bad trials) on the study as
-    Optuna's ``TPESampler._sample`` does; later ones in the batch reuse that fit for the same search space and
-    draw their own ``n_ei_candidates``, keeping the one with the best ratio. What they give up: with
-    ``constant_liar``, a member asked later in the batch does not see the earlier members as running trials, so
-    members of a population are independent draws from the same model rather than pushed apart."""
+    Outside a batch it is Optuna's TPE, call for call. Inside, the first configuration asked for a search space
+    fits TPE's two Parzen estimators on the study as ``TPESampler._sample`` does (good trials: the best
+    ``gamma(n)``; bad trials: the others and the running ones), with two changes that bound the cost of a fit
+    as the study grows to tens of thousands of trials:
+    - the bad trials' estimator is fitted on at most ``max_above`` of them, drawn at random (seeded): a kernel
+      density of 1,000 points in place of 10,000 is a slightly smoother estimate of the same density, and the
+      ratio TPE ranks by costs one tenth;
+    - one set of ``max(n_ei_candidates, 4 x size)`` candidates is drawn from the good trials' estimator and
+      ranked once by TPE's ratio; the population's configurations are the best candidates, in rank order (TPE
+      proper takes the best of its own ``n_ei_candidates`` draws for each configuration).
+    Under ``constant_liar`` a configuration asked later in the batch does not count the earlier ones as
+    running trials: the population is spread by taking distinct candidates instead."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, max_above: int = 1_000, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._fits: dict[tuple[tuple[str, str], ...], tuple[Any, Any]] | None = None
+        self.max_above = max_above
+        self._fits: dict[tuple[tuple[str, str], ...], deque[dict[str, Any]]] | None = None
+        self._size = 1
+        self._split: tuple[list[Any], list[Any]] | None = None  # (good, bad) trials of the batch
         self.fitted = 0  # fits made since the sampler was built (read by tests and benchmarks)
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
-        """Configurations asked inside share one fit per search space."""
-        self._fits = {}
+    def batch(self, size: int) -> Iterator[None]:
+        """The ``size`` configurations asked inside come from one fit per search space."""
+        self._fits, self._size, self._split = {}, max(1, size), None
         try:
             yield
         finally:
-            self._fits = None
+            self._fits = self._split = None
 
-    def _fit(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> tuple[Any, Any]:
-        """The (good, bad) Parzen estimators of ``search_space``: ``TPESampler._sample`` up to its draw."""
+    def _ranked(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> deque[dict[str, Any]]:
+        """Candidates for ``search_space`` in TPE's internal representation, best ratio first."""
         states = [TrialState.COMPLETE, TrialState.PRUNED]
         if self._constant_liar:
             states.append(TrialState.RUNNING)
-        trials = study._get_trials(deepcopy=False, states=tuple(states), use_cache=not self._constant_liar)
-        trials = [t for t in trials if t.number != trial.number]
-        if self._gamma is None:
-            self._gamma = _tpe.default_gamma if len(study.directions) <= 1 else _tpe.default_gamma_multiobjective
-        n = sum(t.state != TrialState.RUNNING for t in trials)
-        below, above = _tpe._split_trials(study, trials, self._gamma(n))
+        if self._split is None:  # once per batch: the same trials for every search space of the population
+            trials = study._get_trials(deepcopy=False, states=tuple(states), use_cache=not self._constant_liar)
+            trials = [t for t in trials if t.number != trial.number]
+            if self._gamma is None:
+                self._gamma = _tpe.default_gamma if len(study.directions) <= 1 else _tpe.default_gamma_multiobjective
+            n = sum(t.state != TrialState.RUNNING for t in trials)
+            below, above = _tpe._split_trials(study, trials, self._gamma(n))
+            if len(above) > self.max_above:
+                keep = self._rng.rng.choice(len(above), self.max_above, replace=False)
+                above = [above[i] for i in sorted(keep)]
+            self._split = below, above
+        below, above = self._split
+        good = self._build_parzen_estimator(study, search_space, below, handle_below=True)
+        bad = self._build_parzen_estimator(study, search_space, above, handle_below=False)
+        samples = good.sample(self._rng.rng, max(self._n_ei_candidates, 4 * self._size))
+        ratio = self._compute_acquisition_func(samples, good, bad)
         self.fitted += 1
-        return (
-            self._build_parzen_estimator(study, search_space, below, handle_below=True),
-            self._build_parzen_estimator(study, search_space, above, handle_below=False),
-        )
+        return deque({k: v[i].item() for k, v in samples.items()} for i in np.argsort(-ratio, kind="stable"))
 
     def _sample(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
         if self._fits is None:
             self.fitted += 1
             return super()._sample(study, trial, search_space)
         key = tuple(sorted((name, repr(d)) for name, d in search_space.items()))
-        if key not in self._fits:
-            self._fits[key] = self._fit(study, trial, search_space)
-        below, above = self._fits[key]
-        samples = below.sample(self._rng.rng, self._n_ei_candidates)
-        best = self._compare(samples, self._compute_acquisition_func(samples, below, above))
+        if not self._fits.get(key):  # the first of the batch, or more asks than candidates
+            self._fits[key] = self._ranked(study, trial, search_space)
+        best = self._fits[key].popleft()
         return {name: d.to_external_repr(best[name]) for name, d in search_space.items()}
 
 

@@ -23,6 +23,7 @@ a saved searcher state never names a report the storage does not hold.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,10 +84,11 @@ class StudySearcher(Searcher):
         self._closed: set[int] = set()  # trials finished in the storage (told): the study's thread's view
         self._flush_storage: Callable[[], None] = _nothing  # writes what a buffered journal keeps
         self._lock, self._queued = threading.Lock(), 0  # calls queued and not yet made
+        self._runs: tuple[tuple[int, int], dict[str, Any]] = ((0, -1), {})  # (file stamp, run ids) of runs_file
 
     _LOCAL = (
         *("_study", "_storage", "_flush_storage", "_pool", "_asking"),
-        *("_opened", "_error", "_closed", "_lock", "_queued"),
+        *("_opened", "_error", "_closed", "_lock", "_queued", "_runs"),
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -97,6 +99,7 @@ class StudySearcher(Searcher):
         self._study = self._storage = self._pool = self._asking = self._error = None
         self._flush_storage = _nothing
         self._lock, self._queued = threading.Lock(), 0
+        self._runs = ((0, -1), {})
         self._opened = False
         self._closed = set(self.told)
 
@@ -205,7 +208,7 @@ class StudySearcher(Searcher):
     def _ask(self) -> tuple[list[dict[str, Any]], list[int], list[int]]:
         """(configurations, storage trial ids, trial numbers) of one Tune trial's configurations, asked now."""
         configs, ids, numbers = [], [], []
-        with self.study.sampler.batch():  # one TPE fit for the whole population
+        with self.study.sampler.batch(self.size or 1):  # one TPE fit for the whole population
             for j in range(self.size or 1):
                 t = self.study.ask()
                 self.define(t)
@@ -285,13 +288,22 @@ class StudySearcher(Searcher):
         """Record the configuration's MLflow run id on its Optuna trial, once the tracking callback has it."""
         if tid in self.linked or not self.runs_file or tid in self._closed:
             return
-        try:
-            run_id = json.loads(Path(self.runs_file).read_text())["trials"].get(key)
-        except (OSError, ValueError, KeyError, AttributeError):
-            return
+        run_id = self._run_ids().get(key)
         if run_id:
             self._trial(tid).set_user_attr("mlflow_run_id", str(run_id))
             self.linked.add(tid)
+
+    def _run_ids(self) -> dict[str, Any]:
+        """The tracking callback's run ids by run key, read again only when its file changed (it holds every run of
+        the search: reading it for each report of a trial not linked yet cost more than the report)."""
+        try:
+            st = os.stat(str(self.runs_file))
+            if (st.st_mtime_ns, st.st_size) != self._runs[0]:
+                trials = json.loads(Path(str(self.runs_file)).read_text())["trials"]
+                self._runs = ((st.st_mtime_ns, st.st_size), dict(trials))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # not there yet, or being replaced: the next report looks again
+        return self._runs[1]
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         import optuna

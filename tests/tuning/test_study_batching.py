@@ -50,21 +50,50 @@ def test_outside_a_batch_it_asks_what_optunas_tpe_asks() -> None:
     assert sampler.fitted == 12  # once per ask (multivariate TPE: one relative sample per trial)
 
 
-def test_a_batch_fits_once_and_its_first_configuration_is_tpes() -> None:
+def test_a_batch_of_one_asks_what_optunas_tpe_asks() -> None:
     plain = _filled(optuna.samplers.TPESampler(seed=5, constant_liar=True), 30)
     expected = _define(plain.ask())
     sampler = PopulationTPE(seed=5, constant_liar=True)
     mine = _filled(sampler, 30)
-    with sampler.batch():
+    with sampler.batch(1):
+        assert _define(mine.ask()) == expected  # the same fit and draw: TPE's best of its 24 candidates
+
+
+def test_a_population_comes_from_one_fit_and_beats_random_draws() -> None:
+    plain = _filled(optuna.samplers.TPESampler(seed=5, constant_liar=True, n_ei_candidates=32), 40)
+    sampler = PopulationTPE(seed=5, constant_liar=True, n_ei_candidates=32)
+    mine = _filled(sampler, 40)
+    with sampler.batch(8):
         members = [_define(mine.ask()) for _ in range(8)]
-    assert members[0] == expected  # same fit, same random state: the draw TPE makes
     assert sampler.fitted == 1  # eight configurations, one fit
-    assert len({tuple(sorted(m.items())) for m in members}) == 8  # each draws its own candidates
+    assert members[0] == _define(plain.ask())  # the best of the 32 candidates is the one TPE proposes
+    assert len({tuple(sorted(m.items())) for m in members}) == 8  # distinct candidates
     for m in members:
         assert 1e-4 <= m["lr"] <= 1e-1 and 0.0 <= m["beta"] <= 1.0 and m["k"] in range(2, 10)
-    with sampler.batch():
+    rand = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+    random_values = [_value(_define(rand.ask())) for _ in range(8)]
+    assert sum(map(_value, members)) / 8 > sum(random_values) / 8 + 0.1  # TPE's ratio ranks the good region first
+    with sampler.batch(8):
         _define(mine.ask())
     assert sampler.fitted == 2  # a new batch fits again (the study changed)
+
+
+def test_a_batch_bounds_the_bad_trials_and_refits_when_candidates_run_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    sampler = PopulationTPE(seed=0, constant_liar=True, max_above=50, n_ei_candidates=8)
+    study = _filled(sampler, 300)
+    sizes: list[int] = []
+    build = PopulationTPE._build_parzen_estimator
+
+    def spy(self: PopulationTPE, study: Any, space: Any, trials: list[Any], handle_below: bool) -> Any:
+        sizes.append(len(trials))
+        return build(self, study, space, trials, handle_below)
+
+    monkeypatch.setattr(PopulationTPE, "_build_parzen_estimator", spy)
+    with sampler.batch(2):  # max(8, 4 x 2) = 8 candidates per fit
+        for _ in range(9):
+            _define(study.ask())
+    assert sampler.fitted == 2
+    assert sizes == [25, 50, 25, 50]  # gamma(300) = 25 good trials; 50 of the 275 others (and the running ones)
 
 
 def _drive(storage: Any) -> optuna.Study:
@@ -72,7 +101,7 @@ def _drive(storage: Any) -> optuna.Study:
     sampler = PopulationTPE(seed=1, constant_liar=True)
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize", sampler=sampler)
     for wave in range(3):
-        with sampler.batch():
+        with sampler.batch(4):
             trials = [study.ask() for _ in range(4)]
             for j, t in enumerate(trials):
                 _define(t)
