@@ -47,7 +47,9 @@ def epoch_rows(result_file: str | Path, member: int | None, prefixes: tuple[str,
     return [rows[e] for e in sorted(rows)]
 
 
-def log_epochs(client: Any, run_id: str, result_file: str, member: int | None, prefixes: list[str], scratch: Path) -> None:
+def log_epochs(
+    client: Any, run_id: str, result_file: str, member: int | None, prefixes: list[str], scratch: Path
+) -> None:
     """Log ``epochs.parquet`` (``epoch_rows``) on the run; nothing when the trial reported no epoch. The file is
     written in a temporary folder under ``scratch`` and removed once logged."""
     import pyarrow as pa

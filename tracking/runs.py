@@ -406,14 +406,16 @@ class Tracker:
         else:
             self.call(what, fn)
 
-    def end(self, key: str, name: str, status: str, reason: str | None, path: str | None) -> None:
-        """A run's end: its checkpoint folder ``path`` (logged when FINISHED, else named), error and status. It is
-        in the state file before the calls are made or queued: Tune does not report an ended trial again after a
-        resume, so what a killed driver did not write, the next ``start`` on the folder writes."""
+    def end(self, key: str, name: str, status: str, reason: str | None, path: str | None, epochs: Any = None) -> None:
+        """A run's end: its checkpoint folder ``path`` (logged when FINISHED, else named), ``epochs.parquet`` (from
+        ``epochs``: ``tracking.epochs.log_epochs``'s file, member and prefixes), error and status. It is in the state
+        file before the calls are made or queued: Tune does not report an ended trial again after a resume, so what
+        a killed driver did not write, the next ``start`` on the folder writes."""
         from tracking.writer import end_calls
 
         with self.lock:
-            self.state.setdefault("ends", {})[key] = {"status": status, "reason": reason, "path": path}
+            end = {"status": status, "reason": reason, "path": path, "epochs": epochs}
+            self.state.setdefault("ends", {})[key] = end
         self.save(now=True)
         end_calls(self, key, name, self.state["ends"][key])
 

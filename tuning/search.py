@@ -456,7 +456,7 @@ def build_tuner(
     # num_samples counts configurations; with populations each Tune trial trains `size` of them.
     num_samples = -(-(opts.num_samples or spec.num_samples) // population_size(spec, opts))
     key = signing_key()
-    logger: list[Any] = [MLflowTrialLogger(tracker, base)] if tracker is not None else []
+    logger: list[Any] = [MLflowTrialLogger(tracker, base, spec.epoch_metrics)] if tracker is not None else []
     if not opts.verbose:
         import logging
 

@@ -123,6 +123,12 @@ class SearchSpec(BaseModel):
         ge=1,
         description="Checkpoint a trial every N epochs, at its last epoch and whenever its best epoch improves.",
     )
+    epoch_metrics: Literal["all", "key"] = Field(
+        "all",
+        description="What each epoch logs to MLflow as metrics: all (its ~20 values) or key (val_H, val_U, val_S, "
+        "val_T, loss_total; each run then gets its whole per-epoch record as the artifact epochs.parquet). key is "
+        "for population searches on many GPUs, where the tracking server is the limit.",
+    )
     optuna_storage: str | None = Field(
         None,
         description="Where the Optuna study lives: sqlite:///PATH, postgresql://USER@HOST[:PORT]/DATABASE or "

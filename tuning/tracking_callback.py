@@ -14,10 +14,12 @@ from tracking.runs import Tracker
 from tuning.population import section
 from tuning.space import sampled_params, trial_config
 
-__all__ = ["BEST_KEYS", "EPOCH_KEYS", "EXTRA_KEYS", "MLflowTrialLogger", "member_key", "run_name"]
+__all__ = ["BEST_KEYS", "EPOCH_KEYS", "EXTRA_KEYS", "KEY_METRICS", "MLflowTrialLogger", "member_key", "run_name"]
 
 EPOCH_KEYS = ("val_", "loss_", "grid_")
 EXTRA_KEYS = ("samples_per_s", "epoch_seconds")
+# what each epoch logs as MLflow metrics with ``epoch_metrics: key`` (the rest goes to epochs.parquet at the end)
+KEY_METRICS = ("val_H", "val_U", "val_S", "val_T", "loss_total")
 # what a run's final metrics hold, each as best_<key>: the epoch with the highest val_H
 BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "grid_lambda_e", "grid_c")
 
@@ -62,11 +64,15 @@ class MLflowTrialLogger(Callback):
 
     A population trial gets one child run per member (key ``<trial id>-m<j>``), logged exactly like a
     single trial's run, tagged with the population trial id, the member index and its Optuna trial
-    number; a member stopped by successive halving is tagged ``dedn.stopped`` at that epoch."""
+    number; a member stopped by successive halving is tagged ``dedn.stopped`` at that epoch.
 
-    def __init__(self, tracker: Tracker, base: dict[str, Any]) -> None:
+    ``epoch_metrics`` "all" logs every value of an epoch as a metric (about 20); "key" logs ``KEY_METRICS`` and,
+    when the run ends, the whole per-epoch record as the artifact ``epochs.parquet`` (``tracking.epochs``)."""
+
+    def __init__(self, tracker: Tracker, base: dict[str, Any], epoch_metrics: str = "all") -> None:
         self.tracker = tracker
         self.base = base
+        self.epoch_metrics = epoch_metrics
         self.best: dict[str, dict[str, float]] = {}
         self.ended: dict[str, str] = {}  # population members stopped or failed: run key -> status
         self.checked = False  # runs of trials the restored experiment does not know: closed on the first step
@@ -154,6 +160,8 @@ class MLflowTrialLogger(Callback):
             for k, v in result.items()
             if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float))
         }
+        if getattr(self, "epoch_metrics", "all") == "key":  # (a logger pickled before the option logs all)
+            metrics = {k: v for k, v in metrics.items() if k in KEY_METRICS}
         if not self.tracker.epoch_metrics(key, metrics, epoch, f"epoch {epoch} of {name}"):
             # A worker killed after reporting this epoch but before its checkpoint was kept: the retry
             # re-runs it from the previous checkpoint on the same minibatch stream. Log each epoch once.
@@ -166,7 +174,7 @@ class MLflowTrialLogger(Callback):
         path = getattr(getattr(trial, "checkpoint", None), "path", None)
         members = _members(trial)
         if members is None:
-            self._finish_run(trial.trial_id, str(trial), status, reason, path)
+            self._finish_run(trial.trial_id, str(trial), status, reason, path, self._epochs(trial, None))
             return
         for j in range(len(members)):
             key = member_key(trial.trial_id, j)
@@ -180,14 +188,26 @@ class MLflowTrialLogger(Callback):
 
                 # kept in the experiment folder: a queued upload (tracking offline) still finds it later
                 folder = str(write_member_checkpoint(path, j, self.tracker.dir / "member_checkpoints" / key))
-            self._finish_run(key, f"{trial}-m{j}", member_status, reason if member_status == "FAILED" else None, folder)
+            failed = member_status == "FAILED"
+            self._finish_run(
+                key, f"{trial}-m{j}", member_status, reason if failed else None, folder, self._epochs(trial, j)
+            )
 
-    def _finish_run(self, key: str, name: str, status: str, reason: str | None, path: str | None) -> None:
+    def _epochs(self, trial: Any, member: int | None) -> dict[str, Any] | None:
+        """Where the run's full per-epoch record is (Tune's result.json of the trial), when it is to be logged."""
+        local = getattr(trial, "local_path", None)
+        if getattr(self, "epoch_metrics", "all") != "key" or not local:
+            return None
+        return {"file": str(Path(local) / "result.json"), "member": member, "prefixes": [*EPOCH_KEYS, *EXTRA_KEYS]}
+
+    def _finish_run(
+        self, key: str, name: str, status: str, reason: str | None, path: str | None, epochs: dict[str, Any] | None
+    ) -> None:
         t = self.tracker
         best = self.best.get(key)
         if best:
             t.trial_metrics(key, best, int(best["best_epoch"]), f"final metrics of {name}")
-        t.end(key, name, status, reason, path)
+        t.end(key, name, status, reason, path, epochs)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")

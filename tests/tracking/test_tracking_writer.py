@@ -153,7 +153,7 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
         proc.wait(timeout=30)
     assert histories(tmp_path) == {k: [] for k in KEYS}  # nothing was written before the kill
     state = json.loads((tmp_path / "exp" / RUNS_FILE).read_text())
-    assert state["ends"] == {KEYS[0]: {"status": "FINISHED", "reason": None, "path": None}}
+    assert state["ends"] == {KEYS[0]: {"status": "FINISHED", "reason": None, "path": None, "epochs": None}}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(state["trials"][KEYS[0]]).info.status == "RUNNING"  # the kill came before the status
     t = new_tracker(tmp_path)
