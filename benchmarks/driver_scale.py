@@ -30,14 +30,18 @@ history MLflow holds (the server's database) and the intermediate values of the 
 after the warmup, Y = G x 29,000 / 3,800, L counts received epochs missing from MLflow or Optuna, D epochs MLflow
 holds more than once, and N the backlog when the time budget ended.
 
-``--no-writer`` keeps the tracker's background writer off (every MLflow call made in the driver's event loop);
-``--optuna-storage journal`` keeps the study in a journal file instead of ``optuna.db``. Each logical GPU is a Ray
-worker process here; where 64 of them start too slowly, ``--gpus 16 --member-samples-per-s 116000`` offers the same
-member-epochs and Tune results per second from 16 trials (256 member runs instead of 1,024).
+By default the search is configured as a population search on many GPUs should be: the study in a journal file,
+``epoch_metrics: key`` (5 MLflow metrics per member-epoch, the whole record in ``epochs.parquet`` when a run ends)
+and ``reuse_actors`` (trial processes reused: on a cluster they start on the GPU nodes, here they would all start on
+the driver's 2 cores). ``--optuna-storage sqlite``, ``--epoch-metrics all`` and ``--no-reuse-actors`` measure the
+spec's defaults instead; ``--no-writer`` keeps the tracker's background writer off (every MLflow call made in the
+driver's event loop). Each logical GPU is a Ray worker process here; where 64 of them start too slowly,
+``--gpus 16 --member-samples-per-s 116000`` offers the same member-epochs and Tune results per second from 16
+trials (256 member runs instead of 1,024).
 
     python benchmarks/driver_scale.py --seconds 120               # 64 GPUs, populations of 16
-    python benchmarks/driver_scale.py --seconds 240 --gpus 16 --member-samples-per-s 116000 --optuna-storage journal
-    python benchmarks/driver_scale.py --seconds 600 --no-writer --profile /tmp/driver.prof
+    python benchmarks/driver_scale.py --seconds 240 --gpus 16 --member-samples-per-s 116000
+    python benchmarks/driver_scale.py --seconds 600 --epoch-metrics all --no-writer --profile /tmp/driver.prof
 """
 
 from __future__ import annotations
@@ -160,6 +164,8 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
             "max_concurrent_trials": a.gpus,
             "time_budget_s": a.seconds,
             "population": spec.population.model_copy(update={"size": size, "halving": False}),
+            "reuse_actors": a.reuse_actors,
+            "epoch_metrics": a.epoch_metrics,
         }
     )
     name = "driver-scale"
@@ -216,8 +222,23 @@ def main() -> None:
     ap.add_argument(
         "--optuna-storage",
         choices=("sqlite", "journal"),
-        default="sqlite",
-        help="the study in optuna.db (dedn search's default) or a journal file (journal:<experiment>/optuna.journal)",
+        default="journal",
+        help="the study in a journal file (journal:<experiment>/optuna.journal, what a population search on many GPUs "
+        "should use) or in optuna.db (dedn search's default)",
+    )
+    ap.add_argument(
+        "--epoch-metrics",
+        choices=("key", "all"),
+        default="key",
+        help="the spec's epoch_metrics: key (5 metrics per member-epoch, the rest in epochs.parquet at the end, what "
+        "a population search on many GPUs should use) or all (20 metrics per member-epoch, the spec's default)",
+    )
+    ap.add_argument(
+        "--reuse-actors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the spec's reuse_actors: a new trial runs in a finished trial's worker process (on a cluster, trial "
+        "processes start on the GPU nodes; here they would all start on the driver's cores, two at a time)",
     )
     ap.add_argument("--profile", default=None, help="write a cProfile of the driver's main thread to this file")
     ap.add_argument("--dir", default=None, help="parent of the temporary folder (default: the system's)")
@@ -285,7 +306,8 @@ def main() -> None:
     print(
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
-        f"({a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else 'on'}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
+        f"({a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else 'on'}, "
+        f"{'reused' if a.reuse_actors else 'new'} worker per trial, epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
     head = (
@@ -337,8 +359,12 @@ def main() -> None:
         cmd += f" --spec {a.spec}"
     if a.no_writer:
         cmd += " --no-writer"
-    if a.optuna_storage != "sqlite":
+    if a.optuna_storage != "journal":
         cmd += f" --optuna-storage {a.optuna_storage}"
+    if a.epoch_metrics != "key":
+        cmd += f" --epoch-metrics {a.epoch_metrics}"
+    if not a.reuse_actors:
+        cmd += " --no-reuse-actors"
     print(f"({cmd})")
     lost = stored["lost_mlflow"] + stored["lost_optuna"]
     print(
