@@ -155,7 +155,8 @@ def ui(port: int, experiment: str | None, tracking_uri: str | None) -> None:
       dedn ui
       dedn ui --experiment tiny-demo --port 5050 --tracking-uri sqlite:///runs/mlflow.db
     """
-    from tracking.runs import check_existing_store, quiet_mlflow, resolve_tracking_uri
+    from tracking.databases import check_existing_store
+    from tracking.runs import quiet_mlflow, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):

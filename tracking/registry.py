@@ -16,7 +16,8 @@ import numpy as np
 
 from dedn.errors import DednInputError
 from dedn.outputs import writing
-from tracking.runs import check_existing_store, mlflow_uris
+from tracking.databases import check_existing_store
+from tracking.runs import mlflow_uris
 from tracking.served_model import (
     CODE_FILE,
     check_model_folder,

@@ -25,11 +25,9 @@ import contextlib
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import threading
 import time
-import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,7 +45,6 @@ __all__ = [
     "metric_batch",
     "RUNS_FILE",
     "Tracker",
-    "check_existing_store",
     "check_not_scattered",
     "check_reachable",
     "code_version",
@@ -132,55 +129,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise DednInputError(uri, "tracking store", f"cannot be reached: {type(e).__name__}: {str(e)[:200]}") from None
     finally:
         _restore_environ(saved)
-
-
-def _local_store(uri: str) -> tuple[str, Path] | None:
-    """("sqlite" | "file", path) for a store on the local disk, None for a server or another database."""
-    if uri.startswith("sqlite:"):
-        rest = uri[len("sqlite:") :]
-        path = rest[3:] if rest.startswith("///") else ""
-        return "sqlite", Path(urllib.parse.unquote(path.split("?", 1)[0]))
-    if uri.startswith("file:"):
-        return "file", Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
-    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
-        return "file", Path(uri)
-    return None
-
-
-def check_existing_store(uri: str) -> None:
-    """Read-only commands (promote, predict, ui) never create a tracking store: refuse, before MLflow opens
-    it (MLflow would create and initialise it), a SQLite file or a file store folder that does not exist
-    and a SQLite file that is not an MLflow store; a PostgreSQL database that cannot be reached (in a few
-    seconds) or holds no MLflow tables. Reads nothing but the table list, read-only."""
-    from tracking.databases import database_tables, is_postgres
-
-    hint = "promote, predict and ui read an existing tracking store and never create one (check --tracking-uri or MLFLOW_TRACKING_URI)"
-    if is_postgres(uri):
-        if not {"experiments", "runs", "alembic_version"} <= database_tables(uri, "--tracking-uri"):
-            raise DednInputError(uri, "--tracking-uri", f"not an MLflow tracking store (no MLflow tables): {hint}")
-        return
-    local = _local_store(uri)
-    if local is None:
-        return
-    kind, path = local
-    if kind == "file":
-        if not path.is_dir():
-            raise DednInputError(path, "--tracking-uri", f"no such MLflow file store: {hint}")
-        return
-    if str(path) in ("", ":memory:"):
-        raise DednInputError(uri, "--tracking-uri", f"an in-memory SQLite store holds nothing: {hint}")
-    if not path.is_file():
-        raise DednInputError(path, "--tracking-uri", f"no such SQLite file: {hint}")
-    try:
-        con = sqlite3.connect(f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", uri=True)
-        try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        raise DednInputError(path, "--tracking-uri", f"not a SQLite database ({e})") from None
-    if not {"experiments", "runs", "alembic_version"} <= tables:
-        raise DednInputError(path, "--tracking-uri", f"not an MLflow tracking store: {hint}")
 
 
 @contextlib.contextmanager
@@ -408,16 +356,23 @@ class Tracker:
 
     def end(self, key: str, name: str, status: str, reason: str | None, path: str | None, epochs: Any = None) -> None:
         """A run's end: its checkpoint folder ``path`` (logged when FINISHED, else named), ``epochs.parquet`` (from
-        ``epochs``: ``tracking.epochs.log_epochs``'s file, member and prefixes), error and status. It is in the state
-        file before the calls are made or queued: Tune does not report an ended trial again after a resume, so what
-        a killed driver did not write, the next ``start`` on the folder writes."""
+        ``epochs``: ``tracking.epochs.log_epochs``'s file, member and prefixes), error and status (``end_all``)."""
+        self.end_all([(key, name, status, reason, path, epochs)])
+
+    def end_all(self, ends: list[tuple[str, str, str, str | None, str | None, Any]]) -> None:
+        """The ends of runs (``end``'s arguments each), e.g. a population's members. They are in the state file
+        (written once for all) before their calls are made or queued: Tune does not report an ended trial again
+        after a resume, so what a killed driver did not write, the next ``start`` on the folder writes."""
         from tracking.writer import end_calls
 
         with self.lock:
-            end = {"status": status, "reason": reason, "path": path, "epochs": epochs}
-            self.state.setdefault("ends", {})[key] = end
+            for key, _, status, reason, path, epochs in ends:
+                end = {"status": status, "reason": reason, "path": path, "epochs": epochs}
+                self.state.setdefault("ends", {})[key] = end
+            recorded = [(key, name, dict(self.state["ends"][key])) for key, name, *_ in ends]
         self.save(now=True)
-        end_calls(self, key, name, self.state["ends"][key])
+        for key, name, end in recorded:
+            end_calls(self, key, name, end)
 
     def metrics(self, run_id: str, metrics: dict[str, float], step: int, what: str) -> None:
         """Log metrics at ``step`` on a run."""

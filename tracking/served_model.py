@@ -223,7 +223,8 @@ def fetched_model(model_uri: str, tracking_uri: str | None) -> Iterator[Path]:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from tracking.runs import check_existing_store, resolve_tracking_uri
+        from tracking.databases import check_existing_store
+        from tracking.runs import resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri)
         check_existing_store(uri)

@@ -51,16 +51,26 @@ class PopulationTPE(optuna.samplers.TPESampler):
         self._fits: dict[tuple[tuple[str, str], ...], deque[dict[str, Any]]] | None = None
         self._size = 1
         self._split: tuple[list[Any], list[Any]] | None = None  # (good, bad) trials of the batch
+        self._space: dict[str, Any] | None = None  # the batch's relative search space
         self.fitted = 0  # fits made since the sampler was built (read by tests and benchmarks)
 
     @contextmanager
     def batch(self, size: int) -> Iterator[None]:
         """The ``size`` configurations asked inside come from one fit per search space."""
-        self._fits, self._size, self._split = {}, max(1, size), None
+        self._fits, self._size, self._split, self._space = {}, max(1, size), None, None
         try:
             yield
         finally:
-            self._fits = self._split = None
+            self._fits = self._split = self._space = None
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
+        # once per batch: Optuna's intersection of the trials' spaces rescans every trial since the oldest running
+        # one, and a population search keeps hundreds of them running
+        if self._fits is None:
+            return super().infer_relative_search_space(study, trial)
+        if self._space is None:
+            self._space = super().infer_relative_search_space(study, trial)
+        return self._space
 
     def _ranked(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> deque[dict[str, Any]]:
         """Candidates for ``search_space`` in TPE's internal representation, best ratio first."""

@@ -174,8 +174,9 @@ class MLflowTrialLogger(Callback):
         path = getattr(getattr(trial, "checkpoint", None), "path", None)
         members = _members(trial)
         if members is None:
-            self._finish_run(trial.trial_id, str(trial), status, reason, path, self._epochs(trial, None))
+            self._finish_runs([(trial.trial_id, str(trial), status, reason, path, self._epochs(trial, None))])
             return
+        ends = []
         for j in range(len(members)):
             key = member_key(trial.trial_id, j)
             ended = self.ended.get(key)
@@ -189,9 +190,10 @@ class MLflowTrialLogger(Callback):
                 # kept in the experiment folder: a queued upload (tracking offline) still finds it later
                 folder = str(write_member_checkpoint(path, j, self.tracker.dir / "member_checkpoints" / key))
             failed = member_status == "FAILED"
-            self._finish_run(
-                key, f"{trial}-m{j}", member_status, reason if failed else None, folder, self._epochs(trial, j)
+            ends.append(
+                (key, f"{trial}-m{j}", member_status, reason if failed else None, folder, self._epochs(trial, j))
             )
+        self._finish_runs(ends)
 
     def _epochs(self, trial: Any, member: int | None) -> dict[str, Any] | None:
         """Where the run's full per-epoch record is (Tune's result.json of the trial), when it is to be logged."""
@@ -200,14 +202,15 @@ class MLflowTrialLogger(Callback):
             return None
         return {"file": str(Path(local) / "result.json"), "member": member, "prefixes": [*EPOCH_KEYS, *EXTRA_KEYS]}
 
-    def _finish_run(
-        self, key: str, name: str, status: str, reason: str | None, path: str | None, epochs: dict[str, Any] | None
-    ) -> None:
+    def _finish_runs(self, ends: list[tuple[str, str, str, str | None, str | None, dict[str, Any] | None]]) -> None:
+        """End runs (``Tracker.end_all``: one state write for a whole population), each with its best epoch's
+        metrics first."""
         t = self.tracker
-        best = self.best.get(key)
-        if best:
-            t.trial_metrics(key, best, int(best["best_epoch"]), f"final metrics of {name}")
-        t.end(key, name, status, reason, path, epochs)
+        for key, name, *_ in ends:
+            best = self.best.get(key)
+            if best:
+                t.trial_metrics(key, best, int(best["best_epoch"]), f"final metrics of {name}")
+        t.end_all(ends)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")
