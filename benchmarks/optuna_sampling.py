@@ -9,7 +9,10 @@ JournalFileBackend). At each size the median of ``--repeats`` calls is
 timed for:
 - ask + suggest: ``study.ask()`` and every suggestion of the space (TPE samples inside the suggestions);
 - tell: ``study.tell(trial, value)``;
-- report: one ``trial.report(value, step)``, the intermediate value Ray Tune's OptunaSearch writes per epoch.
+- report: one ``trial.report(value, step)``, the intermediate value Ray Tune's OptunaSearch writes per epoch;
+- a population's ask (``tpe-16``, ``batch-16``): 16 configurations asked as the search's searcher asks them,
+  per configuration; ``tpe-16`` as it did before (one constant-liar TPE ask each), ``batch-16`` as it does now
+  (``tuning.study_batching.PopulationTPE`` in one batch; in a journal, the writes kept and written once).
 One untimed call at each size comes first (it loads the storage's trial cache). Samplers: TPE seeded
 (``TPESampler(seed=0)``, what the project uses) and TPE multivariate (``multivariate=True``). To save time the
 SQLite study is filled through a connection with ``PRAGMA synchronous=OFF`` and the journal with fsync off; the
@@ -36,7 +39,8 @@ from typing import Any
 import numpy as np
 from common import ROOT
 
-SAMPLERS = ("tpe", "tpe-mv")
+SAMPLERS = ("tpe", "tpe-mv", "tpe-16", "batch-16")
+POPULATION = 16
 STORAGES = ("memory", "sqlite", "journal")
 
 
@@ -147,7 +151,38 @@ def commit_ms(folder: Path, n: int = 11) -> float:
 def make_sampler(kind: str, seed: int) -> Any:
     import optuna
 
+    from tuning.study_batching import PopulationTPE
+
+    if kind == "tpe-16":  # the searcher before populations were batched
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    if kind == "batch-16":  # the searcher now (tuning.study_searcher)
+        return PopulationTPE(seed=seed, constant_liar=True)
     return optuna.samplers.TPESampler(seed=seed, multivariate=kind == "tpe-mv")
+
+
+def time_population(study: Any, define: Any, repeats: int, flush: Any) -> float:
+    """Median milliseconds per configuration of asking a population of ``POPULATION`` (the searcher's ask: each
+    configuration suggested and given its member index; in one batch with ``PopulationTPE``, then ``flush``)."""
+    import optuna
+
+    per = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        batch = study.sampler.batch(POPULATION) if hasattr(study.sampler, "batch") else contextlib.nullcontext()
+        with batch:
+            trials = []
+            for j in range(POPULATION):
+                trial = study.ask()
+                define(trial)
+                trial.set_user_attr("member", j)
+                trials.append(trial)
+        flush()
+        if i:
+            per.append(1e3 * (time.perf_counter() - t0) / POPULATION)
+        for trial in trials:  # finished, so the next population sees as many finished trials
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        flush()
+    return statistics.median(per)
 
 
 def time_calls(study: Any, define: Any, repeats: int, rng: np.random.Generator) -> dict[str, float]:
@@ -177,6 +212,7 @@ def main() -> None:
     """Parse the options, measure every row, print the table. Over 80 lines on purpose: a benchmark's main
     is one straight script, so each printed row sits next to the code that measured it."""
     import optuna
+    from optuna.storages.journal import JournalStorage
 
     from tuning.space import DefineByRun, load_search_spec
 
@@ -218,9 +254,20 @@ def main() -> None:
                 os.sync()  # flush the unsynced fill, so it does not slow the timed writes
                 probe[size] = commit_ms(tmp)
             for kind in a.samplers:
-                study = optuna.load_study(study_name="fill", storage=storage, sampler=make_sampler(kind, spec.seed))
+                flush: Any = lambda: None  # noqa: E731
+                timed = storage
+                if kind == "batch-16" and storage_kind == "journal":  # the searcher's buffered journal
+                    from tuning.study_batching import BufferedJournal
+
+                    backend = BufferedJournal(str(tmp / "optuna.log"))
+                    timed, flush = JournalStorage(backend), backend.flush
+                study = optuna.load_study(study_name="fill", storage=timed, sampler=make_sampler(kind, spec.seed))
                 done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-                r = {"finished": done, **time_calls(study, define, a.repeats, rng)}
+                if kind.endswith("-16"):
+                    ask = time_population(study, define, a.repeats, flush)
+                    r = {"finished": done, "ask": ask, "tell": float("nan"), "report": float("nan")}
+                else:
+                    r = {"finished": done, **time_calls(study, define, a.repeats, rng)}
                 results[(storage_kind, kind, size)] = r
                 print(
                     f"  {storage_kind} {kind}: {size} filled ({done} finished): ask+suggest {r['ask']:.1f} ms, "
@@ -238,13 +285,17 @@ def main() -> None:
     for size in sizes:
         for st in a.storages:
             vals = [results[(st, k, size)]["ask"] for k in a.samplers]
-            vals += [results[(st, a.samplers[0], size)][c] for c in ("tell", "report")]
+            single = [k for k in a.samplers if not k.endswith("-16")] or a.samplers
+            vals += [results[(st, single[0], size)][c] for c in ("tell", "report")]
             cells = [f"{v:>{width}.1f}" for v in vals]
             cells.append(f"{probe[size]:>{width}.1f}" if st != "memory" else f"{'-':>{width}}")
             print(f"{size:>8} {st:<8} " + " ".join(cells))
     print(
         "ask = study.ask() + every suggestion of the space (TPE samples there); tell = study.tell(); "
-        f"report = one trial.report() (tell and report with sampler {a.samplers[0]})."
+        f"report = one trial.report() (tell and report with the first sampler of one configuration per ask). "
+        f"tpe-16, batch-16: ms per configuration of a population of {POPULATION} asked as the searcher asks (member "
+        "attribute set): tpe-16 one TPESampler(constant_liar=True) ask each, as before populations were batched; "
+        "batch-16 one PopulationTPE batch, the journal buffered and written once (tuning.study_batching)."
     )
     print(
         "sqlite: RDBStorage on a file, as dedn search; each ask commits once per suggested parameter, each tell and "
