@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,9 @@ __all__ = ["StudySearcher", "fail_unstarted"]
 
 def _nothing() -> None:
     return None
+
+
+_LIVE: weakref.WeakSet[StudySearcher] = weakref.WeakSet()  # searchers of this process: fail_unstarted flushes them
 
 
 class StudySearcher(Searcher):
@@ -85,6 +89,7 @@ class StudySearcher(Searcher):
         self._flush_storage: Callable[[], None] = _nothing  # writes what a buffered journal keeps
         self._lock, self._queued = threading.Lock(), 0  # calls queued and not yet made
         self._runs: tuple[tuple[int, int], dict[str, Any]] = ((0, -1), {})  # (file stamp, run ids) of runs_file
+        _LIVE.add(self)
 
     _LOCAL = (
         *("_study", "_storage", "_flush_storage", "_pool", "_asking"),
@@ -101,6 +106,7 @@ class StudySearcher(Searcher):
         self._lock, self._queued = threading.Lock(), 0
         self._runs = ((0, -1), {})
         self._opened = False
+        _LIVE.add(self)
         self._closed = set(self.told)
 
     # -- the study's thread ---------------------------------------------------------------------------
@@ -345,11 +351,15 @@ class StudySearcher(Searcher):
 
 def fail_unstarted(storage_url: str, study_name: str) -> int:
     """End FAIL the study's RUNNING trials that no Tune trial took (asked as the search ended: its time budget,
-    or a stop), with the user attribute ``dedn.unstarted``; returns how many."""
+    or a stop), with the user attribute ``dedn.unstarted``; returns how many. This process's searchers of the study
+    first make and write every call still queued (Tune may end trials after it last saved the searcher)."""
     import optuna
 
     from tuning.optuna_storage import open_storage
 
+    for searcher in list(_LIVE):  # what this process's searchers still keep goes to the storage first
+        if searcher.study_name == study_name and searcher.storage_url == storage_url:
+            searcher.flush()
     storage = open_storage(storage_url)
     if study_name not in optuna.get_all_study_names(storage):
         return 0
