@@ -79,6 +79,17 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store (tables, the Default experiment), made once; tests use copies of it
+    (``tests.helpers.new_store``): creating MLflow's tables takes seconds, a copy does not."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real ``mlflow server`` (SQLite backend, artifacts in a temporary folder) on a loopback port."""

@@ -167,3 +167,12 @@ def refused(
     for w in watch:
         assert tree(w) == before[str(w)], f"{w} changed"
     return line
+
+
+def new_store(empty_store: Path, path: Path) -> str:
+    """A copy of the ``empty_store`` fixture's MLflow store at ``path``; its tracking URI."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_store, path)
+    return f"sqlite:///{path}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli_argv, free_port, refused, write_spec
+from tests.helpers import cli_argv, free_port, new_store, refused, write_spec
 
 SPEC = """
 num_samples: 1
@@ -37,23 +37,6 @@ class _Payload:
 
 def _payload(marker: Path) -> bytes:
     return pickle.dumps(_Payload(marker))
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty MLflow SQLite store (tables, the Default experiment), made once here, not by a command."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
-    return path
-
-
-def _new_store(empty_store: Path, path: Path) -> str:
-    """A copy of ``empty_store`` at ``path`` (creating MLflow's tables takes seconds; a copy does not)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(empty_store, path)
-    return f"sqlite:///{path}"
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +202,7 @@ def test_predict_refuses_foreign_code_paths(tmp_path: Path, tiny_store: Path) ->
 
 
 def test_predict_lists_what_the_registry_holds(tmp_path: Path, tiny_store: Path, empty_store: Path) -> None:
-    uri = _new_store(empty_store, tmp_path / "store" / "mlflow.db")
+    uri = new_store(empty_store, tmp_path / "store" / "mlflow.db")
     line = refused(
         _predict("models:/nope@champion", tiny_store, tmp_path / "p.csv", "--tracking-uri", uri),
         cwd=tmp_path,
@@ -231,7 +214,7 @@ def test_predict_lists_what_the_registry_holds(tmp_path: Path, tiny_store: Path,
 
 
 def test_promote_refuses_a_mistyped_sqlite_store_and_creates_none(tmp_path: Path, empty_store: Path) -> None:
-    _new_store(empty_store, tmp_path / "mlflow.db")
+    new_store(empty_store, tmp_path / "mlflow.db")
     typo = tmp_path / "mlfow.db"
     args = ["promote", "--experiment", "x", "--model-name", "m", "--tracking-uri", f"sqlite:///{typo}"]
     refused(args, cwd=tmp_path, watch=[tmp_path], file=typo, field="--tracking-uri")
@@ -242,7 +225,7 @@ def test_promote_refuses_a_mistyped_sqlite_store_and_creates_none(tmp_path: Path
 
 
 def test_promote_lists_the_experiments_there_are(tmp_path: Path, empty_store: Path) -> None:
-    uri = _new_store(empty_store, tmp_path / "mlflow.db")
+    uri = new_store(empty_store, tmp_path / "mlflow.db")
     args = ["promote", "--experiment", "nope", "--model-name", "m", "--tracking-uri", uri]
     line = refused(args, cwd=tmp_path, watch=[tmp_path], file=uri, field="experiment")
     assert "no MLflow experiment named 'nope'" in line and "Default" in line
@@ -252,7 +235,7 @@ def test_promote_lists_the_experiments_there_are(tmp_path: Path, empty_store: Pa
 def test_search_refuses_a_malformed_address_before_creating_anything(
     tmp_path: Path, tiny_store: Path, address: str, empty_store: Path
 ) -> None:
-    _new_store(empty_store, tmp_path / "mlflow.db")  # the default store (./mlflow.db): its content must not change
+    new_store(empty_store, tmp_path / "mlflow.db")  # the default store (./mlflow.db): its content must not change
     spec = write_spec(tmp_path, tiny_store, epochs=1, body=SPEC)
     args = ["search", "-c", str(spec), "--name", "addr", "--storage-path", str(tmp_path / "runs")]
     refused([*args, "--address", address], cwd=tmp_path, watch=[tmp_path], file=address, field="--address")
@@ -265,7 +248,7 @@ def test_search_that_cannot_join_leaves_no_folder_and_a_failed_run(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    uri = _new_store(empty_store, tmp_path / "mlflow.db")
+    uri = new_store(empty_store, tmp_path / "mlflow.db")
     spec = write_spec(tmp_path, tiny_store, epochs=1, body=SPEC)
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.helpers import new_store
 from tracking.runs import Tracker
 from tuning.tracking_callback import KEY_METRICS, MLflowTrialLogger
 
 
-def test_runs_of_trials_the_resumed_experiment_does_not_know_end_killed(tmp_path: Path) -> None:
-    uri, exp = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "exp"
+def test_runs_of_trials_the_resumed_experiment_does_not_know_end_killed(tmp_path: Path, empty_store: Path) -> None:
+    uri, exp = new_store(empty_store, tmp_path / "mlflow.db"), tmp_path / "exp"
     exp.mkdir()
     spec = tmp_path / "spec.yaml"
     spec.write_text("num_samples: 3\n")
@@ -42,12 +43,14 @@ def test_runs_of_trials_the_resumed_experiment_does_not_know_end_killed(tmp_path
     assert Tracker(uri, exp, "resumed").state["abandoned"] == ["lost"]  # recorded: a later resume skips it
 
 
-def test_key_epoch_metrics_log_five_per_epoch_and_the_whole_record_as_parquet(tmp_path: Path) -> None:
+def test_key_epoch_metrics_log_five_per_epoch_and_the_whole_record_as_parquet(
+    tmp_path: Path, empty_store: Path
+) -> None:
     import pyarrow.parquet as pq
 
     from tracking.epochs import EPOCHS_FILE
 
-    uri, exp, trial_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "exp", tmp_path / "exp" / "trial"
+    uri, exp, trial_dir = new_store(empty_store, tmp_path / "mlflow.db"), tmp_path / "exp", tmp_path / "exp" / "trial"
     trial_dir.mkdir(parents=True)
     spec = tmp_path / "spec.yaml"
     spec.write_text("num_samples: 2\n")
