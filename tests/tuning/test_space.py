@@ -67,6 +67,8 @@ def test_bad_specs_fail_at_load(tmp_path: Path) -> None:
         load_search_spec(_spec(tmp_path, "params:\n  optim.colour: {type: categorical, choices: [red]}\n"))
     with pytest.raises(DednInputError, match="num_samples"):
         load_search_spec(_spec(tmp_path, "num_samples: 0\nparams: {}\n"))
+    with pytest.raises(DednInputError, match=r"epoch_metrics.*'all' or 'key'"):
+        load_search_spec(_spec(tmp_path, "epoch_metrics: keys\nparams: {}\n"))
 
 
 def test_sampled_params_keep_only_dotted_keys() -> None:
