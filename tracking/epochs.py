@@ -61,8 +61,9 @@ def _results(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
 def log_epochs(
     client: Any, run_id: str, result_file: str, member: int | None, prefixes: list[str], scratch: Path
 ) -> None:
-    """Log ``epochs.parquet`` (``epoch_rows``) on the run; nothing when the trial reported no epoch. The file is
-    written in a temporary folder under ``scratch`` and removed once logged."""
+    """Log ``epochs.parquet`` (``epoch_rows``) on the run with ``client.log_artifact`` (an ``MlflowClient``, or
+    ``Tracker.artifacts``, which skips the client's look-up of the run); nothing when the trial reported no epoch. The
+    file is written in a temporary folder under ``scratch`` and removed once logged."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

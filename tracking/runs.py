@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dedn.errors import DednInputError
+from tracking.run_artifacts import RunArtifacts
 
 if TYPE_CHECKING:
     from tracking.writer import TrackingWriter
@@ -212,6 +213,7 @@ class Tracker:
         self.state = self._read_state()
         self.lock = threading.RLock()  # the state and the writer's queues, between the driver and the writer
         self._writer: TrackingWriter | None = None
+        self.artifacts = RunArtifacts(self)  # uploads to runs, skipping the look-up of runs created here
 
     @property
     def client(self) -> Any:
@@ -309,36 +311,60 @@ class Tracker:
         self.save()
         return run.info.run_id
 
-    def child(self, trial_id: str, trial_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
-        """The trial's run: created once, then continued by id (retries, resume). Creation that fails
-        is queued once; calls for the trial resolve its run id when they run (``run_of``)."""
+    def child(
+        self,
+        trial_id: str,
+        trial_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str] | None = None,
+        texts: dict[str, str] | None = None,
+    ) -> None:
+        """The trial's run: created once, then continued by id (retries, resume), with the text artifacts
+        ``texts`` (name -> text; logged again when the run is reopened). Creation that fails is queued once;
+        calls for the trial resolve its run id when they run (``run_of``). With the writer running, the params
+        are journaled and go with the run's first points (``TrackingWriter.add_params``)."""
+        texts = dict(texts or {})
+
+        def upload_texts() -> None:
+            for name, text in texts.items():
+                self.artifacts.log_text(self.run_of(trial_id), text, name)
+
         if trial_id in self.state["trials"]:
-            self._call(
-                trial_id,
-                f"reopen run of {trial_name}",
-                lambda: self.client.update_run(self.run_of(trial_id), "RUNNING"),
-            )
+
+            def reopen() -> None:
+                self.client.update_run(self.run_of(trial_id), "RUNNING")
+                upload_texts()
+
+            self._call(trial_id, f"reopen run of {trial_name}", reopen)
             return
         if trial_id in self.pending:
             return
         parent = str(self.state["parent"])
         exp_id = str(self.state["experiment_id"])
+        writer = self._writer
+        pairs = {k: str(v) for k, v in sorted(params.items())}
 
         def create() -> None:
             from mlflow.entities import Param
 
-            run = self.client.create_run(
-                exp_id,
-                run_name=trial_name,
-                tags={"mlflow.parentRunId": parent, "dedn.trial_id": trial_id, **(tags or {})},
-            )
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-            self.state["trials"][trial_id] = run.info.run_id
-            self.pending.discard(trial_id)
-            self.save()
+            if trial_id not in self.state["trials"]:  # a retry after a failed upload creates no second run
+                run = self.client.create_run(
+                    exp_id,
+                    run_name=trial_name,
+                    tags={"mlflow.parentRunId": parent, "dedn.trial_id": trial_id, **(tags or {})},
+                )
+                self.artifacts.remember(run.info.run_id, run.info.artifact_uri)
+                if writer is None:
+                    self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in pairs.items()])
+                self.state["trials"][trial_id] = run.info.run_id
+                self.pending.discard(trial_id)
+                self.save()
+            upload_texts()
 
         self.pending.add(trial_id)
         self._call(trial_id, f"create run of {trial_name}", create)
+        if writer is not None:
+            writer.add_params(trial_id, pairs)
 
     def run_of(self, trial_id: str) -> str:
         return str(self.state["trials"][trial_id])

@@ -19,18 +19,20 @@ if TYPE_CHECKING:
 
 __all__ = ["TrackingWriter", "end_calls"]
 
-_MAX_BATCH = 1000  # metrics per log_batch call: MLflow's limit
+_MAX_BATCH = 1000  # metrics and params per log_batch call: MLflow's limits
+_MAX_PARAMS = 100
 
 
 class TrackingWriter:
-    """A tracker's background writer: per run, one ordered queue of journaled metric points and calls.
+    """A tracker's background writer: per run, one ordered queue of journaled metric points and params, and calls.
 
     The driver's thread appends each point to the journal (``{"n": seq, "k": run key, "s": step, "t": ms,
-    "m": metrics}``, ``"e": 1`` for an epoch) and queues it, or queues a call, on the run's queue. Writer
-    threads claim a run (one thread per run at a time, so its items keep their order) whose next item is
-    due: a call at once (its creation first of all), points once the run exists and its oldest point waited
-    ``linger_s`` or fills a ``log_batch`` (1000 metrics), and then every consecutive point up to 1000 metrics
-    in one call. ``{"a": seq}`` lines record that every point up to ``seq`` is written; once all are and the
+    "m": metrics}``, ``"e": 1`` for an epoch; a run's params: ``{"n", "k", "t", "P": params}``) and queues it,
+    or queues a call, on the run's queue. Writer threads claim a run (one thread per run at a time, so its
+    items keep their order) whose next item is due: a call at once (its creation first of all), points once
+    the run exists and its oldest point waited ``linger_s`` or fills a ``log_batch`` (1000 metrics), and then
+    every consecutive point up to 1000 metrics in one call. A run's params go in the same call as the points
+    after them (they are due once anything follows them, or after ``linger_s``): one request fewer per run. ``{"a": seq}`` lines record that every point up to ``seq`` is written; once all are and the
     journal is large, the state is written and the journal starts again."""
 
     def __init__(self, tracker: Tracker, threads: int, linger_s: float, max_points: int) -> None:
@@ -40,7 +42,8 @@ class TrackingWriter:
         self.t = tracker
         self.cond = threading.Condition(tracker.lock)
         self.linger_s, self.max_points = linger_s, max_points
-        # run key ("" for calls of no run) -> ("p", (seq, step, ms, metrics)) and ("c", (what, fn)) items
+        # run key ("" for calls of no run) -> ("p", (seq, step, ms, metrics)), ("a", (seq, ms, params)) and
+        # ("c", (what, fn)) items
         self.runs: OrderedDict[str, deque[tuple[str, Any]]] = OrderedDict()
         self.claimed: set[str] = set()  # runs a thread is working on now
         self.order: deque[int] = deque()  # sequence numbers not yet written, in journal order
@@ -90,7 +93,11 @@ class TrackingWriter:
         for rec in records:
             if rec.get("e"):
                 last[rec["k"]] = max(int(last.get(rec["k"], 0)), int(rec["s"]))
-            if int(rec["n"]) > self.acked:
+            if int(rec["n"]) <= self.acked:
+                continue
+            if "P" in rec:
+                self._queue(str(rec["k"]), ("a", (int(rec["n"]), int(rec["t"]), rec["P"])))
+            else:
                 self._queue(str(rec["k"]), ("p", (int(rec["n"]), int(rec["s"]), int(rec["t"]), rec["m"])))
 
     def _queue(self, key: str, item: tuple[str, Any]) -> None:
@@ -98,8 +105,9 @@ class TrackingWriter:
         if q is None:
             q = self.runs[key] = deque()
         q.append(item)
-        if item[0] == "p":
+        if item[0] != "c":
             self.order.append(item[1][0])
+        if item[0] == "p":
             self.points += 1
 
     # -- the driver's side ---------------------------------------------------------------------------
@@ -117,6 +125,17 @@ class TrackingWriter:
             self._queue(key, ("p", (self.seq, step, ts, dict(metrics))))
             if len(self.runs[key]) * len(metrics) >= _MAX_BATCH:
                 self.cond.notify_all()
+
+    def add_params(self, key: str, params: dict[str, str]) -> None:
+        """Journal and queue a run's params: written with the run's next points (or alone, ``linger_s`` later)."""
+        with self.cond:
+            self.seq += 1
+            ts = int(time.time() * 1000)
+            self.journal.write(
+                json.dumps({"n": self.seq, "k": key, "t": ts, "P": params}, separators=(",", ":")) + "\n"
+            )
+            self.journal.flush()
+            self._queue(key, ("a", (self.seq, ts, dict(params))))
 
     def add_call(self, key: str | None, what: str, fn: Callable[[], Any]) -> None:
         with self.cond:
@@ -164,17 +183,19 @@ class TrackingWriter:
         return any(q and (q[0][0] == "c" or self._run_id(k) is not None) for k, q in self.runs.items())
 
     def _take(self, key: str) -> tuple[str, Any]:
-        """The run's next call, or its next points up to one log_batch of metrics; the run is claimed."""
+        """The run's next call, or its params and next points up to one log_batch of metrics (params count
+        against the batch's 1000 entities); the run is claimed."""
         q = self.runs[key]
         if q[0][0] == "c":
             job: tuple[str, Any] = ("call", q.popleft()[1])
         else:
+            params = q.popleft()[1] if q[0][0] == "a" else None
             points: list[tuple[int, int, int, dict[str, float]]] = []
-            size = 0
+            size = len(params[2]) if params else 0
             while q and q[0][0] == "p" and (not points or size + len(q[0][1][3]) <= _MAX_BATCH):
                 size += len(q[0][1][3])
                 points.append(q.popleft()[1])
-            job = ("points", points)
+            job = ("points", (params, points))
         if not q:
             del self.runs[key]
         self.claimed.add(key)
@@ -195,9 +216,13 @@ class TrackingWriter:
             if key in self.claimed or not q:
                 continue
             kind, item = q[0]
-            if kind == "p" and (waiting or self._run_id(key) is None):
+            if kind != "c" and (waiting or self._run_id(key) is None):
                 continue
-            if kind == "c" or urgent or now_ms - item[2] >= self.linger_s * 1000 or len(q) * len(item[3]) >= _MAX_BATCH:
+            if kind == "a":  # params: with the points after them, or alone before a call, or once old
+                due = len(q) > 1 or now_ms - item[1] >= self.linger_s * 1000
+            else:
+                due = kind == "c" or now_ms - item[2] >= self.linger_s * 1000 or len(q) * len(item[3]) >= _MAX_BATCH
+            if due or urgent:
                 kind, job = self._take(key)
                 return kind, key, job
         return None
@@ -220,7 +245,7 @@ class TrackingWriter:
             if kind == "call":
                 self._call(key, *item)
             else:
-                self._write(client, key, item)
+                self._write(client, key, *item)
 
     def _call(self, key: str, what: str, fn: Callable[[], Any]) -> None:
         """Make a queued call; when it fails, or the store is offline, queue it as ``Tracker.call`` does."""
@@ -237,22 +262,35 @@ class TrackingWriter:
             self.claimed.discard(key)
             self.cond.notify_all()
 
-    def _write(self, client: Any, key: str, points: list[tuple[int, int, int, dict[str, float]]]) -> None:
-        from mlflow.entities import Metric
+    def _write(
+        self,
+        client: Any,
+        key: str,
+        params: tuple[int, int, dict[str, str]] | None,
+        points: list[tuple[int, int, int, dict[str, float]]],
+    ) -> None:
+        from mlflow.entities import Metric, Param
 
         metrics = [Metric(k, float(v), ts, step) for _, step, ts, m in points for k, v in m.items()]
+        ps = [Param(k, str(v)) for k, v in sorted(params[2].items())] if params else []
         ok = True
         try:
             run_id = self._run_id(key)
             assert run_id is not None
-            for i in range(0, len(metrics), _MAX_BATCH):  # one call unless a point has more than 1000 metrics
-                client.log_batch(run_id, metrics=metrics[i : i + _MAX_BATCH])
+            while True:  # one call unless a point has more than 1000 metrics (or the run more than 100 params)
+                p, ps = ps[:_MAX_PARAMS], ps[_MAX_PARAMS:]
+                m, metrics = metrics[: _MAX_BATCH - len(p)], metrics[_MAX_BATCH - len(p) :]
+                client.log_batch(run_id, metrics=m, params=p)
+                if not ps and not metrics:
+                    break
         except Exception:
             ok = False
         with self.cond:
             self.claimed.discard(key)
             if ok:
                 self.done.update(n for n, _, _, _ in points)
+                if params:
+                    self.done.add(params[0])
                 self.points -= len(points)
                 self.written += len(points)
                 self._acknowledge()
@@ -264,6 +302,8 @@ class TrackingWriter:
                     q = self.runs[key] = deque()
                     self.runs.move_to_end(key, last=False)
                 q.extendleft(reversed([("p", p) for p in points]))
+                if params:
+                    q.appendleft(("a", params))
                 self.t.offline = True
                 self.retry_at = time.monotonic() + 5.0
             self.cond.notify_all()
@@ -301,7 +341,7 @@ def end_calls(t: Tracker, key: str, name: str, end: dict[str, Any]) -> None:
     once the status is written the end leaves the state."""
     path, reason, status = end["path"], end["reason"], str(end["status"])
     if status == "FINISHED" and path and os.path.isdir(path):
-        t.trial_call(key, f"checkpoint of {name}", lambda run: t.client.log_artifacts(run, path, "checkpoint"))
+        t.trial_call(key, f"checkpoint of {name}", lambda run: t.artifacts.log_artifacts(run, path, "checkpoint"))
     elif path:
         t.trial_call(key, f"checkpoint uri of {name}", lambda run: t.client.set_tag(run, "dedn.checkpoint", path))
     if end.get("epochs"):
@@ -309,7 +349,7 @@ def end_calls(t: Tracker, key: str, name: str, end: dict[str, Any]) -> None:
         t.trial_call(
             key,
             f"epochs of {name}",
-            lambda run: log_epochs(t.client, run, e["file"], e["member"], e["prefixes"], t.dir),
+            lambda run: log_epochs(t.artifacts, run, e["file"], e["member"], e["prefixes"], t.dir),
         )
     if reason:
         t.trial_call(key, f"error of {name}", lambda run: t.client.set_tag(run, "dedn.error", reason[:5000]))

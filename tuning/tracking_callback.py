@@ -44,10 +44,6 @@ def _members(trial: Any) -> list[dict[str, Any]] | None:
     return list(members) if isinstance(members, list) else None
 
 
-def _log_text(t: Tracker, text: str, name: str) -> Callable[[str], Any]:
-    return lambda run: t.client.log_text(run, text, name)
-
-
 def _set_tag(t: Tracker, tag: str, value: str) -> Callable[[str], Any]:
     return lambda run: t.client.set_tag(run, tag, value)
 
@@ -120,11 +116,9 @@ class MLflowTrialLogger(Callback):
         t.save()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        t = self.tracker
-        for key, name, params, tags in self._runs(trial):
-            t.child(key, name, params, tags)
+        for key, name, params, tags in self._runs(trial):  # each with its resolved config
             text = yaml.safe_dump(trial_config(self.base, params).effective().model_dump(mode="json"), sort_keys=False)
-            t.trial_call(key, f"config of {name}", _log_text(t, text, "trial_config.yaml"))
+            self.tracker.child(key, name, params, tags, texts={"trial_config.yaml": text})
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any

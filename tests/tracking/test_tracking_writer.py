@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -115,7 +116,7 @@ DRIVER = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {root!r})
     from tracking.runs import Tracker
-    from tests.tracking.test_tracking_writer import KEYS, make_runs, new_tracker, record
+    from tests.tracking.test_tracking_writer import KEYS, LATE_PARAMS, make_runs, new_tracker, record
 
     tmp = Path({tmp!r})
     t = new_tracker(tmp)
@@ -130,8 +131,15 @@ DRIVER = textwrap.dedent(
     """
 )
 
-# the tracking callback ends trial KEYS[0]: its end calls queue behind the run's lingering points
-ENDS = 't.end(KEYS[0], "trial-0", "FINISHED", None, None)'
+# the tracking callback ends trial KEYS[0]: its end calls queue behind the run's lingering points; a run created
+# through the writer has its params journaled and queued, to go with its first points, when the driver dies
+ENDS = """
+t.end(KEYS[0], "trial-0", "FINISHED", None, None)
+t.child("late", "trial-late", LATE_PARAMS, texts={"trial_config.yaml": "optim:\\n  lr: 0.002\\n"})
+while "late" not in t.state["trials"] or t._writer.claimed:
+    time.sleep(0.05)
+"""
+LATE_PARAMS = {"optim.lr": 0.002, "loss.beta": 0.5}
 
 
 def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
@@ -156,6 +164,9 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
     assert state["ends"] == {KEYS[0]: {"status": "FINISHED", "reason": None, "path": None, "epochs": None}}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(state["trials"][KEYS[0]]).info.status == "RUNNING"  # the kill came before the status
+    late = state["trials"]["late"]
+    assert client.get_run(late).data.params == {}  # queued for the run's first points: in the journal only
+    assert [a.path for a in client.list_artifacts(late)] == ["trial_config.yaml"]  # uploaded with its creation
     t = new_tracker(tmp_path)
     t.start(threads=2, linger_s=0.0)
     assert t.backlog == EPOCHS * len(KEYS)
@@ -167,6 +178,7 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
     want = expected(range(1, EPOCHS + 1))
     want[KEYS[0]].append((EPOCHS + 1, record(KEYS[0], EPOCHS + 1)["val_H"]))
     assert got == want
+    assert client.get_run(late).data.params == {k: str(v) for k, v in LATE_PARAMS.items()}
     statuses = {k: client.get_run(state["trials"][k]).info.status for k in KEYS}
     assert statuses == {KEYS[0]: "FINISHED", KEYS[1]: "RUNNING", KEYS[2]: "RUNNING"}
     assert json.loads((tmp_path / "exp" / RUNS_FILE).read_text())["ends"] == {}  # done: not made again
@@ -191,3 +203,100 @@ def test_points_wait_for_the_run_the_writer_creates(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=t.uri)
     rows = client.get_metric_history(t.run_of("late"), "val_H")
     assert sorted((m.step, m.value) for m in rows) == [(e, float(e)) for e in range(1, 6)]
+
+
+def test_a_created_run_needs_no_lookup_and_its_params_go_with_its_points(
+    tmp_path: Path, server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a real ``mlflow server``, every request the tracker makes is recorded (and made): a run the writer
+    creates is never fetched (its artifact location came with ``create_run``'s answer), and its params travel in
+    the same ``log_batch`` as its first points: no request carries params alone."""
+    import mlflow.store.artifact.http_artifact_repo as http_artifacts
+    import mlflow.utils.rest_utils as rest
+
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def recorded(original: Any) -> Any:
+        def request(*args: Any, **kwargs: Any) -> Any:
+            endpoint = kwargs.get("endpoint", args[1] if len(args) > 1 else "")
+            method = kwargs.get("method", args[2] if len(args) > 2 else "")
+            calls.append((str(method), str(endpoint), dict(kwargs.get("json") or {})))
+            return original(*args, **kwargs)
+
+        return request
+
+    monkeypatch.setattr(rest, "http_request", recorded(rest.http_request))
+    monkeypatch.setattr(http_artifacts, "http_request", recorded(http_artifacts.http_request))
+    t = new_tracker(tmp_path, server)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("num_samples: 1\n")
+    t.parent({}, str(spec))
+    t.start(threads=2, linger_s=2.0)
+    calls.clear()
+    params = {k: {"optim.lr": 0.001 * (i + 1), "loss.beta": 0.5} for i, k in enumerate(KEYS)}
+    for key in KEYS:
+        t.child(
+            key, f"trial-{key}", params[key], texts={"trial_config.yaml": f"optim:\n  lr: {params[key]['optim.lr']}\n"}
+        )
+    end = time.monotonic() + 30
+    while not all(k in t.state["trials"] for k in KEYS) and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the runs exist and their params wait for the first epoch, as in a search
+    for epoch in range(1, 4):
+        for key in KEYS:
+            t.epoch_metrics(key, record(key, epoch), epoch, "epoch")
+    t.end_all([(key, f"trial-{key}", "FINISHED", None, None, None) for key in KEYS])
+    assert t.close(timeout_s=60) == 0 and t.failed == []
+    monkeypatch.undo()
+    assert not [c for c in calls if c[1].endswith("/runs/get")]
+    assert len([c for c in calls if c[1].endswith("/runs/create")]) == len(KEYS)
+    batches = [c[2] for c in calls if c[1].endswith("/runs/log-batch")]
+    with_params = {b["run_id"]: b for b in batches if b.get("params")}
+    assert set(with_params) == {t.run_of(k) for k in KEYS}  # once per run ...
+    assert sum(1 for b in batches if b.get("params")) == len(KEYS)
+    assert all(b.get("metrics") for b in with_params.values())  # ... never alone
+    client = MlflowClient(tracking_uri=server)
+    for key in KEYS:
+        run = client.get_run(t.run_of(key))
+        assert run.data.params == {k: str(v) for k, v in params[key].items()} and run.info.status == "FINISHED"
+        config = client.download_artifacts(run.info.run_id, "trial_config.yaml", str(tmp_path))
+        assert Path(config).read_text() == f"optim:\n  lr: {params[key]['optim.lr']}\n"
+    assert histories(tmp_path, uri=server) == expected(range(1, 4))
+
+
+def test_uploads_to_a_created_run_lay_out_artifacts_as_the_client_does(tmp_path: Path) -> None:
+    """The tracker's uploads (``Tracker.artifacts``) to a run it created go straight to its artifact repository;
+    to a run it did not create, through ``MlflowClient``. Both give the layout ``MlflowClient`` gives."""
+    t = new_tracker(tmp_path)
+    make_runs(t, tmp_path)  # created here: remembered
+    client = MlflowClient(tracking_uri=t.uri)
+    own = t.run_of(KEYS[0])
+    other = client.create_run(t.state["experiment_id"]).info.run_id  # not remembered
+    reference = client.create_run(t.state["experiment_id"]).info.run_id
+    folder = tmp_path / "ckpt"
+    (folder / "inner").mkdir(parents=True)
+    (folder / "a.txt").write_text("a")
+    (folder / "inner" / "b.txt").write_text("b")
+    assert own in t.artifacts.repos and other not in t.artifacts.repos
+    for run in (own, other):
+        t.artifacts.log_artifacts(run, str(folder), "checkpoint")
+        t.artifacts.log_artifact(run, str(folder), "copy")
+        t.artifacts.log_artifact(run, str(folder / "a.txt"))
+        t.artifacts.log_text(run, "x: 1\n", "sub/config.yaml")
+    client.log_artifacts(reference, str(folder), "checkpoint")
+    client.log_artifact(reference, str(folder), "copy")
+    client.log_artifact(reference, str(folder / "a.txt"))
+    client.log_text(reference, "x: 1\n", "sub/config.yaml")
+
+    def tree(run: str, path: str | None = None) -> list[tuple[str, bool]]:
+        out = []
+        for f in client.list_artifacts(run, path):
+            out.append((f.path, f.is_dir))
+            if f.is_dir:
+                out += tree(run, f.path)
+        return out
+
+    want = tree(reference)
+    assert ("copy/ckpt/inner/b.txt", False) in want and ("sub/config.yaml", False) in want
+    assert tree(own) == want and tree(other) == want
+    assert not list(t.dir.glob(".text-*"))  # the temporary folders are gone
