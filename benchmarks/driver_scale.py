@@ -340,6 +340,7 @@ def main() -> None:
         f"{stored['received']} member-epochs; MLflow holds {stored['mlflow']} (lost {stored['lost_mlflow']}, "
         f"duplicated {stored['duplicated']}); Optuna holds {stored['optuna']} (lost {stored['lost_optuna']})"
     )
+    print(server_requests(tmp / "mlflow" / "server.log"))
     print(
         "offered: due on the schedules of the trials still emitting (a trial that Tune holds in tune.report "
         "because the driver is behind counts as stopped: then it undercounts; the header has the nominal offer); "
@@ -370,6 +371,34 @@ def main() -> None:
     print(
         f"sustained: {sustained:.0f} of {offered:.0f} member-epochs/s offered, lost {lost}, "
         f"duplicated {stored['duplicated']}, backlog at end {backlog_end:.0f}"
+    )
+
+
+def server_requests(log: Path) -> str:
+    """The tracking server's requests by kind (its access log; ``/health`` left out), and per run created."""
+    import re
+    from collections import Counter
+
+    kinds: Counter[str] = Counter()
+    stamps: list[float] = []
+    pattern = re.compile(r'^(\S+ \S+) .*"(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP')
+    for line in log.read_text(errors="replace").splitlines():
+        m = pattern.match(line)
+        if m is None or m.group(3) == "/health":
+            continue
+        stamps.append(time.mktime(time.strptime(m.group(1), "%Y/%m/%d %H:%M:%S")))
+        method, path = m.group(2), m.group(3)
+        if "/mlflow-artifacts/" in path:
+            kinds["upload" if method == "PUT" else f"artifacts {method}"] += 1
+        else:
+            kinds[path.rsplit("/mlflow/", 1)[-1].split("?")[0]] += 1
+    total, runs = sum(kinds.values()), kinds["runs/create"]
+    span = stamps[-1] - stamps[0] if stamps else 0.0
+    parts = ", ".join(f"{k} {n}" for k, n in kinds.most_common())
+    per_run = (total - kinds["runs/log-batch"]) / runs if runs else 0.0
+    return (
+        f"server requests: {total} in {span:.0f} s ({parts}); {runs} runs created, "
+        f"{per_run:.1f} requests per run besides log-batch"
     )
 
 

@@ -11,12 +11,13 @@ If the store cannot be reached when a search starts, the command stops before an
 goes away during a search, logging calls are queued and retried at the end; what still fails is reported.
 
 During a search the tracking callback starts the tracker's background writer (``Tracker.start``): trial runs,
-their calls and their per-epoch metrics then leave the driver's event loop. Each metric point is first appended
-to a journal in the experiment folder (``mlflow_points.journal``), then written by writer threads with
-``MlflowClient.log_batch``, many steps of one run per call; the journal records what was written. A driver that
-dies with points queued leaves them in the journal, and the next tracker started on the folder (``--resume``)
-writes them: each exactly once, because a point keeps the timestamp it was queued with and the SQL stores
-behind ``sqlite:`` and ``mlflow server`` keep one row per (key, step, timestamp, value) of a run.
+their calls and their per-epoch metrics then leave the driver's event loop. Each metric point (and each run's
+params) is first appended to a journal in the experiment folder (``mlflow_points.journal``), then written by
+writer threads with ``MlflowClient.log_batch``, many steps of one run per call (its params with the first); the
+journal records what was written. A driver that dies with points queued leaves them in the journal, and the
+next tracker started on the folder (``--resume``) writes them: each exactly once, because a point keeps the
+timestamp it was queued with and the SQL stores behind ``sqlite:`` and ``mlflow server`` keep one row per (key,
+step, timestamp, value) of a run.
 """
 
 from __future__ import annotations
