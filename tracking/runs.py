@@ -323,7 +323,7 @@ class Tracker:
         """The trial's run: created once, then continued by id (retries, resume), with the text artifacts
         ``texts`` (name -> text; logged again when the run is reopened). Creation that fails is queued once;
         calls for the trial resolve its run id when they run (``run_of``). With the writer running, the params
-        are journaled and go with the run's first points (``TrackingWriter.add_params``)."""
+        are journaled and go with the run's first points (``TrackingWriter.add_fields``)."""
         texts = dict(texts or {})
 
         def upload_texts() -> None:
@@ -365,7 +365,18 @@ class Tracker:
         self.pending.add(trial_id)
         self._call(trial_id, f"create run of {trial_name}", create)
         if writer is not None:
-            writer.add_params(trial_id, pairs)
+            writer.add_fields(trial_id, params=pairs)
+
+    def tags(self, trial_id: str, tags: dict[str, str], what: str) -> None:
+        """Set tags on a trial's run. With the writer running they are journaled, so a driver killed first
+        leaves them to the next tracker on the folder, and written with the run's neighbouring points."""
+        if self._writer is not None:
+            self._writer.add_fields(trial_id, tags=tags)
+            return
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, v[:5000]) for k, v in tags.items()]
+        self.trial_call(trial_id, what, lambda run: self.client.log_batch(run, tags=batch))
 
     def run_of(self, trial_id: str) -> str:
         return str(self.state["trials"][trial_id])

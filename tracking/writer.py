@@ -19,21 +19,24 @@ if TYPE_CHECKING:
 
 __all__ = ["TrackingWriter", "end_calls"]
 
-_MAX_BATCH = 1000  # metrics and params per log_batch call: MLflow's limits
-_MAX_PARAMS = 100
+_MAX_BATCH = 1000  # metrics, params and tags per log_batch call: MLflow's limits
+_MAX_FIELDS = 100  # params, and tags, per log_batch call
+_MAX_TAG = 5000  # characters of a tag value kept
 
 
 class TrackingWriter:
-    """A tracker's background writer: per run, one ordered queue of journaled metric points and params, and calls.
+    """A tracker's background writer: per run, one ordered queue of journaled metric points and fields (params,
+    tags), and calls.
 
     The driver's thread appends each point to the journal (``{"n": seq, "k": run key, "s": step, "t": ms,
-    "m": metrics}``, ``"e": 1`` for an epoch; a run's params: ``{"n", "k", "t", "P": params}``) and queues it,
-    or queues a call, on the run's queue. Writer threads claim a run (one thread per run at a time, so its
-    items keep their order) whose next item is due: a call at once (its creation first of all), points once
-    the run exists and its oldest point waited ``linger_s`` or fills a ``log_batch`` (1000 metrics), and then
-    every consecutive point up to 1000 metrics in one call. A run's params go in the same call as the points
-    after them (they are due once anything follows them, or after ``linger_s``): one request fewer per run. ``{"a": seq}`` lines record that every point up to ``seq`` is written; once all are and the
-    journal is large, the state is written and the journal starts again."""
+    "m": metrics}``, ``"e": 1`` for an epoch), or a run's params and tags (``{"n", "k", "t", "P": params, "T":
+    tags}``), and queues it, or queues a call, on the run's queue. Writer threads claim a run (one thread per run
+    at a time, so its items keep their order) whose next item is due: a call at once (its creation first of all);
+    points once the run exists and its oldest point waited ``linger_s`` or fills a ``log_batch`` (1000
+    metrics); fields once anything follows them, or after ``linger_s``. A due run's consecutive points and fields
+    go in one ``log_batch`` (up to 1000 entities): a run's params ride with its first points, a member's
+    ``dedn.stopped`` tag with its last ones. ``{"a": seq}`` lines record that every item up to ``seq`` is written;
+    once all are and the journal is large, the state is written and the journal starts again."""
 
     def __init__(self, tracker: Tracker, threads: int, linger_s: float, max_points: int) -> None:
         # MLflow's client asks the server for a run before ending it, only to print a link to it: for a search of
@@ -42,7 +45,7 @@ class TrackingWriter:
         self.t = tracker
         self.cond = threading.Condition(tracker.lock)
         self.linger_s, self.max_points = linger_s, max_points
-        # run key ("" for calls of no run) -> ("p", (seq, step, ms, metrics)), ("a", (seq, ms, params)) and
+        # run key ("" for calls of no run) -> ("p", (seq, step, ms, metrics)), ("f", (seq, ms, params, tags)) and
         # ("c", (what, fn)) items
         self.runs: OrderedDict[str, deque[tuple[str, Any]]] = OrderedDict()
         self.claimed: set[str] = set()  # runs a thread is working on now
@@ -95,8 +98,8 @@ class TrackingWriter:
                 last[rec["k"]] = max(int(last.get(rec["k"], 0)), int(rec["s"]))
             if int(rec["n"]) <= self.acked:
                 continue
-            if "P" in rec:
-                self._queue(str(rec["k"]), ("a", (int(rec["n"]), int(rec["t"]), rec["P"])))
+            if "s" not in rec:  # fields
+                self._queue(str(rec["k"]), ("f", (int(rec["n"]), int(rec["t"]), rec.get("P", {}), rec.get("T", {}))))
             else:
                 self._queue(str(rec["k"]), ("p", (int(rec["n"]), int(rec["s"]), int(rec["t"]), rec["m"])))
 
@@ -126,16 +129,22 @@ class TrackingWriter:
             if len(self.runs[key]) * len(metrics) >= _MAX_BATCH:
                 self.cond.notify_all()
 
-    def add_params(self, key: str, params: dict[str, str]) -> None:
-        """Journal and queue a run's params: written with the run's next points (or alone, ``linger_s`` later)."""
+    def add_fields(self, key: str, params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+        """Journal and queue a run's params and tags: written with the run's neighbouring points (or alone,
+        ``linger_s`` later). A tag set twice keeps its last value."""
+        params, tags = dict(params or {}), {k: v[:_MAX_TAG] for k, v in (tags or {}).items()}
         with self.cond:
             self.seq += 1
             ts = int(time.time() * 1000)
-            self.journal.write(
-                json.dumps({"n": self.seq, "k": key, "t": ts, "P": params}, separators=(",", ":")) + "\n"
-            )
+            rec: dict[str, Any] = {"n": self.seq, "k": key, "t": ts}
+            if params:
+                rec["P"] = params
+            if tags:
+                rec["T"] = tags
+            self.journal.write(json.dumps(rec, separators=(",", ":")) + "\n")
             self.journal.flush()
-            self._queue(key, ("a", (self.seq, ts, dict(params))))
+            self._queue(key, ("f", (self.seq, ts, params, tags)))
+            self.cond.notify_all()
 
     def add_call(self, key: str | None, what: str, fn: Callable[[], Any]) -> None:
         with self.cond:
@@ -183,19 +192,23 @@ class TrackingWriter:
         return any(q and (q[0][0] == "c" or self._run_id(k) is not None) for k, q in self.runs.items())
 
     def _take(self, key: str) -> tuple[str, Any]:
-        """The run's next call, or its params and next points up to one log_batch of metrics (params count
-        against the batch's 1000 entities); the run is claimed."""
+        """The run's next call, or its next points and fields up to one ``log_batch`` (1000 metrics, params and
+        tags); the run is claimed."""
         q = self.runs[key]
         if q[0][0] == "c":
             job: tuple[str, Any] = ("call", q.popleft()[1])
         else:
-            params = q.popleft()[1] if q[0][0] == "a" else None
+            fields: list[tuple[int, int, dict[str, str], dict[str, str]]] = []
             points: list[tuple[int, int, int, dict[str, float]]] = []
-            size = len(params[2]) if params else 0
-            while q and q[0][0] == "p" and (not points or size + len(q[0][1][3]) <= _MAX_BATCH):
-                size += len(q[0][1][3])
-                points.append(q.popleft()[1])
-            job = ("points", (params, points))
+            size = 0
+            while q and q[0][0] != "c":
+                kind, item = q[0]
+                n = len(item[3]) if kind == "p" else len(item[2]) + len(item[3])
+                if (points or fields) and size + n > _MAX_BATCH:
+                    break
+                size += n
+                (points if kind == "p" else fields).append(q.popleft()[1])
+            job = ("points", (fields, points))
         if not q:
             del self.runs[key]
         self.claimed.add(key)
@@ -218,7 +231,7 @@ class TrackingWriter:
             kind, item = q[0]
             if kind != "c" and (waiting or self._run_id(key) is None):
                 continue
-            if kind == "a":  # params: with the points after them, or alone before a call, or once old
+            if kind == "f":  # params and tags: with the points after them, or alone before a call, or once old
                 due = len(q) > 1 or now_ms - item[1] >= self.linger_s * 1000
             else:
                 due = kind == "c" or now_ms - item[2] >= self.linger_s * 1000 or len(q) * len(item[3]) >= _MAX_BATCH
@@ -266,22 +279,30 @@ class TrackingWriter:
         self,
         client: Any,
         key: str,
-        params: tuple[int, int, dict[str, str]] | None,
+        fields: list[tuple[int, int, dict[str, str], dict[str, str]]],
         points: list[tuple[int, int, int, dict[str, float]]],
     ) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         metrics = [Metric(k, float(v), ts, step) for _, step, ts, m in points for k, v in m.items()]
-        ps = [Param(k, str(v)) for k, v in sorted(params[2].items())] if params else []
+        params: dict[str, str] = {}
+        tags: dict[str, str] = {}
+        for _, _, fp, ft in fields:  # in order: a tag set again keeps its last value
+            params.update(fp)
+            tags.update(ft)
+        param_list = [Param(k, str(v)) for k, v in sorted(params.items())]
+        tag_list = [RunTag(k, str(v)) for k, v in sorted(tags.items())]
         ok = True
         try:
             run_id = self._run_id(key)
             assert run_id is not None
-            while True:  # one call unless a point has more than 1000 metrics (or the run more than 100 params)
-                p, ps = ps[:_MAX_PARAMS], ps[_MAX_PARAMS:]
-                m, metrics = metrics[: _MAX_BATCH - len(p)], metrics[_MAX_BATCH - len(p) :]
-                client.log_batch(run_id, metrics=m, params=p)
-                if not ps and not metrics:
+            while True:  # one call unless there are more than 1000 entities (or 100 params, or 100 tags)
+                ps, param_list = param_list[:_MAX_FIELDS], param_list[_MAX_FIELDS:]
+                ts, tag_list = tag_list[:_MAX_FIELDS], tag_list[_MAX_FIELDS:]
+                room = _MAX_BATCH - len(ps) - len(ts)
+                ms, metrics = metrics[:room], metrics[room:]
+                client.log_batch(run_id, metrics=ms, params=ps, tags=ts)
+                if not param_list and not tag_list and not metrics:
                     break
         except Exception:
             ok = False
@@ -289,21 +310,18 @@ class TrackingWriter:
             self.claimed.discard(key)
             if ok:
                 self.done.update(n for n, _, _, _ in points)
-                if params:
-                    self.done.add(params[0])
+                self.done.update(n for n, _, _, _ in fields)
                 self.points -= len(points)
                 self.written += len(points)
                 self._acknowledge()
                 if self.t.offline:  # the store answers again: the calls it refused go now
                     self.retry_at = 0.0
-            else:  # back to the front, in order, and the store gets a few seconds
+            else:  # back to the front (fields first: all of it goes together again), and the store gets a few seconds
                 q = self.runs.get(key)
                 if q is None:
                     q = self.runs[key] = deque()
                     self.runs.move_to_end(key, last=False)
-                q.extendleft(reversed([("p", p) for p in points]))
-                if params:
-                    q.appendleft(("a", params))
+                q.extendleft(reversed([("f", f) for f in fields] + [("p", p) for p in points]))
                 self.t.offline = True
                 self.retry_at = time.monotonic() + 5.0
             self.cond.notify_all()

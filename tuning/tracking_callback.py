@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,6 @@ def _members(trial: Any) -> list[dict[str, Any]] | None:
     config = trial.config if isinstance(trial.config, dict) else {}
     members = config.get("members")
     return list(members) if isinstance(members, list) else None
-
-
-def _set_tag(t: Tracker, tag: str, value: str) -> Callable[[str], Any]:
-    return lambda run: t.client.set_tag(run, tag, value)
 
 
 def _abandon(t: Tracker, run: str) -> None:
@@ -136,12 +131,8 @@ class MLflowTrialLogger(Callback):
                 key = member_key(trial.trial_id, int(j))
                 reason = str(end.get("reason") or end["status"])
                 tag = "dedn.error" if end["status"] == "failed" else "dedn.stopped"
-                t, what, set_tag = self.tracker, f"end of {trial}-m{j}", _set_tag(self.tracker, tag, reason)
-                if key in t.state["trials"]:  # at once, not queued: a driver killed before the writer
-                    # reached a queued tag would lose it, and a resumed population does not report it again
-                    t.call(what, partial(set_tag, t.run_of(key)))
-                else:
-                    t.trial_call(key, what, set_tag)
+                # journaled with the writer: a resumed population does not report it again
+                self.tracker.tags(key, {tag: reason}, f"end of {trial}-m{j}")
                 self.ended[key] = str(end["status"])
             return
         self._epoch(trial.trial_id, str(trial), result)
@@ -219,4 +210,4 @@ class MLflowTrialLogger(Callback):
         n = int(t.state.setdefault("retries", {}).get(tid, 0)) + 1
         t.state["retries"][tid] = n
         for key, name, _, _ in self._runs(trial):
-            t.trial_call(key, f"retry tag of {name}", lambda run: t.client.set_tag(run, "dedn.retries", str(n)))
+            t.tags(key, {"dedn.retries": str(n)}, f"retry tag of {name}")

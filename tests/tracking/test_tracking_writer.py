@@ -135,6 +135,7 @@ DRIVER = textwrap.dedent(
 # through the writer has its params journaled and queued, to go with its first points, when the driver dies
 ENDS = """
 t.end(KEYS[0], "trial-0", "FINISHED", None, None)
+t.tags(KEYS[1], {"dedn.stopped": "stopped at epoch 30"}, "stop")
 t.child("late", "trial-late", LATE_PARAMS, texts={"trial_config.yaml": "optim:\\n  lr: 0.002\\n"})
 while "late" not in t.state["trials"] or t._writer.claimed:
     time.sleep(0.05)
@@ -166,6 +167,7 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
     assert client.get_run(state["trials"][KEYS[0]]).info.status == "RUNNING"  # the kill came before the status
     late = state["trials"]["late"]
     assert client.get_run(late).data.params == {}  # queued for the run's first points: in the journal only
+    assert "dedn.stopped" not in client.get_run(state["trials"][KEYS[1]]).data.tags  # queued behind its points
     assert [a.path for a in client.list_artifacts(late)] == ["trial_config.yaml"]  # uploaded with its creation
     t = new_tracker(tmp_path)
     t.start(threads=2, linger_s=0.0)
@@ -179,6 +181,7 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
     want[KEYS[0]].append((EPOCHS + 1, record(KEYS[0], EPOCHS + 1)["val_H"]))
     assert got == want
     assert client.get_run(late).data.params == {k: str(v) for k, v in LATE_PARAMS.items()}
+    assert client.get_run(state["trials"][KEYS[1]]).data.tags["dedn.stopped"] == "stopped at epoch 30"
     statuses = {k: client.get_run(state["trials"][k]).info.status for k in KEYS}
     assert statuses == {KEYS[0]: "FINISHED", KEYS[1]: "RUNNING", KEYS[2]: "RUNNING"}
     assert json.loads((tmp_path / "exp" / RUNS_FILE).read_text())["ends"] == {}  # done: not made again
@@ -205,12 +208,12 @@ def test_points_wait_for_the_run_the_writer_creates(tmp_path: Path) -> None:
     assert sorted((m.step, m.value) for m in rows) == [(e, float(e)) for e in range(1, 6)]
 
 
-def test_a_created_run_needs_no_lookup_and_its_params_go_with_its_points(
+def test_a_created_run_needs_no_lookup_and_its_params_and_tags_go_with_its_points(
     tmp_path: Path, server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through a real ``mlflow server``, every request the tracker makes is recorded (and made): a run the writer
-    creates is never fetched (its artifact location came with ``create_run``'s answer), and its params travel in
-    the same ``log_batch`` as its first points: no request carries params alone."""
+    creates is never fetched (its artifact location came with ``create_run``'s answer), its params travel in
+    the same ``log_batch`` as its first points and its tags with its last: no request carries them alone."""
     import mlflow.store.artifact.http_artifact_repo as http_artifacts
     import mlflow.utils.rest_utils as rest
 
@@ -245,6 +248,9 @@ def test_a_created_run_needs_no_lookup_and_its_params_go_with_its_points(
     for epoch in range(1, 4):
         for key in KEYS:
             t.epoch_metrics(key, record(key, epoch), epoch, "epoch")
+    for key in KEYS:  # queued behind the run's last points: written with them
+        t.tags(key, {"dedn.stopped": "first", "other": "x"}, "tag")
+        t.tags(key, {"dedn.stopped": f"stopped {key}"}, "tag again")  # the last value is kept
     t.end_all([(key, f"trial-{key}", "FINISHED", None, None, None) for key in KEYS])
     assert t.close(timeout_s=60) == 0 and t.failed == []
     monkeypatch.undo()
@@ -254,11 +260,12 @@ def test_a_created_run_needs_no_lookup_and_its_params_go_with_its_points(
     with_params = {b["run_id"]: b for b in batches if b.get("params")}
     assert set(with_params) == {t.run_of(k) for k in KEYS}  # once per run ...
     assert sum(1 for b in batches if b.get("params")) == len(KEYS)
-    assert all(b.get("metrics") for b in with_params.values())  # ... never alone
+    assert all(b.get("metrics") for b in batches)  # params and tags never go alone
     client = MlflowClient(tracking_uri=server)
     for key in KEYS:
         run = client.get_run(t.run_of(key))
         assert run.data.params == {k: str(v) for k, v in params[key].items()} and run.info.status == "FINISHED"
+        assert run.data.tags["dedn.stopped"] == f"stopped {key}" and run.data.tags["other"] == "x"
         config = client.download_artifacts(run.info.run_id, "trial_config.yaml", str(tmp_path))
         assert Path(config).read_text() == f"optim:\n  lr: {params[key]['optim.lr']}\n"
     assert histories(tmp_path, uri=server) == expected(range(1, 4))
@@ -300,3 +307,24 @@ def test_uploads_to_a_created_run_lay_out_artifacts_as_the_client_does(tmp_path:
     assert ("copy/ckpt/inner/b.txt", False) in want and ("sub/config.yaml", False) in want
     assert tree(own) == want and tree(other) == want
     assert not list(t.dir.glob(".text-*"))  # the temporary folders are gone
+
+
+def test_a_batch_over_mlflow_limits_is_split(tmp_path: Path) -> None:
+    """150 params, 120 tags and 1,200 metrics queued for one run (MLflow takes at most 100 params, 100 tags and
+    1,000 entities per log_batch): all of it arrives."""
+    t = new_tracker(tmp_path)
+    make_runs(t, tmp_path)
+    t.start(threads=1, linger_s=3600.0)
+    key = KEYS[0]
+    t.tags(key, {f"tag{i}": str(i) for i in range(120)}, "tags")
+    assert t._writer is not None
+    t._writer.add_fields(key, params={f"p{i:03d}": str(i) for i in range(150)})
+    for epoch in range(1, 5):
+        t.epoch_metrics(key, {f"m{i:03d}": float(epoch * 1000 + i) for i in range(300)}, epoch, "epoch")
+    assert t.close(timeout_s=60) == 0 and t.failed == []
+    run = MlflowClient(tracking_uri=t.uri).get_run(t.run_of(key))
+    assert run.data.params == {"optim.lr": "0.001", **{f"p{i:03d}": str(i) for i in range(150)}}
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("tag")} == {f"tag{i}": str(i) for i in range(120)}
+    assert run.data.metrics == {f"m{i:03d}": float(4000 + i) for i in range(300)}
+    rows = MlflowClient(tracking_uri=t.uri).get_metric_history(t.run_of(key), "m299")
+    assert sorted((m.step, m.value) for m in rows) == [(e, float(e * 1000 + 299)) for e in range(1, 5)]
