@@ -213,6 +213,7 @@ class Tracker:
         self.failed: list[tuple[str, Callable[[], Any]]] = []
         self.state = self._read_state()
         self.lock = threading.RLock()  # the state and the writer's queues, between the driver and the writer
+        self._save_lock = threading.Lock()  # one writer of RUNS_FILE at a time
         self._writer: TrackingWriter | None = None
         self.artifacts = RunArtifacts(self)  # uploads to runs, skipping the look-up of runs created here
 
@@ -246,14 +247,16 @@ class Tracker:
 
     def save(self, now: bool = False) -> None:
         """Write the run ids (and per-trial progress) to RUNS_FILE, atomically. While the writer runs, a call
-        from another thread only marks the state changed (the writer writes it within about 2 s), unless ``now``."""
+        only marks the state changed (the writer writes it within about 2 s), unless ``now``: with thousands of
+        runs the file is megabytes, and what must survive a killed driver until then is in the journal."""
         w = self._writer
-        if w is not None and not now and threading.current_thread() not in w.threads:
+        if w is not None and not now:
             w.dirty = True
             return
-        with self.lock:  # a copy that the driver's thread cannot change while it is written
-            state = {k: dict(v) if isinstance(v, dict) else v for k, v in self.state.items()}
+        with self.lock:  # a copy that the other threads cannot change while it is written
+            state = {k: type(v)(v) if isinstance(v, (dict, list)) else v for k, v in self.state.items()}
             tmp = self.dir / (RUNS_FILE + ".tmp")
+        with self._save_lock:  # encoded and written outside the lock the driver's thread takes per result
             tmp.write_text(json.dumps(state, indent=2))
             os.replace(tmp, self.dir / RUNS_FILE)
 
@@ -359,7 +362,10 @@ class Tracker:
                     self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in pairs.items()])
                 self.state["trials"][trial_id] = run.info.run_id
                 self.pending.discard(trial_id)
-                self.save()
+                if writer is not None:  # in the journal at once: a killed driver's next tracker knows the run
+                    writer.add_run(trial_id, run.info.run_id)
+                else:
+                    self.save()
             upload_texts()
 
         self.pending.add(trial_id)

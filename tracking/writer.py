@@ -89,6 +89,9 @@ class TrackingWriter:
                 if "a" in rec:
                     self.acked = max(self.acked, int(rec["a"]))
                     self.seq = max(self.seq, int(rec["a"]))
+                elif "r" in rec:  # a run created after the state file was last written
+                    self.t.state["trials"][str(rec["r"])] = str(rec["id"])
+                    self.dirty = True
                 else:
                     records.append(rec)
                     self.seq = max(self.seq, int(rec["n"]))
@@ -145,6 +148,13 @@ class TrackingWriter:
             self.journal.flush()
             self._queue(key, ("f", (self.seq, ts, params, tags)))
             self.cond.notify_all()
+
+    def add_run(self, key: str, run_id: str) -> None:
+        """Journal a run just created (``{"r": run key, "id": run id}``); the state file follows within ~2 s."""
+        with self.cond:
+            self.journal.write(json.dumps({"r": key, "id": run_id}, separators=(",", ":")) + "\n")
+            self.journal.flush()
+            self.dirty = True
 
     def add_call(self, key: str | None, what: str, fn: Callable[[], Any]) -> None:
         with self.cond:
@@ -247,13 +257,15 @@ class TrackingWriter:
         while True:
             with self.cond:
                 job = self._next()
-                while job is None:
-                    if self.stopping:
-                        return
-                    if saves:
-                        self._save_if_due()
+                while job is None and not self.stopping and not (saves and self._save_due()):
                     self.cond.wait(timeout=0.5)
                     job = self._next()
+                if job is None and self.stopping:
+                    return
+            if saves and self._save_due():  # between jobs too: under a steady backlog there is no idle moment
+                self._write_state()
+            if job is None:
+                continue
             kind, key, item = job
             if kind == "call":
                 self._call(key, *item)
@@ -347,11 +359,10 @@ class TrackingWriter:
     def _write_state(self) -> None:
         self.dirty = False
         self.saved_at = time.monotonic()
-        self.t.save()  # from a writer thread: written at once
+        self.t.save(now=True)
 
-    def _save_if_due(self) -> None:
-        if self.dirty and time.monotonic() - self.saved_at > 2.0:
-            self._write_state()
+    def _save_due(self) -> bool:
+        return self.dirty and time.monotonic() - self.saved_at > 2.0
 
 
 def end_calls(t: Tracker, key: str, name: str, end: dict[str, Any]) -> None:

@@ -165,13 +165,17 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
     assert state["ends"] == {KEYS[0]: {"status": "FINISHED", "reason": None, "path": None, "epochs": None}}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(state["trials"][KEYS[0]]).info.status == "RUNNING"  # the kill came before the status
-    late = state["trials"]["late"]
+    # the run the writer created is in the journal; the state file follows within ~2 s, and here it had not
+    # (as if the kill came first: taken out of the file)
+    (late,) = [r.info.run_id for r in client.search_runs([state["experiment_id"]], "tags.`dedn.trial_id` = 'late'")]
+    state["trials"].pop("late", None)
+    (tmp_path / "exp" / RUNS_FILE).write_text(json.dumps(state))
     assert client.get_run(late).data.params == {}  # queued for the run's first points: in the journal only
     assert "dedn.stopped" not in client.get_run(state["trials"][KEYS[1]]).data.tags  # queued behind its points
     assert [a.path for a in client.list_artifacts(late)] == ["trial_config.yaml"]  # uploaded with its creation
     t = new_tracker(tmp_path)
     t.start(threads=2, linger_s=0.0)
-    assert t.backlog == EPOCHS * len(KEYS)
+    assert t.backlog == EPOCHS * len(KEYS) and t.run_of("late") == late  # known from the journal, not created again
     # the epochs in the journal count as logged: the resumed trial's repeated reports are not logged again
     assert not t.epoch_metrics(KEYS[0], record(KEYS[0], 5), 5, "repeated after resume")
     assert t.epoch_metrics(KEYS[0], record(KEYS[0], EPOCHS + 1), EPOCHS + 1, "next epoch")
@@ -181,6 +185,7 @@ def test_killed_driver_backlog_is_replayed_exactly_once(tmp_path: Path) -> None:
     want[KEYS[0]].append((EPOCHS + 1, record(KEYS[0], EPOCHS + 1)["val_H"]))
     assert got == want
     assert client.get_run(late).data.params == {k: str(v) for k, v in LATE_PARAMS.items()}
+    assert json.loads((tmp_path / "exp" / RUNS_FILE).read_text())["trials"]["late"] == late
     assert client.get_run(state["trials"][KEYS[1]]).data.tags["dedn.stopped"] == "stopped at epoch 30"
     statuses = {k: client.get_run(state["trials"][k]).info.status for k in KEYS}
     assert statuses == {KEYS[0]: "FINISHED", KEYS[1]: "RUNNING", KEYS[2]: "RUNNING"}
