@@ -17,10 +17,18 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, new_store
 from tracking.runs import JOURNAL_FILE, RUNS_FILE, Tracker
 
 KEYS = ("t0-m0", "t0-m1", "t1-m0")
+
+
+@pytest.fixture(autouse=True)
+def _store(tmp_path: Path, empty_store: Path) -> None:
+    """``new_tracker``'s SQLite store, a copy of an empty one (creating MLflow's tables takes seconds)."""
+    new_store(empty_store, tmp_path / "mlflow.db")
+
+
 EPOCHS = 30
 
 
