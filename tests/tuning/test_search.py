@@ -12,11 +12,11 @@ import numpy as np
 import optuna
 import pytest
 
-from tests.helpers import ROOT, TINY_CONFIG, child_runs, cli_argv, trial_rows, wait_for, write_spec
+from tests.helpers import ROOT, TINY_CONFIG, child_runs, cli_argv, new_store, trial_rows, wait_for, write_spec
 from tuning.search import SearchOptions, run_search
 
 
-def test_search_end_to_end(tmp_path: Path, tiny_store: Path) -> None:
+def test_search_end_to_end(tmp_path: Path, tiny_store: Path, empty_store: Path) -> None:
     """The default tier's real search: trials, ASHA, checkpoints, failures, and Tune, Optuna and MLflow agreeing.
     Over 80 lines on purpose: one scenario, each check right after the step it checks."""
     spec = write_spec(
@@ -39,7 +39,7 @@ scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
 checkpoint_every: 3
 """,
     )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(empty_store, tmp_path / "mlflow.db")
     out = run_search(
         SearchOptions(spec_path=str(spec), name="e2e", storage_path=str(tmp_path / "runs"), tracking_uri=uri)
     )
