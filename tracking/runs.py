@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+MAX_TAG = 5000  # characters of a tag value the tracker keeps
 # Not *.json: on --resume Tune copies the experiment folder's *.json and *.pkl into its staging folder and
 # from then on copies them back over the experiment folder, which would put back this file's old version.
 RUNS_FILE = "mlflow_runs.state"
@@ -214,6 +215,7 @@ class Tracker:
         self.state = self._read_state()
         self.lock = threading.RLock()  # the state and the writer's queues, between the driver and the writer
         self._save_lock = threading.Lock()  # one writer of RUNS_FILE at a time
+        self._copies = self._written = 0  # state copies taken, and the newest one written
         self._writer: TrackingWriter | None = None
         self.artifacts = RunArtifacts(self)  # uploads to runs, skipping the look-up of runs created here
 
@@ -255,10 +257,14 @@ class Tracker:
             return
         with self.lock:  # a copy that the other threads cannot change while it is written
             state = {k: type(v)(v) if isinstance(v, (dict, list)) else v for k, v in self.state.items()}
+            copy = self._copies = self._copies + 1
             tmp = self.dir / (RUNS_FILE + ".tmp")
         with self._save_lock:  # encoded and written outside the lock the driver's thread takes per result
+            if copy < self._written:  # a newer copy (another thread's save) is in the file already
+                return
             tmp.write_text(json.dumps(state, indent=2))
             os.replace(tmp, self.dir / RUNS_FILE)
+            self._written = copy
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run a logging call; on failure queue it for the end instead of failing the search.
@@ -374,14 +380,12 @@ class Tracker:
             writer.add_fields(trial_id, params=pairs)
 
     def tags(self, trial_id: str, tags: dict[str, str], what: str) -> None:
-        """Set tags on a trial's run. With the writer running they are journaled, so a driver killed first
-        leaves them to the next tracker on the folder, and written with the run's neighbouring points."""
+        """Set tags on a trial's run; with the writer, journaled and written with the run's neighbouring points."""
         if self._writer is not None:
-            self._writer.add_fields(trial_id, tags=tags)
-            return
+            return self._writer.add_fields(trial_id, tags=tags)
         from mlflow.entities import RunTag
 
-        batch = [RunTag(k, v[:5000]) for k, v in tags.items()]
+        batch = [RunTag(k, v[:MAX_TAG]) for k, v in tags.items()]
         self.trial_call(trial_id, what, lambda run: self.client.log_batch(run, tags=batch))
 
     def run_of(self, trial_id: str) -> str:

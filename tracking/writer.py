@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tracking.epochs import log_epochs
-from tracking.runs import JOURNAL_FILE
+from tracking.runs import JOURNAL_FILE, MAX_TAG
 
 if TYPE_CHECKING:
     from tracking.runs import Tracker
@@ -21,7 +21,6 @@ __all__ = ["TrackingWriter", "end_calls"]
 
 _MAX_BATCH = 1000  # metrics, params and tags per log_batch call: MLflow's limits
 _MAX_FIELDS = 100  # params, and tags, per log_batch call
-_MAX_TAG = 5000  # characters of a tag value kept
 
 
 class TrackingWriter:
@@ -135,7 +134,7 @@ class TrackingWriter:
     def add_fields(self, key: str, params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
         """Journal and queue a run's params and tags: written with the run's neighbouring points (or alone,
         ``linger_s`` later). A tag set twice keeps its last value."""
-        params, tags = dict(params or {}), {k: v[:_MAX_TAG] for k, v in (tags or {}).items()}
+        params, tags = dict(params or {}), {k: v[:MAX_TAG] for k, v in (tags or {}).items()}
         with self.cond:
             self.seq += 1
             ts = int(time.time() * 1000)
@@ -381,7 +380,7 @@ def end_calls(t: Tracker, key: str, name: str, end: dict[str, Any]) -> None:
             lambda run: log_epochs(t.artifacts, run, e["file"], e["member"], e["prefixes"], t.dir),
         )
     if reason:
-        t.trial_call(key, f"error of {name}", lambda run: t.client.set_tag(run, "dedn.error", reason[:5000]))
+        t.trial_call(key, f"error of {name}", lambda run: t.client.set_tag(run, "dedn.error", reason[:MAX_TAG]))
 
     def terminate(run: str) -> None:
         t.client.set_terminated(run, status=status)
