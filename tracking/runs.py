@@ -44,6 +44,7 @@ __all__ = [
     "artifact_location",
     "DEFAULT_URI",
     "JOURNAL_FILE",
+    "MAX_TAG",
     "metric_batch",
     "RUNS_FILE",
     "Tracker",
