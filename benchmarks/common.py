@@ -48,10 +48,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_mlflow_server(folder: Path, workers: int = 4, jobs: bool = False) -> tuple[Any, str, float]:
+# The server programs ``start_mlflow_server`` runs MLflow under. MLflow's default, uvicorn, with more than one worker
+# leaves Nagle's algorithm on for its connections (its listening socket is made with protocol 0, so asyncio does not
+# set TCP_NODELAY on what it accepts: Kludex/uvicorn#3149), and on Linux each reply on a kept-alive connection then
+# waits about 40 ms for the client's delayed ACK between its headers and its body. gunicorn's sync workers (MLflow's
+# ``--gunicorn-opts``) answer one request per connection and close it, which sends the body at once. The access log
+# is on in both, in the format ``driver_scale.server_requests`` reads.
+SERVER_APPS = ("uvicorn", "gunicorn")
+GUNICORN_OPTS = "--timeout 120 --access-logfile - --access-logformat '%(t)s \"%(r)s\" %(s)s'"
+
+
+def start_mlflow_server(
+    folder: Path, workers: int = 4, jobs: bool = False, app: str = "uvicorn"
+) -> tuple[Any, str, float]:
     """``mlflow server`` on a free 127.0.0.1 port with a SQLite backend and artifacts in ``folder``, in its own
-    process group (stop it with ``stop_mlflow_server``). ``jobs`` False sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
-    (no background job consumers). Returns the process, its URI and the seconds until ``GET /health`` answered."""
+    process group (stop it with ``stop_mlflow_server``), under ``app`` (``SERVER_APPS``) with ``workers`` worker
+    processes. ``jobs`` False sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (no background job consumers). Returns
+    the process, its URI and the seconds until ``GET /health`` answered."""
     import os
     import subprocess
     import sys
@@ -66,6 +79,10 @@ def start_mlflow_server(folder: Path, workers: int = 4, jobs: bool = False) -> t
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--workers", str(workers), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     cmd += ["--artifacts-destination", str(folder / "artifacts")]
+    if app == "gunicorn":
+        cmd += ["--gunicorn-opts", GUNICORN_OPTS]
+    elif app != "uvicorn":
+        raise ValueError(f"app: {app!r} is not one of {SERVER_APPS}")
     log = open(folder / "server.log", "ab")  # noqa: SIM115  (closed with the process)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -2,7 +2,8 @@
 
 The script runs the real search driver, the Tuner that ``dedn search`` builds (``tuning.search.build_tuner``: the
 Optuna searcher, the ASHA scheduler of the spec, the MLflow tracking callback and the resume signer), against a
-``mlflow server`` it starts on 127.0.0.1 (SQLite backend in a temporary folder) and stops at the end. Only the
+``mlflow server`` it starts on 127.0.0.1 (SQLite backend in a temporary folder; 4 gunicorn sync workers, or
+MLflow's default uvicorn with ``--server-app uvicorn``) and stops at the end. Only the
 trainable differs: a synthetic one that trains nothing and reports population results in the project's format
 (``tuning.population.population_metrics``: ``epoch``, ``members/<j>/<metric>`` with the 20 values of
 ``tuning.trainable.epoch_metrics``, the leading member's values, ``val_H_best``) at the rate of real hardware.
@@ -56,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, start_mlflow_server, stop_mlflow_server
+from common import ROOT, SERVER_APPS, start_mlflow_server, stop_mlflow_server
 from driver_measure import LINE, Counters, Sampler, at, instrument, median_ms, phases, stored_epochs
 
 LOSSES = ("cls_c", "cls_f", "align_c", "align_f", "distill", "cal", "total")
@@ -215,6 +216,13 @@ def main() -> None:
     ap.add_argument("--spec", default="cub.yaml", help="search spec under configs/search/ (its scheduler, epochs)")
     ap.add_argument("--server-workers", type=int, default=4, help="mlflow server worker processes")
     ap.add_argument(
+        "--server-app",
+        choices=SERVER_APPS,
+        default="gunicorn",
+        help="what the mlflow server runs under: gunicorn's sync workers, or MLflow's default uvicorn, whose workers "
+        "leave Nagle's algorithm on (each reply waits ~40 ms for the client's delayed ACK: benchmarks/common.py)",
+    )
+    ap.add_argument(
         "--no-writer",
         action="store_true",
         help="keep the tracker's background writer off: the driver makes every MLflow call itself, in its event loop",
@@ -251,7 +259,7 @@ def main() -> None:
     offered = a.gpus * a.member_samples_per_s / a.images_per_epoch
     epoch_s = a.population * a.images_per_epoch / a.member_samples_per_s
     check_format(a.population)
-    proc, uri, start_s = start_mlflow_server(tmp / "mlflow", workers=a.server_workers, jobs=False)
+    proc, uri, start_s = start_mlflow_server(tmp / "mlflow", workers=a.server_workers, jobs=False, app=a.server_app)
     print(f"mlflow server at {uri} answered /health after {start_s:.1f} s; folder {tmp}", flush=True)
     import ray
 
@@ -306,7 +314,7 @@ def main() -> None:
     print(
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
-        f"({a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else 'on'}, "
+        f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else 'on'}, "
         f"{'reused' if a.reuse_actors else 'new'} worker per trial, epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
@@ -366,6 +374,8 @@ def main() -> None:
         cmd += f" --epoch-metrics {a.epoch_metrics}"
     if not a.reuse_actors:
         cmd += " --no-reuse-actors"
+    if a.server_app != "gunicorn" or a.server_workers != 4:
+        cmd += f" --server-app {a.server_app} --server-workers {a.server_workers}"
     print(f"({cmd})")
     lost = stored["lost_mlflow"] + stored["lost_optuna"]
     print(
@@ -381,13 +391,17 @@ def server_requests(log: Path) -> str:
 
     kinds: Counter[str] = Counter()
     stamps: list[float] = []
-    pattern = re.compile(r'^(\S+ \S+) .*"(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP')
+    # uvicorn's lines start "2026/11/30 21:44:43 ...", gunicorn's "[30/Nov/2026:21:44:43 +0000] ..."
+    pattern = re.compile(r'^(?:\[(\S+) \S+\]|(\S+ \S+)) .*"(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP')
     for line in log.read_text(errors="replace").splitlines():
         m = pattern.match(line)
-        if m is None or m.group(3) == "/health":
+        if m is None or m.group(4) == "/health":
             continue
-        stamps.append(time.mktime(time.strptime(m.group(1), "%Y/%m/%d %H:%M:%S")))
-        method, path = m.group(2), m.group(3)
+        if m.group(1):
+            stamps.append(time.mktime(time.strptime(m.group(1), "%d/%b/%Y:%H:%M:%S")))
+        else:
+            stamps.append(time.mktime(time.strptime(m.group(2), "%Y/%m/%d %H:%M:%S")))
+        method, path = m.group(3), m.group(4)
         if "/mlflow-artifacts/" in path:
             kinds["upload" if method == "PUT" else f"artifacts {method}"] += 1
         else:

@@ -6,6 +6,9 @@ the end. Targets:
 - server: ``mlflow server`` with its defaults (``--workers`` 4, job execution on: it also starts background
   job consumers);
 - server-nojobs: the same with ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``;
+- gunicorn: the same as server-nojobs under gunicorn's sync workers (``--gunicorn-opts``), which close each
+  connection after its reply: uvicorn with several workers leaves Nagle's algorithm on, and each reply on a
+  kept-alive connection waits about 40 ms for the client's delayed ACK (``benchmarks/common.py``);
 - sqlite: no server, the client writes ``sqlite:///<tmp>/embedded.db`` itself.
 For each it times, with MlflowClient, for ``--seconds`` each after one untimed call:
 - log_metric: one ``log_metric`` call per value;
@@ -183,7 +186,7 @@ def measure(uri: str, a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-TARGETS = ("server", "server-nojobs", "sqlite")
+TARGETS = ("server", "server-nojobs", "gunicorn", "sqlite")
 
 
 def main() -> None:
@@ -209,7 +212,8 @@ def main() -> None:
             results[target] = {"commit": commit_ms(tmp), "idle": None, "start": None}
             results[target].update(measure(f"sqlite:///{tmp / 'embedded.db'}", a))
             continue
-        proc, uri, start_s = start_mlflow_server(tmp, a.workers, jobs=target == "server")
+        app = "gunicorn" if target == "gunicorn" else "uvicorn"
+        proc, uri, start_s = start_mlflow_server(tmp, a.workers, jobs=target == "server", app=app)
         print(f"{target}: mlflow server at {uri} answered /health after {start_s:.1f} s", flush=True)
         try:
             time.sleep(2)
@@ -221,6 +225,7 @@ def main() -> None:
     names = {
         "server": f"server, {a.workers} workers",
         "server-nojobs": f"server, {a.workers} workers, no jobs",
+        "gunicorn": f"gunicorn, {a.workers} workers, no jobs",
         "sqlite": "embedded SQLite",
     }
     width = max(18, *(len(names[t]) for t in a.targets))
