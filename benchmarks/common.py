@@ -53,9 +53,17 @@ def free_port() -> int:
 # set TCP_NODELAY on what it accepts: Kludex/uvicorn#3149), and on Linux each reply on a kept-alive connection then
 # waits about 40 ms for the client's delayed ACK between its headers and its body. gunicorn's sync workers (MLflow's
 # ``--gunicorn-opts``) answer one request per connection and close it, which sends the body at once. The access log
-# is on in both, in the format ``driver_scale.server_requests`` reads.
+# is on in both, in the format ``driver_scale.server_requests`` reads; gunicorn's control socket (from version 26, in
+# the home folder by default) is off, so that a benchmark writes only in its own folder.
 SERVER_APPS = ("uvicorn", "gunicorn")
 GUNICORN_OPTS = "--timeout 120 --access-logfile - --access-logformat '%(t)s \"%(r)s\" %(s)s'"
+
+
+def gunicorn_opts() -> str:
+    """``GUNICORN_OPTS``, and ``--no-control-socket`` where the installed gunicorn has a control socket."""
+    from gunicorn import config
+
+    return GUNICORN_OPTS + (" --no-control-socket" if hasattr(config, "ControlSocketDisable") else "")
 
 
 def start_mlflow_server(
@@ -80,7 +88,7 @@ def start_mlflow_server(
     cmd += ["--workers", str(workers), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     cmd += ["--artifacts-destination", str(folder / "artifacts")]
     if app == "gunicorn":
-        cmd += ["--gunicorn-opts", GUNICORN_OPTS]
+        cmd += ["--gunicorn-opts", gunicorn_opts()]
     elif app != "uvicorn":
         raise ValueError(f"app: {app!r} is not one of {SERVER_APPS}")
     log = open(folder / "server.log", "ab")  # noqa: SIM115  (closed with the process)

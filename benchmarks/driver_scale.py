@@ -2,8 +2,8 @@
 
 The script runs the real search driver, the Tuner that ``dedn search`` builds (``tuning.search.build_tuner``: the
 Optuna searcher, the ASHA scheduler of the spec, the MLflow tracking callback and the resume signer), against a
-``mlflow server`` it starts on 127.0.0.1 (SQLite backend in a temporary folder; 4 gunicorn sync workers, or
-MLflow's default uvicorn with ``--server-app uvicorn``) and stops at the end. Only the
+``mlflow server`` it starts on 127.0.0.1 (SQLite backend in a temporary folder; one gunicorn sync worker, or
+MLflow's default uvicorn with ``--server-app uvicorn --server-workers 4``) and stops at the end. Only the
 trainable differs: a synthetic one that trains nothing and reports population results in the project's format
 (``tuning.population.population_metrics``: ``epoch``, ``members/<j>/<metric>`` with the 20 values of
 ``tuning.trainable.epoch_metrics``, the leading member's values, ``val_H_best``) at the rate of real hardware.
@@ -85,10 +85,15 @@ def member_record(rng: random.Random, quality: float, epoch: int, epoch_s: float
     return m
 
 
-def synthetic_population(config: dict[str, Any], last_epoch: int, epoch_s: float, rate: float, emitted: str) -> None:
+def synthetic_population(
+    config: dict[str, Any], last_epoch: int, epoch_s: float, rate: float, emitted: str, nice: int
+) -> None:
     """A Tune trial that trains nothing: every ``epoch_s`` seconds from its start it reports a population result
-    for its ``config["members"]`` and writes one line to ``<emitted>/<trial id>.txt`` (line 0: its start)."""
+    for its ``config["members"]`` and writes one line to ``<emitted>/<trial id>.txt`` (line 0: its start). Its
+    thread runs at niceness ``nice`` (Linux sets it per thread)."""
     from ray import tune
+
+    os.setpriority(os.PRIO_PROCESS, 0, nice)  # this thread; a reused worker keeps it, so set, not added
 
     size = len(config["members"])
     trial_id = tune.get_context().get_trial_id()
@@ -196,6 +201,7 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
             epoch_s=epoch_s,
             rate=a.member_samples_per_s / size,
             emitted=str(emitted),
+            nice=a.trial_nice,
         ),
         {"cpu": 0.0, "gpu": 1.0},
     )  # the one part of the driver this benchmark replaces
@@ -214,13 +220,29 @@ def main() -> None:
     ap.add_argument("--member-samples-per-s", type=float, default=29_000.0, help="per GPU, all members together")
     ap.add_argument("--images-per-epoch", type=int, default=3_800)
     ap.add_argument("--spec", default="cub.yaml", help="search spec under configs/search/ (its scheduler, epochs)")
-    ap.add_argument("--server-workers", type=int, default=4, help="mlflow server worker processes")
+    ap.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="mlflow server worker processes (on SQLite, several wait for each other in SQLite's lock)",
+    )
     ap.add_argument(
         "--server-app",
         choices=SERVER_APPS,
         default="gunicorn",
         help="what the mlflow server runs under: gunicorn's sync workers, or MLflow's default uvicorn, whose workers "
         "leave Nagle's algorithm on (each reply waits ~40 ms for the client's delayed ACK: benchmarks/common.py)",
+    )
+    ap.add_argument(
+        "--trial-nice",
+        type=int,
+        default=19,
+        help="niceness of each trial's reporting thread (Ray starts its worker processes at 15): the trials stand "
+        "in for GPU nodes, so they get the CPU the driver, Ray and the server leave, as on a cluster whose head runs "
+        "no trials (15: Ray's own)",
+    )
+    ap.add_argument(
+        "--writer-threads", type=int, default=4, help="the tracker's writer threads (Tracker.start's default: 4)"
     )
     ap.add_argument(
         "--no-writer",
@@ -272,6 +294,12 @@ def main() -> None:
             from tuning.tracking_callback import MLflowTrialLogger
 
             MLflowTrialLogger.setup = lambda self, **info: None  # type: ignore[method-assign]
+        if a.writer_threads != 4:
+            from functools import partialmethod
+
+            from tracking.runs import Tracker
+
+            Tracker.start = partialmethod(Tracker.start, threads=a.writer_threads)  # type: ignore[assignment, method-assign]
         tuner, exp, epochs = build_tuner(a, tmp, uri, emitted)
         sampler = Sampler(c, emitted, epoch_s, epochs, proc.pid)
         sampler.rows.append(sampler.sample())
@@ -314,8 +342,8 @@ def main() -> None:
     print(
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
-        f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else 'on'}, "
-        f"{'reused' if a.reuse_actors else 'new'} worker per trial, epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
+        f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else f'on ({a.writer_threads} threads)'}, "
+        f"{'reused' if a.reuse_actors else 'new'} worker per trial (its reporting thread at nice {a.trial_nice}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
     head = (
@@ -368,13 +396,17 @@ def main() -> None:
         cmd += f" --spec {a.spec}"
     if a.no_writer:
         cmd += " --no-writer"
+    if a.writer_threads != 4:
+        cmd += f" --writer-threads {a.writer_threads}"
+    if a.trial_nice != 19:
+        cmd += f" --trial-nice {a.trial_nice}"
     if a.optuna_storage != "journal":
         cmd += f" --optuna-storage {a.optuna_storage}"
     if a.epoch_metrics != "key":
         cmd += f" --epoch-metrics {a.epoch_metrics}"
     if not a.reuse_actors:
         cmd += " --no-reuse-actors"
-    if a.server_app != "gunicorn" or a.server_workers != 4:
+    if a.server_app != "gunicorn" or a.server_workers != 1:
         cmd += f" --server-app {a.server_app} --server-workers {a.server_workers}"
     print(f"({cmd})")
     lost = stored["lost_mlflow"] + stored["lost_optuna"]

@@ -18,9 +18,11 @@ For each it times, with MlflowClient, for ``--seconds`` each after one untimed c
 - trial start: ``create_run`` nested under a parent (tag ``mlflow.parentRunId``) plus one ``log_batch`` of 9
   params, what tracking.runs.Tracker.child does for each trial;
 - concurrent log_batch: ``--threads`` client threads, each on its own run, logging batches at once.
-It also reports the server's CPU use while idle (all its processes, over 3 s) and the disk's sync latency at that
-moment (median of raw SQLite insert + commit in the same folder): each MLflow write is at least one commit, so on
-a slow or shared disk the commit latency bounds the throughput. ``--dir /dev/shm`` puts the databases in memory.
+For a server it also times small requests on one kept-alive connection (``http.client``): until the reply's
+headers and until its whole body have arrived. It also reports the server's CPU use while idle (all its
+processes, over 3 s) and the disk's sync latency at that moment (median of raw SQLite insert + commit in the same
+folder): each MLflow write is at least one commit, so on a slow or shared disk the commit latency bounds the
+throughput. ``--dir /dev/shm`` puts the databases in memory.
 The client and the server share this machine's cores, so the numbers are a floor for a server on its own host.
 
     python benchmarks/mlflow_logging.py                          # 3 s per measurement, threads 1 4 8
@@ -82,6 +84,30 @@ def commit_ms(folder: Path, n: int = 11) -> float:
         times.append(1e3 * (time.perf_counter() - t0))
     con.close()
     return statistics.median(times)
+
+
+def reply_ms(uri: str, n: int = 21) -> tuple[float, float]:
+    """Median ms from sending a small request (``experiments/get-by-name``) on one kept-alive connection until its
+    reply's headers, and until its whole body, have arrived: a server that leaves Nagle's algorithm on sends the
+    body only when the client's delayed ACK of the headers comes back (about 40 ms on Linux)."""
+    import http.client
+    import statistics
+    from urllib.parse import urlsplit
+
+    host = urlsplit(uri)
+    conn = http.client.HTTPConnection(host.hostname or "127.0.0.1", host.port)
+    heads, wholes = [], []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.request("GET", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+            reply = conn.getresponse()
+            heads.append(1e3 * (time.perf_counter() - t0))
+            reply.read()
+            wholes.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        conn.close()
+    return statistics.median(heads), statistics.median(wholes)
 
 
 def rate(fn: Callable[[int], None], seconds: float) -> tuple[float, int]:
@@ -209,7 +235,7 @@ def main() -> None:
         tmp = root / target
         tmp.mkdir()
         if target == "sqlite":
-            results[target] = {"commit": commit_ms(tmp), "idle": None, "start": None}
+            results[target] = {"commit": commit_ms(tmp), "idle": None, "start": None, "reply": None}
             results[target].update(measure(f"sqlite:///{tmp / 'embedded.db'}", a))
             continue
         app = "gunicorn" if target == "gunicorn" else "uvicorn"
@@ -218,6 +244,7 @@ def main() -> None:
         try:
             time.sleep(2)
             results[target] = {"idle": idle_cpu(proc), "commit": commit_ms(tmp), "start_s": start_s}
+            results[target]["reply"] = reply_ms(uri)
             results[target].update(measure(uri, a))
         finally:
             stop_mlflow_server(proc)
@@ -258,6 +285,8 @@ def main() -> None:
         rows.append((f"{label}: log_batch calls/s (errors)", calls(f"threads_{n}")))
         rows.append((f"{label}: metrics/s", metrics(f"threads_{n}")))
     rows += [
+        ("kept-alive reply: ms to headers", lambda r: opt(r["reply"] and r["reply"][0], ".1f")),
+        ("kept-alive reply: ms to whole body", lambda r: opt(r["reply"] and r["reply"][1], ".1f")),
         ("server CPU while idle (cores)", lambda r: opt(r["idle"], ".2f")),
         ("server start until /health (s)", lambda r: opt(r.get("start_s"), ".1f")),
         ("disk commit before the run (ms)", lambda r: f"{r['commit']:.1f}"),
