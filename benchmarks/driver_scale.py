@@ -400,6 +400,8 @@ def main() -> None:
         cmd += f" --writer-threads {a.writer_threads}"
     if a.trial_nice != 19:
         cmd += f" --trial-nice {a.trial_nice}"
+    if a.dir is not None:
+        cmd += f" --dir {a.dir}"
     if a.optuna_storage != "journal":
         cmd += f" --optuna-storage {a.optuna_storage}"
     if a.epoch_metrics != "key":
