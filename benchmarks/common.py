@@ -56,14 +56,15 @@ def free_port() -> int:
 # is on in both, in the format ``driver_scale.server_requests`` reads; gunicorn's control socket (from version 26, in
 # the home folder by default) is off, so that a benchmark writes only in its own folder.
 SERVER_APPS = ("uvicorn", "gunicorn")
-GUNICORN_OPTS = "--timeout 120 --access-logfile - --access-logformat '%(t)s \"%(r)s\" %(s)s'"
 
 
 def gunicorn_opts() -> str:
-    """``GUNICORN_OPTS``, and ``--no-control-socket`` where the installed gunicorn has a control socket."""
+    """MLflow's ``--gunicorn-opts`` for a benchmark's server; ``--no-control-socket`` where the installed gunicorn
+    has a control socket."""
     from gunicorn import config
 
-    return GUNICORN_OPTS + (" --no-control-socket" if hasattr(config, "ControlSocketDisable") else "")
+    opts = "--timeout 120 --access-logfile - --access-logformat '%(t)s \"%(r)s\" %(s)s'"
+    return opts + (" --no-control-socket" if hasattr(config, "ControlSocketDisable") else "")
 
 
 def start_mlflow_server(

@@ -242,7 +242,7 @@ def main() -> None:
         "no trials (15: Ray's own)",
     )
     ap.add_argument(
-        "--writer-threads", type=int, default=4, help="the tracker's writer threads (Tracker.start's default: 4)"
+        "--writer-threads", type=int, default=None, help="the tracker's writer threads (default: Tracker.start's)"
     )
     ap.add_argument(
         "--no-writer",
@@ -294,7 +294,7 @@ def main() -> None:
             from tuning.tracking_callback import MLflowTrialLogger
 
             MLflowTrialLogger.setup = lambda self, **info: None  # type: ignore[method-assign]
-        if a.writer_threads != 4:
+        if a.writer_threads is not None:
             from functools import partialmethod
 
             from tracking.runs import Tracker
@@ -336,13 +336,18 @@ def main() -> None:
     rows = sampler.rows
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    import inspect
+
     import mlflow
     import optuna
 
+    from tracking.runs import Tracker
+
+    writer_threads = a.writer_threads or inspect.signature(Tracker.start).parameters["threads"].default
     print(
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
-        f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else f'on ({a.writer_threads} threads)'}, "
+        f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else f'on ({writer_threads} threads)'}, "
         f"{'reused' if a.reuse_actors else 'new'} worker per trial (its reporting thread at nice {a.trial_nice}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
@@ -396,7 +401,7 @@ def main() -> None:
         cmd += f" --spec {a.spec}"
     if a.no_writer:
         cmd += " --no-writer"
-    if a.writer_threads != 4:
+    if a.writer_threads is not None:
         cmd += f" --writer-threads {a.writer_threads}"
     if a.trial_nice != 19:
         cmd += f" --trial-nice {a.trial_nice}"
