@@ -8,12 +8,19 @@ trainable differs: a synthetic one that trains nothing and reports population re
 (``tuning.population.population_metrics``: ``epoch``, ``members/<j>/<metric>`` with the 20 values of
 ``tuning.trainable.epoch_metrics``, the leading member's values, ``val_H_best``) at the rate of real hardware.
 
-With ``--gpus G --population M`` each of G concurrent Tune trials (one logical GPU each, ``ray.init(num_gpus=G)``
-on this machine) trains M members at ``--member-samples-per-s`` (29,000 per GPU, measured on an H200 at CUB shapes,
-docs/scaling.md) over ``--images-per-epoch`` (3,800: CUB's train split), so a population finishes an epoch every
-M x 3,800 / 29,000 s and the driver is offered G x 29,000 / 3,800 member-epochs/s: 488 at G = 64.
+With ``--gpus G --population M`` each of G concurrent Tune trials (one logical GPU each) trains M members at
+``--member-samples-per-s`` (29,000 per GPU, measured on an H200 at CUB shapes, docs/scaling.md) over
+``--images-per-epoch`` (3,800: CUB's train split), so a population finishes an epoch every M x 3,800 / 29,000 s
+and the driver is offered G x 29,000 / 3,800 member-epochs/s: 488 at G = 64.
 Each trial keeps to that schedule from its own start (a trial held back by the driver catches up), writes a
 line per epoch it emitted, and stops at the spec's 80 epochs or when ASHA or the time budget stops it.
+
+Ray's worker processes run in Linux's SCHED_IDLE class (``--trial-idle``, the default: Ray starts them as ``chrt
+--idle 0 python``, its ``py_executable`` runtime environment): the trials stand in for the GPU nodes of a cluster,
+whose CPUs are not the driver's, so they get only the CPU that the driver, Ray and the server leave. At nice 15,
+Ray's own setting (``--no-trial-idle``), the 64 worker processes took this 2-core machine for minutes as they started
+(about 1.5 CPU-seconds each; 64 idle Ray workers then use about half a core), and the server waited for a CPU 93% of
+the time. Trials still start slowly here: each worker process gets only the CPU that is left.
 
 Per phase (the first ``--warmup`` seconds, then windows of ``--window`` seconds, then the drain after the time
 budget until every received epoch is in MLflow) it prints:
@@ -36,9 +43,8 @@ By default the search is configured as a population search on many GPUs should b
 and ``reuse_actors`` (trial processes reused: on a cluster they start on the GPU nodes, here they would all start on
 the driver's 2 cores). ``--optuna-storage sqlite``, ``--epoch-metrics all`` and ``--no-reuse-actors`` measure the
 spec's defaults instead; ``--no-writer`` keeps the tracker's background writer off (every MLflow call made in the
-driver's event loop). Each logical GPU is a Ray worker process here; where 64 of them start too slowly,
-``--gpus 16 --member-samples-per-s 116000`` offers the same member-epochs and Tune results per second from 16
-trials (256 member runs instead of 1,024).
+driver's event loop). ``--gpus 16 --member-samples-per-s 116000`` offers the same member-epochs and Tune results
+per second from 16 trials (256 member runs instead of 1,024).
 
     python benchmarks/driver_scale.py --seconds 120               # 64 GPUs, populations of 16
     python benchmarks/driver_scale.py --seconds 240 --gpus 16 --member-samples-per-s 116000
@@ -242,6 +248,14 @@ def main() -> None:
         "no trials (15: Ray's own)",
     )
     ap.add_argument(
+        "--trial-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Ray's worker processes in Linux's SCHED_IDLE class (started as `chrt --idle 0 python`, Ray's "
+        "py_executable): the trials stand in for GPU nodes, whose CPUs are not the driver's, so they get only the CPU "
+        "the driver, Ray and the server leave; at nice 15, Ray's own, their start-up took the server's CPU for minutes",
+    )
+    ap.add_argument(
         "--writer-threads", type=int, default=None, help="the tracker's writer threads (default: Tracker.start's)"
     )
     ap.add_argument(
@@ -287,7 +301,16 @@ def main() -> None:
 
     try:
         # 16 logical CPUs, which the trials do not ask for: Ray starts that many worker processes at a time
-        ray.init(address="local", num_cpus=16, num_gpus=a.gpus, include_dashboard=False, log_to_driver=False)
+        # Ray's documented way to run its worker processes under another command: here in SCHED_IDLE
+        idle = {"py_executable": f"chrt --idle 0 {sys.executable}"} if a.trial_idle else None
+        ray.init(
+            address="local",
+            num_cpus=16,
+            num_gpus=a.gpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=idle,
+        )
         c = Counters()
         instrument(c)
         if a.no_writer:
@@ -348,7 +371,7 @@ def main() -> None:
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
         f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else f'on ({writer_threads} threads)'}, "
-        f"{'reused' if a.reuse_actors else 'new'} worker per trial (its reporting thread at nice {a.trial_nice}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
+        f"{'reused' if a.reuse_actors else 'new'} worker per trial ({'SCHED_IDLE, ' if a.trial_idle else ''}its reporting thread at nice {a.trial_nice}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
     head = (
@@ -405,6 +428,8 @@ def main() -> None:
         cmd += f" --writer-threads {a.writer_threads}"
     if a.trial_nice != 19:
         cmd += f" --trial-nice {a.trial_nice}"
+    if not a.trial_idle:
+        cmd += " --no-trial-idle"
     if a.dir is not None:
         cmd += f" --dir {a.dir}"
     if a.optuna_storage != "journal":
