@@ -9,18 +9,77 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dedn.errors import DednInputError
 from tracking.epochs import log_epochs
 from tracking.runs import JOURNAL_FILE, MAX_TAG
 
 if TYPE_CHECKING:
     from tracking.runs import Tracker
 
-__all__ = ["TrackingWriter", "end_calls"]
+__all__ = ["TrackingWriter", "check_journal", "end_calls", "journal_records"]
 
 _MAX_BATCH = 1000  # metrics, params and tags per log_batch call: MLflow's limits
 _MAX_FIELDS = 100  # params, and tags, per log_batch call
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _texts(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+
+
+def _broken_rule(rec: Any) -> str | None:
+    """What a parsed journal line breaks of the forms ``TrackingWriter`` writes, or None when it has one."""
+    if not isinstance(rec, dict):
+        return "a record is a JSON object"
+    if "a" in rec:
+        return None if _whole(rec["a"]) and rec["a"] >= 0 else '"a" (points written up to) is a whole number >= 0'
+    if "r" in rec:
+        return None if isinstance(rec["r"], str) and isinstance(rec.get("id"), str) else '"r" and "id" are strings'
+    if not (_whole(rec.get("n")) and rec["n"] >= 1 and isinstance(rec.get("k"), str) and _whole(rec.get("t"))):
+        return 'a point or fields record has "n" (a whole number >= 1), "k" (a string) and "t" (a whole number)'
+    if "s" not in rec:
+        if not all(_texts(rec[f]) for f in ("P", "T") if f in rec):
+            return '"P" (params) and "T" (tags) map strings to strings'
+        return None
+    m = rec.get("m")
+    if not (_whole(rec["s"]) and isinstance(m, dict) and rec.get("e", 1) == 1):
+        return 'a point has "s" (a whole number), "m" (an object) and "e" 1 when present'
+    if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in m.items()):
+        return '"m" maps metric names to numbers'
+    return None
+
+
+def journal_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a tracker's journal (``JOURNAL_FILE``), in order; none when there is no journal. A line that
+    is not JSON is one a kill tore (its point was never queued) and is left out; a JSON line in no form the writer
+    writes (a hand-edited or hostile file) is refused with ``DednInputError`` naming its line and the rule, before
+    any of it is queued: ``dedn search --resume`` checks the folder's journal this way before Ray starts."""
+    if not path.is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            rule = _broken_rule(rec)
+            if rule is not None:
+                raise DednInputError(path, f"line {number}", rule)
+            records.append(rec)
+    return records
+
+
+def check_journal(folder: Path) -> None:
+    """Refuse an experiment folder whose tracker journal has a line in no form the writer writes
+    (``journal_records``), before a resumed search starts Ray."""
+    journal_records(folder / JOURNAL_FILE)
 
 
 class TrackingWriter:
@@ -76,24 +135,17 @@ class TrackingWriter:
 
     def _replay(self) -> None:
         """Queue the journal's points that are not recorded as written; advance ``last_epoch`` to its epochs."""
-        if not self.path.is_file():
-            return
         records = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by a kill: its point was never queued
-                if "a" in rec:
-                    self.acked = max(self.acked, int(rec["a"]))
-                    self.seq = max(self.seq, int(rec["a"]))
-                elif "r" in rec:  # a run created after the state file was last written
-                    self.t.state["trials"][str(rec["r"])] = str(rec["id"])
-                    self.dirty = True
-                else:
-                    records.append(rec)
-                    self.seq = max(self.seq, int(rec["n"]))
+        for rec in journal_records(self.path):
+            if "a" in rec:
+                self.acked = max(self.acked, int(rec["a"]))
+                self.seq = max(self.seq, int(rec["a"]))
+            elif "r" in rec:  # a run created after the state file was last written
+                self.t.state["trials"][str(rec["r"])] = str(rec["id"])
+                self.dirty = True
+            else:
+                records.append(rec)
+                self.seq = max(self.seq, int(rec["n"]))
         last = self.t.state.setdefault("last_epoch", {})
         for rec in records:
             if rec.get("e"):

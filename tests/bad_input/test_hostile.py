@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cli_argv, free_port, new_store, refused, write_spec
+from tracking.runs import JOURNAL_FILE
 
 SPEC = """
 num_samples: 1
@@ -103,6 +104,16 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     key = other / "dedn" / "resume.key"
     refused(resume, cwd=root, watch=[exp], file=key, field="signature", env={"XDG_CONFIG_HOME": str(other)})
     assert not other.exists()
+
+    # a line in the tracker's journal in no form the writer writes: refused before Ray starts
+    journal = exp / JOURNAL_FILE
+    kept = journal.read_bytes()
+    journal.write_bytes(kept + b'{"n": 1, "k": "x", "s": 1, "t": 1, "m": ["not", "metrics"]}\n')
+    try:
+        last = len(kept.splitlines()) + 1
+        refused(resume, cwd=root, watch=[exp, config], file=journal, field=f"line {last}", env=env)
+    finally:
+        journal.write_bytes(kept)
 
     # the untampered folder still resumes, and stays verifiable afterwards
     r = subprocess.run(

@@ -341,3 +341,42 @@ def test_a_batch_over_mlflow_limits_is_split(tmp_path: Path) -> None:
     assert run.data.metrics == {f"m{i:03d}": float(4000 + i) for i in range(300)}
     rows = MlflowClient(tracking_uri=t.uri).get_metric_history(t.run_of(key), "m299")
     assert sorted((m.step, m.value) for m in rows) == [(e, float(e * 1000 + 299)) for e in range(1, 5)]
+
+
+# Lines of a hand-edited or hostile journal: JSON, but in no form the writer writes.
+HOSTILE_LINES = {
+    "not an object": "[1, 2]",
+    "ack a string": '{"a": "9"}',
+    "run id a number": '{"r": "t0-m0", "id": 7}',
+    "sequence a bool": '{"n": true, "k": "t0-m0", "s": 2, "t": 1000, "m": {"val_H": 0.5}}',
+    "no run key": '{"n": 2, "s": 2, "t": 1000, "m": {"val_H": 0.5}}',
+    "step a string": '{"n": 2, "k": "t0-m0", "s": "2", "t": 1000, "m": {"val_H": 0.5}}',
+    "metrics a list": '{"n": 2, "k": "t0-m0", "s": 2, "t": 1000, "m": [0.5]}',
+    "metric a string": '{"n": 2, "k": "t0-m0", "s": 2, "t": 1000, "m": {"val_H": "0.5"}}',
+    "param a number": '{"n": 2, "k": "t0-m0", "t": 1000, "P": {"optim.lr": 0.1}}',
+}
+
+
+@pytest.mark.parametrize("line", HOSTILE_LINES.values(), ids=HOSTILE_LINES.keys())
+def test_a_journal_line_in_no_form_the_writer_writes_is_refused(tmp_path: Path, line: str) -> None:
+    """The tracker refuses the journal with one line naming the file, the line and the rule, before it queues,
+    writes or appends anything; without that line, the same journal (a line torn by a kill in it) is replayed."""
+    from dedn.errors import DednInputError
+
+    t = new_tracker(tmp_path)
+    make_runs(t, tmp_path)
+    journal = tmp_path / "exp" / JOURNAL_FILE
+    good = '{"n":1,"k":"t0-m0","s":1,"t":1000,"m":{"val_H":0.5}}\n{"n":2,"k":"t0-m\n'  # line 2: torn
+    journal.write_text(good + line + "\n")
+    before = journal.read_bytes()
+    refused = new_tracker(tmp_path)
+    with pytest.raises(DednInputError) as err:
+        refused.start(threads=1, linger_s=0.0)
+    assert str(err.value).startswith(f"{journal}: line 3: ") and "\n" not in str(err.value)
+    assert refused.backlog == 0 and journal.read_bytes() == before
+    assert histories(tmp_path) == {k: [] for k in KEYS}
+    journal.write_text(good)
+    t = new_tracker(tmp_path)
+    t.start(threads=1, linger_s=0.0)
+    assert t.close(timeout_s=60) == 0
+    assert histories(tmp_path) == {KEYS[0]: [(1, 0.5)], KEYS[1]: [], KEYS[2]: []}
