@@ -52,18 +52,23 @@ def free_port() -> int:
 # leaves Nagle's algorithm on for its connections (its listening socket is made with protocol 0, so asyncio does not
 # set TCP_NODELAY on what it accepts: Kludex/uvicorn#3149), and on Linux each reply on a kept-alive connection then
 # waits about 40 ms for the client's delayed ACK between its headers and its body. gunicorn's sync workers (MLflow's
-# ``--gunicorn-opts``) answer one request per connection and close it, which sends the body at once. The access log
-# is on in both, in the format ``driver_scale.server_requests`` reads; gunicorn's control socket (from version 26, in
-# the home folder by default) is off, so that a benchmark writes only in its own folder.
-SERVER_APPS = ("uvicorn", "gunicorn")
+# ``--gunicorn-opts``) answer one request per connection and close it, which sends the body at once; before the
+# next request a sync worker waits for the client to close its end (``gunicorn.util.close_graceful``). gunicorn's
+# gthread workers (``gthread``: one thread each, connections kept alive 5 s) keep the connection, with TCP_NODELAY set
+# on gunicorn's listening socket. The access log is on in all three, in the format ``driver_scale.server_requests``
+# reads; gunicorn's control socket (from version 26, in the home folder by default) is off, so that a benchmark
+# writes only in its own folder.
+SERVER_APPS = ("uvicorn", "gunicorn", "gthread")
 
 
-def gunicorn_opts() -> str:
-    """MLflow's ``--gunicorn-opts`` for a benchmark's server; ``--no-control-socket`` where the installed gunicorn
-    has a control socket."""
+def gunicorn_opts(threaded: bool = False) -> str:
+    """MLflow's ``--gunicorn-opts`` for a benchmark's server (``threaded``: gthread workers of one thread, connections
+    kept alive); ``--no-control-socket`` where the installed gunicorn has a control socket."""
     from gunicorn import config
 
     opts = "--timeout 120 --access-logfile - --access-logformat '%(t)s \"%(r)s\" %(s)s'"
+    if threaded:
+        opts += " --worker-class gthread --threads 1 --keep-alive 5"
     return opts + (" --no-control-socket" if hasattr(config, "ControlSocketDisable") else "")
 
 
@@ -88,8 +93,8 @@ def start_mlflow_server(
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--workers", str(workers), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     cmd += ["--artifacts-destination", str(folder / "artifacts")]
-    if app == "gunicorn":
-        cmd += ["--gunicorn-opts", gunicorn_opts()]
+    if app in ("gunicorn", "gthread"):
+        cmd += ["--gunicorn-opts", gunicorn_opts(threaded=app == "gthread")]
     elif app != "uvicorn":
         raise ValueError(f"app: {app!r} is not one of {SERVER_APPS}")
     log = open(folder / "server.log", "ab")  # noqa: SIM115  (closed with the process)

@@ -243,9 +243,8 @@ def main() -> None:
         "--trial-nice",
         type=int,
         default=19,
-        help="niceness of each trial's reporting thread (Ray starts its worker processes at 15): the trials stand "
-        "in for GPU nodes, so they get the CPU the driver, Ray and the server leave, as on a cluster whose head runs "
-        "no trials (15: Ray's own)",
+        help="with --no-trial-idle, the niceness of each trial's reporting thread (Ray starts its worker processes at "
+        "15; in SCHED_IDLE niceness counts for nothing)",
     )
     ap.add_argument(
         "--trial-idle",
@@ -371,7 +370,7 @@ def main() -> None:
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
         f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else f'on ({writer_threads} threads)'}, "
-        f"{'reused' if a.reuse_actors else 'new'} worker per trial ({'SCHED_IDLE, ' if a.trial_idle else ''}its reporting thread at nice {a.trial_nice}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
+        f"{'reused' if a.reuse_actors else 'new'} worker per trial ({'SCHED_IDLE' if a.trial_idle else f'its reporting thread at nice {a.trial_nice}'}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
     head = (
@@ -426,7 +425,7 @@ def main() -> None:
         cmd += " --no-writer"
     if a.writer_threads is not None:
         cmd += f" --writer-threads {a.writer_threads}"
-    if a.trial_nice != 19:
+    if a.trial_nice != 19 and not a.trial_idle:
         cmd += f" --trial-nice {a.trial_nice}"
     if not a.trial_idle:
         cmd += " --no-trial-idle"

@@ -9,6 +9,7 @@ the end. Targets:
 - gunicorn: the same as server-nojobs under gunicorn's sync workers (``--gunicorn-opts``), which close each
   connection after its reply: uvicorn with several workers leaves Nagle's algorithm on, and each reply on a
   kept-alive connection waits about 40 ms for the client's delayed ACK (``benchmarks/common.py``);
+- gthread: the same under gunicorn's gthread workers (one thread each), which keep connections alive;
 - sqlite: no server, the client writes ``sqlite:///<tmp>/embedded.db`` itself.
 For each it times, with MlflowClient, for ``--seconds`` each after one untimed call:
 - log_metric: one ``log_metric`` call per value;
@@ -212,7 +213,7 @@ def measure(uri: str, a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-TARGETS = ("server", "server-nojobs", "gunicorn", "sqlite")
+TARGETS = ("server", "server-nojobs", "gunicorn", "gthread", "sqlite")
 
 
 def main() -> None:
@@ -238,7 +239,7 @@ def main() -> None:
             results[target] = {"commit": commit_ms(tmp), "idle": None, "start": None, "reply": None}
             results[target].update(measure(f"sqlite:///{tmp / 'embedded.db'}", a))
             continue
-        app = "gunicorn" if target == "gunicorn" else "uvicorn"
+        app = target if target in ("gunicorn", "gthread") else "uvicorn"
         proc, uri, start_s = start_mlflow_server(tmp, a.workers, jobs=target == "server", app=app)
         print(f"{target}: mlflow server at {uri} answered /health after {start_s:.1f} s", flush=True)
         try:
@@ -253,6 +254,7 @@ def main() -> None:
         "server": f"server, {a.workers} workers",
         "server-nojobs": f"server, {a.workers} workers, no jobs",
         "gunicorn": f"gunicorn, {a.workers} workers, no jobs",
+        "gthread": f"gthread, {a.workers} workers, no jobs",
         "sqlite": "embedded SQLite",
     }
     width = max(18, *(len(names[t]) for t in a.targets))
