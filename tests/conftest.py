@@ -101,6 +101,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     proc.wait(timeout=30)
 
 
+_SESSION_FOLDERS: list[str] = []  # made by pytest_configure, removed by pytest_unconfigure
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Keep the user's config folder out of the tests: the resume-signing key of every search a test (or a
     command it starts) runs lives in a temporary XDG_CONFIG_HOME."""
@@ -108,4 +111,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # Nor the repository's tracking store: a search a test starts without --tracking-uri logs here (and
     # its artifacts go beside this file), never to ./mlflow.db and ./mlruns.
     tracking = Path(tempfile.mkdtemp(prefix="dedn-tests-mlflow-")) / "mlflow.db"
+    _SESSION_FOLDERS.extend([os.environ["XDG_CONFIG_HOME"], str(tracking.parent)])
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tracking}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's config and tracking folders go with it: every test and command it started has ended."""
+    import shutil
+
+    for folder in _SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
+    _SESSION_FOLDERS.clear()
