@@ -93,10 +93,10 @@ def start_mlflow_server(
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--workers", str(workers), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     cmd += ["--artifacts-destination", str(folder / "artifacts")]
-    if app in ("gunicorn", "gthread"):
-        cmd += ["--gunicorn-opts", gunicorn_opts(threaded=app == "gthread")]
-    elif app != "uvicorn":
+    if app not in SERVER_APPS:
         raise ValueError(f"app: {app!r} is not one of {SERVER_APPS}")
+    if app != "uvicorn":
+        cmd += ["--gunicorn-opts", gunicorn_opts(threaded=app == "gthread")]
     log = open(folder / "server.log", "ab")  # noqa: SIM115  (closed with the process)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

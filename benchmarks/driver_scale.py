@@ -19,8 +19,8 @@ Ray's worker processes run in Linux's SCHED_IDLE class (``--trial-idle``, the de
 --idle 0 python``, its ``py_executable`` runtime environment): the trials stand in for the GPU nodes of a cluster,
 whose CPUs are not the driver's, so they get only the CPU that the driver, Ray and the server leave. At nice 15,
 Ray's own setting (``--no-trial-idle``), the 64 worker processes took this 2-core machine for minutes as they started
-(about 1.5 CPU-seconds each; 64 idle Ray workers then use about half a core), and the server waited for a CPU 93% of
-the time. Trials still start slowly here: each worker process gets only the CPU that is left.
+(about 1.5 CPU-seconds each, and 64 idle Ray workers then use about half a core: one-off checks), and the server
+waited for a CPU 93% of the time. Trials still start slowly here: each worker process gets only the CPU that is left.
 
 Per phase (the first ``--warmup`` seconds, then windows of ``--window`` seconds, then the drain after the time
 budget until every received epoch is in MLflow) it prints:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, start_mlflow_server, stop_mlflow_server
+from common import ROOT, SERVER_APPS, start_mlflow_server, stop_mlflow_server
 
 PARAMS = ("lr", "beta", "gamma", "eps", "clusters", "kmeans_q", "lambda_rc", "lambda_e", "calibration")
 
@@ -239,7 +239,7 @@ def main() -> None:
             results[target] = {"commit": commit_ms(tmp), "idle": None, "start": None, "reply": None}
             results[target].update(measure(f"sqlite:///{tmp / 'embedded.db'}", a))
             continue
-        app = target if target in ("gunicorn", "gthread") else "uvicorn"
+        app = target if target in SERVER_APPS else "uvicorn"  # server, server-nojobs: MLflow's default
         proc, uri, start_s = start_mlflow_server(tmp, a.workers, jobs=target == "server", app=app)
         print(f"{target}: mlflow server at {uri} answered /health after {start_s:.1f} s", flush=True)
         try:
