@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from dedn.errors import DednInputError
 from tracking.run_artifacts import RunArtifacts
+from tracking.run_state import RUNS_FILE, read_runs_state
 
 if TYPE_CHECKING:
     from tracking.writer import TrackingWriter
@@ -58,10 +59,6 @@ __all__ = [
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_TAG = 5000  # characters of a tag value the tracker keeps
-# Not *.json: on --resume Tune copies the experiment folder's *.json and *.pkl into its staging folder and
-# from then on copies them back over the experiment folder, which would put back this file's old version.
-RUNS_FILE = "mlflow_runs.state"
-_LEGACY_RUNS_FILE = "mlflow_runs.json"
 # The writer's append-only journal of metric points (not *.json either, for the same reason).
 JOURNAL_FILE = "mlflow_points.journal"
 
@@ -238,10 +235,7 @@ class Tracker:
 
     # -- persistence of run ids ---------------------------------------------------------------
     def _read_state(self) -> dict[str, Any]:
-        for path in (self.dir / RUNS_FILE, self.dir / _LEGACY_RUNS_FILE):
-            if path.is_file():
-                return dict(json.loads(path.read_text()))
-        return {"parent": None, "trials": {}}
+        return read_runs_state(self.dir)
 
     def reload(self) -> None:
         """Read the run ids back from RUNS_FILE, where another copy of this tracker (Tune's

@@ -329,10 +329,12 @@ def _prepare_experiment(
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
         from tracking.integrity import verify_state
+        from tracking.run_state import check_runs_state
         from tracking.writer import check_journal
 
         verify_state(exp)  # Ray unpickles the folder's state: only what this user's searches signed
         check_journal(exp)  # the tracker replays it once the search runs: a malformed line is refused now
+        check_runs_state(exp)  # and makes the run ends it records: uploads only from inside the folder
         saved = json.loads((exp / "search.json").read_text())
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():

@@ -8,6 +8,7 @@ store in a temporary folder) serves the resume and promote cases.
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cli_argv, free_port, new_store, refused, write_spec
-from tracking.runs import JOURNAL_FILE
+from tracking.runs import JOURNAL_FILE, RUNS_FILE
 
 SPEC = """
 num_samples: 1
@@ -114,6 +115,22 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
         refused(resume, cwd=root, watch=[exp, config], file=journal, field=f"line {last}", env=env)
     finally:
         journal.write_bytes(kept)
+
+    # the tracker's state naming a folder outside the experiment as a finished run's checkpoint, which the resumed
+    # tracker would upload to the tracking server: refused before Ray starts
+    state_file = exp / RUNS_FILE
+    kept = state_file.read_bytes()
+    state = json.loads(kept)
+    key = next(iter(state["trials"]))
+    secret = root / "secret"
+    secret.mkdir()
+    (secret / "token").write_text("s3cr3t\n")
+    state.setdefault("ends", {})[key] = {"status": "FINISHED", "reason": None, "path": str(secret), "epochs": None}
+    state_file.write_text(json.dumps(state))
+    try:
+        refused(resume, cwd=root, watch=[exp, config], file=state_file, field=f"ends.{key}.path", env=env)
+    finally:
+        state_file.write_bytes(kept)
 
     # the untampered folder still resumes, and stays verifiable afterwards
     r = subprocess.run(
