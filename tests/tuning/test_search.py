@@ -139,12 +139,9 @@ scheduler: {type: fifo}
         text=True,
     )
     try:
-
-        def running_pid():  # type: ignore[no-untyped-def]
-            rows = [r for v in trial_rows(exp).values() for r in v]
-            return rows[-1]["pid"] if rows and rows[-1]["epoch"] >= 3 else None
-
-        pid = wait_for(running_pid, 240, "the trial's third epoch")
+        # Judged on what the worker itself writes (its checkpoints, its working folder): Tune's copy of the
+        # results in the experiment folder can lag behind on a loaded machine, until after the last epoch.
+        pid = wait_for(lambda: _training_worker(exp, 3), 240, "the trial's third epoch")
         os.kill(pid, signal.SIGKILL)  # the trial's worker process dies mid-training
         log, _ = proc.communicate(timeout=300)
     finally:
@@ -155,7 +152,7 @@ scheduler: {type: fifo}
     # resumed from its checkpoint: no epoch counted twice, the run ends at the last epoch. (An epoch reported
     # just before the kill, whose checkpoint was not kept, is re-run from the previous one and reported once.)
     assert epochs == sorted(set(epochs)) and epochs[-1] == 30 and len(epochs) >= 29, epochs
-    assert len({r["pid"] for r in rows}) == 2  # two worker processes: the killed one and the retry
+    assert len({r["pid"] for r in rows}) == 2 and pid in {r["pid"] for r in rows}  # the killed one and the retry
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -165,6 +162,29 @@ scheduler: {type: fifo}
     # each epoch logged once; the run may hold the epoch whose result row Tune lost in the kill
     assert len(steps) == len(set(steps)) and set(epochs) <= set(steps) <= set(range(1, 31))
     assert run.data.tags.get("dedn.retries") == "1" and run.info.status == "FINISHED"
+
+
+def _training_worker(exp: Path, epoch: int) -> int | None:
+    """The process id of the Ray worker training the experiment's one trial, once it has checkpointed ``epoch``:
+    the process whose working folder is Tune's working folder of a trial of the experiment (Tune moves each trial's
+    worker there)."""
+    done = 0
+    for f in exp.glob("*/checkpoint_*/reports.json"):
+        try:
+            done = max(done, int(json.loads(f.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError):  # being written
+            continue
+    if done < epoch:
+        return None
+    workers = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:  # not a process, gone, or not ours
+            continue
+        if f"/{exp.name}/working_dirs/" in cwd:
+            workers.append(int(proc.name))
+    return workers[0] if len(workers) == 1 else None
 
 
 @pytest.mark.slow
