@@ -28,6 +28,7 @@ from pathlib import Path
 from dedn.errors import DednInputError
 
 __all__ = [
+    "check_resumable",
     "KEY_FILE",
     "SIGNATURE_FILE",
     "StateSigner",
@@ -186,3 +187,16 @@ def verify_state(exp: Path) -> None:
                 "signature",
                 "does not match: changed since this search wrote it (or not written by it), refusing to unpickle it",
             )
+
+
+def check_resumable(exp: Path) -> None:
+    """Everything a resume reads from the experiment folder, checked before Ray starts: the state Ray unpickles
+    (``verify_state``: only what this user's searches signed), the tracker's journal it replays
+    (``tracking.writer.check_journal``) and its state file, whose recorded run ends it makes
+    (``tracking.run_state.check_runs_state``: uploads only from inside the folder)."""
+    from tracking.run_state import check_runs_state
+    from tracking.writer import check_journal
+
+    verify_state(exp)
+    check_journal(exp)
+    check_runs_state(exp)

@@ -8,6 +8,8 @@ have the next ``dedn search --resume`` upload it. So a resume first checks the w
 the tracker writes, every checkpoint ``path`` is a plain folder inside the experiment folder (Tune's trial
 checkpoints and ``member_checkpoints/`` are), with no link in it, and every ``epochs.file`` is a trial's
 ``result.json``: in the experiment folder, or in Ray's driver staging folder of the same experiment and trial.
+Once the tracking store can be asked, and before any run is touched, the run ids must be runs of the search's own
+MLflow experiment (``check_state_runs``): a resume reopens, logs to and ends the runs the file names.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from dedn.errors import DednInputError
 
-__all__ = ["END_STATUSES", "RUNS_FILE", "check_runs_state", "read_runs_state", "runs_state_file"]
+__all__ = ["END_STATUSES", "RUNS_FILE", "check_runs_state", "check_state_runs", "read_runs_state", "runs_state_file"]
 
 # Not *.json: on --resume Tune copies the experiment folder's *.json and *.pkl into its staging folder and
 # from then on copies them back over the experiment folder, which would put back this file's old version.
@@ -147,3 +149,40 @@ def _is_id(value: Any) -> bool:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_state_runs(client: Any, state: dict[str, Any], name: str, exp: Path, page: int = 1000) -> None:
+    """Refuse (naming the state file of the experiment folder ``exp``) a tracker state whose ``experiment_id`` is not the MLflow experiment named ``name``
+    or whose parent or trial runs are not runs of it: the resumed tracker would reopen, log to and end runs of
+    another search. ``client``: an ``MlflowClient`` on the tracking store; one look-up of the experiment and one
+    listing of its runs (``page`` per call)."""
+    named = {"parent": state.get("parent"), **{f"trials.{k}": v for k, v in state.get("trials", {}).items()}}
+    if not any(named.values()):
+        return
+    source = runs_state_file(Path(exp)) or Path(exp)
+    rule = f"must be the id of this search's MLflow experiment {name!r}"
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment = client.get_experiment(str(state.get("experiment_id")))
+    except MlflowException as e:  # no such experiment, or not an id; anything else (the store went away) is raised
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
+            raise
+        experiment = None
+    if experiment is None or experiment.name != name:
+        raise DednInputError(source, "experiment_id", rule)
+    from mlflow.entities import ViewType
+
+    known: set[str] = set()
+    token = None
+    while True:
+        runs = client.search_runs(
+            [experiment.experiment_id], run_view_type=ViewType.ALL, max_results=page, page_token=token
+        )
+        known.update(r.info.run_id for r in runs)
+        token = runs.token
+        if not token:
+            break
+    for field, run_id in named.items():
+        if run_id and run_id not in known:
+            raise DednInputError(source, field, f"run {run_id} is not a run of this search's experiment {name!r}")

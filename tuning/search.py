@@ -328,13 +328,9 @@ def _prepare_experiment(
     if resume:
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
-        from tracking.integrity import verify_state
-        from tracking.run_state import check_runs_state
-        from tracking.writer import check_journal
+        from tracking.integrity import check_resumable
 
-        verify_state(exp)  # Ray unpickles the folder's state: only what this user's searches signed
-        check_journal(exp)  # the tracker replays it once the search runs: a malformed line is refused now
-        check_runs_state(exp)  # and makes the run ends it records: uploads only from inside the folder
+        check_resumable(exp)
         saved = json.loads((exp / "search.json").read_text())
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
@@ -376,6 +372,10 @@ def _start_tracker(opts: SearchOptions, exp: Path, name: str, store: Any, resume
 
     assert opts.tracking_uri is not None
     tracker = Tracker(opts.tracking_uri, exp, name)
+    if resume:  # before any run is reopened or (on failure) ended: they must be this search's
+        from tracking.run_state import check_state_runs
+
+        check_state_runs(tracker.client, tracker.state, name, exp)
     try:
         tracker.parent(
             parent_tags(store, opts.spec_path, opts.posthoc_inference), opts.spec_path, checkpoint_header(store)

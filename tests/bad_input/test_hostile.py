@@ -132,6 +132,21 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     finally:
         state_file.write_bytes(kept)
 
+    # the state naming a run of another experiment as a trial's: the resume would reopen, log to and end it
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=str(searched["uri"]))
+    foreign = client.create_run(client.create_experiment("victim")).info.run_id
+    state = json.loads(kept)
+    state["trials"][key] = foreign
+    state_file.write_text(json.dumps(state))
+    try:
+        refused(resume, cwd=root, watch=[exp, config], file=state_file, field=f"trials.{key}", env=env)
+    finally:
+        state_file.write_bytes(kept)
+    victim = client.get_run(foreign)
+    assert victim.info.status == "RUNNING" and not victim.data.metrics and not victim.data.params
+
     # the untampered folder still resumes, and stays verifiable afterwards
     r = subprocess.run(
         cli_argv(*resume),

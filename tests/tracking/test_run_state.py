@@ -1,6 +1,7 @@
 """The tracker's state file is checked before a resume acts on it (tracking.run_state.check_runs_state): a resumed
 search uploads the checkpoint folder each recorded end names, so a hostile file could name any folder the user can
-read. Folders laid out as Tune and the tracking callback lay them out, in a temporary folder."""
+read. Folders laid out as Tune and the tracking callback lay them out, in a temporary folder; once the store can be
+asked, the run ids must be runs of the search's own experiment (check_state_runs), against a real SQLite store."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 
 from dedn.errors import DednInputError
-from tracking.run_state import RUNS_FILE, check_runs_state
+from tests.helpers import new_store
+from tracking.run_state import RUNS_FILE, check_runs_state, check_state_runs
 
 TRIAL = "dedn_trainable_1a2b3_00000_0_2026-12-01_04-00-00"
 RUN = "0123456789abcdef0123456789abcdef"
@@ -165,3 +167,36 @@ def test_a_staging_copy_of_another_experiment_or_trial_is_refused(layout: dict[s
         (other / "result.json").write_text('{"epoch": 1}\n')
         hostile = _set(state, "ends.t0-m1.epochs.file", str(other / "result.json"))
         assert refused_field(exp, hostile)[0] == "ends.t0-m1.epochs.file"
+
+
+def test_a_resume_acts_only_on_runs_of_the_searchs_own_experiment(tmp_path: Path, empty_store: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=new_store(empty_store, tmp_path / "mlflow.db"))
+    mine, other = client.create_experiment("search-a"), client.create_experiment("search-b")
+    parent = client.create_run(mine).info.run_id
+    children = [client.create_run(mine, tags={"mlflow.parentRunId": parent}).info.run_id for _ in range(4)]
+    client.delete_run(children[3])  # a run deleted in the UI is still the search's
+    foreign = client.create_run(other).info.run_id
+    exp = tmp_path / "runs" / "search-a"
+    exp.mkdir(parents=True)
+    state = {"parent": parent, "experiment_id": mine, "trials": {f"t{i}": r for i, r in enumerate(children)}}
+    path = write(exp, state)
+    for page in (1000, 2):  # one call, and pages of 2 runs: every page is read
+        check_state_runs(client, state, "search-a", exp, page=page)
+    check_state_runs(client, {"parent": None, "trials": {}}, "search-a", exp)  # nothing created yet: nothing to ask
+
+    def refused(hostile: dict[str, Any], name: str = "search-a") -> str:
+        with pytest.raises(DednInputError) as e:
+            check_state_runs(client, hostile, name, exp, page=2)
+        assert str(e.value).startswith(f"{path}: {e.value.field}: ")
+        return e.value.field
+
+    assert refused(_set(state, "trials.t1", foreign)) == "trials.t1"
+    assert refused(_set(state, "parent", foreign)) == "parent"
+    assert refused(_set(state, "trials.t2", "f" * 32)) == "trials.t2"  # no such run at all
+    assert refused(_set(state, "experiment_id", other)) == "experiment_id"
+    assert refused(_set(state, "experiment_id", "987654")) == "experiment_id"
+    assert refused(_set(state, "experiment_id", "abc")) == "experiment_id"
+    assert refused(state, name="search-b") == "experiment_id"  # the folder of another search's name
+    assert client.get_run(foreign).info.status == "RUNNING"  # untouched
