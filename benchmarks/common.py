@@ -72,13 +72,25 @@ def gunicorn_opts(threaded: bool = False) -> str:
     return opts + (" --no-control-socket" if hasattr(config, "ControlSocketDisable") else "")
 
 
+def sqlite_wal(db: Path) -> None:
+    """Put a SQLite database file (made, empty, when absent) in write-ahead-log mode, which stays with the file:
+    a commit then appends to ``<db>-wal`` and syncs it once, where SQLite's default rollback journal syncs the
+    journal and the database each time."""
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        c.execute("PRAGMA journal_mode=WAL")
+
+
 def start_mlflow_server(
-    folder: Path, workers: int = 4, jobs: bool = False, app: str = "uvicorn"
+    folder: Path, workers: int = 4, jobs: bool = False, app: str = "uvicorn", wal: bool = False
 ) -> tuple[Any, str, float]:
     """``mlflow server`` on a free 127.0.0.1 port with a SQLite backend and artifacts in ``folder``, in its own
     process group (stop it with ``stop_mlflow_server``), under ``app`` (``SERVER_APPS``) with ``workers`` worker
-    processes. ``jobs`` False sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (no background job consumers). Returns
-    the process, its URI and the seconds until ``GET /health`` answered."""
+    processes. ``jobs`` False sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (no background job consumers); ``wal``
+    puts the database in write-ahead-log mode first (``sqlite_wal``). Returns the process, its URI and the seconds
+    until ``GET /health`` answered."""
     import os
     import subprocess
     import sys
@@ -86,6 +98,8 @@ def start_mlflow_server(
     import urllib.request
 
     folder.mkdir(parents=True, exist_ok=True)
+    if wal:
+        sqlite_wal(folder / "mlflow.db")
     port = free_port()
     env = dict(os.environ)
     if not jobs:

@@ -2,9 +2,9 @@
 
 The script runs the real search driver, the Tuner that ``dedn search`` builds (``tuning.search.build_tuner``: the
 Optuna searcher, the ASHA scheduler of the spec, the MLflow tracking callback and the resume signer), against a
-``mlflow server`` it starts on 127.0.0.1 (SQLite backend in a temporary folder; one gunicorn sync worker, or
-MLflow's default uvicorn with ``--server-app uvicorn --server-workers 4``) and stops at the end. Only the
-trainable differs: a synthetic one that trains nothing and reports population results in the project's format
+``mlflow server`` it starts on 127.0.0.1 (SQLite backend in write-ahead-log mode in a temporary folder; one gunicorn
+sync worker, or MLflow's default uvicorn with ``--server-app uvicorn --server-workers 4``) and stops at the end. Only
+the trainable differs: a synthetic one that trains nothing and reports population results in the project's format
 (``tuning.population.population_metrics``: ``epoch``, ``members/<j>/<metric>`` with the 20 values of
 ``tuning.trainable.epoch_metrics``, the leading member's values, ``val_H_best``) at the rate of real hardware.
 
@@ -240,6 +240,13 @@ def main() -> None:
         "leave Nagle's algorithm on (each reply waits ~40 ms for the client's delayed ACK: benchmarks/common.py)",
     )
     ap.add_argument(
+        "--server-wal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server's SQLite database in write-ahead-log mode (benchmarks/common.py: sqlite_wal), how a local "
+        "server is best set up (docs/scaling.md); --no-server-wal: SQLite's default rollback journal",
+    )
+    ap.add_argument(
         "--trial-nice",
         type=int,
         default=19,
@@ -294,7 +301,9 @@ def main() -> None:
     offered = a.gpus * a.member_samples_per_s / a.images_per_epoch
     epoch_s = a.population * a.images_per_epoch / a.member_samples_per_s
     check_format(a.population)
-    proc, uri, start_s = start_mlflow_server(tmp / "mlflow", workers=a.server_workers, jobs=False, app=a.server_app)
+    proc, uri, start_s = start_mlflow_server(
+        tmp / "mlflow", workers=a.server_workers, jobs=False, app=a.server_app, wal=a.server_wal
+    )
     print(f"mlflow server at {uri} answered /health after {start_s:.1f} s; folder {tmp}", flush=True)
     import ray
 
@@ -369,7 +378,7 @@ def main() -> None:
     print(
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
-        f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite), tracking writer {'off' if a.no_writer else f'on ({writer_threads} threads)'}, "
+        f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite {'in WAL mode' if a.server_wal else 'with its rollback journal'}), tracking writer {'off' if a.no_writer else f'on ({writer_threads} threads)'}, "
         f"{'reused' if a.reuse_actors else 'new'} worker per trial ({'SCHED_IDLE' if a.trial_idle else f'its reporting thread at nice {a.trial_nice}'}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
@@ -439,6 +448,8 @@ def main() -> None:
         cmd += " --no-reuse-actors"
     if a.server_app != "gunicorn" or a.server_workers != 1:
         cmd += f" --server-app {a.server_app} --server-workers {a.server_workers}"
+    if not a.server_wal:
+        cmd += " --no-server-wal"
     print(f"({cmd})")
     lost = stored["lost_mlflow"] + stored["lost_optuna"]
     print(

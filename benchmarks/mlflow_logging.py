@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, SERVER_APPS, start_mlflow_server, stop_mlflow_server
+from common import ROOT, SERVER_APPS, sqlite_wal, start_mlflow_server, stop_mlflow_server
 
 PARAMS = ("lr", "beta", "gamma", "eps", "clusters", "kmeans_q", "lambda_rc", "lambda_e", "calibration")
 
@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="mlflow server worker processes (its default is 4)")
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     ap.add_argument("--dir", default=None, help="folder for the databases (default: a new temporary folder)")
+    ap.add_argument("--wal", action="store_true", help="SQLite databases in write-ahead-log mode (common.sqlite_wal)")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dedn-mlflow-", dir=a.dir))
     results: dict[str, dict[str, Any]] = {}
@@ -236,11 +237,13 @@ def main() -> None:
         tmp = root / target
         tmp.mkdir()
         if target == "sqlite":
+            if a.wal:
+                sqlite_wal(tmp / "embedded.db")
             results[target] = {"commit": commit_ms(tmp), "idle": None, "start": None, "reply": None}
             results[target].update(measure(f"sqlite:///{tmp / 'embedded.db'}", a))
             continue
         app = target if target in SERVER_APPS else "uvicorn"  # server, server-nojobs: MLflow's default
-        proc, uri, start_s = start_mlflow_server(tmp, a.workers, jobs=target == "server", app=app)
+        proc, uri, start_s = start_mlflow_server(tmp, a.workers, jobs=target == "server", app=app, wal=a.wal)
         print(f"{target}: mlflow server at {uri} answered /health after {start_s:.1f} s", flush=True)
         try:
             time.sleep(2)
