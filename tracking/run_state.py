@@ -137,7 +137,8 @@ def _is_result_file(path: Path, exp: Path) -> bool:
     ``.../<experiment name>/driver_artifacts/<trial>/result.json``, with ``<trial>`` a folder of the experiment.
     Judged on the path with links followed, so a link cannot point it elsewhere."""
     real = path.resolve()
-    if real.name != "result.json" or not (exp / real.parent.name).is_dir() or real.parent.name in ("", ".", ".."):
+    trial = real.parent.name
+    if real.name != "result.json" or trial in ("", ".", "..") or not (exp / trial).is_dir():
         return False
     trial_root = real.parent.parent
     return trial_root == exp or (trial_root.name == "driver_artifacts" and trial_root.parent.name == exp.name)
@@ -152,17 +153,18 @@ def _is_count(value: Any) -> bool:
 
 
 def check_state_runs(client: Any, state: dict[str, Any], name: str, exp: Path, page: int = 1000) -> None:
-    """Refuse (naming the state file of the experiment folder ``exp``) a tracker state whose ``experiment_id`` is not the MLflow experiment named ``name``
-    or whose parent or trial runs are not runs of it: the resumed tracker would reopen, log to and end runs of
-    another search. ``client``: an ``MlflowClient`` on the tracking store; one look-up of the experiment and one
-    listing of its runs (``page`` per call)."""
+    """Refuse, naming the state file of the experiment folder ``exp``, a tracker state whose ``experiment_id`` is
+    not the MLflow experiment named ``name`` or whose parent or trial runs are not runs of it: the resumed tracker
+    would reopen, log to and end runs of another search. ``client``: an ``MlflowClient`` on the tracking store; one
+    look-up of the experiment and one listing of its runs (``page`` per call)."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
     named = {"parent": state.get("parent"), **{f"trials.{k}": v for k, v in state.get("trials", {}).items()}}
     if not any(named.values()):
         return
     source = runs_state_file(Path(exp)) or Path(exp)
     rule = f"must be the id of this search's MLflow experiment {name!r}"
-    from mlflow.exceptions import MlflowException
-
     try:
         experiment = client.get_experiment(str(state.get("experiment_id")))
     except MlflowException as e:  # no such experiment, or not an id; anything else (the store went away) is raised
@@ -171,8 +173,6 @@ def check_state_runs(client: Any, state: dict[str, Any], name: str, exp: Path, p
         experiment = None
     if experiment is None or experiment.name != name:
         raise DednInputError(source, "experiment_id", rule)
-    from mlflow.entities import ViewType
-
     known: set[str] = set()
     token = None
     while True:
