@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -380,3 +381,40 @@ def test_a_journal_line_in_no_form_the_writer_writes_is_refused(tmp_path: Path, 
     t.start(threads=1, linger_s=0.0)
     assert t.close(timeout_s=60) == 0
     assert histories(tmp_path) == {KEYS[0]: [(1, 0.5)], KEYS[1]: [], KEYS[2]: []}
+
+
+class _Gate:
+    """A stand-in for ``Tracker._save_lock``: a real lock, which the thread named ``older`` enters only once
+    ``opened`` is set (so the two saves write in the order the race needs)."""
+
+    def __init__(self) -> None:
+        self.lock, self.waiting, self.opened = threading.Lock(), threading.Event(), threading.Event()
+
+    def __enter__(self) -> None:
+        if threading.current_thread().name == "older":
+            self.waiting.set()
+            assert self.opened.wait(30)
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_an_older_state_copy_is_not_written_over_a_newer_one(tmp_path: Path) -> None:
+    """Tracker.save copies the state under the tracker's lock and writes it outside: the writer's periodic save and
+    the driver's end_all (``now=True``) can copy in one order and write in the other. The older copy must not
+    replace the newer one in the file."""
+    t = new_tracker(tmp_path)
+    gate = _Gate()
+    t._save_lock = gate  # type: ignore[assignment]
+    t.state["last_epoch"] = {"t0": 1}
+
+    older = threading.Thread(target=t.save, kwargs={"now": True}, name="older")
+    older.start()  # copies epoch 1, then waits at the gate
+    assert gate.waiting.wait(30)
+    t.state["last_epoch"] = {"t0": 2}
+    t.save(now=True)  # copied after, written first
+    gate.opened.set()
+    older.join(30)
+    assert not older.is_alive()
+    assert json.loads((tmp_path / "exp" / RUNS_FILE).read_text())["last_epoch"] == {"t0": 2}
