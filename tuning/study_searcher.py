@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +44,10 @@ def _nothing() -> None:
     return None
 
 
+# How long the study's thread waits, before telling a configuration's end, for the run id the tracker has not yet
+# written (a trial that fails before its first report ends before its run is in the state file, which the tracker's
+# writer saves within about 2 s); an Optuna trial cannot be changed once told.
+LINK_WAIT_S = 10.0
 _LIVE: weakref.WeakSet[StudySearcher] = weakref.WeakSet()  # searchers of this process: fail_unstarted flushes them
 
 
@@ -89,11 +94,12 @@ class StudySearcher(Searcher):
         self._flush_storage: Callable[[], None] = _nothing  # writes what a buffered journal keeps
         self._lock, self._queued = threading.Lock(), 0  # calls queued and not yet made
         self._runs: tuple[tuple[int, int], dict[str, Any]] = ((0, -1), {})  # (file stamp, run ids) of runs_file
+        self._wait_links = True  # False after a wait for a run id in vain (tracking behind or offline), until a link
         _LIVE.add(self)
 
     _LOCAL = (
         *("_study", "_storage", "_flush_storage", "_pool", "_asking"),
-        *("_opened", "_error", "_closed", "_lock", "_queued", "_runs"),
+        *("_opened", "_error", "_closed", "_lock", "_queued", "_runs", "_wait_links"),
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -105,7 +111,7 @@ class StudySearcher(Searcher):
         self._flush_storage = _nothing
         self._lock, self._queued = threading.Lock(), 0
         self._runs = ((0, -1), {})
-        self._opened = False
+        self._opened, self._wait_links = False, True
         _LIVE.add(self)
         self._closed = set(self.told)
 
@@ -248,12 +254,21 @@ class StudySearcher(Searcher):
 
         return optuna.trial.Trial(self.study, tid)
 
-    def _tell(self, tid: int, state: Any, value: float | None = None) -> None:
+    def _tell(self, tid: int, state: Any, value: float | None = None, key: str | None = None) -> None:
+        """Tell a configuration's end, on the study's thread; with its run ``key``, first wait up to ``LINK_WAIT_S``
+        for its run id to be linked (not again after a wait in vain, until a link succeeds: a tracking store that
+        is offline must not hold up every end)."""
         if tid in self.told:
             return
         self.told.add(tid)
 
         def tell() -> None:
+            if key is not None and self.runs_file and tid not in self.linked and self._wait_links:
+                deadline = time.monotonic() + LINK_WAIT_S
+                while tid not in self.linked and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    self._link(tid, key)
+                self._wait_links = tid in self.linked
             self.study.tell(self._trial(tid).number, value, state=state)
             self._closed.add(tid)
 
@@ -298,6 +313,7 @@ class StudySearcher(Searcher):
         if run_id:
             self._trial(tid).set_user_attr("mlflow_run_id", str(run_id))
             self.linked.add(tid)
+            self._wait_links = True
 
     def _run_ids(self) -> dict[str, Any]:
         """The tracking callback's run ids by run key, read again only when its file changed (it holds every run of
@@ -320,13 +336,14 @@ class StudySearcher(Searcher):
         last = int(result.get("epoch", 0)) if result else 0
         ids = self.members.get(trial_id, [])
         for j, tid in enumerate(ids):
-            self._submit(self._link, tid, trial_id if self.size is None else f"{trial_id}-m{j}")
+            key = trial_id if self.size is None else f"{trial_id}-m{j}"
+            self._submit(self._link, tid, key)
             if error or tid not in self.best:
-                self._tell(tid, optuna.trial.TrialState.FAIL)
+                self._tell(tid, optuna.trial.TrialState.FAIL, key=key)
             elif last < self.last_epoch:  # stopped early: by the scheduler, or the search's time budget
-                self._tell(tid, optuna.trial.TrialState.PRUNED)
+                self._tell(tid, optuna.trial.TrialState.PRUNED, key=key)
             else:
-                self._tell(tid, optuna.trial.TrialState.COMPLETE, self.best[tid])
+                self._tell(tid, optuna.trial.TrialState.COMPLETE, self.best[tid], key=key)
 
     def save(self, checkpoint_path: str) -> None:
         self.flush()  # what the state says was reported is in the storage
