@@ -43,10 +43,19 @@ def write_spec(folder: Path, store: Path, *, epochs: int, body: str) -> Path:
 
 
 def trial_rows(experiment: Path) -> dict[str, list[dict]]:
-    """Every trial's reported rows, read from Tune's result.json files."""
+    """Every trial's reported rows, read from Tune's result.json files. A last line that is not whole JSON is one
+    Tune is still writing (a test polls while the search runs) and is left out; any other is an error."""
     out = {}
     for f in sorted(experiment.glob("*/result.json")):
-        out[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        lines = [line for line in f.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if i < len(lines) - 1:
+                    raise
+        out[f.parent.name] = rows
     return out
 
 
