@@ -263,8 +263,6 @@ class StudySearcher(Searcher):
         self.told.add(tid)
 
         def tell() -> None:
-            if key is not None:
-                self._link(tid, key)
             if key is not None and self.runs_file and tid not in self.linked and self._wait_links:
                 deadline = time.monotonic() + LINK_WAIT_S
                 while tid not in self.linked and time.monotonic() < deadline:
@@ -338,7 +336,8 @@ class StudySearcher(Searcher):
         last = int(result.get("epoch", 0)) if result else 0
         ids = self.members.get(trial_id, [])
         for j, tid in enumerate(ids):
-            key = trial_id if self.size is None else f"{trial_id}-m{j}"  # the tell links it first
+            key = trial_id if self.size is None else f"{trial_id}-m{j}"
+            self._submit(self._link, tid, key)
             if error or tid not in self.best:
                 self._tell(tid, optuna.trial.TrialState.FAIL, key=key)
             elif last < self.last_epoch:  # stopped early: by the scheduler, or the search's time budget
