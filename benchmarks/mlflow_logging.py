@@ -18,7 +18,14 @@ For each it times, with MlflowClient, for ``--seconds`` each after one untimed c
   background thread), timed until all are written, and the time the caller spends per call;
 - trial start: ``create_run`` nested under a parent (tag ``mlflow.parentRunId``) plus one ``log_batch`` of 9
   params, what tracking.runs.Tracker.child does for each trial;
-- concurrent log_batch: ``--threads`` client threads, each on its own run, logging batches at once.
+- concurrent log_batch: ``--threads`` client threads, each on its own run, logging batches at once;
+- member runs: ``--threads`` client threads, each making whole member runs with the fewest requests a run can
+  take: ``create_run`` nested under the parent with its tags, one ``log_batch`` of its 9 params and
+  ``--run-epochs`` epochs of 5 key metrics (``epoch_metrics: key``), and ``update_run`` to FINISHED. The
+  tracker needs at least these three per run (it also uploads ``trial_config.yaml`` and ``epochs.parquet``), so
+  runs/s times ``--run-epochs`` bounds the member-epochs/s a search can write through this server; at
+  ``driver_scale.py``'s full offer (488 member-epochs/s, populations stopped by ASHA after 22 epochs on average)
+  member runs start and end at about 22/s.
 For a server it also times small requests on one kept-alive connection (``http.client``): until the reply's
 headers and until its whole body have arrived. It also reports the server's CPU use while idle (all its
 processes, over 3 s) and the disk's sync latency at that moment (median of raw SQLite insert + commit in the same
@@ -48,25 +55,27 @@ from common import ROOT, SERVER_APPS, sqlite_wal, start_mlflow_server, stop_mlfl
 PARAMS = ("lr", "beta", "gamma", "eps", "clusters", "kmeans_q", "lambda_rc", "lambda_e", "calibration")
 
 
-def idle_cpu(proc: subprocess.Popen[bytes], seconds: float = 3.0) -> float:
-    """Cores used by the server and all its child processes while no request comes in."""
+def cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float:
+    """CPU seconds (user and system) used so far by the server ``proc`` and its child processes; 0 for none."""
     import psutil
 
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    if proc is None:
+        return 0.0
+    total = 0.0
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
-    def used() -> float:
-        total = 0.0
-        for p in tree:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
 
-    c0, t0 = used(), time.perf_counter()
+def idle_cpu(proc: subprocess.Popen[bytes], seconds: float = 3.0) -> float:
+    """Cores used by the server and all its child processes while no request comes in."""
+    c0, t0 = cpu_seconds(proc), time.perf_counter()
     time.sleep(seconds)
-    return (used() - c0) / (time.perf_counter() - t0)
+    return (cpu_seconds(proc) - c0) / (time.perf_counter() - t0)
 
 
 def commit_ms(folder: Path, n: int = 11) -> float:
@@ -140,6 +149,40 @@ def async_batches(client: Any, exp_id: str, parent: str, batch: int, calls: int)
     return calls / (time.perf_counter() - t0), 1000 * queued / calls
 
 
+def in_threads(
+    one: Callable[[int, int], None], threads: int, seconds: float, server: Any = None
+) -> tuple[float, int, float | None, float]:
+    """``threads`` threads calling ``one(thread, i)`` (i counts that thread's calls) for ``seconds``, all started at
+    once: (successful calls/s, failed calls, server CPU ms per successful call, client CPU ms per successful call).
+    The server's CPU is that of ``server``'s processes (None without one), the client's that of this process."""
+    counts, errors = [0] * threads, [0] * threads
+    start = threading.Barrier(threads + 1)
+    stop = threading.Event()
+
+    def work(k: int) -> None:
+        start.wait()
+        while not stop.is_set():
+            try:
+                one(k, counts[k] + errors[k])
+                counts[k] += 1
+            except Exception:  # noqa: BLE001  (count failures such as "database is locked")
+                errors[k] += 1
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    start.wait()
+    t0, s0, c0 = time.perf_counter(), cpu_seconds(server), time.process_time()
+    time.sleep(seconds)
+    stop.set()
+    for t in pool:
+        t.join()
+    calls = max(sum(counts), 1)
+    s_ms = None if server is None else 1000 * (cpu_seconds(server) - s0) / calls
+    c_ms = 1000 * (time.process_time() - c0) / calls
+    return sum(counts) / (time.perf_counter() - t0), sum(errors), s_ms, c_ms
+
+
 def concurrent_batches(
     client: Any, exp_id: str, parent: str, threads: int, batch: int, seconds: float
 ) -> tuple[float, int]:
@@ -150,35 +193,35 @@ def concurrent_batches(
         client.create_run(exp_id, run_name=f"thread-{i}", tags={"mlflow.parentRunId": parent}).info.run_id
         for i in range(threads)
     ]
-    counts, errors = [0] * threads, [0] * threads
-    start = threading.Barrier(threads + 1)
-    stop = threading.Event()
 
-    def work(k: int) -> None:
-        start.wait()
-        step = 0
-        while not stop.is_set():
-            step += 1
-            now = int(time.time() * 1000)
-            try:
-                client.log_batch(runs[k], metrics=[Metric(f"m{j:02d}", 0.5 + j, now, step) for j in range(batch)])
-                counts[k] += 1
-            except Exception:  # noqa: BLE001  (count failures such as "database is locked")
-                errors[k] += 1
+    def one(k: int, step: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(runs[k], metrics=[Metric(f"m{j:02d}", 0.5 + j, now, step + 1) for j in range(batch)])
 
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in pool:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    for t in pool:
-        t.join()
-    return sum(counts) / (time.perf_counter() - t0), sum(errors)
+    return in_threads(one, threads, seconds)[:2]
 
 
-def measure(uri: str, a: argparse.Namespace) -> dict[str, Any]:
+def member_runs(
+    client: Any, exp_id: str, parent: str, threads: int, epochs: int, seconds: float, server: Any = None
+) -> tuple[float, int, float | None, float]:
+    """``threads`` threads making whole member runs for ``seconds`` (create with tags, one ``log_batch`` of params
+    and ``epochs`` x 5 metrics, end): ``in_threads``'s figures, per run."""
+    from mlflow.entities import Metric, Param
+
+    keys = ("val_H", "val_S", "val_U", "loss", "lr")
+
+    def one(k: int, i: int) -> None:
+        now = int(time.time() * 1000)
+        tags = {"mlflow.parentRunId": parent, "dedn.trial": f"{k}-{i}", "dedn.member": str(i % 16)}
+        r = client.create_run(exp_id, run_name=f"member-{k}-{i}", tags=tags).info.run_id
+        ms = [Metric(m, 0.5, now, e) for e in range(epochs) for m in keys]
+        client.log_batch(r, metrics=ms, params=[Param(p, str(0.1 * i)) for p in PARAMS])
+        client.update_run(r, status="FINISHED")
+
+    return in_threads(one, threads, seconds, server)
+
+
+def measure(uri: str, a: argparse.Namespace, server: Any = None) -> dict[str, Any]:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -210,6 +253,9 @@ def measure(uri: str, a: argparse.Namespace) -> dict[str, Any]:
     for n in a.threads:
         out[f"threads_{n}"] = concurrent_batches(client, exp_id, parent, n, a.batch, a.seconds)
         print(f"  {uri}: {n} threads {out[f'threads_{n}'][0]:.0f} batches/s", flush=True)
+    for n in a.threads:
+        out[f"runs_{n}"] = member_runs(client, exp_id, parent, n, a.run_epochs, a.seconds, server)
+        print(f"  {uri}: {n} threads {out[f'runs_{n}'][0]:.1f} member runs/s", flush=True)
     return out
 
 
@@ -225,6 +271,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
     ap.add_argument("--batch", type=int, default=20, help="metrics per log_batch call (one epoch of one trial)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--run-epochs", type=int, default=22, help="epochs of 5 metrics in each member run")
     ap.add_argument("--async-calls", type=int, default=300, help="log_batch calls queued with synchronous=False")
     ap.add_argument("--workers", type=int, default=4, help="mlflow server worker processes (its default is 4)")
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
@@ -249,7 +296,7 @@ def main() -> None:
             time.sleep(2)
             results[target] = {"idle": idle_cpu(proc), "commit": commit_ms(tmp), "start_s": start_s}
             results[target]["reply"] = reply_ms(uri)
-            results[target].update(measure(uri, a))
+            results[target].update(measure(uri, a, proc))
         finally:
             stop_mlflow_server(proc)
 
@@ -285,10 +332,21 @@ def main() -> None:
     def metrics(key: str) -> Callable[[dict[str, Any]], str]:
         return lambda r: f"{r[key][0] * a.batch:.0f}"
 
+    def epochs(key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: f"{r[key][0] * a.run_epochs:.0f}"
+
+    def cpu(key: str) -> Callable[[dict[str, Any]], str]:
+        return lambda r: f"{opt(r[key][2], '.0f')}, {r[key][3]:.0f}"
+
     for n in a.threads:
         label = f"{n} thread{'s' if n > 1 else ''}"
         rows.append((f"{label}: log_batch calls/s (errors)", calls(f"threads_{n}")))
         rows.append((f"{label}: metrics/s", metrics(f"threads_{n}")))
+    for n in a.threads:
+        label = f"{n} thread{'s' if n > 1 else ''}"
+        rows.append((f"{label}: member runs/s (errors)", calls(f"runs_{n}")))
+        rows.append((f"{label}: their member-epochs/s", epochs(f"runs_{n}")))
+        rows.append((f"{label}: server, client CPU ms per run", cpu(f"runs_{n}")))
     rows += [
         ("kept-alive reply: ms to headers", lambda r: opt(r["reply"] and r["reply"][0], ".1f")),
         ("kept-alive reply: ms to whole body", lambda r: opt(r["reply"] and r["reply"][1], ".1f")),
@@ -307,6 +365,12 @@ def main() -> None:
         cmd += f" --workers {a.workers}"
     if a.batch != 20:
         cmd += f" --batch {a.batch}"
+    if a.run_epochs != 22:
+        cmd += f" --run-epochs {a.run_epochs}"
+    if a.async_calls != 300:
+        cmd += f" --async-calls {a.async_calls}"
+    if a.wal:
+        cmd += " --wal"
     if a.targets != list(TARGETS):
         cmd += f" --targets {' '.join(a.targets)}"
     if a.dir is not None:
