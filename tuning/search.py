@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +18,14 @@ from typing import TYPE_CHECKING, Any
 from cluster.objects import SharedStore, share_store
 from dedn.data import open_store
 from dedn.errors import DednInputError
+from tuning.experiment import (
+    check_experiment_name,
+    checked_tracking_uri,
+    experiment_dir,
+    experiment_path,
+    joined_or_abandoned,
+    start_tracker,
+)
 from tuning.selection import METRIC, best_trial, run_final_test, trial_states
 from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, load_search_spec, trial_config
 
@@ -85,26 +90,6 @@ class SearchOutcome:
     phases: dict[str, float] | None = None  # seconds per phase of the command
     posthoc_inference: bool = False  # lambda_rc, lambda_e, c chosen per trial on the validation grid
     optuna_storage: str = ""  # the Optuna study's storage URL
-
-
-def check_experiment_name(name: str, field: str = "--name") -> None:
-    """An experiment name is one folder name under the storage path: not empty, not '.' or '..', no '/' or
-    '\\', not absolute (nor a NUL byte). Checked before anything is created; raises DednInputError."""
-    rule = None
-    if name.strip() == "":
-        rule = "must not be empty"
-    elif "/" in name or "\\" in name:
-        rule = "must be a single folder name, without '/' or '\\' (it is created under --storage-path)"
-    elif name in (".", ".."):
-        rule = "must be a folder name, not '.' or '..'"
-    elif Path(name).is_absolute() or "\0" in name:
-        rule = "must be a single folder name under --storage-path, not a path"
-    if rule is not None:
-        raise DednInputError(name if name else "''", field, rule)
-
-
-def _experiment_dir(storage_path: str, name: str) -> Path:
-    return Path(storage_path).expanduser().resolve() / name
 
 
 def population_size(spec: SearchSpec, opts: SearchOptions) -> int:
@@ -227,12 +212,12 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
 
     clock = _PhaseClock()
     exp, name, opts, spec, base, store = _prepare_experiment(opts, resume)
-    tracker = _start_tracker(opts, exp, name, store, resume) if opts.track else None
+    tracker = start_tracker(opts, exp, name, store, resume) if opts.track else None
     # Ctrl-C stops the search (KeyboardInterrupt out of fit), as SIGTERM does, instead of Tune's own handler
     # ending the trials and letting the search go on to its final test
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     clock.end("prepare (spec, store, tracking)")
-    with _joined_or_abandoned(ray_session(opts.address), exp, tracker, resume):
+    with joined_or_abandoned(ray_session(opts.address), exp, tracker, resume):
         clock.end("Ray start")
         shared = share_store(store)  # read once, put once; trials read the object store
         clock.end("store into the object store")
@@ -324,7 +309,7 @@ def _prepare_experiment(
     if opts.name is not None:
         check_experiment_name(opts.name, "--resume" if resume else "--name")
     name = opts.name or f"{Path(opts.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp = _experiment_dir(opts.storage_path, name)
+    exp = experiment_dir(opts.storage_path, name)
     if resume:
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
@@ -339,7 +324,7 @@ def _prepare_experiment(
     if spec.posthoc_inference and not opts.posthoc_inference:
         opts = replace(opts, posthoc_inference=True)
     if opts.track:
-        opts = replace(opts, tracking_uri=_checked_tracking_uri(opts))
+        opts = replace(opts, tracking_uri=checked_tracking_uri(opts))
     from tuning.optuna_storage import checked_storage
 
     field = "--optuna-storage" if opts.optuna_storage else "optuna_storage"
@@ -350,81 +335,6 @@ def _prepare_experiment(
         record = {"options": {**vars(opts), "name": name}, "spec": spec.model_dump(), "base": base}
         (exp / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return exp, name, opts, spec, base, store
-
-
-def _checked_tracking_uri(opts: SearchOptions) -> str:
-    """The tracking store the search will log to, refused before any trial runs when it is a file store
-    and the search joins a cluster, or when it cannot be reached."""
-    from tracking.runs import check_not_scattered, check_reachable, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(opts.tracking_uri)
-    check_not_scattered(uri, joins_cluster=opts.address is not None)
-    check_reachable(uri)
-    return uri
-
-
-def _start_tracker(opts: SearchOptions, exp: Path, name: str, store: Any, resume: bool = False) -> Tracker:
-    """The search's MLflow tracker, with its parent run created (or on resume reopened). If that fails, a
-    new search's folder goes again (its run, if made, ends FAILED)."""
-    from dedn.checkpoints import checkpoint_header
-    from tracking.runs import Tracker
-    from tuning.report import parent_tags
-
-    assert opts.tracking_uri is not None
-    tracker = Tracker(opts.tracking_uri, exp, name)
-    if resume:  # before any run is reopened or (on failure) ended: they must be this search's
-        from tracking.run_state import check_state_runs
-
-        check_state_runs(tracker.client, tracker.state, name, exp)
-    try:
-        tracker.parent(
-            parent_tags(store, opts.spec_path, opts.posthoc_inference), opts.spec_path, checkpoint_header(store)
-        )
-    except BaseException:
-        _abandon(exp, tracker, resume)
-        raise
-    return tracker
-
-
-@contextmanager
-def _joined_or_abandoned(session: Any, exp: Path, tracker: Tracker | None, resume: bool) -> Iterator[Any]:
-    """Enter ``session`` (cluster.connect.ray_session); when that fails (no cluster at --address), the
-    search never started: its MLflow run ends FAILED and a new search's half-made folder is removed."""
-    with ExitStack() as stack:
-        try:
-            info = stack.enter_context(session)
-        except BaseException:
-            _abandon(exp, tracker, resume)
-            raise
-        try:
-            yield info
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect): resumable, its runs marked KILLED
-            _mark_killed(tracker)
-            raise
-
-
-def _mark_killed(tracker: Tracker | None) -> None:
-    """End the search's parent run and its trial runs still RUNNING as KILLED (``--resume`` reopens them)."""
-    if tracker is None:
-        return
-    with suppress(Exception):
-        tracker.reload()
-    runs = [tracker.state.get("parent"), *tracker.state.get("trials", {}).values()]
-    for run in [str(r) for r in runs if r]:
-        with suppress(Exception):
-            if tracker.client.get_run(run).info.status == "RUNNING":
-                tracker.client.set_terminated(run, status="KILLED")
-
-
-def _abandon(exp: Path, tracker: Tracker | None, resume: bool) -> None:
-    """Undo what a search that never started left: its parent run ends FAILED; the folder of a new search
-    (made by this command, nothing of Tune's in it yet) is removed. A resumed folder is kept."""
-    parent = tracker.state.get("parent") if tracker is not None else None
-    if tracker is not None and parent:
-        with suppress(Exception):
-            tracker.client.set_terminated(str(parent), status="FAILED")
-    if not resume:
-        shutil.rmtree(exp, ignore_errors=True)
 
 
 def build_tuner(
@@ -493,11 +403,3 @@ def build_tuner(
     )
     StateSigner(exp, key).sign(exp, [exp / "tuner.pkl"])  # Tune wrote it as the Tuner was built
     return tuner
-
-
-def experiment_path(storage_path: str, name_or_path: str) -> tuple[str, str]:
-    """``--resume`` accepts an experiment folder or a name under the storage path."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        return str(p.resolve().parent), p.resolve().name
-    return storage_path, name_or_path
