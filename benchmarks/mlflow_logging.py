@@ -21,7 +21,8 @@ For each it times, with MlflowClient, for ``--seconds`` each after one untimed c
 - concurrent log_batch: ``--threads`` client threads, each on its own run, logging batches at once;
 - member runs: ``--threads`` client threads, each making whole member runs with the fewest requests a run can
   take: ``create_run`` nested under the parent with its tags, one ``log_batch`` of its 9 params and
-  ``--run-epochs`` epochs of 5 key metrics (``epoch_metrics: key``), and ``update_run`` to FINISHED. The
+  ``--run-epochs`` epochs of 5 key metrics (``epoch_metrics: key``), and ``set_terminated`` (FINISHED; its
+  ``runs/get`` to print the run's address is off, as in tracking/writer.py; ``update_run`` also gets the run). The
   tracker needs at least these three per run (it also uploads ``trial_config.yaml`` and ``epochs.parquet``), so
   runs/s times ``--run-epochs`` bounds the member-epochs/s a search can write through this server; at
   ``driver_scale.py``'s full offer (488 member-epochs/s, populations stopped by ASHA after 22 epochs on average)
@@ -209,6 +210,7 @@ def member_runs(
     from mlflow.entities import Metric, Param
 
     keys = ("val_H", "val_S", "val_U", "loss", "lr")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # as the tracker: no runs/get per end
 
     def one(k: int, i: int) -> None:
         now = int(time.time() * 1000)
@@ -216,7 +218,7 @@ def member_runs(
         r = client.create_run(exp_id, run_name=f"member-{k}-{i}", tags=tags).info.run_id
         ms = [Metric(m, 0.5, now, e) for e in range(epochs) for m in keys]
         client.log_batch(r, metrics=ms, params=[Param(p, str(0.1 * i)) for p in PARAMS])
-        client.update_run(r, status="FINISHED")
+        client.set_terminated(r, status="FINISHED")
 
     return in_threads(one, threads, seconds, server)
 
