@@ -21,6 +21,17 @@ if TYPE_CHECKING:
     from tracking.runs import Tracker
     from tuning.search import SearchOptions
 
+__all__ = [
+    "abandon",
+    "check_experiment_name",
+    "checked_tracking_uri",
+    "experiment_dir",
+    "experiment_path",
+    "joined_or_abandoned",
+    "mark_killed",
+    "start_tracker",
+]
+
 
 def check_experiment_name(name: str, field: str = "--name") -> None:
     """An experiment name is one folder name under the storage path: not empty, not '.' or '..', no '/' or
