@@ -59,6 +59,32 @@ def trial_rows(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
+def training_worker(experiment: Path, epoch: int) -> int | None:
+    """The process id of the Ray worker training the experiment's one running trial, once the trial is known to
+    have passed ``epoch``: by its checkpoints' ``reports.json`` / ``progress.json`` (the worker writes them as it
+    reports) or by Tune's ``result.json`` rows, whichever is further (Tune's copy of the rows can lag behind the
+    worker on a loaded machine, until after the last epoch). The worker is the process whose working folder is one
+    of Tune's working folders of the experiment (Tune moves each trial's worker there); None while there is not
+    exactly one."""
+    done = max((r["epoch"] for rows in trial_rows(experiment).values() for r in rows), default=0)
+    for f in [*experiment.glob("*/checkpoint_*/reports.json"), *experiment.glob("*/checkpoint_*/progress.json")]:
+        try:
+            done = max(done, int(json.loads(f.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError, TypeError):  # being written
+            continue
+    if done < epoch:
+        return None
+    workers = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:  # not a process, gone, or not ours
+            continue
+        if f"/{experiment.name}/working_dirs/" in cwd:
+            workers.append(int(proc.name))
+    return workers[0] if len(workers) == 1 else None
+
+
 def child_runs(uri: str, experiment: str) -> list:
     from mlflow.tracking import MlflowClient
 

@@ -24,7 +24,7 @@ import pytest
 
 from cluster.connect import ray_session, resolve_address
 from dedn.errors import DednInputError
-from tests.helpers import ROOT, cli_argv, free_port, trial_rows, wait_for, write_spec
+from tests.helpers import ROOT, cli_argv, free_port, training_worker, trial_rows, wait_for, write_spec
 
 
 class SilentPort:
@@ -230,7 +230,7 @@ def test_sigterm_during_trials_stops_a_local_search_and_its_ray(
     spec = write_spec(
         tmp_path,
         tiny_store,
-        epochs=30,
+        epochs=300,  # not ended before the signal, however late Tune's copy of its rows
         body="num_samples: 2\nmax_concurrent_trials: 1\nparams:\n  optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}\nscheduler: {type: fifo}\n",
     )
     dead = _stale_record(short_tmp)
@@ -241,6 +241,9 @@ def test_sigterm_during_trials_stops_a_local_search_and_its_ray(
     proc = _cli(args, tmp_path, env)
     try:
         wait_for(lambda: glob.glob(str(runs / "local" / "*" / "result.json")), 240, "a trial to report")
+        # and still training (its worker's checkpoints are ahead of Tune's copy of its rows, which can lag until
+        # after its last epoch on a loaded machine: a trial ended before the signal would end FINISHED)
+        wait_for(lambda: training_worker(runs / "local", 1), 60, "a trial's worker")
         ray_pids = _session_pids(proc.pid) - {proc.pid}
         sent = time.time()
         proc.send_signal(signal.SIGTERM)

@@ -12,7 +12,17 @@ import numpy as np
 import optuna
 import pytest
 
-from tests.helpers import ROOT, TINY_CONFIG, child_runs, cli_argv, new_store, trial_rows, wait_for, write_spec
+from tests.helpers import (
+    ROOT,
+    TINY_CONFIG,
+    child_runs,
+    cli_argv,
+    new_store,
+    training_worker,
+    trial_rows,
+    wait_for,
+    write_spec,
+)
 from tuning.search import SearchOptions, run_search
 
 
@@ -141,7 +151,7 @@ scheduler: {type: fifo}
     try:
         # Judged on what the worker itself writes (its checkpoints, its working folder): Tune's copy of the
         # results in the experiment folder can lag behind on a loaded machine, until after the last epoch.
-        pid = wait_for(lambda: _training_worker(exp, 3), 240, "the trial's third epoch")
+        pid = wait_for(lambda: training_worker(exp, 3), 240, "the trial's third epoch")
         os.kill(pid, signal.SIGKILL)  # the trial's worker process dies mid-training
         log, _ = proc.communicate(timeout=300)
     finally:
@@ -162,29 +172,6 @@ scheduler: {type: fifo}
     # each epoch logged once; the run may hold the epoch whose result row Tune lost in the kill
     assert len(steps) == len(set(steps)) and set(epochs) <= set(steps) <= set(range(1, 31))
     assert run.data.tags.get("dedn.retries") == "1" and run.info.status == "FINISHED"
-
-
-def _training_worker(exp: Path, epoch: int) -> int | None:
-    """The process id of the Ray worker training the experiment's one trial, once it has checkpointed ``epoch``:
-    the process whose working folder is Tune's working folder of a trial of the experiment (Tune moves each trial's
-    worker there)."""
-    done = 0
-    for f in exp.glob("*/checkpoint_*/reports.json"):
-        try:
-            done = max(done, int(json.loads(f.read_text())["epoch"]))
-        except (OSError, ValueError, KeyError):  # being written
-            continue
-    if done < epoch:
-        return None
-    workers = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cwd = os.readlink(proc / "cwd")
-        except OSError:  # not a process, gone, or not ours
-            continue
-        if f"/{exp.name}/working_dirs/" in cwd:
-            workers.append(int(proc.name))
-    return workers[0] if len(workers) == 1 else None
 
 
 @pytest.mark.slow
