@@ -84,10 +84,11 @@ def sqlite_wal(db: Path) -> None:
 
 
 def start_mlflow_server(
-    folder: Path, workers: int = 4, jobs: bool = False, app: str = "uvicorn", wal: bool = False
+    folder: Path, workers: int = 4, jobs: bool = False, app: str = "uvicorn", wal: bool = False, backend: str = ""
 ) -> tuple[Any, str, float]:
     """``mlflow server`` on a free 127.0.0.1 port with a SQLite backend and artifacts in ``folder``, in its own
-    process group (stop it with ``stop_mlflow_server``), under ``app`` (``SERVER_APPS``) with ``workers`` worker
+    process group (stop it with ``stop_mlflow_server``; ``backend`` a database URL instead of the SQLite file, e.g.
+    ``start_postgres``'s), under ``app`` (``SERVER_APPS``) with ``workers`` worker
     processes. ``jobs`` False sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (no background job consumers); ``wal``
     puts the database in write-ahead-log mode first (``sqlite_wal``). Returns the process, its URI and the seconds
     until ``GET /health`` answered."""
@@ -105,7 +106,7 @@ def start_mlflow_server(
     if not jobs:
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--workers", str(workers), "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    cmd += ["--workers", str(workers), "--backend-store-uri", backend or f"sqlite:///{folder / 'mlflow.db'}"]
     cmd += ["--artifacts-destination", str(folder / "artifacts")]
     if app not in SERVER_APPS:
         raise ValueError(f"app: {app!r} is not one of {SERVER_APPS}")
@@ -142,3 +143,51 @@ def stop_mlflow_server(proc: Any) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def start_postgres(folder: Path) -> tuple[Any, str]:
+    """A PostgreSQL server (Debian's ``postgresql`` programs: initdb, pg_ctl) in ``folder`` on a free 127.0.0.1 port,
+    with its defaults (fsync and synchronous commits on: a production database), as ``nobody`` under root (PostgreSQL
+    refuses root), and a database ``mlflow``; returns (the postmaster's process id, the database's URL). Stop it with
+    ``stop_postgres``."""
+    import glob
+    import os
+    import pwd
+    import shutil
+    import subprocess
+
+    found = shutil.which("initdb") or (sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [""])[-1]
+    if not found:
+        raise RuntimeError("PostgreSQL's initdb not found (on PATH or in /usr/lib/postgresql/*/bin)")
+    bindir = Path(found).resolve().parent
+    user: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    data, port = folder / "data", free_port()
+    run = {"check": True, "capture_output": True, "timeout": 120, **user}
+    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "dedn", "--auth=trust", "-E", "UTF8"], **run)
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder}"
+    subprocess.run(
+        [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "pg.log"), "-o", options, "-w", "start"], **run
+    )
+    subprocess.run([str(bindir / "createdb"), "-h", str(folder), "-p", str(port), "-U", "dedn", "mlflow"], **run)
+    pid = int((data / "postmaster.pid").read_text().splitlines()[0])
+    return pid, f"postgresql+psycopg2://dedn@127.0.0.1:{port}/mlflow"
+
+
+def stop_postgres(pid: int) -> None:
+    """Stop a server ``start_postgres`` started, by its process id (SIGINT: PostgreSQL's fast shutdown)."""
+    import os
+    import signal
+    import time
+
+    try:
+        os.kill(pid, signal.SIGINT)
+        for _ in range(300):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

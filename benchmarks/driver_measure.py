@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -124,13 +123,14 @@ def schedule(emitted: Path, now: float, epoch_s: float, last_epoch: int, starts:
 class Sampler(threading.Thread):
     """Once a second: offered, emitted, received, written, reported, driver CPU and memory, server CPU."""
 
-    def __init__(self, c: Counters, emitted: Path, epoch_s: float, last_epoch: int, server_pid: int) -> None:
+    def __init__(self, c: Counters, emitted: Path, epoch_s: float, last_epoch: int, server_pids: list[int]) -> None:
         super().__init__(daemon=True)
         import psutil
 
         self.c, self.emitted, self.epoch_s, self.last_epoch = c, emitted, epoch_s, last_epoch
         self.me = psutil.Process()
-        self.server = [psutil.Process(server_pid), *psutil.Process(server_pid).children(recursive=True)]
+        self.server_pids = server_pids  # the tracking server's processes and, for PostgreSQL, the database's
+        self.server_seen: dict[int, float] = {}  # pid -> its CPU seconds when last seen (a process that ended keeps it)
         self.rows: list[dict[str, float]] = []
         self.starts: dict[str, float] = {}
         self.stop = threading.Event()
@@ -146,6 +146,25 @@ class Sampler(threading.Thread):
                 pass
         return total
 
+    def server_cpu(self) -> float:
+        """CPU seconds of the server's process trees, each process counted as it was last seen (children come and go:
+        a PostgreSQL backend per connection)."""
+        import psutil
+
+        for pid in self.server_pids:
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    self.server_seen[p.pid] = t.user + t.system + t.children_user + t.children_system
+                except psutil.Error:
+                    continue
+        return sum(self.server_seen.values())
+
     def sample(self) -> dict[str, float]:
         now = time.time()
         due, done = schedule(self.emitted, min(now, self.t_end), self.epoch_s, self.last_epoch, self.starts)
@@ -159,7 +178,7 @@ class Sampler(threading.Thread):
             "written": written,
             "reported": reported,
             "cpu": self.cpu([self.me]),
-            "server_cpu": self.cpu(self.server),
+            "server_cpu": self.server_cpu(),
             "rss": self.me.memory_info().rss / 2**20,
         }
 
@@ -168,11 +187,13 @@ class Sampler(threading.Thread):
             self.rows.append(self.sample())
 
 
-def stored_epochs(exp: Path, db: Path, storage_url: str) -> dict[str, Any]:
-    """Compare the epochs the driver received with what MLflow and Optuna hold, per member run."""
+def stored_epochs(exp: Path, db_url: str, storage_url: str) -> dict[str, Any]:
+    """Compare the epochs the driver received with what MLflow (its database, ``db_url``: sqlite:/// or postgresql://)
+    and Optuna hold, per member run (run key: MLflow's tag and Optuna's user attribute ``dedn.trial_id``)."""
     import optuna
+    import sqlalchemy
 
-    from tracking.runs import RUNS_FILE
+    from tuning.population import member_key
 
     received: set[tuple[str, int]] = set()
     for f in exp.glob("*/result.json"):
@@ -180,16 +201,18 @@ def stored_epochs(exp: Path, db: Path, storage_url: str) -> dict[str, Any]:
             if line.strip():
                 row = json.loads(line)
                 for j, m in row.get("members", {}).items():
-                    received.add((f"{row['trial_id']}-m{j}", int(m["epoch"])))
-    runs = json.loads((exp / RUNS_FILE).read_text())["trials"]
-    key_of = {v: k for k, v in runs.items()}
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    rows = con.execute("SELECT run_uuid, step, COUNT(*) FROM metrics WHERE key = 'val_H' GROUP BY run_uuid, step")
+                    received.add((member_key(row["trial_id"], int(j)), int(m["epoch"])))
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.connect() as con:
+        keys = dict(con.execute(sqlalchemy.text("SELECT run_uuid, value FROM tags WHERE key = 'dedn.trial_id'")).all())
+        rows = con.execute(
+            sqlalchemy.text("SELECT run_uuid, step, COUNT(*) FROM metrics WHERE key = 'val_H' GROUP BY run_uuid, step")
+        ).all()
+    engine.dispose()
     in_mlflow: dict[tuple[str, int], int] = {}
     for run_id, step, n in rows:
-        if run_id in key_of:
-            in_mlflow[(key_of[run_id], int(step))] = int(n)
-    con.close()
+        if run_id in keys:
+            in_mlflow[(keys[run_id], int(step))] = int(n)
     in_optuna: set[tuple[str, int]] = set()
     if storage_url:
         from tuning.optuna_storage import open_storage
@@ -199,9 +222,8 @@ def stored_epochs(exp: Path, db: Path, storage_url: str) -> dict[str, Any]:
         for name in optuna.get_all_study_names(storage):
             study = optuna.load_study(study_name=name, storage=storage)
             for t in study.get_trials(deepcopy=False):
-                tune_id, member = t.user_attrs.get("tune_trial_id"), t.user_attrs.get("member")
                 for step in t.intermediate_values:
-                    in_optuna.add((f"{tune_id}-m{member}", int(step)))
+                    in_optuna.add((str(t.user_attrs.get("dedn.trial_id")), int(step)))
     return {
         "received": len(received),
         "mlflow": len(in_mlflow),

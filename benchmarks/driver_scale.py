@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, SERVER_APPS, start_mlflow_server, stop_mlflow_server
+from common import ROOT, SERVER_APPS, start_mlflow_server, start_postgres, stop_mlflow_server, stop_postgres
 from driver_measure import LINE, Counters, Sampler, at, instrument, median_ms, phases, stored_epochs
 
 LOSSES = ("cls_c", "cls_f", "align_c", "align_f", "distill", "cal", "total")
@@ -156,13 +156,13 @@ def check_format(size: int, posthoc: bool = False) -> None:
 
 
 def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tuple[Any, Path, int]:
-    """The Tuner ``dedn search`` builds for the spec with populations of ``--population`` on ``--gpus`` logical GPUs,
-    its trainable replaced by ``synthetic_population``; returns it, the experiment folder and the epochs."""
+    """The Tuner ``dedn search`` builds for the spec with populations of ``--population`` on ``--gpus`` logical GPUs
+    (``tuning.search.tune_settings``: the searcher, the scheduler, the MLflow callback, the resume signer), its
+    trainable replaced by ``synthetic_population``; returns it, the experiment folder and the epochs."""
     from ray import tune
 
-    import tuning.search as search
-    from tracking.runs import Tracker
-    from tuning.search import SearchOptions
+    from tracking.sink import RunSink
+    from tuning.search import SearchOptions, tune_settings
     from tuning.space import load_search_spec, trial_config
 
     spec, base, _ = load_search_spec(ROOT / "configs" / "search" / a.spec)
@@ -181,6 +181,7 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
         }
     )
     name = "driver-scale"
+    exp = tmp / "runs" / name
     opts = SearchOptions(
         spec_path=str(ROOT / "configs" / "search" / a.spec),
         name=name,
@@ -191,15 +192,11 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
         time_budget_s=a.seconds,
         tracking_uri=uri,
         population=size,
-        optuna_storage=f"journal:{tmp / 'runs' / name / 'optuna.journal'}" if a.optuna_storage == "journal" else None,
+        optuna_storage=f"journal:{exp / 'optuna.journal'}" if a.optuna_storage == "journal" else None,
     )
-    exp = tmp / "runs" / name
     exp.mkdir(parents=True)
-    tracker = Tracker(uri, exp, name)
-    spec_file = tmp / "spec.yaml"
-    spec_file.write_text((ROOT / "configs" / "search" / a.spec).read_text())
-    tracker.parent({"dedn.benchmark": "driver_scale"}, str(spec_file))
-
+    sink = RunSink(uri, name)
+    sink.open_parent({"dedn.benchmark": "driver_scale"})
     synthetic = tune.with_resources(
         tune.with_parameters(
             synthetic_population,
@@ -211,7 +208,8 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
         ),
         {"cpu": 0.0, "gpu": 1.0},
     )  # the one part of the driver this benchmark replaces
-    return search.build_tuner(None, base, opts, spec, exp, name, tracker, False, trainable=synthetic), exp, epochs
+    tune_config, run_config = tune_settings(base, opts, spec, exp, name, sink)
+    return tune.Tuner(synthetic, tune_config=tune_config, run_config=run_config), exp, epochs
 
 
 def main() -> None:
@@ -229,8 +227,9 @@ def main() -> None:
     ap.add_argument(
         "--server-workers",
         type=int,
-        default=1,
-        help="mlflow server worker processes (on SQLite, several wait for each other in SQLite's lock)",
+        default=None,
+        help="mlflow server worker processes (default: 1 on SQLite, where several wait for each other in SQLite's lock; "
+        "4 on PostgreSQL)",
     )
     ap.add_argument(
         "--server-app",
@@ -262,12 +261,12 @@ def main() -> None:
         "the driver, Ray and the server leave; at nice 15, Ray's own, their start-up took the server's CPU for minutes",
     )
     ap.add_argument(
-        "--writer-threads", type=int, default=None, help="the tracker's writer threads (default: Tracker.start's)"
-    )
-    ap.add_argument(
-        "--no-writer",
-        action="store_true",
-        help="keep the tracker's background writer off: the driver makes every MLflow call itself, in its event loop",
+        "--tracking-backend",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the tracking server's database: a SQLite file, or a real PostgreSQL started here (benchmarks/common.py: "
+        "start_postgres; the production topology of the README, with --server-workers 4 by default); the server's CPU "
+        "then counts PostgreSQL's processes too",
     )
     ap.add_argument(
         "--optuna-storage",
@@ -280,8 +279,8 @@ def main() -> None:
         "--epoch-metrics",
         choices=("key", "all"),
         default="key",
-        help="the spec's epoch_metrics: key (5 metrics per member-epoch, the rest in epochs.parquet at the end, what "
-        "a population search on many GPUs should use) or all (20 metrics per member-epoch, the spec's default)",
+        help="the spec's epoch_metrics: key (3 metrics per member-epoch, the rest in the parent run's epochs.parquet, "
+        "what a population search on many GPUs should use) or all (20 metrics per member-epoch, the spec's default)",
     )
     ap.add_argument(
         "--reuse-actors",
@@ -301,8 +300,15 @@ def main() -> None:
     offered = a.gpus * a.member_samples_per_s / a.images_per_epoch
     epoch_s = a.population * a.images_per_epoch / a.member_samples_per_s
     check_format(a.population)
+    postgres = backend = ""
+    workers = a.server_workers or (4 if a.tracking_backend == "postgresql" else 1)
+    if a.tracking_backend == "postgresql":
+        (tmp / "pg").mkdir()
+        pg_pid, backend = start_postgres(tmp / "pg")
+        postgres = str(pg_pid)
+    db_url = backend or f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
     proc, uri, start_s = start_mlflow_server(
-        tmp / "mlflow", workers=a.server_workers, jobs=False, app=a.server_app, wal=a.server_wal
+        tmp / "mlflow", workers=workers, jobs=False, app=a.server_app, wal=a.server_wal and not backend, backend=backend
     )
     print(f"mlflow server at {uri} answered /health after {start_s:.1f} s; folder {tmp}", flush=True)
     import ray
@@ -321,18 +327,8 @@ def main() -> None:
         )
         c = Counters()
         instrument(c)
-        if a.no_writer:
-            from tuning.tracking_callback import MLflowTrialLogger
-
-            MLflowTrialLogger.setup = lambda self, **info: None  # type: ignore[method-assign]
-        if a.writer_threads is not None:
-            from functools import partialmethod
-
-            from tracking.runs import Tracker
-
-            Tracker.start = partialmethod(Tracker.start, threads=a.writer_threads)  # type: ignore[assignment, method-assign]
         tuner, exp, epochs = build_tuner(a, tmp, uri, emitted)
-        sampler = Sampler(c, emitted, epoch_s, epochs, proc.pid)
+        sampler = Sampler(c, emitted, epoch_s, epochs, [proc.pid] + ([int(postgres)] if postgres else []))
         sampler.rows.append(sampler.sample())
         t0 = time.time()
         sampler.t_end = t0 + a.seconds
@@ -361,24 +357,26 @@ def main() -> None:
         sampler.join()
         sampler.rows.append(sampler.sample())
         ray.shutdown()
-        stored = stored_epochs(exp, tmp / "mlflow" / "mlflow.db", c.storage_url)
+        stored = stored_epochs(exp, db_url, c.storage_url)
     finally:
         stop_mlflow_server(proc)
+        if postgres:
+            stop_postgres(int(postgres))
     rows = sampler.rows
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    import inspect
 
     import mlflow
     import optuna
 
-    from tracking.runs import Tracker
-
-    writer_threads = a.writer_threads or inspect.signature(Tracker.start).parameters["threads"].default
+    database = (
+        f"PostgreSQL ({workers} workers)"
+        if backend
+        else f"SQLite {'in WAL mode' if a.server_wal else 'with its rollback journal'} ({workers} workers)"
+    )
     print(
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
-        f"({a.server_app}, {a.server_workers} workers, no jobs, SQLite {'in WAL mode' if a.server_wal else 'with its rollback journal'}), tracking writer {'off' if a.no_writer else f'on ({writer_threads} threads)'}, "
+        f"({a.server_app}, no jobs, {database}), "
         f"{'reused' if a.reuse_actors else 'new'} worker per trial ({'SCHED_IDLE' if a.trial_idle else f'its reporting thread at nice {a.trial_nice}'}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
@@ -412,14 +410,17 @@ def main() -> None:
         f"{stored['received']} member-epochs; MLflow holds {stored['mlflow']} (lost {stored['lost_mlflow']}, "
         f"duplicated {stored['duplicated']}); Optuna holds {stored['optuna']} (lost {stored['lost_optuna']})"
     )
-    print(server_requests(tmp / "mlflow" / "server.log"))
+    requests_line, per_run = server_requests(tmp / "mlflow" / "server.log")
+    print(requests_line)
     print(
         "offered: due on the schedules of the trials still emitting (a trial that Tune holds in tune.report "
         "because the driver is behind counts as stopped: then it undercounts; the header has the nominal offer); "
         "backlog: offered - written at the phase's end; callback: "
         "tracking callback per Tune result; ask: Tune's wait for a trial's configurations (the searcher asks on its "
         "own thread), per configuration; report: searcher per Tune result, on the driver's thread "
-        f"({a.population} member-epochs); cpu in cores"
+        f"({a.population} member-epochs); cpu in cores; per member-epoch: the driver's and the server's CPU "
+        f"({'MLflow and PostgreSQL' if backend else 'MLflow'}) from the first sample to the end of the drain, over the "
+        "member-epochs received; requests per member run: the server's requests besides log-batch, over the runs created"
     )
     cmd = f"python benchmarks/driver_scale.py --seconds {a.seconds:g}"
     if a.gpus != 64 or a.population != 16:
@@ -430,10 +431,8 @@ def main() -> None:
         cmd += f" --warmup {a.warmup:g} --window {a.window:g}"
     if a.spec != "cub.yaml":
         cmd += f" --spec {a.spec}"
-    if a.no_writer:
-        cmd += " --no-writer"
-    if a.writer_threads is not None:
-        cmd += f" --writer-threads {a.writer_threads}"
+    if a.tracking_backend != "sqlite":
+        cmd += f" --tracking-backend {a.tracking_backend}"
     if a.trial_nice != 19 and not a.trial_idle:
         cmd += f" --trial-nice {a.trial_nice}"
     if not a.trial_idle:
@@ -446,19 +445,24 @@ def main() -> None:
         cmd += f" --epoch-metrics {a.epoch_metrics}"
     if not a.reuse_actors:
         cmd += " --no-reuse-actors"
-    if a.server_app != "gunicorn" or a.server_workers != 1:
-        cmd += f" --server-app {a.server_app} --server-workers {a.server_workers}"
+    if a.server_app != "gunicorn" or a.server_workers is not None:
+        cmd += f" --server-app {a.server_app} --server-workers {workers}"
     if not a.server_wal:
         cmd += " --no-server-wal"
     print(f"({cmd})")
     lost = stored["lost_mlflow"] + stored["lost_optuna"]
+    first, last = rows[0], rows[-1]
+    epochs_in = max(1, stored["received"])
+    driver_ms = 1000 * (last["cpu"] - first["cpu"]) / epochs_in
+    server_ms = 1000 * (last["server_cpu"] - first["server_cpu"]) / epochs_in
     print(
         f"sustained: {sustained:.0f} of {offered:.0f} member-epochs/s offered, lost {lost}, "
-        f"duplicated {stored['duplicated']}, backlog at end {backlog_end:.0f}"
+        f"duplicated {stored['duplicated']}, backlog at end {backlog_end:.0f}; driver {driver_ms:.2f} ms CPU per "
+        f"member-epoch, server {server_ms:.2f} ms CPU per member-epoch, {per_run:.1f} requests per member run"
     )
 
 
-def server_requests(log: Path) -> str:
+def server_requests(log: Path) -> tuple[str, float]:
     """The tracking server's requests by kind (its access log; ``/health`` left out), and per run created."""
     import re
     from collections import Counter
@@ -487,7 +491,7 @@ def server_requests(log: Path) -> str:
     return (
         f"server requests: {total} in {span:.0f} s ({parts}); {runs} runs created, "
         f"{per_run:.1f} requests per run besides log-batch"
-    )
+    ), per_run
 
 
 if __name__ == "__main__":

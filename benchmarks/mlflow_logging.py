@@ -17,14 +17,13 @@ For each it times, with MlflowClient, for ``--seconds`` each after one untimed c
 - async log_batch: ``--async-calls`` such calls with ``synchronous=False`` (MLflow queues them and writes them from a
   background thread), timed until all are written, and the time the caller spends per call;
 - trial start: ``create_run`` nested under a parent (tag ``mlflow.parentRunId``) plus one ``log_batch`` of 9
-  params, what tracking.runs.Tracker.child does for each trial;
+  params, what tracking.sink.RunSink.create does for each trial;
 - concurrent log_batch: ``--threads`` client threads, each on its own run, logging batches at once;
 - member runs: ``--threads`` client threads, each making whole member runs with the fewest requests a run can
   take: ``create_run`` nested under the parent with its tags, one ``log_batch`` of its 9 params and
   ``--run-epochs`` epochs of 5 key metrics (``epoch_metrics: key``), and ``set_terminated`` (FINISHED; its
-  ``runs/get`` to print the run's address is off, as in tracking/writer.py; ``update_run`` also gets the run). The
-  tracker needs at least these three per run (it also uploads ``trial_config.yaml`` and ``epochs.parquet``), so
-  runs/s times ``--run-epochs`` bounds the member-epochs/s a search can write through this server; at
+  ``runs/get`` to print the run's address is off, as in tracking/sink.py; ``update_run`` also gets the run). The
+  sink makes these three per member run and no other (``tests/tracking/test_sink.py``), so runs/s times ``--run-epochs`` bounds the member-epochs/s a search can write through this server; at
   ``driver_scale.py``'s full offer (488 member-epochs/s, populations stopped by ASHA after 22 epochs on average)
   member runs start and end at about 22/s.
 For a server it also times small requests on one kept-alive connection (``http.client``): until the reply's

@@ -12,7 +12,7 @@ timed for:
 - report: one ``trial.report(value, step)``, the intermediate value Ray Tune's OptunaSearch writes per epoch;
 - a population's ask (``tpe-16``, ``batch-16``): 16 configurations asked as the search's searcher asks them,
   per configuration; ``tpe-16`` as it did before (one constant-liar TPE ask each), ``batch-16`` as it does now
-  (``tuning.study_batching.PopulationTPE`` in one batch; in a journal, the writes kept and written once).
+  (``tuning.optuna_internals.PopulationTPE`` in one batch; in a journal, the writes kept and written once).
 One untimed call at each size comes first (it loads the storage's trial cache). Samplers: TPE seeded
 (``TPESampler(seed=0)``, what the project uses) and TPE multivariate (``multivariate=True``). To save time the
 SQLite study is filled through a connection with ``PRAGMA synchronous=OFF`` and the journal with fsync off; the
@@ -151,7 +151,7 @@ def commit_ms(folder: Path, n: int = 11) -> float:
 def make_sampler(kind: str, seed: int) -> Any:
     import optuna
 
-    from tuning.study_batching import PopulationTPE
+    from tuning.optuna_internals import PopulationTPE
 
     if kind == "tpe-16":  # the searcher before populations were batched
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
@@ -257,7 +257,7 @@ def main() -> None:
                 flush: Any = lambda: None  # noqa: E731
                 timed = storage
                 if kind == "batch-16" and storage_kind == "journal":  # the searcher's buffered journal
-                    from tuning.study_batching import BufferedJournal
+                    from tuning.optuna_storage import BufferedJournal
 
                     backend = BufferedJournal(str(tmp / "optuna.log"))
                     timed, flush = JournalStorage(backend), backend.flush
@@ -295,7 +295,7 @@ def main() -> None:
         f"report = one trial.report() (tell and report with the first sampler of one configuration per ask). "
         f"tpe-16, batch-16: ms per configuration of a population of {POPULATION} asked as the searcher asks (member "
         "attribute set): tpe-16 one TPESampler(constant_liar=True) ask each, as before populations were batched; "
-        "batch-16 one PopulationTPE batch, the journal buffered and written once (tuning.study_batching)."
+        "batch-16 one PopulationTPE batch, the journal buffered and written once (tuning.optuna_internals, tuning.optuna_storage)."
     )
     print(
         "sqlite: RDBStorage on a file, as dedn search; each ask commits once per suggested parameter, each tell and "

@@ -70,7 +70,7 @@ def promote(
     """
     from tracking.registry import latest_search
     from tracking.registry import promote as do_promote
-    from tracking.runs import quiet_mlflow, resolve_tracking_uri
+    from tracking.store import quiet_mlflow, resolve_tracking_uri
 
     tracking = resolve_tracking_uri(tracking_uri)
     with quiet_mlflow():  # a refusal is one line: MLflow's INFO and warning lines held back
@@ -108,7 +108,7 @@ def predict(model_uri: str, store: str, split: str, out: str, overwrite: bool, t
     """
     from dedn.outputs import check_output
     from tracking.registry import predict_store
-    from tracking.runs import mlflow_uris, quiet_mlflow, resolve_tracking_uri
+    from tracking.store import mlflow_uris, quiet_mlflow, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     # before anything is loaded: the predictions never replace the store, the model or the tracking store
@@ -156,7 +156,7 @@ def ui(port: int, experiment: str | None, tracking_uri: str | None) -> None:
       dedn ui --experiment tiny-demo --port 5050 --tracking-uri sqlite:///runs/mlflow.db
     """
     from tracking.databases import check_existing_store
-    from tracking.runs import quiet_mlflow, resolve_tracking_uri
+    from tracking.store import quiet_mlflow, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):

@@ -11,7 +11,6 @@ and ``~/.ray/auth_token``; ``ray get-auth-token`` prints it on a machine that ha
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -19,14 +18,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
+from cluster import ray_internals
 from dedn.errors import DednInputError
 
 __all__ = ["AUTH_MODE", "auth_mode_restored", "settle_auth", "token_source"]
 
 AUTH_MODE = "RAY_AUTH_MODE"
-_PROBE = Path(__file__).with_name("_auth_probe.py")
+_PROBE = Path(ray_internals.__file__)  # run as a script: ray_internals.probe in a process of its own
 _FIX = (
     "put the cluster's token (`ray get-auth-token` on its head prints it) in ~/.ray/auth_token, "
     "or set RAY_AUTH_TOKEN_PATH to a file that holds it, or RAY_AUTH_TOKEN to it"
@@ -42,20 +41,8 @@ def token_source() -> str:
     return str(Path.home() / ".ray" / "auth_token")
 
 
-def _set_auth_mode(value: str | None) -> None:
-    """Set (or with None unset) RAY_AUTH_MODE for this process and make Ray's cached config see it, as
-    Ray's own ``ray start`` does when it turns token mode on."""
-    raylet: Any = importlib.import_module("ray._raylet")  # its type stubs leave these names out
-    if value is None:
-        os.environ.pop(AUTH_MODE, None)
-    else:
-        os.environ[AUTH_MODE] = value
-    raylet.Config.initialize("")
-    raylet.AuthenticationTokenLoader.instance().reset_cache()
-
-
 def _probe_auth(gcs_address: str, source: str, timeout_s: float) -> str:
-    """Run ``_auth_probe.py`` (see there) against ``gcs_address`` in a child process with this process's
+    """Run ``cluster/ray_internals.py`` (``probe``) against ``gcs_address`` in a child process with this process's
     environment, killed after ``timeout_s``; its result, or DednInputError in one line."""
     where = f"the Ray cluster at {gcs_address}"
     argv = [sys.executable, str(_PROBE), gcs_address, str(int(max(1.0, timeout_s - 6.0) * 1000))]
@@ -92,7 +79,7 @@ def settle_auth(gcs_address: str, source: str, timeout_s: float = 20.0) -> str:
     answers within ``timeout_s``, or the cluster wants a token that is missing, unreadable or refused here."""
     result = _probe_auth(gcs_address, source, timeout_s)
     if result == "token":
-        _set_auth_mode("token")
+        ray_internals.set_auth_mode("token")
     return "token" if (os.environ.get(AUTH_MODE) or "").lower() == "token" else "open"
 
 
@@ -105,4 +92,4 @@ def auth_mode_restored() -> Iterator[None]:
         yield
     finally:
         if os.environ.get(AUTH_MODE) != saved:
-            _set_auth_mode(saved)
+            ray_internals.set_auth_mode(saved)

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from cluster.auth import AUTH_MODE, auth_mode_restored, settle_auth
+from cluster.ray_internals import AUTH_LOGGER, find_cluster
 from dedn.errors import DednInputError
 
 __all__ = ["check_address", "ray_session", "resolve_address"]
@@ -57,10 +58,8 @@ def resolve_address(address: str) -> str:
     ``ray://`` (Ray Client) address is returned as given. Raises DednInputError when ``auto`` finds nothing."""
     if address.startswith("ray://"):
         return address
-    from ray._private.services import canonicalize_bootstrap_address
-
     try:
-        found = canonicalize_bootstrap_address(address)
+        found = find_cluster(address)
     except (ConnectionError, ValueError) as e:  # auto: no cluster recorded or running here
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise DednInputError(address, "--address", f"no Ray cluster found: {first}") from None
@@ -128,7 +127,7 @@ def _quiet_ray(level: int = logging.CRITICAL) -> Iterator[None]:
     """Ray's own log lines below ``level`` are held back while Ray starts or joins: a failed connection is
     reported in one line; a local start says nothing ("Started a local Ray instance", the notice that
     token authentication is on: it is, and a local instance needs nothing from the user for it)."""
-    loggers = [logging.getLogger("ray"), logging.getLogger("ray._private.authentication.authentication_token_setup")]
+    loggers = [logging.getLogger("ray"), logging.getLogger(AUTH_LOGGER)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(level)

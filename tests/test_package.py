@@ -65,3 +65,101 @@ def test_every_module_lists_its_api_and_imports_only_exported_names() -> None:
                 if alias.name.startswith("_") or alias.name not in exported:
                     bad.append(f"{path.relative_to(ROOT)}: {node.module}.{alias.name}")
     assert bad == []
+
+
+def _project_imports(path: Path) -> set[str]:
+    """The project modules a file imports, anywhere in it (functions and ``TYPE_CHECKING`` blocks included): ``from
+    pkg import sub`` counts as ``pkg.sub`` when ``sub`` is a module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            base = ROOT / node.module.replace(".", "/")
+            subs = [f"{node.module}.{a.name}" for a in node.names if (base / f"{a.name}.py").is_file()]
+            names = subs or [node.module]
+        found |= {n for n in names if n.split(".")[0] in PACKAGES}
+    return found
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def test_imports_point_one_way_without_a_circle() -> None:
+    """No module imports one that (through others) imports it back, and the packages keep their order:
+    ``cli -> tuning -> tracking, cluster -> dedn`` (docs/architecture.md)."""
+    graph = {_module_name(p): _project_imports(p) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    rank = {"dedn": 0, "tracking": 1, "cluster": 1, "tuning": 2, "cli": 3}
+    upward = [
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        for d in deps
+        if rank[d.split(".")[0]] > rank[m.split(".")[0]]
+        or (d.split(".")[0] != m.split(".")[0] and rank[d.split(".")[0]] == rank[m.split(".")[0]])
+    ]
+    assert upward == []
+    circles = []
+    for start in graph:  # a path from a module back to itself
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for d in graph[node]:
+                if d == start:
+                    circles.append(" -> ".join([*path, d]))
+                elif d not in seen:
+                    seen.add(d)
+                    stack.append((d, [*path, d]))
+    assert circles == []
+
+
+ADAPTERS = ("cluster/ray_internals.py", "tuning/optuna_internals.py")  # the one place per library for private names
+_LIBRARIES = ("ray", "optuna", "mlflow")
+
+
+def _private(dotted: str) -> bool:
+    return dotted.split(".")[0] in _LIBRARIES and any(p.startswith("_") for p in dotted.split(".")[1:])
+
+
+def test_no_private_ray_optuna_or_mlflow_name_outside_the_adapters() -> None:
+    """Outside ``ADAPTERS`` the code imports no underscored module or name of Ray, Optuna or MLflow, names none in a
+    string (``importlib.import_module``, a logger), and reads no underscored attribute it does not define itself
+    (``dedn/``, which imports none of the three, is left out of that last check)."""
+    sources = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    trees = {p: ast.parse(p.read_text()) for p in sources}
+    own: set[str] = set()  # underscored names the project defines: its own privates
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, (ast.AnnAssign)) and isinstance(node.target, ast.Name):
+                own.add(node.target.id)
+    bad = []
+    for path, tree in trees.items():
+        if path.relative_to(ROOT).as_posix() in ADAPTERS:
+            continue
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                bad += [f"{where} import {a.name}" for a in node.names if _private(a.name)]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in _LIBRARIES:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+                bad += [f"{where} from {n}" for n in names if _private(n)]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _private(node.value.split(" ")[0]):
+                bad.append(f"{where} {node.value!r}")
+            elif (
+                isinstance(node, ast.Attribute)
+                and path.relative_to(ROOT).parts[0] != "dedn"
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.attr not in own
+            ):
+                bad.append(f"{where} .{node.attr}")
+    assert bad == []

@@ -28,7 +28,6 @@ from pathlib import Path
 from dedn.errors import DednInputError
 
 __all__ = [
-    "check_resumable",
     "KEY_FILE",
     "SIGNATURE_FILE",
     "StateSigner",
@@ -42,7 +41,6 @@ __all__ = [
 # Not *.json: on --resume Tune copies the experiment folder's *.json and *.pkl into its staging folder and
 # from then on copies them back over the experiment folder, which would put back an old signature file.
 SIGNATURE_FILE = "resume.sig"
-_LEGACY_SIGNATURE_FILE = "resume.sig.json"
 KEY_FILE = "resume.key"
 _FORMAT = 1
 _KEEP = 16  # digests kept per file
@@ -107,8 +105,6 @@ def _digest(key: bytes, rel: str, path: Path) -> str:
 def _read_signatures(exp: Path) -> dict[str, list[str]] | None:
     """The signature file's digests by relative path; None when missing or malformed."""
     path = exp / SIGNATURE_FILE
-    if not path.is_file() and (exp / _LEGACY_SIGNATURE_FILE).is_file():
-        path = exp / _LEGACY_SIGNATURE_FILE
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -165,8 +161,6 @@ def verify_state(exp: Path) -> None:
     not all signed with the user's key. Reads only; creates nothing (not even the key)."""
     exp = Path(exp)
     sig_file = exp / SIGNATURE_FILE
-    if not sig_file.is_file() and (exp / _LEGACY_SIGNATURE_FILE).is_file():
-        sig_file = exp / _LEGACY_SIGNATURE_FILE
     if not sig_file.is_file():
         raise DednInputError(
             sig_file, "signature", "missing: the folder's Ray state is unsigned, refusing to unpickle it"
@@ -187,16 +181,3 @@ def verify_state(exp: Path) -> None:
                 "signature",
                 "does not match: changed since this search wrote it (or not written by it), refusing to unpickle it",
             )
-
-
-def check_resumable(exp: Path) -> None:
-    """Everything a resume reads from the experiment folder, checked before Ray starts: the state Ray unpickles
-    (``verify_state``: only what this user's searches signed), the tracker's journal it replays
-    (``tracking.writer.check_journal``) and its state file, whose recorded run ends it makes
-    (``tracking.run_state.check_runs_state``: uploads only from inside the folder)."""
-    from tracking.run_state import check_runs_state
-    from tracking.writer import check_journal
-
-    verify_state(exp)
-    check_journal(exp)
-    check_runs_state(exp)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,6 @@ import numpy as np
 from dedn.errors import DednInputError
 from dedn.outputs import writing
 from tracking.databases import check_existing_store
-from tracking.runs import mlflow_uris
 from tracking.served_model import (
     CODE_FILE,
     check_model_folder,
@@ -26,6 +27,7 @@ from tracking.served_model import (
     model_signature,
     open_model,
 )
+from tracking.store import mlflow_uris
 
 __all__ = [
     "PYFUNC_CODE",
@@ -63,13 +65,14 @@ def best_child_run(uri: str, experiment: str, metric: str) -> tuple[Any, Any]:
 
 
 def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
-    """A checkpoint folder (model.safetensors, config.yaml, checkpoint.json) holding the trial's
-    best-epoch weights (trained on the validation task's train split), with its inference point."""
+    """A checkpoint folder (model.safetensors, config.yaml, checkpoint.json) holding the trial's best-epoch weights
+    (trained on the validation task's train split), with its config (the search's base config, ``base_config.yaml`` of
+    the parent run, with the run's sampled values, its tag ``dedn.values``) and inference point."""
     import mlflow
     import torch
 
     from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE, save_checkpoint
-    from dedn.config import validate_config
+    from dedn.config import set_path, validate_config
     from dedn.evaluation import with_inference_point
     from dedn.safe_yaml import load_mapping
 
@@ -78,9 +81,9 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
             run_id=best.info.run_id, artifact_path="checkpoint", dst_path=str(folder / "trial"), tracking_uri=uri
         )
     )
-    cfg_path = Path(
+    base_file = Path(
         mlflow.artifacts.download_artifacts(
-            run_id=best.info.run_id, artifact_path="trial_config.yaml", dst_path=str(folder / "trial"), tracking_uri=uri
+            run_id=parent.info.run_id, artifact_path="base_config.yaml", dst_path=str(folder), tracking_uri=uri
         )
     )
     where = f"runs:/{best.info.run_id}/checkpoint"
@@ -95,7 +98,17 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DednInputError(f"{where}/{TRIAL_STATE}", "best_model", "not a state dict of tensors")
-    cfg = validate_config(load_mapping(cfg_path, "trial config"), str(cfg_path))
+    raw = load_mapping(base_file, "base config")
+    try:
+        values = json.loads(best.data.tags["dedn.values"])
+    except (KeyError, ValueError):
+        raise DednInputError(f"runs:/{best.info.run_id}", "dedn.values", "the run has no sampled values") from None
+    if not isinstance(values, dict):
+        raise DednInputError(f"runs:/{best.info.run_id}", "dedn.values", "must map config keys to values")
+    source = f"runs:/{best.info.run_id} dedn.values"
+    for key, value in values.items():
+        set_path(raw, str(key), value, source)
+    cfg = validate_config(raw, source).effective()
     m = best.data.metrics
     if parent.data.tags.get("dedn.posthoc_inference") == "true":
         # a post-hoc search: the inference point this trial chose on validation
@@ -141,6 +154,20 @@ def verify_figures(python_model: Any, store_path: str, task: str, expected: dict
             )
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What a promote registers: the run the model is logged on, how an earlier version of it is recognised, its
+    checkpoint folder (``checkpoint(scratch)``), its version tags, and the figures it must reproduce on ``task``."""
+
+    run_id: str
+    reuse: tuple[str, str]
+    checkpoint: Callable[[Path], Path]
+    tags: dict[str, str]
+    task: str
+    expected: dict[str, float]
+    what: str
+
+
 def promote(
     uri: str,
     experiment: str,
@@ -155,18 +182,68 @@ def promote(
     By default the search's final model: the chosen configuration retrained on trainval, the one whose
     test U, S, H, T the search printed; they must come back from the registered model on the test split.
     With ``trial`` (a Tune trial id, a run name such as ``trial-007``, a run id, or ``best`` for the best
-    trial by ``metric``) that trial's best-epoch weights, checked against its validation figures."""
+    trial by ``metric``) that trial's best-epoch weights, checked against its validation figures.
+    Promoting the same model again reuses its version."""
     check_existing_store(uri)  # promote reads an existing store; it never creates one
     if trial is None:
-        parent = final_model_run(uri, experiment)
-        with mlflow_uris(uri):
-            return _promote_final(uri, parent, model_name, alias, store)
-    if trial == "best":
-        parent, best = best_child_run(uri, experiment, metric)
+        source = _final_source(uri, final_model_run(uri, experiment))
     else:
-        parent, best = trial_run(uri, experiment, trial)
+        parent, best = best_child_run(uri, experiment, metric) if trial == "best" else trial_run(uri, experiment, trial)
+        source = _trial_source(uri, parent, best, metric)
     with mlflow_uris(uri):
-        return _promote(uri, parent, best, model_name, metric, alias, store)
+        version = _reusable(uri, model_name, *source.reuse)
+        if version is None:
+            with tempfile.TemporaryDirectory() as d:
+                version = _log_and_register(source.run_id, source.checkpoint(Path(d)), model_name, source.tags)
+        loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
+        verify_figures(loaded, store or loaded.cfg.data.store, source.task, source.expected, source.what)
+        if alias:
+            _client(uri).set_registered_model_alias(model_name, alias, version.version)
+        return version
+
+
+def _final_source(uri: str, parent: Any) -> _Source:
+    run_id = parent.info.run_id
+
+    def checkpoint(folder: Path) -> Path:
+        import mlflow
+
+        return Path(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="final_model", dst_path=str(folder))
+        )
+
+    m = parent.data.metrics
+    tags = {
+        "dedn.final_of_search": run_id,
+        "dedn.search_run_id": run_id,
+        "dedn.weights": "final model: the chosen configuration retrained on trainval",
+        **{f"dedn.test_{k}": str(m[f"test_{k}"]) for k in ("U", "S", "H", "T")},
+        **{f"dedn.{k.removeprefix('best_')}": str(v) for k, v in m.items() if k.startswith("best_val_")},
+    }
+    expected = {k: float(m[f"test_{k}"]) for k in ("U", "S", "H", "T")}
+    return _Source(run_id, ("dedn.final_of_search", run_id), checkpoint, tags, "test", expected, "the search printed")
+
+
+def _trial_source(uri: str, parent: Any, best: Any, metric: str) -> _Source:
+    m = best.data.metrics
+    tags = {
+        "dedn.trial_run_id": best.info.run_id,
+        "dedn.trial_id": best.data.tags.get("dedn.trial_id", ""),
+        "dedn.search_run_id": parent.info.run_id,
+        "dedn.weights": "trial best epoch (validation task)",
+        "dedn.selected_by": metric,
+        **{f"dedn.{k}": str(v) for k, v in m.items() if k.startswith("best_val_")},
+    }
+    expected = {k: float(m[f"best_val_{k}"]) for k in ("U", "S", "H", "T")}
+    return _Source(
+        best.info.run_id,
+        ("dedn.trial_run_id", best.info.run_id),
+        lambda folder: _trial_checkpoint(uri, parent, best, folder),
+        tags,
+        "validation",
+        expected,
+        "the trial logged",
+    )
 
 
 def _experiment_runs(uri: str, experiment: str) -> list[Any]:
@@ -267,55 +344,6 @@ def _reusable(uri: str, model_name: str, tag: str, value: str) -> Any | None:
         return None
     found = [v for v in found if _logged_code_is_installed(f"models:/{model_name}/{v.version}", uri)]
     return found[0] if found else None
-
-
-def _promote_final(uri: str, parent: Any, model_name: str, alias: str | None, store: str | None) -> Any:
-    import mlflow
-
-    run_id = parent.info.run_id
-    version = _reusable(uri, model_name, "dedn.final_of_search", run_id)
-    if version is None:
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="final_model", dst_path=d))
-            meta = json.loads((ckpt / "checkpoint.json").read_text())
-            tags = {
-                "dedn.final_of_search": run_id,
-                "dedn.search_run_id": run_id,
-                "dedn.weights": "final model: the chosen configuration retrained on trainval",
-                **{f"dedn.test_{k}": str(v) for k, v in meta["test"].items() if k in ("U", "S", "H", "T")},
-                **{f"dedn.{k}": str(v) for k, v in meta["validation"].items() if k.startswith("val_")},
-            }
-            version = _log_and_register(run_id, ckpt, model_name, tags)
-    loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
-    expected = {k: float(parent.data.metrics[f"test_{k}"]) for k in ("U", "S", "H", "T")}
-    verify_figures(loaded, store or loaded.cfg.data.store, "test", expected, "the search printed")
-    if alias:
-        _client(uri).set_registered_model_alias(model_name, alias, version.version)
-    return version
-
-
-def _promote(
-    uri: str, parent: Any, best: Any, model_name: str, metric: str, alias: str | None, store: str | None
-) -> Any:
-    version = _reusable(uri, model_name, "dedn.trial_run_id", best.info.run_id)
-    if version is None:  # promoting the same trial again reuses its version
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = _trial_checkpoint(uri, parent, best, Path(d))
-            tags = {
-                "dedn.trial_run_id": best.info.run_id,
-                "dedn.trial_id": best.data.tags.get("dedn.trial_id", ""),
-                "dedn.search_run_id": parent.info.run_id,
-                "dedn.weights": "trial best epoch (validation task)",
-                "dedn.selected_by": metric,
-                **{f"dedn.{k}": str(v) for k, v in best.data.metrics.items() if k.startswith("best_val_")},
-            }
-            version = _log_and_register(best.info.run_id, ckpt, model_name, tags)
-    loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
-    expected = {k: float(best.data.metrics[f"best_val_{k}"]) for k in ("U", "S", "H", "T")}
-    verify_figures(loaded, store or loaded.cfg.data.store, "validation", expected, "the trial logged")
-    if alias:
-        _client(uri).set_registered_model_alias(model_name, alias, version.version)
-    return version
 
 
 def _logged_code_is_installed(model_uri: str, uri: str) -> bool:

@@ -224,7 +224,7 @@ def fetched_model(model_uri: str, tracking_uri: str | None) -> Iterator[Path]:
         from mlflow.exceptions import MlflowException
 
         from tracking.databases import check_existing_store
-        from tracking.runs import resolve_tracking_uri
+        from tracking.store import resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri)
         check_existing_store(uri)

@@ -1,27 +1,30 @@
-"""A search's experiment folder and its MLflow tracker around Ray's session (``tuning.search.run_search``).
+"""A search's options, its experiment folder and its MLflow parent run around Ray's session
+(``tuning.search.run_search``).
 
 The folder is ``<storage>/<name>/``: ``check_experiment_name`` keeps a name to one folder under the storage path,
-``experiment_path`` reads ``--resume``'s folder-or-name. ``start_tracker`` creates (or on resume reopens, after
-checking that the state file names this search's runs) the parent run; ``joined_or_abandoned`` enters Ray's
-session, and when that fails undoes what the search made (``abandon``), and when the search is stopped (Ctrl-C,
-SIGTERM) ends its runs KILLED for ``--resume`` (``mark_killed``).
+``experiment_path`` reads ``--resume``'s folder-or-name. ``open_tracking`` creates the parent run (on resume finds it by
+its tag, ``tracking.sink``); ``joined_or_abandoned`` enters Ray's session, and when that fails undoes what the search
+made (``abandon``), and when the search is stopped (Ctrl-C, SIGTERM) ends its runs KILLED for ``--resume``
+(``mark_killed``).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import yaml
 
 from dedn.errors import DednInputError
-
-if TYPE_CHECKING:
-    from tracking.runs import Tracker
-    from tuning.search import SearchOptions
+from tracking.sink import RunSink
 
 __all__ = [
+    "SearchOptions",
     "abandon",
     "check_experiment_name",
     "checked_tracking_uri",
@@ -29,8 +32,31 @@ __all__ = [
     "experiment_path",
     "joined_or_abandoned",
     "mark_killed",
-    "start_tracker",
+    "open_tracking",
 ]
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What a search was asked, recorded in its folder's ``search.json`` (``--resume`` needs nothing else)."""
+
+    spec_path: str
+    store: str | None = None
+    name: str | None = None
+    storage_path: str = "runs"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    num_samples: int | None = None
+    max_concurrent_trials: int | None = None
+    time_budget_s: float | None = None
+    posthoc_inference: bool = False
+    address: str | None = None
+    final_test: bool = True
+    tracking_uri: str | None = None
+    track: bool = True
+    population: int | None = None
+    verbose: bool = False  # Tune's own result tables instead of the one progress line
+    optuna_storage: str | None = None  # the study's storage URL (tuning.optuna_storage); None: spec's or default
 
 
 def check_experiment_name(name: str, field: str = "--name") -> None:
@@ -65,7 +91,7 @@ def experiment_path(storage_path: str, name_or_path: str) -> tuple[str, str]:
 def checked_tracking_uri(opts: SearchOptions) -> str:
     """The tracking store the search will log to, refused before any trial runs when it is a file store
     and the search joins a cluster, or when it cannot be reached."""
-    from tracking.runs import check_not_scattered, check_reachable, resolve_tracking_uri
+    from tracking.store import check_not_scattered, check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(opts.tracking_uri)
     check_not_scattered(uri, joins_cluster=opts.address is not None)
@@ -73,65 +99,79 @@ def checked_tracking_uri(opts: SearchOptions) -> str:
     return uri
 
 
-def start_tracker(opts: SearchOptions, exp: Path, name: str, store: Any, resume: bool = False) -> Tracker:
-    """The search's MLflow tracker, with its parent run created (or on resume reopened). If that fails, a
-    new search's folder goes again (its run, if made, ends FAILED)."""
+def _parent_tags(store: Any, spec_path: str, posthoc: bool) -> dict[str, str]:
+    import optuna
+    import ray
+
+    from tracking.store import code_version
+
+    return {
+        "dedn.dataset": store.meta.name,
+        "dedn.fingerprint": store.meta.fingerprint,
+        "dedn.search_spec": str(Path(spec_path).resolve()),
+        "dedn.code_version": code_version(),
+        "ray.version": ray.__version__,
+        "optuna.version": optuna.__version__,
+        "dedn.posthoc_inference": str(posthoc).lower(),
+    }
+
+
+def open_tracking(
+    opts: SearchOptions, exp: Path, name: str, store: Any, base: dict[str, Any], resume: bool = False
+) -> RunSink:
+    """The search's MLflow runs: the parent run created with the spec, the store's header (``store.json``) and the base
+    config (``base_config.yaml``, from which ``dedn promote`` rebuilds a trial's config), or on resume found again. If
+    that fails, a new search's folder goes again (its run, if made, ends FAILED)."""
     from dedn.checkpoints import checkpoint_header
-    from tracking.runs import Tracker
-    from tuning.report import parent_tags
 
     assert opts.tracking_uri is not None
-    tracker = Tracker(opts.tracking_uri, exp, name)
-    if resume:  # before any run is reopened or (on failure) ended: they must be this search's
-        from tracking.run_state import check_state_runs
-
-        check_state_runs(tracker.client, tracker.state, name, exp)
+    sink = RunSink(opts.tracking_uri, name)
+    texts = {
+        "store.json": json.dumps(checkpoint_header(store), indent=2),
+        "base_config.yaml": yaml.safe_dump(base, sort_keys=False),
+    }
     try:
-        tracker.parent(
-            parent_tags(store, opts.spec_path, opts.posthoc_inference), opts.spec_path, checkpoint_header(store)
-        )
+        sink.open_parent(_parent_tags(store, opts.spec_path, opts.posthoc_inference), [opts.spec_path], texts)
     except BaseException:
-        abandon(exp, tracker, resume)
+        abandon(exp, sink, resume)
         raise
-    return tracker
+    return sink
 
 
 @contextmanager
-def joined_or_abandoned(session: Any, exp: Path, tracker: Tracker | None, resume: bool) -> Iterator[Any]:
+def joined_or_abandoned(session: Any, exp: Path, sink: RunSink | None, resume: bool) -> Iterator[Any]:
     """Enter ``session`` (cluster.connect.ray_session); when that fails (no cluster at --address), the
     search never started: its MLflow run ends FAILED and a new search's half-made folder is removed."""
     with ExitStack() as stack:
         try:
             info = stack.enter_context(session)
         except BaseException:
-            abandon(exp, tracker, resume)
+            abandon(exp, sink, resume)
             raise
         try:
             yield info
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect): resumable, its runs marked KILLED
-            mark_killed(tracker)
+            mark_killed(sink)
             raise
 
 
-def mark_killed(tracker: Tracker | None) -> None:
+def mark_killed(sink: RunSink | None) -> None:
     """End the search's parent run and its trial runs still RUNNING as KILLED (``--resume`` reopens them)."""
-    if tracker is None:
+    if sink is None or sink.parent_id is None:
         return
     with suppress(Exception):
-        tracker.reload()
-    runs = [tracker.state.get("parent"), *tracker.state.get("trials", {}).values()]
-    for run in [str(r) for r in runs if r]:
-        with suppress(Exception):
-            if tracker.client.get_run(run).info.status == "RUNNING":
-                tracker.client.set_terminated(run, status="KILLED")
+        running = [r.info.run_id for r in sink.runs().values() if r.info.status == "RUNNING"]
+        for run in [sink.parent_id, *running]:
+            sink.client.set_terminated(run, status="KILLED")
 
 
-def abandon(exp: Path, tracker: Tracker | None, resume: bool) -> None:
+def abandon(exp: Path, sink: RunSink | None, resume: bool) -> None:
     """Undo what a search that never started left: its parent run ends FAILED; the folder of a new search
     (made by this command, nothing of Tune's in it yet) is removed. A resumed folder is kept."""
-    parent = tracker.state.get("parent") if tracker is not None else None
-    if tracker is not None and parent:
+    if sink is not None and sink.parent_id:
         with suppress(Exception):
-            tracker.client.set_terminated(str(parent), status="FAILED")
+            sink.client.set_terminated(sink.parent_id, status="FAILED")
+    if sink is not None:
+        sink.close(timeout_s=0)
     if not resume:
         shutil.rmtree(exp, ignore_errors=True)

@@ -24,10 +24,12 @@ import torch
 
 from cluster.objects import SharedStore
 from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE
-from tuning.space import trial_config
+from tuning.space import sampled_params, trial_config
 
 __all__ = [
     "Entry",
+    "configurations",
+    "member_key",
     "best_weights",
     "load_population_checkpoint",
     "member_entries",
@@ -37,6 +39,22 @@ __all__ = [
     "section",
     "write_member_checkpoint",
 ]
+
+
+def member_key(trial_id: str, member: int | None) -> str:
+    """The key of one configuration of a Tune trial: the trial id, ``<trial id>-m<j>`` for member j of a population.
+    It names the configuration's MLflow run (tag ``dedn.trial_id``) and Optuna trial (user attribute ``dedn.trial_id``)."""
+    return trial_id if member is None else f"{trial_id}-m{member}"
+
+
+def configurations(config: Any) -> list[tuple[int | None, dict[str, Any]]]:
+    """(member index, sampled values) of each configuration a Tune trial trains: (None, its values) for a single
+    trial, one per member for a population (``config["members"]``)."""
+    config = config if isinstance(config, dict) else {}
+    members = config.get("members")
+    if isinstance(members, list):
+        return [(j, dict(m)) for j, m in enumerate(members)]
+    return [(None, sampled_params(config))]
 
 
 def section(result: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
@@ -175,7 +193,7 @@ def member_entries(result: Any) -> list[Entry]:
             sub = df[cols].rename(columns={c: c[len(prefix) :] for c in cols})
             if "val_H" in sub:
                 sub = sub[sub["val_H"].notna()].reset_index(drop=True)
-        out.append(Entry(f"{short}-m{j}", dict(cfg), sub, result, j))
+        out.append(Entry(member_key(short, j), dict(cfg), sub, result, j))
     return out
 
 

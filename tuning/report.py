@@ -1,9 +1,10 @@
-"""What a finished search logs on its MLflow parent run: tags, plots, the final model, summary metrics."""
+"""What a finished search logs on its MLflow parent run: plots, every configuration's epochs, the final model, the
+summary metrics and the best configuration."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +13,15 @@ import numpy as np
 from cluster.objects import SharedStore
 from dedn.data.store import FeatureStore
 from tracking import plots
-from tracking.runs import Tracker, code_version
-from tuning.optuna_storage import default_storage, open_storage
+from tracking.sink import RunSink
+from tuning.population import Entry, member_key
+from tuning.record import configuration_epochs, reports
 from tuning.space import chosen_values, trial_config
 
-__all__ = ["C_GRID", "calibration_curve", "parent_tags", "report_search"]
+__all__ = ["C_GRID", "EPOCHS_FILE", "calibration_curve", "epochs_table", "report_search"]
 
 C_GRID = [round(0.1 * i, 2) for i in range(31)]
-
-
-def parent_tags(store: FeatureStore, spec_path: str, posthoc: bool) -> dict[str, str]:
-    import optuna
-    import ray
-
-    return {
-        "dedn.dataset": store.meta.name,
-        "dedn.fingerprint": store.meta.fingerprint,
-        "dedn.search_spec": str(Path(spec_path).resolve()),
-        "dedn.code_version": code_version(),
-        "ray.version": ray.__version__,
-        "optuna.version": optuna.__version__,
-        "dedn.posthoc_inference": str(posthoc).lower(),
-    }
+EPOCHS_FILE = "epochs.parquet"
 
 
 def calibration_curve(
@@ -48,18 +36,14 @@ def calibration_curve(
     from dedn.partitions import resolve_partition
 
     cfg = trial_config(base, cfg_values).effective()
-    cfg = cfg.model_copy(
+    inference = cfg.inference.model_copy(
         update={
-            "device": "cpu",
-            "inference": cfg.inference.model_copy(
-                update={
-                    "grid_lambda_rc": [cfg.inference.lambda_rc],
-                    "grid_lambda_e": [cfg.inference.lambda_e],
-                    "grid_calibration": C_GRID,
-                }
-            ),
+            "grid_lambda_rc": [cfg.inference.lambda_rc],
+            "grid_lambda_e": [cfg.inference.lambda_e],
+            "grid_calibration": C_GRID,
         }
     )
+    cfg = cfg.model_copy(update={"device": "cpu", "inference": inference})
     model = build_model(cfg, store, resolve_partition(cfg, store), torch.device("cpu"))
     model.load_state_dict(state)
     _, _, grid = evaluate(
@@ -68,96 +52,95 @@ def calibration_curve(
     return [g["S"] for g in grid], [g["U"] for g in grid], [g["H"] for g in grid], cfg.inference.calibration
 
 
-def _log_figure(tracker: Tracker, run_id: str, fig: Any, name: str) -> None:
+def epochs_table(results: list[Any]) -> Any:
+    """Every configuration's epochs as one table (pyarrow): its run key (``dedn.trial_id``), then every number the
+    epoch reported, each epoch as first reported."""
+    import pyarrow as pa
+
+    from tuning.population import configurations
+
+    rows: list[dict[str, Any]] = []
+    for r in results:
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        for j, _ in configurations(r.config):
+            for _, record in configuration_epochs(reports(Path(r.path) / "result.json"), j):
+                numbers = {
+                    k: float(v)
+                    for k, v in record.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"
+                }
+                rows.append({"trial_id": member_key(trial_id, j), "epoch": int(record["epoch"]), **numbers})
+    columns = ["trial_id", "epoch", *sorted({k for row in rows for k in row} - {"trial_id", "epoch"})]
+    return pa.table({c: [row.get(c) for row in rows] for c in columns})
+
+
+def _log_figure(sink: RunSink, folder: Path, fig: Any, name: str) -> None:
     import matplotlib.pyplot as plt
 
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        data = path.read_bytes()
-
-    def log() -> None:
-        with tempfile.TemporaryDirectory() as d2:
-            (Path(d2) / name).write_bytes(data)
-            tracker.client.log_artifact(run_id, str(Path(d2) / name), "plots")
-
-    tracker.call(f"plot {name}", log)
+    fig.savefig(folder / name, dpi=110)
+    plt.close(fig)
+    sink.call(f"plot {name}", lambda client: client.log_artifact(str(sink.parent_id), str(folder / name), "plots"))
 
 
 def report_search(
-    tracker: Tracker,
+    sink: RunSink,
     exp: Path,
-    name: str,
     results: list[Any],
     shared: SharedStore,
     base: dict[str, Any],
-    best_config: dict[str, Any],
+    best: Entry | None,
     best_metrics: dict[str, Any],
     final: dict[str, Any] | None,
     posthoc: bool,
-    optuna_storage: str | None = None,
+    storage: str,
 ) -> list[str]:
-    """Log plots, the final model and summary metrics on the parent run; returns what could not be logged.
-    ``optuna_storage``: the study's storage URL (default: ``optuna.db`` in the experiment folder)."""
-    tracker.reload()  # the callback (a separate copy) wrote the trial runs
-    parent = str(tracker.state["parent"])
+    """Log the plots, ``epochs.parquet``, the final model and the summary on the parent run, then end it; returns
+    what could not be logged (by this and by the trials' callback)."""
+    import optuna
+    import pyarrow.parquet as pq
+
+    from tuning.optuna_storage import open_storage
+    from tuning.tracking_callback import not_logged
+
+    parent = str(sink.parent_id)
     store = shared.materialize()
-    best_entry = _log_search_plots(tracker, parent, optuna_storage or default_storage(exp), name, results)
-    if best_entry is not None:
-        _log_calibration_plot(tracker, parent, best_entry, best_config, best_metrics, posthoc, base, store)
+    scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=exp))  # the files to upload, until they are
+    study = optuna.load_study(study_name=sink.experiment, storage=open_storage(storage))
+    for name, fig in plots.study_plots(study).items():
+        _log_figure(sink, scratch, fig, name)
+    if best is not None:
+        _log_calibration_plot(sink, scratch, best, best_metrics, posthoc, base, store)
+    table = scratch / EPOCHS_FILE
+    pq.write_table(epochs_table(results), table)
+    sink.call("epochs.parquet", lambda client: client.log_artifact(parent, str(table)))
     summary = {f"best_{k}": float(v) for k, v in best_metrics.items() if k.startswith("val_")}
     if final is not None:
-        _log_final_model(tracker, parent, exp, final, base, store, best_metrics)
+        _log_final_model(sink, exp, final, base, store, best_metrics)
         summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T")})
     summary["best_epoch"] = float(best_metrics.get("epoch", 0))
-    tracker.metrics(parent, summary, 0, "summary metrics")
-    _log_best_params(tracker, parent, chosen_values(best_config, best_metrics, posthoc))
-    if best_entry is not None:
-        _tag_best_trial(tracker, parent, best_entry)
-    tracker.call("parent status", lambda: tracker.client.set_terminated(parent, status="FINISHED"))
-    return tracker.retry_failed()
+    values = {k: str(v) for k, v in chosen_values(best.config if best else {}, best_metrics, posthoc).items()}
+    trial_id = (best.result.metrics or {}).get("trial_id") if best is not None else None
+    best_key = member_key(trial_id, best.member) if best is not None and trial_id else None
 
+    def summarise(client: Any) -> None:
+        from mlflow.entities import Metric, Param, RunTag
 
-def _log_search_plots(tracker: Tracker, parent: str, storage: str, name: str, results: list[Any]) -> Any:
-    """Validation H per epoch, parameter importance and parallel coordinates of every configuration the
-    search trained; returns the entry (tuning.population.Entry) with the highest validation H, or None."""
-    import optuna
+        run = sink.runs().get(best_key) if best_key else None
+        tags = [RunTag("dedn.best_trial_run_id", run.info.run_id)] if run is not None else []
+        metrics = [Metric(k, v, 0, 0) for k, v in summary.items()]
+        client.log_batch(parent, metrics=metrics, params=[Param(k, v) for k, v in sorted(values.items())], tags=tags)
+        client.set_terminated(parent, status="FINISHED")
 
-    from tuning.population import member_entries
-
-    curves: dict[str, tuple[list[int], list[float]]] = {}
-    params: list[dict[str, Any]] = []
-    best_h: list[float] = []
-    best_name, best_entry = None, None
-    for r in results:
-        for e in member_entries(r):
-            df: Any = e.df
-            if df is None or "val_H" not in df or df["val_H"].isna().all():
-                continue
-            curves[e.label] = (df["epoch"].astype(int).tolist(), df["val_H"].astype(float).tolist())
-            params.append(e.config)
-            best_h.append(float(df["val_H"].max()))
-            if best_entry is None or best_h[-1] > max(best_h[:-1], default=-1.0):
-                best_name, best_entry = e.label, e
-    _log_figure(tracker, parent, plots.h_per_epoch(curves, best_name), "val_H_per_epoch.png")
-    try:
-        study = optuna.load_study(study_name=name, storage=open_storage(storage))
-        with warnings.catch_warnings():  # "too few trials: importances will be equal": the plot shows it
-            warnings.filterwarnings("ignore", message="The number of trials is too small", category=UserWarning)
-            importances = optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError):  # fewer than two finished trials, or a constant objective
-        importances = {}
-    _log_figure(tracker, parent, plots.param_importance(importances), "param_importance.png")
-    _log_figure(tracker, parent, plots.parallel_coordinates(params, best_h), "parallel_coordinates.png")
-    return best_entry
+    sink.call("summary metrics, best configuration and status", summarise)
+    left = not_logged(sink.experiment) + sink.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return left
 
 
 def _log_calibration_plot(
-    tracker: Tracker,
-    parent: str,
-    entry: Any,
-    best_config: dict[str, Any],
+    sink: RunSink,
+    scratch: Path,
+    entry: Entry,
     best_metrics: dict[str, Any],
     posthoc: bool,
     base: dict[str, Any],
@@ -171,23 +154,13 @@ def _log_calibration_plot(
     if checkpoint is None or not Path(checkpoint.path).is_dir():
         return
     state = best_weights(checkpoint.path, entry.member)
-    values = chosen_values(best_config, best_metrics, posthoc)
+    values = chosen_values(entry.config, best_metrics, posthoc)
     s, u, h, chosen = calibration_curve(values, base, store, state)
-    _log_figure(tracker, parent, plots.calibration(C_GRID, s, u, h, chosen), "calibration_best_trial.png")
-
-
-def _log_best_params(tracker: Tracker, parent: str, values: dict[str, Any]) -> None:
-    """The best configuration as the parent run's params (dotted config keys, as the child runs have)."""
-    from mlflow.entities import Param
-
-    params = [Param(k, str(v)) for k, v in sorted(values.items())]
-    if params:
-        tracker.call("best configuration", lambda: tracker.client.log_batch(parent, params=params))
+    _log_figure(sink, scratch, plots.calibration(C_GRID, s, u, h, chosen), "calibration_best_trial.png")
 
 
 def _log_final_model(
-    tracker: Tracker,
-    parent: str,
+    sink: RunSink,
     exp: Path,
     final: dict[str, Any],
     base: dict[str, Any],
@@ -210,16 +183,4 @@ def _log_final_model(
             "epoch": int(best_metrics["epoch"]),
         },
     )
-    tracker.call("final model", lambda: tracker.client.log_artifacts(parent, str(folder), "final_model"))
-
-
-def _tag_best_trial(tracker: Tracker, parent: str, entry: Any) -> None:
-    """Tag the parent run with the run id of the best entry's trial (or population member)."""
-    from tuning.tracking_callback import member_key
-
-    m = entry.result.metrics
-    trial_id = m.get("trial_id") if m else None
-    key = trial_id if entry.member is None or not trial_id else member_key(trial_id, entry.member)
-    run_id = tracker.state["trials"].get(key) if key else None
-    if run_id:
-        tracker.call("best-trial tag", lambda: tracker.client.set_tag(parent, "dedn.best_trial_run_id", run_id))
+    sink.call("final model", lambda client: client.log_artifacts(str(sink.parent_id), str(folder), "final_model"))

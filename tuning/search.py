@@ -13,24 +13,23 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cluster.objects import SharedStore, share_store
 from dedn.data import open_store
 from dedn.errors import DednInputError
+from tracking.sink import RunSink
 from tuning.experiment import (
+    SearchOptions,
     check_experiment_name,
     checked_tracking_uri,
     experiment_dir,
     experiment_path,
     joined_or_abandoned,
-    start_tracker,
+    open_tracking,
 )
 from tuning.selection import METRIC, best_trial, run_final_test, trial_states
 from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, load_search_spec, trial_config
-
-if TYPE_CHECKING:
-    from tracking.runs import Tracker
 
 __all__ = [
     "METRIC",
@@ -45,31 +44,11 @@ __all__ = [
     "population_size",
     "prepare",
     "run_search",
+    "tune_settings",
 ]
 
 MODE = "max"
 SCHEDULER_METRIC = "val_H_best"  # the best val_H of the trial so far (tuning.trainable.EpochReporter)
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    spec_path: str
-    store: str | None = None
-    name: str | None = None
-    storage_path: str = "runs"
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    num_samples: int | None = None
-    max_concurrent_trials: int | None = None
-    time_budget_s: float | None = None
-    posthoc_inference: bool = False
-    address: str | None = None
-    final_test: bool = True
-    tracking_uri: str | None = None
-    track: bool = True
-    population: int | None = None
-    verbose: bool = False  # Tune's own result tables instead of the one progress line
-    optuna_storage: str | None = None  # the study's storage URL (tuning.optuna_storage); None: spec's or default
 
 
 @dataclass
@@ -126,8 +105,7 @@ def _trainable(shared: SharedStore, base: dict[str, Any], opts: SearchOptions, s
     return tune.with_resources(fn, resources)
 
 
-def _searcher(spec: SearchSpec, opts: SearchOptions, exp: Path, name: str, epochs: int, tracked: bool) -> Any:
-    from tracking.runs import RUNS_FILE
+def _searcher(spec: SearchSpec, opts: SearchOptions, exp: Path, name: str, epochs: int) -> Any:
     from tuning.optuna_storage import default_storage
     from tuning.study_searcher import StudySearcher
 
@@ -145,7 +123,6 @@ def _searcher(spec: SearchSpec, opts: SearchOptions, exp: Path, name: str, epoch
         METRIC,
         MODE,
         epochs,
-        str(exp / RUNS_FILE) if tracked else None,
     )
 
 
@@ -212,23 +189,24 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
 
     clock = _PhaseClock()
     exp, name, opts, spec, base, store = _prepare_experiment(opts, resume)
-    tracker = start_tracker(opts, exp, name, store, resume) if opts.track else None
+    sink = open_tracking(opts, exp, name, store, base, resume) if opts.track else None
     # Ctrl-C stops the search (KeyboardInterrupt out of fit), as SIGTERM does, instead of Tune's own handler
     # ending the trials and letting the search go on to its final test
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     clock.end("prepare (spec, store, tracking)")
-    with joined_or_abandoned(ray_session(opts.address), exp, tracker, resume):
+    with joined_or_abandoned(ray_session(opts.address), exp, sink, resume):
         clock.end("Ray start")
         shared = share_store(store)  # read once, put once; trials read the object store
         clock.end("store into the object store")
-        grid = build_tuner(shared, base, opts, spec, exp, name, tracker, resume).fit()
+        grid = build_tuner(shared, base, opts, spec, exp, name, sink, resume).fit()
         from tuning.study_searcher import fail_unstarted
 
         fail_unstarted(str(opts.optuna_storage), name)  # asked for a trial that the end came before
         clock.end("trials (Tune)")
+        storage = str(opts.optuna_storage)
         results = [grid[i] for i in range(len(grid))]
         states, errors = trial_states(results)
-        best_config, best_metrics, _ = best_trial(results)
+        best_config, best_metrics, best_entry = best_trial(results)
         if not best_metrics:
             raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
         final = None
@@ -244,21 +222,11 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
             )
             clock.end("final retrain + test")
         not_logged = None
-        if tracker is not None:
+        if sink is not None:
             from tuning.report import report_search
 
             not_logged = report_search(
-                tracker,
-                exp,
-                name,
-                results,
-                shared,
-                base,
-                best_config,
-                best_metrics,
-                final,
-                opts.posthoc_inference,
-                optuna_storage=opts.optuna_storage,
+                sink, exp, results, shared, base, best_entry, best_metrics, final, opts.posthoc_inference, storage
             )
             clock.end("MLflow summary and plots")
     clock.end("Ray stop")
@@ -272,8 +240,8 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         errors=errors,
         test=final["test"] if final is not None else None,
         seconds=time.perf_counter() - clock.start,
-        tracking_uri=opts.tracking_uri if tracker else None,
-        parent_run_id=tracker.state["parent"] if tracker else None,
+        tracking_uri=opts.tracking_uri if sink else None,
+        parent_run_id=sink.parent_id if sink else None,
         not_logged=not_logged,
         population=population_size(spec, opts),
         phases=clock.phases,
@@ -313,9 +281,9 @@ def _prepare_experiment(
     if resume:
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
-        from tracking.integrity import check_resumable
+        from tracking.integrity import verify_state
 
-        check_resumable(exp)
+        verify_state(exp)  # what Ray will unpickle: only what this user's searches signed
         saved = json.loads((exp / "search.json").read_text())
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
@@ -337,69 +305,79 @@ def _prepare_experiment(
     return exp, name, opts, spec, base, store
 
 
-def build_tuner(
-    shared: SharedStore | None,
-    base: dict[str, Any],
-    opts: SearchOptions,
-    spec: SearchSpec,
-    exp: Path,
-    name: str,
-    tracker: Tracker | None,
-    resume: bool,
-    trainable: Any = None,
-) -> Any:
-    """Ray Tune's Tuner for the search: with ``resume``, the experiment's own, restored. ``trainable`` replaces
-    the DEDN trainable (a Tune trainable with its resources; ``benchmarks/driver_scale.py`` drives the rest of
-    the driver with a synthetic one); ``shared`` is then unused."""
+def tune_settings(
+    base: dict[str, Any], opts: SearchOptions, spec: SearchSpec, exp: Path, name: str, sink: RunSink | None
+) -> tuple[Any, Any]:
+    """Ray Tune's ``TuneConfig`` and ``RunConfig`` for a new search: the Optuna searcher, the scheduler, the MLflow
+    callback (with ``sink``'s parent run), the progress line and the resume signer."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
-    if trainable is None:
-        assert shared is not None, "the DEDN trainable reads the store from the object store"
-        trainable = _trainable(shared, base, opts, spec)
-    # Tune's own loggers: result.json only (MLflow holds the metrics). Its CSV and TensorBoard loggers cost the
-    # driver 150 ms per population result of ~350 values (benchmarks/driver_scale.py --profile).
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    if resume:
-        return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
-    from tracking.integrity import StateSigner, signing_key
     from tuning.resume_signer import resume_signer
     from tuning.tracking_callback import MLflowTrialLogger
 
+    # Tune's own loggers: result.json only (MLflow holds the metrics). Its CSV and TensorBoard loggers cost the
+    # driver 150 ms per population result of ~350 values (benchmarks/driver_scale.py --profile).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     # num_samples counts configurations; with populations each Tune trial trains `size` of them.
     num_samples = -(-(opts.num_samples or spec.num_samples) // population_size(spec, opts))
-    key = signing_key()
-    logger: list[Any] = [MLflowTrialLogger(tracker, base, spec.epoch_metrics)] if tracker is not None else []
+    callbacks: list[Any] = [JsonLoggerCallback()]
+    if sink is not None:
+        uri, parent = str(sink.uri), str(sink.parent_id)
+        callbacks.append(MLflowTrialLogger(uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp)))
     if not opts.verbose:
         import logging
 
         from tuning.progress import ProgressView
 
-        logger.append(ProgressView(num_samples, epochs))
+        callbacks.append(ProgressView(num_samples, epochs))
         # Tune's older output engine prints nothing at verbose=0 (the newer one still prints a configuration
         # box and a TensorBoard hint); its INFO lines (state written, ...) are not for the console either
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=_searcher(spec, opts, exp, name, epochs, tracker is not None),
-            scheduler=_scheduler(spec, epochs),
-            num_samples=num_samples,
-            max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
-            time_budget_s=opts.time_budget_s or spec.time_budget_s,
-            reuse_actors=spec.reuse_actors,
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=str(exp.parent),
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            # Tune keeps every checkpoint folder; the trainable empties old ones itself (EpochReporter).
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            callbacks=[JsonLoggerCallback(), *logger, resume_signer(str(exp))],
-            verbose=1 if opts.verbose else 0,
-        ),
+    tune_config = tune.TuneConfig(
+        search_alg=_searcher(spec, opts, exp, name, epochs),
+        scheduler=_scheduler(spec, epochs),
+        num_samples=num_samples,
+        max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
+        time_budget_s=opts.time_budget_s or spec.time_budget_s,
+        reuse_actors=spec.reuse_actors,
     )
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=str(exp.parent),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        # Tune keeps every checkpoint folder; the trainable empties old ones itself (EpochReporter).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        callbacks=[*callbacks, resume_signer(str(exp))],
+        verbose=1 if opts.verbose else 0,
+    )
+    return tune_config, run_config
+
+
+def build_tuner(
+    shared: SharedStore,
+    base: dict[str, Any],
+    opts: SearchOptions,
+    spec: SearchSpec,
+    exp: Path,
+    name: str,
+    sink: RunSink | None,
+    resume: bool,
+) -> Any:
+    """Ray Tune's Tuner for the search: with ``resume``, the experiment's own, restored (its callbacks and searcher
+    with it)."""
+    from ray import tune
+
+    trainable = _trainable(shared, base, opts, spec)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    if resume:
+        return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    from tracking.integrity import StateSigner, signing_key
+
+    key = signing_key()
+    tune_config, run_config = tune_settings(base, opts, spec, exp, name, sink)
+    tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
     StateSigner(exp, key).sign(exp, [exp / "tuner.pkl"])  # Tune wrote it as the Tuner was built
     return tuner

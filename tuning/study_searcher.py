@@ -8,24 +8,22 @@ trial, ``tuning.population``, asks for M). Each sees its validation H per epoch 
 - PRUNED when it stopped before its last epoch (the scheduler stopped it, or successive halving stopped a
   population member; Optuna's TPE then uses its intermediate values, not a final one),
 - FAIL when it raised or diverged.
-User attributes link the stores: ``tune_trial_id`` (and ``member`` in a population) from the start,
-``mlflow_run_id`` once the tracking callback has made the run. This module imports Ray;
+User attributes link the stores: ``tune_trial_id`` (and ``member`` in a population) and ``dedn.trial_id``, the
+configuration's key, which its MLflow run carries as the tag of the same name. This module imports Ray;
 ``tuning.population`` (what trials import) does not.
 
 Every call on the study is made by the searcher's one thread, in the order the driver queued it: each write
 to Optuna's storage syncs the disk (a few ms; a population's ask is 16 of them), and Tune's event loop does
 not wait for that. With a journal file, the thread's writes are kept in memory until its queue is empty (one
-disk sync for many calls), and a population's configurations share one TPE fit (``tuning.study_batching``). ``suggest`` answers None (Tune asks again on its next step) until the configurations it
-queued are asked; ``save``, which Tune calls with every experiment checkpoint, first waits for the queue, so
+disk sync for many calls), and a population's configurations share one TPE fit (``tuning.optuna_internals``).
+``suggest`` answers None (Tune asks again on its next step) until the configurations it queued are asked; ``save``, which Tune calls with every experiment checkpoint, first waits for the queue, so
 a saved searcher state never names a report the storage does not hold.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +32,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from tuning.population import section
+from tuning.population import member_key, section
 from tuning.space import DefineByRun
 
 __all__ = ["StudySearcher", "fail_unstarted"]
@@ -44,10 +42,6 @@ def _nothing() -> None:
     return None
 
 
-# How long the study's thread waits, before telling a configuration's end, for the run id the tracker has not yet
-# written (a trial that fails before its first report ends before its run is in the state file, which the tracker's
-# writer saves within about 2 s); an Optuna trial cannot be changed once told.
-LINK_WAIT_S = 10.0
 _LIVE: weakref.WeakSet[StudySearcher] = weakref.WeakSet()  # searchers of this process: fail_unstarted flushes them
 
 
@@ -71,19 +65,16 @@ class StudySearcher(Searcher):
         metric: str,
         mode: str,
         last_epoch: int,
-        runs_file: str | None = None,
     ) -> None:
         super().__init__(metric=metric, mode=mode)
         self.define, self.size = define, size
         self.storage_url, self.study_name, self.seed = storage_url, study_name, seed
         self.points = list(points or [])
         self.last_epoch = last_epoch
-        self.runs_file = runs_file  # the tracking callback's run ids (tracking.runs.RUNS_FILE), if tracked
         self.members: dict[str, list[int]] = {}  # tune trial id -> Optuna storage trial ids
         self.reported: dict[int, int] = {}  # Optuna trial id -> last epoch reported
         self.best: dict[int, float] = {}
         self.told: set[int] = set()
-        self.linked: set[int] = set()  # Optuna trial ids that hold their MLflow run id
         self._study: Any = None
         self._storage: Any = None
         self._pool: ThreadPoolExecutor | None = None
@@ -93,13 +84,19 @@ class StudySearcher(Searcher):
         self._closed: set[int] = set()  # trials finished in the storage (told): the study's thread's view
         self._flush_storage: Callable[[], None] = _nothing  # writes what a buffered journal keeps
         self._lock, self._queued = threading.Lock(), 0  # calls queued and not yet made
-        self._runs: tuple[tuple[int, int], dict[str, Any]] = ((0, -1), {})  # (file stamp, run ids) of runs_file
-        self._wait_links = True  # False after a wait for a run id in vain (tracking behind or offline), until a link
         _LIVE.add(self)
 
     _LOCAL = (
-        *("_study", "_storage", "_flush_storage", "_pool", "_asking"),
-        *("_opened", "_error", "_closed", "_lock", "_queued", "_runs", "_wait_links"),
+        "_study",
+        "_storage",
+        "_flush_storage",
+        "_pool",
+        "_asking",
+        "_opened",
+        "_error",
+        "_closed",
+        "_lock",
+        "_queued",
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -110,8 +107,7 @@ class StudySearcher(Searcher):
         self._study = self._storage = self._pool = self._asking = self._error = None
         self._flush_storage = _nothing
         self._lock, self._queued = threading.Lock(), 0
-        self._runs = ((0, -1), {})
-        self._opened, self._wait_links = False, True
+        self._opened = False
         _LIVE.add(self)
         self._closed = set(self.told)
 
@@ -172,7 +168,7 @@ class StudySearcher(Searcher):
         if self._study is None:
             import optuna
 
-            from tuning.study_batching import PopulationTPE
+            from tuning.optuna_internals import PopulationTPE
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             fresh = self.study_name not in optuna.get_all_study_names(self.storage)
@@ -232,8 +228,10 @@ class StudySearcher(Searcher):
         return configs, ids, numbers
 
     def _claim(self, trial_id: str, ids: list[int]) -> None:
-        for tid in ids:
-            self._trial(tid).set_user_attr("tune_trial_id", trial_id)
+        for j, tid in enumerate(ids):
+            trial = self._trial(tid)
+            trial.set_user_attr("tune_trial_id", trial_id)
+            trial.set_user_attr("dedn.trial_id", member_key(trial_id, j if self.size is not None else None))
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         self._open()
@@ -254,47 +252,38 @@ class StudySearcher(Searcher):
 
         return optuna.trial.Trial(self.study, tid)
 
-    def _tell(self, tid: int, state: Any, value: float | None = None, key: str | None = None) -> None:
-        """Tell a configuration's end, on the study's thread; with its run ``key``, first wait up to ``LINK_WAIT_S``
-        for its run id to be linked (not again after a wait in vain, until a link succeeds: a tracking store that
-        is offline must not hold up every end)."""
+    def _tell(self, tid: int, state: Any, value: float | None = None) -> None:
+        """Tell a configuration's end, on the study's thread (once)."""
         if tid in self.told:
             return
         self.told.add(tid)
 
         def tell() -> None:
-            if key is not None and self.runs_file and tid not in self.linked and self._wait_links:
-                deadline = time.monotonic() + LINK_WAIT_S
-                while tid not in self.linked and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                    self._link(tid, key)
-                self._wait_links = tid in self.linked
             self.study.tell(self._trial(tid).number, value, state=state)
             self._closed.add(tid)
 
         self._submit(tell)
 
-    def _report(self, reports: list[tuple[int, str, float, int]]) -> None:
-        for tid, key, value, epoch in reports:
+    def _report(self, reports: list[tuple[int, float, int]]) -> None:
+        for tid, value, epoch in reports:
             self._trial(tid).report(value, epoch)
-            self._link(tid, key)
 
-    def _records(self, trial_id: str, result: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
-        """(Optuna trial id, tracking run key, per-configuration record) of each configuration in a result."""
+    def _records(self, trial_id: str, result: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        """(Optuna trial id, per-configuration record) of each configuration in a result."""
         ids = self.members.get(trial_id, [])
         if self.size is None:
-            return [(ids[0], trial_id, result)] if ids and "epoch" in result else []
-        return [(ids[int(j)], f"{trial_id}-m{j}", m) for j, m in section(result, "members").items()]
+            return [(ids[0], result)] if ids and "epoch" in result else []
+        return [(ids[int(j)], m) for j, m in section(result, "members").items()]
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         import optuna
 
         self._open()
         reports = []
-        for tid, key, m in self._records(trial_id, result):
+        for tid, m in self._records(trial_id, result):
             epoch, value = int(m["epoch"]), float(m[self.metric])
             if epoch > self.reported.get(tid, 0) and tid not in self.told:
-                reports.append((tid, key, value, epoch))
+                reports.append((tid, value, epoch))
                 self.reported[tid] = epoch
             self.best[tid] = max(self.best.get(tid, float("-inf")), value)
         if reports:
@@ -305,28 +294,6 @@ class StudySearcher(Searcher):
             state = optuna.trial.TrialState.FAIL if end["status"] == "failed" else optuna.trial.TrialState.PRUNED
             self._tell(tid, state)
 
-    def _link(self, tid: int, key: str) -> None:
-        """Record the configuration's MLflow run id on its Optuna trial, once the tracking callback has it."""
-        if tid in self.linked or not self.runs_file or tid in self._closed:
-            return
-        run_id = self._run_ids().get(key)
-        if run_id:
-            self._trial(tid).set_user_attr("mlflow_run_id", str(run_id))
-            self.linked.add(tid)
-            self._wait_links = True
-
-    def _run_ids(self) -> dict[str, Any]:
-        """The tracking callback's run ids by run key, read again only when its file changed (it holds every run of
-        the search: reading it for each report of a trial not linked yet cost more than the report)."""
-        try:
-            st = os.stat(str(self.runs_file))
-            if (st.st_mtime_ns, st.st_size) != self._runs[0]:
-                trials = json.loads(Path(str(self.runs_file)).read_text())["trials"]
-                self._runs = ((st.st_mtime_ns, st.st_size), dict(trials))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # not there yet, or being replaced: the next report looks again
-        return self._runs[1]
-
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         import optuna
 
@@ -334,16 +301,13 @@ class StudySearcher(Searcher):
             self.on_trial_result(trial_id, result)
         self._open()
         last = int(result.get("epoch", 0)) if result else 0
-        ids = self.members.get(trial_id, [])
-        for j, tid in enumerate(ids):
-            key = trial_id if self.size is None else f"{trial_id}-m{j}"
-            self._submit(self._link, tid, key)
+        for tid in self.members.get(trial_id, []):
             if error or tid not in self.best:
-                self._tell(tid, optuna.trial.TrialState.FAIL, key=key)
+                self._tell(tid, optuna.trial.TrialState.FAIL)
             elif last < self.last_epoch:  # stopped early: by the scheduler, or the search's time budget
-                self._tell(tid, optuna.trial.TrialState.PRUNED, key=key)
+                self._tell(tid, optuna.trial.TrialState.PRUNED)
             else:
-                self._tell(tid, optuna.trial.TrialState.COMPLETE, self.best[tid], key=key)
+                self._tell(tid, optuna.trial.TrialState.COMPLETE, self.best[tid])
 
     def save(self, checkpoint_path: str) -> None:
         self.flush()  # what the state says was reported is in the storage
@@ -352,7 +316,6 @@ class StudySearcher(Searcher):
             "reported": self.reported,
             "best": self.best,
             "told": sorted(self.told),
-            "linked": sorted(self.linked),
         }
         Path(checkpoint_path).write_text(json.dumps(state))
 
@@ -363,7 +326,6 @@ class StudySearcher(Searcher):
         self.best = {int(k): v for k, v in state["best"].items()}
         self.told = set(state["told"])
         self._closed = set(self.told)
-        self.linked = set(state.get("linked", []))
 
 
 def fail_unstarted(storage_url: str, study_name: str) -> int:

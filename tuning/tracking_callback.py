@@ -1,213 +1,271 @@
-"""A Ray Tune callback that logs every trial to MLflow from the driver (tracking.runs.Tracker)."""
+"""The Ray Tune callback that keeps a search's MLflow runs up to date with Tune's record (``tracking.sink``).
+
+One child run per configuration (a trial, or each member of a population trial), found by its key
+(``tuning.population.member_key``) in the tag ``dedn.trial_id``, tagged with its Optuna trial number and its sampled
+values (``dedn.values``, from which ``dedn promote`` rebuilds its config); its params at start, each epoch's metrics
+once (step = epoch, the epoch's first report, as the record keeps it), at the end its best epoch's metrics as
+``best_*``, its last checkpoint and its status. On a resumed search every run is brought up to date from the record
+(``tuning.record``): runs of trials that ended while no driver ran get what they lack and their end; continued runs
+their missing epochs; runs of trials the restored experiment does not know end KILLED, tagged ``dedn.abandoned``.
+"""
 
 from __future__ import annotations
 
-from functools import partial
+import json
+import weakref
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ray.tune import Callback
 
-from tracking.runs import Tracker
-from tuning.population import section
-from tuning.space import sampled_params, trial_config
+from tracking.sink import LAST_STEP, Row, RunSink
+from tuning.population import configurations, member_key, section
+from tuning.record import configuration_epochs, epoch_records, reports, result_file, stamp_ms
 
-__all__ = ["BEST_KEYS", "EPOCH_KEYS", "EXTRA_KEYS", "KEY_METRICS", "MLflowTrialLogger", "member_key", "run_name"]
+__all__ = [
+    "BEST_KEYS",
+    "EPOCH_KEYS",
+    "EXTRA_KEYS",
+    "KEY_METRICS",
+    "MLflowTrialLogger",
+    "best_row",
+    "not_logged",
+    "run_name",
+]
 
 EPOCH_KEYS = ("val_", "loss_", "grid_")
 EXTRA_KEYS = ("samples_per_s", "epoch_seconds")
-# what each epoch logs as MLflow metrics with ``epoch_metrics: key`` (the rest goes to epochs.parquet at the end)
-KEY_METRICS = ("val_H", "val_U", "val_S", "val_T", "loss_total")
+# what each epoch logs as MLflow metrics with ``epoch_metrics: key``; the parent run's epochs.parquet has the rest
+KEY_METRICS = ("val_H", "val_U", "val_S")
 # what a run's final metrics hold, each as best_<key>: the epoch with the highest val_H
 BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "grid_lambda_e", "grid_c")
+_ENDED = ("FINISHED", "FAILED", "KILLED")
+_LOGGERS: weakref.WeakSet[MLflowTrialLogger] = weakref.WeakSet()  # this process's loggers, for ``not_logged``
 
 
-def member_key(trial_id: str, member: int) -> str:
-    """The run key of member ``member`` of population trial ``trial_id``."""
-    return f"{trial_id}-m{member}"
-
-
-def run_name(trial: Any, optuna_number: int | None) -> str:
-    """A child run's name: ``trial-007`` for Optuna trial 7; a population trial (whose members are
-    Optuna trials of their own) by Tune's trial counter, its members then ``trial-003-m5``."""
-    if optuna_number is not None:
+def run_name(trial: Any, optuna_number: int | None, member: int | None = None) -> str:
+    """A child run's name: ``trial-007`` for Optuna trial 7; a population's members (Optuna trials of their own)
+    by Tune's trial counter, ``trial-003-m5``."""
+    if optuna_number is not None and member is None:
         return f"trial-{int(optuna_number):03d}"
     counter = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]  # Tune's "<n>_<params>"
-    return f"trial-{int(counter):03d}" if counter.isdigit() else f"trial-{trial.trial_id}"
+    name = f"trial-{int(counter):03d}" if counter.isdigit() else f"trial-{trial.trial_id}"
+    return name if member is None else f"{name}-m{member}"
 
 
-def _members(trial: Any) -> list[dict[str, Any]] | None:
-    config = trial.config if isinstance(trial.config, dict) else {}
-    members = config.get("members")
-    return list(members) if isinstance(members, list) else None
-
-
-def _abandon(t: Tracker, run: str) -> None:
-    t.client.set_tag(run, "dedn.abandoned", "its driver was killed before Tune recorded the trial; not continued")
-    t.client.set_terminated(run, status="KILLED")
+def best_row(epochs: list[tuple[int, dict[str, Any]]]) -> Row | None:
+    """The best epoch (highest val_H, the first of equals) as the run's final metrics ``best_*``."""
+    best = None
+    for stamp, record in epochs:
+        if "val_H" in record and (best is None or record["val_H"] > best[1]["val_H"]):
+            best = (stamp, record)
+    if best is None:
+        return None
+    metrics = {f"best_{k}": float(best[1][k]) for k in BEST_KEYS if k in best[1]}
+    return Row(int(best[1]["epoch"]), best[0], metrics)
 
 
 class MLflowTrialLogger(Callback):
-    """One nested child run per trial: params at start, metrics per epoch (step = epoch), the resolved
-    trial config, final validation metrics and the last checkpoint at the end. Every call goes through
-    the tracker, which queues what fails for the end instead of failing the search.
+    """Tune's side of the MLflow sink: which runs a trial has, what each result adds to them, and their ends.
+    ``epoch_metrics`` "all" logs every value of an epoch (about 20), "key" ``KEY_METRICS``."""
 
-    A population trial gets one child run per member (key ``<trial id>-m<j>``), logged exactly like a
-    single trial's run, tagged with the population trial id, the member index and its Optuna trial
-    number; a member stopped by successive halving is tagged ``dedn.stopped`` at that epoch.
+    def __init__(
+        self, uri: str, experiment: str, experiment_id: str, parent: str, epoch_metrics: str = "all", exp: str = ""
+    ) -> None:
+        self.uri, self.experiment, self.experiment_id, self.parent = uri, experiment, experiment_id, parent
+        self.epoch_metrics, self.exp = epoch_metrics, exp
+        self._live()
 
-    ``epoch_metrics`` "all" logs every value of an epoch as a metric (about 20); "key" logs ``KEY_METRICS`` and,
-    when the run ends, the whole per-epoch record as the artifact ``epochs.parquet`` (``tracking.epochs``)."""
+    def _live(self) -> None:
+        self.sink: RunSink | None = None
+        self.known: dict[str, Any] | None = None  # the runs MLflow holds, read once at the first step
+        self.logged: dict[str, int] = {}  # run key -> last epoch sent
+        self.best: dict[str, tuple[int, dict[str, Any]]] = {}  # run key -> (report ms, record) of its best epoch
+        self.ended: dict[str, dict[str, Any]] = {}  # population members that stopped or failed: key -> how
+        self.started: set[str] = set()  # run keys this driver created or reopened
+        self.closed: set[str] = set()  # run keys this driver ended
+        self.retries: dict[str, int] = {}
+        self.not_logged: list[str] = []
 
-    def __init__(self, tracker: Tracker, base: dict[str, Any], epoch_metrics: str = "all") -> None:
-        self.tracker = tracker
-        self.base = base
-        self.epoch_metrics = epoch_metrics
-        self.best: dict[str, dict[str, float]] = {}
-        self.ended: dict[str, str] = {}  # population members stopped or failed: run key -> status
-        self.checked = False  # runs of trials the restored experiment does not know: closed on the first step
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
+        keep = ("uri", "experiment", "experiment_id", "parent", "epoch_metrics", "exp")
+        return {k: self.__dict__[k] for k in keep}
 
-    def _runs(self, trial: Any) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
-        """(run key, run name, params, extra tags) of each configuration the trial trains."""
-        members = _members(trial)
-        if members is None:
-            number = trial.config.get("optuna_trial") if isinstance(trial.config, dict) else None
-            tags = {} if number is None else {"optuna.trial_number": str(number)}
-            return [(trial.trial_id, run_name(trial, number), sampled_params(trial.config), tags)]
-        numbers = trial.config.get("optuna_trials") or [None] * len(members)
-        return [
-            (
-                member_key(trial.trial_id, j),
-                f"{run_name(trial, None)}-m{j}",
-                dict(m),
-                {"dedn.population_trial": trial.trial_id, "dedn.member": str(j), "optuna.trial_number": str(n)},
-            )
-            for j, (m, n) in enumerate(zip(members, numbers, strict=True))
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._live()
+
+    # -- what a trial's runs are ------------------------------------------------------------------------------------
+    def _runs(self, trial: Any) -> list[tuple[str, int | None, str, dict[str, Any], dict[str, str]]]:
+        """(run key, member, run name, params, tags) of each configuration the trial trains."""
+        config = trial.config if isinstance(trial.config, dict) else {}
+        numbers = config.get("optuna_trials") or [config.get("optuna_trial")]
+        out = []
+        for (j, values), number in zip(configurations(config), numbers, strict=False):
+            tags = {"dedn.values": json.dumps(values, sort_keys=True)}
+            if number is not None:
+                tags["optuna.trial_number"] = str(number)
+            if j is not None:
+                tags.update({"dedn.population_trial": trial.trial_id, "dedn.member": str(j)})
+            out.append((member_key(trial.trial_id, j), j, run_name(trial, number, j), values, tags))
+        return out
+
+    def _metrics(self, record: dict[str, Any]) -> dict[str, float]:
+        values = {
+            k: float(v)
+            for k, v in record.items()
+            if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        return {k: v for k, v in values.items() if k in KEY_METRICS} if self.epoch_metrics == "key" else values
+
+    def _rows(self, trial: Any, member: int | None, up_to: int | None = None) -> Any:
+        """The configuration's epochs in the record, as MLflow rows (read when called)."""
+        path = result_file(trial)
+        return lambda: [
+            Row(r["epoch"], t, self._metrics(r)) for t, r in configuration_epochs(reports(path), member, up_to)
         ]
 
+    # -- Tune's calls --------------------------------------------------------------------------------------------------
     def setup(
         self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
     ) -> None:
-        # the tracker's background writer: MLflow calls leave the driver's event loop (tracking.runs)
-        self.tracker.start()
-
-    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self.tracker.close()
+        self.sink = RunSink(self.uri, self.experiment, experiment_id=self.experiment_id, parent_id=self.parent)
+        _LOGGERS.add(self)
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        """Once, before the first step: a run whose Tune trial the experiment does not know (a driver killed
-        after it started the trial and before Tune saved its state; the resumed search asks again in its place,
-        and Optuna fails that trial) ends KILLED, tagged ``dedn.abandoned``."""
-        if self.checked:
+        """Once, before the first step: runs of trials the restored experiment does not know end KILLED (a driver
+        killed after it started the trial and before Tune saved its state: the resumed search asks again in its place),
+        and the runs of trials that ended are brought up to date with the record."""
+        if self.known is not None or self.sink is None:
             return
-        self.checked = True
-        t, known = self.tracker, {trial.trial_id for trial in trials}
-        abandoned = t.state.setdefault("abandoned", [])
-        for key in list(t.state["trials"]):
-            if key.split("-m", 1)[0] not in known and key not in abandoned:
-                abandoned.append(key)
-                t.trial_call(key, f"abandoned run {key}", partial(_abandon, t))
-        t.save()
+        self.known = self.sink.runs()
+        by_key = {
+            key: (trial, j, name, values, tags) for trial in trials for key, j, name, values, tags in self._runs(trial)
+        }
+        for key, run in self.known.items():
+            if key not in by_key and run.info.status not in _ENDED:
+                note = {"dedn.abandoned": "its driver was killed before Tune recorded the trial; not continued"}
+                self.sink.end(key, "KILLED", None, note, list, "val_H", None, f"abandoned run {key}")
+        for key, (trial, j, name, values, tags) in by_key.items():
+            if trial.status in ("TERMINATED", "ERROR") and (
+                key not in self.known or self.known[key].info.status not in ("FINISHED", "FAILED")
+            ):
+                self._open(trial, key, j, name, values, tags)
+                self._end(trial, key, j, name, "FAILED" if trial.status == "ERROR" else "FINISHED", self._reason(trial))
+
+    def _open(
+        self, trial: Any, key: str, member: int | None, name: str, values: dict[str, Any], tags: dict[str, str]
+    ) -> None:
+        """Create the run, or continue the one an earlier driver made; the epochs the record already holds (a resumed
+        trial's) are sent where the run lacks them."""
+        assert self.sink is not None
+        self.started.add(key)
+        if self.known is not None and key in self.known:
+            self.sink.reopen(key, name)
+            # what a killed driver sent can be ahead of the record Tune saved: the trial reports those epochs again
+            self.logged[key] = int(self.known[key].data.tags.get(LAST_STEP, 0))
+        else:
+            self.sink.create(key, name, values, tags)
+        all_reports = reports(result_file(trial))
+        epochs = configuration_epochs(all_reports, member)
+        if not epochs:
+            return
+        last = epochs[-1][1]["epoch"]
+        self.sink.sync(key, self._rows(trial, member, last), "val_H", f"epochs 1-{last} of {name}")
+        self.logged[key] = max(last, self.logged.get(key, 0))
+        self.best[key] = max(epochs, key=lambda e: (e[1].get("val_H", float("-inf")), -e[1]["epoch"]))
+        for report in all_reports:
+            end = section(report, "ended").get(str(member)) if member is not None else None
+            if end is not None:
+                self.ended[key] = end
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        for key, name, params, tags in self._runs(trial):  # each with its resolved config
-            text = yaml.safe_dump(trial_config(self.base, params).effective().model_dump(mode="json"), sort_keys=False)
-            self.tracker.child(key, name, params, tags, texts={"trial_config.yaml": text})
+        for key, j, name, values, tags in self._runs(trial):
+            if key not in self.started:
+                self._open(trial, key, j, name, values, tags)
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        if "epoch" not in result:
+        if self.sink is None:
             return
-        runs = self._runs(trial)
-        for key, name, params, tags in runs:
-            if key not in self.tracker.state["trials"]:
-                self.tracker.child(key, name, params, tags)
-        if _members(trial) is not None:
-            for j, m in section(result, "members").items():
-                self._epoch(member_key(trial.trial_id, int(j)), f"{trial}-m{j}", m)
-            for j, end in section(result, "ended").items():
-                key = member_key(trial.trial_id, int(j))
-                reason = str(end.get("reason") or end["status"])
-                tag = "dedn.error" if end["status"] == "failed" else "dedn.stopped"
-                # journaled with the writer: a resumed population does not report it again
-                self.tracker.tags(key, {tag: reason}, f"end of {trial}-m{j}")
-                self.ended[key] = str(end["status"])
-            return
-        self._epoch(trial.trial_id, str(trial), result)
-
-    def _epoch(self, key: str, name: str, result: dict[str, Any]) -> None:
-        """Log one epoch of one configuration (a trial, or a member of a population) once."""
-        epoch = int(result["epoch"])
-        metrics = {
-            k: float(v)
-            for k, v in result.items()
-            if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float))
-        }
-        if getattr(self, "epoch_metrics", "all") == "key":  # (a logger pickled before the option logs all)
-            metrics = {k: v for k, v in metrics.items() if k in KEY_METRICS}
-        if not self.tracker.epoch_metrics(key, metrics, epoch, f"epoch {epoch} of {name}"):
-            # A worker killed after reporting this epoch but before its checkpoint was kept: the retry
-            # re-runs it from the previous checkpoint on the same minibatch stream. Log each epoch once.
-            return
-        best = self.best.get(key)
-        if best is None or result["val_H"] > best["best_val_H"]:
-            self.best[key] = {f"best_{k}": float(result[k]) for k in BEST_KEYS}
-
-    def _finish(self, trial: Any, status: str, reason: str | None = None) -> None:
-        path = getattr(getattr(trial, "checkpoint", None), "path", None)
-        members = _members(trial)
-        if members is None:
-            self._finish_runs([(trial.trial_id, str(trial), status, reason, path, self._epochs(trial, None))])
-            return
-        ends = []
-        for j in range(len(members)):
-            key = member_key(trial.trial_id, j)
-            ended = self.ended.get(key)
-            member_status = (
-                "FAILED" if ended == "failed" or (status == "FAILED" and key not in self.best) else "FINISHED"
-            )
-            folder = None
-            if path and Path(path).is_dir() and member_status == "FINISHED" and key in self.best:
-                from tuning.population import write_member_checkpoint
-
-                # kept in the experiment folder: a queued upload (tracking offline) still finds it later
-                folder = str(write_member_checkpoint(path, j, self.tracker.dir / "member_checkpoints" / key))
-            failed = member_status == "FAILED"
-            ends.append(
-                (key, f"{trial}-m{j}", member_status, reason if failed else None, folder, self._epochs(trial, j))
-            )
-        self._finish_runs(ends)
-
-    def _epochs(self, trial: Any, member: int | None) -> dict[str, Any] | None:
-        """Where the run's full per-epoch record is (Tune's result.json of the trial), when it is to be logged."""
-        local = getattr(trial, "local_path", None)
-        if getattr(self, "epoch_metrics", "all") != "key" or not local:
-            return None
-        return {"file": str(Path(local) / "result.json"), "member": member, "prefixes": [*EPOCH_KEYS, *EXTRA_KEYS]}
-
-    def _finish_runs(self, ends: list[tuple[str, str, str, str | None, str | None, dict[str, Any] | None]]) -> None:
-        """End runs (``Tracker.end_all``: one state write for a whole population), each with its best epoch's
-        metrics first."""
-        t = self.tracker
-        for key, name, *_ in ends:
+        population = configurations(trial.config)[0][0] is not None
+        stamp = stamp_ms(result)
+        for j, record in epoch_records(result, population).items():
+            key, epoch = member_key(trial.trial_id, j), int(record["epoch"])
             best = self.best.get(key)
-            if best:
-                t.trial_metrics(key, best, int(best["best_epoch"]), f"final metrics of {name}")
-        t.end_all(ends)
+            if best is None or record["val_H"] > best[1]["val_H"]:  # over every report, as the search selects
+                self.best[key] = (stamp, record)
+            if epoch <= self.logged.get(key, 0):
+                # a retried or resumed trial reports again the epochs after its last checkpoint: the first report counts
+                continue
+            self.logged[key] = epoch
+            self.sink.log(key, Row(epoch, stamp, self._metrics(record)), f"epoch {epoch} of {key}")
+        for member, end in section(result, "ended").items():
+            ended = member_key(trial.trial_id, int(member))
+            tag = "dedn.error" if end["status"] == "failed" else "dedn.stopped"
+            self.sink.tags(ended, {tag: str(end.get("reason") or end["status"])}, f"end of {ended}")
+            self.ended[ended] = end
+
+    def _reason(self, trial: Any) -> str | None:
+        if trial.status != "ERROR":
+            return None
+        error_file = getattr(trial, "error_file", None)
+        text = Path(error_file).read_text().strip() if error_file and Path(error_file).is_file() else ""
+        return text.splitlines()[-1] if text else "trial failed"
+
+    def _end(self, trial: Any, key: str, member: int | None, name: str, status: str, reason: str | None) -> None:
+        assert self.sink is not None
+        failed = self.ended.get(key, {}).get("status") == "failed" or (status == "FAILED" and key not in self.best)
+        status = "FAILED" if failed or (member is None and status == "FAILED") else "FINISHED"
+        best = self.best.get(key)
+        final = best_row([best]) if best is not None else None
+        tags = {"dedn.error": reason} if status == "FAILED" and reason else {}
+        checkpoint = getattr(getattr(trial, "checkpoint", None), "path", None)
+        artifacts = None
+        if status == "FINISHED" and checkpoint:
+            if member is None:
+                artifacts = lambda: checkpoint if Path(checkpoint).is_dir() else None  # noqa: E731
+            elif best is not None:
+                artifacts = self._member_checkpoint(checkpoint, member, key)
+        self.closed.add(key)
+        self.sink.end(key, status, final, tags, self._rows(trial, member), "val_H", artifacts, f"end of {name}")
+
+    def _member_checkpoint(self, population: str, member: int, key: str) -> Any:
+        from tuning.population import write_member_checkpoint
+
+        out = Path(self.exp) / "member_checkpoints" / key
+        return lambda: str(write_member_checkpoint(population, member, out)) if Path(population).is_dir() else None
+
+    def _finish(self, trial: Any, status: str) -> None:
+        reason = self._reason(trial)
+        for key, j, name, values, tags in self._runs(trial):
+            if key not in self.started:  # failed before it started: its run is made now, to say so
+                self._open(trial, key, j, name, values, tags)
+            self._end(trial, key, j, name, status, reason)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        error_file = getattr(trial, "error_file", None)
-        text = Path(error_file).read_text().strip() if error_file and Path(error_file).is_file() else ""
-        self._finish(trial, "FAILED", text.splitlines()[-1] if text else "trial failed")
+        self._finish(trial, "FAILED")
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        t, tid = self.tracker, trial.trial_id
-        n = int(t.state.setdefault("retries", {}).get(tid, 0)) + 1
-        t.state["retries"][tid] = n
-        for key, name, _, _ in self._runs(trial):
-            t.tags(key, {"dedn.retries": str(n)}, f"retry tag of {name}")
+        n = self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+        for key, *_ in self._runs(trial):
+            if self.sink is not None:
+                self.sink.tags(key, {"dedn.retries": str(n)}, f"retry tag of {key}")
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        """Runs of trials the search's end stopped (its time budget) end too, then everything queued is sent."""
+        for trial in trials:
+            for key, j, name, _, _ in self._runs(trial):
+                if key in self.started and key not in self.closed:
+                    self._end(trial, key, j, name, "FAILED" if trial.status == "ERROR" else "FINISHED", None)
+        if self.sink is not None:
+            self.not_logged = self.sink.close()
+
+
+def not_logged(experiment: str) -> list[str]:
+    """What the loggers of ``experiment`` in this process could not send to MLflow (the record still has it)."""
+    return [what for logger in list(_LOGGERS) if logger.experiment == experiment for what in logger.not_logged]

@@ -8,7 +8,6 @@ store in a temporary folder) serves the resume and promote cases.
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 import subprocess
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cli_argv, free_port, new_store, refused, write_spec
-from tracking.runs import JOURNAL_FILE, RUNS_FILE
 
 SPEC = """
 num_samples: 1
@@ -106,46 +104,15 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     refused(resume, cwd=root, watch=[exp], file=key, field="signature", env={"XDG_CONFIG_HOME": str(other)})
     assert not other.exists()
 
-    # a line in the tracker's journal in no form the writer writes: refused before Ray starts
-    journal = exp / JOURNAL_FILE
-    kept = journal.read_bytes()
-    journal.write_bytes(kept + b'{"n": 1, "k": "x", "s": 1, "t": 1, "m": ["not", "metrics"]}\n')
-    try:
-        last = len(kept.splitlines()) + 1
-        refused(resume, cwd=root, watch=[exp, config], file=journal, field=f"line {last}", env=env)
-    finally:
-        journal.write_bytes(kept)
-
-    # the tracker's state naming a folder outside the experiment as a finished run's checkpoint, which the resumed
-    # tracker would upload to the tracking server: refused before Ray starts
-    state_file = exp / RUNS_FILE
-    kept = state_file.read_bytes()
-    state = json.loads(kept)
-    key = next(iter(state["trials"]))
-    secret = root / "secret"
-    secret.mkdir()
-    (secret / "token").write_text("s3cr3t\n")
-    state.setdefault("ends", {})[key] = {"status": "FINISHED", "reason": None, "path": str(secret), "epochs": None}
-    state_file.write_text(json.dumps(state))
-    try:
-        refused(resume, cwd=root, watch=[exp, config], file=state_file, field=f"ends.{key}.path", env=env)
-    finally:
-        state_file.write_bytes(kept)
-
-    # the state naming a run of another experiment as a trial's: the resume would reopen, log to and end it
+    # a run of another experiment dressed up as one of this search's (its parent and key): a resume finds its runs
+    # in its own MLflow experiment only, so it neither reopens, logs to nor ends it
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=str(searched["uri"]))
-    foreign = client.create_run(client.create_experiment("victim")).info.run_id
-    state = json.loads(kept)
-    state["trials"][key] = foreign
-    state_file.write_text(json.dumps(state))
-    try:
-        refused(resume, cwd=root, watch=[exp, config], file=state_file, field=f"trials.{key}", env=env)
-    finally:
-        state_file.write_bytes(kept)
-    victim = client.get_run(foreign)
-    assert victim.info.status == "RUNNING" and not victim.data.metrics and not victim.data.params
+    mine = client.search_runs([client.get_experiment_by_name("hostile").experiment_id])
+    child = next(r for r in mine if "mlflow.parentRunId" in r.data.tags)
+    decoy_tags = {k: child.data.tags[k] for k in ("mlflow.parentRunId", "dedn.trial_id")}
+    foreign = client.create_run(client.create_experiment("victim"), tags=decoy_tags).info.run_id
 
     # the untampered folder still resumes, and stays verifiable afterwards
     r = subprocess.run(
@@ -158,6 +125,8 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert not marker.exists()
+    victim = client.get_run(foreign)
+    assert victim.info.status == "RUNNING" and not victim.data.metrics and not victim.data.params
 
 
 @pytest.mark.slow  # needs the module's search (about a minute): the slow tier

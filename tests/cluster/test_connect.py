@@ -129,7 +129,7 @@ def test_a_port_where_no_ray_answers_is_refused_within_the_auth_timeout(silent_p
     assert e.value.source == address and e.value.field == "--address"
     assert e.value.rule == f"no Ray cluster answered at {silent_port.host}:{silent_port.port} within 6 s"
     assert len(silent_port.accepted) >= 2  # the socket check, then the GCS question
-    probes = [p for p in psutil.Process().children(recursive=True) if "_auth_probe.py" in " ".join(p.cmdline())]
+    probes = [p for p in psutil.Process().children(recursive=True) if "ray_internals.py" in " ".join(p.cmdline())]
     assert probes == []  # the child that asked was killed
 
 
@@ -157,7 +157,7 @@ def test_sigterm_while_connecting_stops_the_session_at_once(silent_port: SilentP
     try:
         wait_for(lambda: len(silent_port.accepted) >= 2, 60, "the session to ask the port for a Ray GCS")
         time.sleep(0.5)
-        assert any("_auth_probe.py" in " ".join(psutil.Process(p).cmdline()) for p in _session_pids(proc.pid))
+        assert any("ray_internals.py" in " ".join(psutil.Process(p).cmdline()) for p in _session_pids(proc.pid))
         sent = time.time()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

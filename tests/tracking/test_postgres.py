@@ -213,7 +213,7 @@ def test_search_logs_runs_and_study_to_postgres(searched: Searched) -> None:
     study = _study(searched.optuna, "pg")
     assert len(study.trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
+    assert {t.user_attrs["dedn.trial_id"] for t in study.trials} == {r.data.tags["dedn.trial_id"] for r in children}
     assert study.best_value == pytest.approx(best["best_metrics"]["val_H"])
 
     # nothing went to a file store: no optuna.db, no mlflow.db; the search recorded where its study is
@@ -252,7 +252,7 @@ def test_refusals_name_the_store_without_its_password(postgres: Postgres, tmp_pa
     from dedn.errors import DednInputError
     from tracking.databases import normalized
     from tracking.registry import promote
-    from tracking.runs import resolve_tracking_uri
+    from tracking.store import resolve_tracking_uri
     from tuning.search import SearchOptions, run_search
 
     spec = write_spec(tmp_path, tiny_store, epochs=1, body=SPEC)

@@ -65,7 +65,7 @@ def test_registered_model_gives_the_same_predictions_for_float16_float32_float64
 ) -> None:
     import mlflow
 
-    from tracking.runs import mlflow_uris
+    from tracking.store import mlflow_uris
 
     with mlflow_uris(promoted):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")

@@ -52,7 +52,7 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
     assert tags["dedn.dataset"] == "tiny" and tags["dedn.search_spec"].endswith("spec.yaml")
     assert tags["ray.version"] and tags["optuna.version"] and tags["dedn.code_version"].startswith("0.")
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"spec.yaml", "store.json", "plots", "final_model"} <= top
+    assert {"spec.yaml", "store.json", "base_config.yaml", "epochs.parquet", "plots", "final_model"} <= top
     pngs = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert pngs == {
         f"plots/{n}.png"
@@ -81,7 +81,8 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
             (r["epoch"], pytest.approx(r["val_H"])) for r in trial_rows_
         ]
         assert run.data.metrics["best_val_H"] == pytest.approx(max(r["val_H"] for r in trial_rows_))
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "trial_config.yaml"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint"}
+        assert json.loads(run.data.tags["dedn.values"]) == {k: v for k, v in config.items() if k != "optuna_trial"}
         assert run.info.status == "FINISHED"
 
     # promote the best trial (--trial best) and serve it
@@ -102,7 +103,7 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
     r = CliRunner().invoke(cli, promote_args, catch_exceptions=False)  # again: no duplicate version
     assert r.exit_code == 0 and len(client.search_model_versions("name='dedn-test'")) == 1
 
-    from tracking.runs import mlflow_uris
+    from tracking.store import mlflow_uris
 
     with mlflow_uris(server):  # process-wide: restored after, so that later tests do not log to this server
         model = mlflow.pyfunc.load_model("models:/dedn-test@champion")

@@ -97,15 +97,15 @@ checkpoint_every: 3
     best_tid = next(tid for tid, v in by_tune.items() if any(r["val_H"] == best for r in v))
     assert study.best_trial.user_attrs["tune_trial_id"] == best_tid
     assert study.best_value == pytest.approx(best) == pytest.approx(out.best_metrics["val_H"])
-    runs = {r.info.run_id: r for r in children}
-    for t in study.trials:  # each Optuna trial names its MLflow run, which names it back
-        run = runs[t.user_attrs["mlflow_run_id"]]
+    runs = {r.data.tags["dedn.trial_id"]: r for r in children}
+    for t in study.trials:  # each Optuna trial names its MLflow run by its key, and the run names the trial back
+        run = runs[t.user_attrs["dedn.trial_id"]]
         assert run.data.tags["optuna.trial_number"] == str(t.number)
         assert run.data.tags["dedn.trial_id"] == t.user_attrs["tune_trial_id"]
         assert run.info.run_name == f"trial-{t.number:03d}"
     finished = [r for r in children if r.info.status == "FINISHED"]
     top = max(finished, key=lambda r: r.data.metrics["best_val_H"])
-    assert top.info.run_id == study.best_trial.user_attrs["mlflow_run_id"]
+    assert top.data.tags["dedn.trial_id"] == study.best_trial.user_attrs["dedn.trial_id"]
     assert top.data.metrics["best_val_H"] == pytest.approx(study.best_value)
     from mlflow.tracking import MlflowClient
 

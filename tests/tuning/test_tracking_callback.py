@@ -1,102 +1,180 @@
-"""The tracking callback (tuning.tracking_callback): on a resumed search, runs of trials that the restored Tune
-experiment does not know are closed, once; with ``epoch_metrics: key``, five metrics per epoch and the whole
-record as ``epochs.parquet``. Real MLflow (SQLite in a temporary folder); Tune's trials are
-stand-ins with the one attribute the callback reads of them here (``trial_id``)."""
+"""The tracking callback (tuning.tracking_callback) keeps MLflow a view of Tune's record: on a resumed search, runs of
+trials the restored experiment does not know end KILLED, runs of trials that ended while no driver ran are brought
+up to date and ended, continued runs get exactly the epochs they lack; each epoch is logged once, as first reported;
+``epoch_metrics: key`` logs the key metrics. Real MLflow (SQLite in a temporary folder); Tune's trials are stand-ins
+with the attributes the callback reads of them."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import new_store
-from tracking.runs import Tracker
+from tracking.sink import Row, RunSink
+from tuning.record import configuration_epochs, reports
+from tuning.report import epochs_table
 from tuning.tracking_callback import KEY_METRICS, MLflowTrialLogger
 
 
-def test_runs_of_trials_the_resumed_experiment_does_not_know_end_killed(tmp_path: Path, empty_store: Path) -> None:
-    uri, exp = new_store(empty_store, tmp_path / "mlflow.db"), tmp_path / "exp"
-    exp.mkdir()
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("num_samples: 3\n")
-    first = Tracker(uri, exp, "resumed")
-    first.parent({}, str(spec))
-    for key in ("known", "lost", "pop-m0", "pop-m1"):  # a single trial's run, a lost one, a population's two
-        first.child(key, f"trial-{key}", {})
-    # the next driver: Tune restored "known" and "pop"; "lost" started after Tune last saved its state
-    logger = MLflowTrialLogger(Tracker(uri, exp, "resumed"), {})
-    trials = [SimpleNamespace(trial_id="known"), SimpleNamespace(trial_id="pop")]
-    logger.on_step_begin(0, trials)
-    logger.on_step_begin(1, trials)  # once: nothing more on later steps
-    client = MlflowClient(tracking_uri=uri)
-    runs = {k: client.get_run(first.run_of(k)) for k in ("known", "lost", "pop-m0", "pop-m1")}
-    assert {k: r.info.status for k, r in runs.items()} == {
-        "known": "RUNNING",
-        "lost": "KILLED",
-        "pop-m0": "RUNNING",
-        "pop-m1": "RUNNING",
+def record(epoch: int, j: int = 0, shift: float = 0.0) -> dict[str, Any]:
+    h = 0.1 * epoch + 0.01 * j + shift
+    return {
+        "epoch": epoch,
+        "val_H": h,
+        "val_U": h - 0.05,
+        "val_S": h + 0.05,
+        "val_T": h,
+        "grid_c": 1.0 + j,
+        "grid_lambda_rc": 0.8,
+        "grid_lambda_e": 0.5,
+        "loss_total": 2.0 / epoch,
+        "samples_per_s": 900.0,
+        "note": "text",
     }
-    assert [k for k, r in runs.items() if "dedn.abandoned" in r.data.tags] == ["lost"]
-    assert Tracker(uri, exp, "resumed").state["abandoned"] == ["lost"]  # recorded: a later resume skips it
 
 
-def test_key_epoch_metrics_log_five_per_epoch_and_the_whole_record_as_parquet(
-    tmp_path: Path, empty_store: Path
-) -> None:
-    import pyarrow.parquet as pq
-
-    from tracking.epochs import EPOCHS_FILE
-
-    uri, exp, trial_dir = new_store(empty_store, tmp_path / "mlflow.db"), tmp_path / "exp", tmp_path / "exp" / "trial"
-    trial_dir.mkdir(parents=True)
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("num_samples: 2\n")
-    tracker = Tracker(uri, exp, "key")
-    tracker.parent({}, str(spec))
-    logger = MLflowTrialLogger(tracker, {}, "key")
-    members = [{"optim.lr": 1e-3}, {"optim.lr": 2e-3}]
-    trial = SimpleNamespace(
-        trial_id="pop", config={"members": members, "optuna_trials": [0, 1]}, local_path=str(trial_dir), checkpoint=None
+def trial(folder: Path, trial_id: str, config: dict[str, Any], status: str = "PENDING") -> SimpleNamespace:
+    folder.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(
+        trial_id=trial_id,
+        config=config,
+        status=status,
+        local_path=str(folder),
+        path=str(folder),
+        experiment_tag=f"{len(trial_id)}_x",
+        checkpoint=None,
+        error_file=None,
     )
 
-    def record(epoch: int, j: int, shift: float = 0.0) -> dict[str, object]:
-        h = 0.1 * epoch + 0.01 * j + shift
-        return {
-            "epoch": epoch,
-            "val_H": h,
-            "val_U": h - 0.05,
-            "val_S": h + 0.05,
-            "val_T": h,
-            "grid_c": 1.0 + j,
-            "grid_lambda_rc": 0.8,
-            "grid_lambda_e": 0.5,
-            "loss_total": 2.0 / epoch,
-            "loss_cls_c": 1.0 / epoch,
-            "samples_per_s": 900.0,
-            "note": "text",
-        }
 
-    # epoch 2 reported twice (a resumed trial reports again the epochs after its checkpoint): the first counts
-    reports = [(1, 0.0), (2, 0.0), (2, 0.5), (3, 0.0)]
-    with open(trial_dir / "result.json", "w") as f:  # what Tune's JsonLoggerCallback writes before the callback runs
-        for epoch, shift in reports:
-            result = {"epoch": epoch, "members": {str(j): record(epoch, j, shift) for j in range(2)}, "ended": {}}
-            f.write(json.dumps(result) + "\n")
-            logger.on_trial_result(epoch, [trial], trial, result)
-        f.write('{"epoch": 4, "memb')  # a torn last line: skipped
-    logger.on_trial_complete(4, [trial], trial)
+def report(epoch: int, shift: float = 0.0, members: int | None = None) -> dict[str, Any]:
+    stamp = 1_800_000_000 + epoch
+    if members is None:
+        return {**record(epoch, 0, shift), "timestamp": stamp}
+    per = {str(j): record(epoch, j, shift) for j in range(members)}
+    return {"epoch": epoch, "members": per, "ended": {}, "timestamp": stamp}
+
+
+def write_record(t: SimpleNamespace, results: list[dict[str, Any]]) -> None:
+    with open(Path(t.local_path) / "result.json", "a") as f:  # what Tune's JsonLoggerCallback writes
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+
+
+def logger(uri: str, sink: RunSink, epoch_metrics: str = "all") -> MLflowTrialLogger:
+    lg = MLflowTrialLogger(uri, "cb", str(sink.experiment_id), str(sink.parent_id), epoch_metrics, "")
+    lg.setup()
+    return lg
+
+
+def steps(uri: str, run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "val_H"))
+
+
+@pytest.fixture
+def parent(tmp_path: Path, empty_store: Path) -> tuple[str, RunSink]:
+    uri = new_store(empty_store, tmp_path / "mlflow.db")
+    sink = RunSink(uri, "cb", linger_s=0.0)
+    sink.open_parent({})
+    return uri, sink
+
+
+def test_a_resumed_search_brings_every_run_up_to_date_with_the_record(tmp_path: Path, parent: Any) -> None:
+    """Four runs a killed driver left: one whose trial Tune never recorded (abandoned), one of a trial that ended while no
+    driver ran, one continued, and a population's two members. Over 80 lines on purpose: one scenario."""
+    uri, first = parent
+    single = {"optim.lr": 0.001, "optuna_trial": 0}
+    ended = trial(tmp_path / "ended", "ended", {**single, "optuna_trial": 1}, "TERMINATED")
+    going = trial(tmp_path / "going", "going", {**single, "optuna_trial": 2})
+    pop = trial(tmp_path / "pop", "pop", {"members": [{"optim.lr": 1e-3}, {"optim.lr": 2e-3}], "optuna_trials": [3, 4]})
+    for key in ("lost", "ended", "going", "pop-m0", "pop-m1"):
+        first.create(key, f"trial-{key}", {}, {})
+    for e in (1, 2, 3, 4, 5):  # what the killed driver had sent: more than the record Tune saved holds
+        first.log("going", Row(e, (1_800_000_000 + e) * 1000, {"val_H": record(e)["val_H"]}), "epoch")
+    first.flush(timeout_s=60)
+    # the record: epoch 3 of "going" reported twice (retried from its checkpoint: the first report counts)
+    write_record(ended, [report(e) for e in (1, 2, 3, 4)])
+    write_record(going, [report(1), report(2), report(3), report(3, shift=0.5)])
+    write_record(pop, [report(1, members=2)])
+
+    lg = logger(uri, first)
+    restored = [ended, going, pop]
+    lg.on_step_begin(0, restored)
+    lg.on_step_begin(1, restored)  # once: nothing more on later steps
+    for t in (going, pop):
+        lg.on_trial_start(0, restored, t)
+    for e in (3, 4, 5):  # reported again (the trial continues from its checkpoint of epoch 2): not logged again
+        lg.on_trial_result(0, restored, going, report(e, shift=0.5))
+    lg.on_trial_result(0, restored, going, report(6))
+    lg.on_trial_result(0, restored, pop, report(2, members=2))
+    lg.on_trial_complete(0, restored, going)
+    lg.on_trial_complete(0, restored, pop)
+    lg.on_experiment_end(restored)
+    assert lg.not_logged == []
+
+    runs = first.runs()
+    assert {k: r.info.status for k, r in runs.items()} == {
+        "lost": "KILLED",
+        "ended": "FINISHED",
+        "going": "FINISHED",
+        "pop-m0": "FINISHED",
+        "pop-m1": "FINISHED",
+    }
+    assert [k for k, r in runs.items() if "dedn.abandoned" in r.data.tags] == ["lost"]
+    for key, last in (("ended", 4), ("going", 6)):  # every epoch once, each as first reported
+        history = steps(uri, runs[key].info.run_id)
+        assert history == [(e, pytest.approx(record(e)["val_H"])) for e in range(1, last + 1)]
+    assert runs["ended"].data.metrics["best_epoch"] == 4
+    # the best epoch over every report, as the search selects (a report again counts, as in Tune's rows)
+    assert runs["going"].data.metrics["best_val_H"] == pytest.approx(record(5, shift=0.5)["val_H"])
+    for j in (0, 1):
+        run = runs[f"pop-m{j}"].info.run_id
+        assert steps(uri, run) == [(e, pytest.approx(record(e, j)["val_H"])) for e in (1, 2)]
+    first.close(timeout_s=5)
+
+
+def test_each_epoch_logs_all_its_values_or_the_key_ones(tmp_path: Path, parent: Any) -> None:
+    uri, sink = parent
+    pop = trial(tmp_path / "pop", "pop", {"members": [{"optim.lr": 1e-3}, {"optim.lr": 2e-3}], "optuna_trials": [0, 1]})
+    one = trial(tmp_path / "one", "one", {"optim.lr": 1e-3, "optuna_trial": 2})
+    key_logger, all_logger = logger(uri, sink, "key"), logger(uri, sink, "all")
+    for lg, t, members in ((key_logger, pop, 2), (all_logger, one, None)):
+        lg.on_step_begin(0, [t])
+        lg.on_trial_start(0, [t], t)
+        for e in (1, 2, 3):
+            lg.on_trial_result(e, [t], t, report(e, members=members))
+        lg.on_trial_complete(3, [t], t)
+        lg.on_experiment_end([t])
+    runs = sink.runs()
     client = MlflowClient(tracking_uri=uri)
-    for j in range(2):
-        run = tracker.run_of(f"pop-m{j}")
-        per_epoch = {k for k in client.get_run(run).data.metrics if not k.startswith("best_")}
-        assert per_epoch == set(KEY_METRICS)  # not loss_cls_c, grid_c, samples_per_s
-        assert [(m.step, m.value) for m in client.get_metric_history(run, "val_H")] == [
-            (e, pytest.approx(0.1 * e + 0.01 * j)) for e in (1, 2, 3)
-        ]
-        table = pq.read_table(client.download_artifacts(run, EPOCHS_FILE, str(tmp_path / f"m{j}"))).to_pylist()
-        assert table == [{k: pytest.approx(v) for k, v in record(e, j).items() if k != "note"} for e in (1, 2, 3)]
-        assert client.get_run(run).info.status == "FINISHED"
-    assert not list(exp.glob(".epochs-*"))  # the temporary Parquet files are gone
+    for j in (0, 1):
+        run = client.get_run(runs[f"pop-m{j}"].info.run_id)
+        assert {k for k in run.data.metrics if not k.startswith("best_")} == set(KEY_METRICS)
+        assert run.data.tags["optuna.trial_number"] == str(j) and run.data.tags["dedn.member"] == str(j)
+        assert json.loads(run.data.tags["dedn.values"]) == pop.config["members"][j]
+        assert run.info.run_name == f"trial-003-m{j}"
+    run = client.get_run(runs["one"].info.run_id)
+    assert {k for k in run.data.metrics if not k.startswith("best_")} == {
+        k for k, v in record(1).items() if isinstance(v, float) and k != "epoch"
+    }
+    assert run.info.run_name == "trial-002" and run.data.params == {"optim.lr": "0.001"}
+    sink.close(timeout_s=5)
+
+
+def test_the_parent_table_holds_every_configuration_epoch_as_first_reported(tmp_path: Path) -> None:
+    pop = trial(tmp_path / "pop", "pop", {"members": [{"optim.lr": 1e-3}, {"optim.lr": 2e-3}], "optuna_trials": [0, 1]})
+    write_record(pop, [report(1, members=2), report(2, members=2), report(2, shift=0.5, members=2)])
+    with open(Path(pop.local_path) / "result.json", "a") as f:
+        f.write('{"epoch": 3, "memb')  # a torn last line (a killed driver's): left out
+    result = SimpleNamespace(path=pop.local_path, config=pop.config, metrics={"trial_id": "pop"})
+    table = epochs_table([result]).to_pylist()
+    want = [(f"pop-m{j}", e, record(e, j)["val_H"]) for j in (0, 1) for e in (1, 2)]
+    assert [(r["trial_id"], r["epoch"], r["val_H"]) for r in table] == want
+    assert all(r["samples_per_s"] == 900.0 and "note" not in r for r in table)
+    epochs = configuration_epochs(reports(Path(pop.local_path) / "result.json"), 1, up_to=1)
+    assert [(stamp, r["epoch"]) for stamp, r in epochs] == [(1_800_000_001_000, 1)]

@@ -1,0 +1,92 @@
+"""The buffered journal (tuning.optuna_storage.BufferedJournal) stores what Optuna's plain file backend stores, in one
+write. Real journal files in a temporary folder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from tuning.optuna_storage import BufferedJournal
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _define(t: optuna.Trial) -> dict[str, Any]:
+    return {
+        "lr": t.suggest_float("lr", 1e-4, 1e-1, log=True),
+        "beta": t.suggest_float("beta", 0.0, 1.0),
+        "k": t.suggest_int("k", 2, 9),
+    }
+
+
+def _value(p: dict[str, Any]) -> float:
+    return -((math.log10(p["lr"]) + 2.5) ** 2) - (p["beta"] - 0.3) ** 2 + 0.01 * p["k"]
+
+
+def _drive(storage: Any) -> optuna.Study:
+    """The same sequence of Optuna calls on any storage: what a population search makes."""
+    sampler = optuna.samplers.TPESampler(seed=1, constant_liar=True)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize", sampler=sampler)
+    for wave in range(3):
+        trials = [study.ask() for _ in range(4)]
+        for j, t in enumerate(trials):
+            _define(t)
+            t.set_user_attr("member", j)
+        for epoch in range(1, 4):
+            for t in trials:
+                t.report(_value(t.params) + 0.01 * epoch, epoch)
+        for j, t in enumerate(trials):
+            state = optuna.trial.TrialState.PRUNED if (wave + j) % 3 == 0 else optuna.trial.TrialState.COMPLETE
+            study.tell(t, _value(t.params) if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    return study
+
+
+def _content(study: optuna.Study) -> list[tuple[Any, ...]]:
+    return [(t.number, t.state, t.params, t.value, t.intermediate_values, t.user_attrs) for t in study.trials]
+
+
+def test_buffered_journal_stores_what_the_file_backend_stores_in_one_write(tmp_path: Path) -> None:
+    reference = _content(_drive(JournalStorage(JournalFileBackend(str(tmp_path / "plain.log")))))
+    path = tmp_path / "buffered.log"
+    backend = BufferedJournal(str(path), max_logs=100_000, max_age_s=3600)
+    study = _drive(JournalStorage(backend))
+    assert path.stat().st_size == 0  # nothing written yet: all of it is kept in memory
+    assert _content(study) == reference  # the writing process sees every call at once
+    backend.flush()
+    assert backend.flushed == 1
+    reread = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path))))
+    assert _content(reread) == reference
+    assert len(path.read_bytes().splitlines()) == len((tmp_path / "plain.log").read_bytes().splitlines())
+
+
+def test_buffered_journal_writes_when_full_or_old_and_continues_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "j.log"
+    backend = BufferedJournal(str(path), max_logs=10, max_age_s=3600)
+    _drive(JournalStorage(backend))
+    assert backend.flushed > 1 and len(backend.pending) < 10  # written every 10 calls or so
+    backend.flush()
+    again = BufferedJournal(str(path), max_logs=100_000, max_age_s=0.0)  # every append is old enough
+    study = optuna.load_study(study_name="s", storage=JournalStorage(again), sampler=optuna.samplers.TPESampler(seed=2))
+    t = study.ask()
+    _define(t)
+    study.tell(t, 1.5)
+    assert again.pending == []
+    reread = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path))))
+    assert len(reread.trials) == 13 and reread.trials[-1].value == 1.5 and reread.trials[-1].params == t.params
+
+
+def test_buffered_journal_refuses_a_file_another_process_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "j.log"
+    backend = BufferedJournal(str(path), max_logs=100_000, max_age_s=3600)
+    study = optuna.create_study(study_name="s", storage=JournalStorage(backend))
+    backend.flush()
+    study.ask()
+    optuna.create_study(study_name="other", storage=JournalStorage(JournalFileBackend(str(path))))
+    with pytest.raises(RuntimeError, match=f"{path}: another process wrote"):
+        backend.flush()

@@ -1,0 +1,400 @@
+"""MLflow as a sink for a search's runs. The record is elsewhere (Tune's saved results); the sink finds each run by a
+tag, writes what it is given from background threads, and is brought up to date by comparing a run's history with
+the record.
+
+- A search's parent run is found by its tag ``dedn.experiment`` in the MLflow experiment named after the search, or
+  created (``open_parent``); each trial's (each population member's) run by its tag ``dedn.trial_id``, the run key
+  (``runs``).
+- ``create``, ``log``, ``sync``, ``end`` and ``call`` return at once. One of the worker threads makes a run's calls,
+  in order: its creation, a sync and its end at once (with the points queued before them), its points once the
+  oldest waited ``linger_s``, so that one ``log_batch`` carries several epochs.
+- A point's timestamp is the record's (when the epoch was reported), so a batch sent twice (a retry after a timeout
+  the server had in fact committed) is kept once: MLflow's SQL stores keep one row per (key, step, timestamp,
+  value) of a run.
+- ``sync(key, rows)`` reads the run's history of one metric (one request) and logs the rows whose step it lacks:
+  a resumed search does this for every run a killed driver left open, an end for a run whose points were dropped.
+  Each batch of points also sets the tag ``dedn.last_step``: the record Tune keeps can lag behind what a killed
+  driver had sent, and a resumed trial that reports those steps again must not be logged twice.
+- When the store fails, the run's calls go back to the front of its queue and the store is tried again every few
+  seconds; points beyond ``max_points`` are dropped, and their runs synced from the record at their end.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tracking.store import MAX_TAG, artifact_location
+
+__all__ = ["LAST_STEP", "RUN_KEY", "Row", "RunSink", "rows_batches"]
+
+RUN_KEY = "dedn.trial_id"  # the tag that finds a trial's (or a population member's) run
+LAST_STEP = "dedn.last_step"  # the tag that says up to which step a run holds its points
+EXPERIMENT_TAG = "dedn.experiment"  # the tag that finds a search's parent run
+_MAX_BATCH = 1000  # metrics, params and tags per log_batch call: MLflow's limits
+_MAX_FIELDS = 100  # params, and tags, per log_batch call
+_RETRY_S = 5.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One step of a run: its metrics, stamped with the record's time (ms)."""
+
+    step: int
+    timestamp: int
+    metrics: dict[str, float]
+
+
+def rows_batches(
+    rows: Iterable[Row], params: dict[str, str] | None = None, tags: dict[str, str] | None = None
+) -> list[tuple[list[Any], list[Any], list[Any]]]:
+    """(metrics, params, tags) entity lists for ``log_batch`` calls within MLflow's limits; a step's metrics are
+    never split between two calls (one metric's history then tells which steps a run holds)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    ps = [Param(k, str(v)) for k, v in sorted((params or {}).items())]
+    ts = [RunTag(k, str(v)[:MAX_TAG]) for k, v in sorted((tags or {}).items())]
+    out: list[tuple[list[Any], list[Any], list[Any]]] = []
+    metrics: list[Any] = []
+    for row in rows:
+        step = [Metric(k, float(v), row.timestamp, row.step) for k, v in row.metrics.items()]
+        room = _MAX_BATCH - len(metrics) - min(len(ps), _MAX_FIELDS) - min(len(ts), _MAX_FIELDS)
+        if metrics and len(step) > room:
+            out.append((metrics, ps[:_MAX_FIELDS], ts[:_MAX_FIELDS]))
+            ps, ts, metrics = ps[_MAX_FIELDS:], ts[_MAX_FIELDS:], []
+        metrics.extend(step)
+    while metrics or ps or ts:
+        out.append((metrics, ps[:_MAX_FIELDS], ts[:_MAX_FIELDS]))
+        ps, ts, metrics = ps[_MAX_FIELDS:], ts[_MAX_FIELDS:], []
+    return out
+
+
+class RunSink:
+    """The runs of one search in one tracking store, written by ``threads`` background threads."""
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        *,
+        experiment_id: str | None = None,
+        parent_id: str | None = None,
+        threads: int = 4,
+        linger_s: float = 5.0,
+        max_points: int = 200_000,
+    ) -> None:
+        # MLflow's client asks the server for a run before ending it, only to print a link to it: one request more
+        # per run, and a console line
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        self.uri, self.experiment = uri, experiment
+        self.linger_s, self.max_points = linger_s, max_points
+        self.ids: dict[str, str] = {}  # run key -> run id, once known
+        self.parent_id, self.experiment_id = parent_id, experiment_id  # known, or found by ``open_parent``
+        self.cond = threading.Condition()
+        self.queues: OrderedDict[str, deque[tuple[Any, ...]]] = OrderedDict()  # run key ("" for calls) -> calls
+        self.since: dict[str, float] = {}  # run key -> when its oldest queued point came
+        self.claimed: set[str] = set()
+        self.dirty: set[str] = set()  # runs whose points were dropped: synced from the record at their end
+        self.uncertain: set[str] = set()  # runs whose creation was sent without an answer
+        self.points = self.written = self.done = 0  # points queued, points written, calls made
+        self.retry_at = 0.0
+        self.urgent = self.stopping = False
+        self._client: Any = None
+        self.threads = [
+            threading.Thread(target=self._loop, name=f"mlflow-sink-{i}", daemon=True) for i in range(threads)
+        ]
+        for th in self.threads:
+            th.start()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    # -- look-ups, made at once -------------------------------------------------------------------------------
+    def open_parent(self, tags: dict[str, str], files: Iterable[str] = (), texts: dict[str, str] | None = None) -> str:
+        """The search's parent run, found by its tag ``dedn.experiment`` (reopened: RUNNING) or created with ``tags``,
+        the ``files`` and the ``texts`` (artifact name -> text)."""
+        c = self.client
+        exp = c.get_experiment_by_name(self.experiment)
+        self.experiment_id = (
+            exp.experiment_id
+            if exp is not None
+            else c.create_experiment(self.experiment, artifact_location=artifact_location(self.uri, self.experiment))
+        )
+        found = c.search_runs([self.experiment_id], f"tags.`{EXPERIMENT_TAG}` = '{self.experiment}'", max_results=1)
+        if found:
+            self.parent_id = found[0].info.run_id
+            c.update_run(self.parent_id, status="RUNNING")
+            return self.parent_id
+        run = c.create_run(self.experiment_id, run_name=self.experiment, tags={**tags, EXPERIMENT_TAG: self.experiment})
+        self.parent_id = run.info.run_id
+        for f in files:
+            c.log_artifact(self.parent_id, f)
+        for name, text in (texts or {}).items():
+            c.log_text(self.parent_id, text, name)
+        return self.parent_id
+
+    def runs(self) -> dict[str, Any]:
+        """The search's child runs by run key (``dedn.trial_id``), every status; their ids are remembered."""
+        from mlflow.entities import ViewType
+
+        found: dict[str, Any] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [str(self.experiment_id)],
+                f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+                run_view_type=ViewType.ALL,
+                max_results=1000,
+                page_token=token,
+            )
+            for r in page:
+                key = r.data.tags.get(RUN_KEY)
+                if key:
+                    found[key] = r
+            token = page.token
+            if not token:
+                break
+        with self.cond:
+            self.ids.update({k: r.info.run_id for k, r in found.items()})
+        return found
+
+    # -- queued calls ---------------------------------------------------------------------------------------------
+    def create(self, key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        """The run of ``key``: created under the parent with its tags, its params sent with its first points."""
+        tags = {**tags, "mlflow.parentRunId": str(self.parent_id), RUN_KEY: key}
+        self._put(key, ("create", name, tags), f"run of {name}")
+        self._put(key, ("fields", {k: str(v) for k, v in params.items()}, {}), f"params of {name}")
+
+    def reopen(self, key: str, name: str) -> None:
+        """A run an earlier driver made, continued: RUNNING again."""
+        self._put(key, ("reopen",), f"reopen run of {name}")
+
+    def log(self, key: str, row: Row, what: str) -> None:
+        """One step's metrics, sent with the run's neighbouring steps."""
+        with self.cond:
+            if self.points >= self.max_points:
+                self.dirty.add(key)  # the record has it: the run's end syncs it
+                return
+            self.points += 1
+        self._put(key, ("row", row), what)
+
+    def tags(self, key: str, tags: dict[str, str], what: str) -> None:
+        self._put(key, ("fields", {}, tags), what)
+
+    def sync(self, key: str, rows: Callable[[], list[Row]], witness: str, what: str) -> None:
+        """Bring the run up to date with the record: ``rows()`` (read when the call is made), those of its steps the
+        run's history of ``witness`` lacks logged."""
+        self._put(key, ("sync", rows, witness), what)
+
+    def end(
+        self,
+        key: str,
+        status: str,
+        final: Row | None,
+        tags: dict[str, str],
+        rows: Callable[[], list[Row]],
+        witness: str,
+        artifacts: Callable[[], str | None] | None,
+        what: str,
+    ) -> None:
+        """The run's end: synced with the record ``rows`` if points of it were dropped, ``final`` metrics and
+        ``tags`` logged, the folder ``artifacts()`` returns uploaded as ``checkpoint``, then its status."""
+        self._put(key, ("end", status, final, tags, rows, witness, artifacts), what)
+
+    def call(self, what: str, fn: Callable[[Any], Any]) -> None:
+        """Any other call (``fn(client)``: on the parent run, plots, ...), made in order with the others."""
+        self._put("", ("call", fn), what)
+
+    def _put(self, key: str, op: tuple[Any, ...], what: str) -> None:
+        with self.cond:
+            q = self.queues.get(key)
+            if q is None:
+                q = self.queues[key] = deque()
+            q.append((what, op))
+            if op[0] == "row":
+                self.since.setdefault(key, time.monotonic())
+            self.cond.notify()
+
+    # -- the worker threads ----------------------------------------------------------------------------------------
+    def _due(self, key: str, q: deque[tuple[str, tuple[Any, ...]]], now: float) -> bool:
+        if any(op[0] not in ("row", "fields") for _, op in q) or self.urgent:
+            return True
+        return now - self.since.get(key, now) >= self.linger_s or len(q) >= 100
+
+    def _next(self) -> tuple[str, list[tuple[str, tuple[Any, ...]]]] | None:
+        now = time.monotonic()
+        if now < self.retry_at:
+            return None
+        for key, q in self.queues.items():
+            if key not in self.claimed and q and self._due(key, q, now):
+                ops = list(q)
+                del self.queues[key]
+                self.since.pop(key, None)
+                self.claimed.add(key)
+                return key, ops
+        return None
+
+    def _loop(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        while True:
+            with self.cond:
+                job = self._next()
+                while job is None:
+                    if self.stopping and not any(self.queues.values()):
+                        return
+                    self.cond.wait(timeout=0.25)
+                    job = self._next()
+            key, ops = job
+            done = self._run(client, key, ops)
+            with self.cond:
+                self.claimed.discard(key)
+                self.done += done
+                rows = sum(op[0] == "row" for _, op in ops[:done])
+                self.points -= rows
+                self.written += rows
+                if done < len(ops):  # the store failed: the rest goes back to the front, tried again in a while
+                    q = self.queues.get(key)
+                    if q is None:
+                        q = self.queues[key] = deque()
+                        self.queues.move_to_end(key, last=False)
+                    q.extendleft(reversed(ops[done:]))
+                    if any(op[0] == "row" for _, op in ops[done:]):
+                        self.since[key] = 0.0
+                    self.retry_at = time.monotonic() + _RETRY_S
+                self.cond.notify_all()
+
+    def _run(self, client: Any, key: str, ops: list[tuple[str, tuple[Any, ...]]]) -> int:
+        """Make a run's calls in order; returns how many were made (the rest failed). Consecutive points, params and
+        tags go in as few ``log_batch`` calls as can be, with the final metrics and tags of an end that follows."""
+        i = 0
+        try:
+            while i < len(ops):
+                if ops[i][1][0] not in ("row", "fields"):
+                    self._call(client, key, ops[i][1], logged=False)
+                    i += 1
+                    continue
+                j = i
+                while j < len(ops) and ops[j][1][0] in ("row", "fields"):
+                    j += 1
+                batch = [op for _, op in ops[i:j]]
+                rows = [op[1] for op in batch if op[0] == "row"]
+                params = {k: v for op in batch if op[0] == "fields" for k, v in op[1].items()}
+                tags = {k: v for op in batch if op[0] == "fields" for k, v in op[2].items()}
+                last = max((r.step for r in rows), default=0)
+                end = ops[j][1] if j < len(ops) and ops[j][1][0] == "end" and key not in self.dirty else None
+                if end is not None:  # the end's final metrics and tags ride along
+                    rows += [end[2]] if end[2] is not None else []
+                    tags.update(end[3])
+                self._log(client, key, rows, params, tags, last)
+                i = j
+                if end is not None:
+                    self._call(client, key, end, logged=True)
+                    i += 1
+        except Exception:
+            return i
+        return i
+
+    def _log(
+        self, client: Any, key: str, rows: list[Row], params: dict[str, str], tags: dict[str, str], last: int = 0
+    ) -> None:
+        """``log_batch`` calls; with ``last``, the tag saying the run holds its points up to that step (what a resumed
+        search skips when the trial reports them again) goes with them."""
+        if last:
+            tags = {**tags, LAST_STEP: str(last)}
+        for metrics, ps, ts in rows_batches(rows, params, tags):
+            client.log_batch(self.ids[key], metrics=metrics, params=ps, tags=ts)
+
+    def _call(self, client: Any, key: str, op: tuple[Any, ...], logged: bool) -> None:
+        kind = op[0]
+        if kind == "call":
+            op[1](client)
+        elif kind == "create":
+            if key in self.ids or (key in self.uncertain and self._found(client, key)):
+                return
+            self.uncertain.add(key)  # until the answer is back: a failed creation may have been made all the same
+            run = client.create_run(str(self.experiment_id), run_name=op[1], tags=op[2])
+            with self.cond:
+                self.ids[key] = run.info.run_id
+                self.uncertain.discard(key)
+        elif kind == "reopen":
+            client.update_run(self.ids[key], status="RUNNING")
+        elif kind == "sync":
+            self._sync(client, key, op[1](), op[2])
+        elif kind == "end":
+            status, final, tags, rows, witness, artifacts = op[1:]
+            if key in self.dirty:
+                self._sync(client, key, rows(), witness)
+                self.dirty.discard(key)
+            if not logged:
+                self._log(client, key, [final] if final is not None else [], {}, tags)
+            folder = artifacts() if artifacts is not None else None
+            if folder:
+                client.log_artifacts(self.ids[key], folder, "checkpoint")
+            client.set_terminated(self.ids[key], status=status)
+
+    def _found(self, client: Any, key: str) -> bool:
+        """Whether a run of ``key`` exists after all (a creation that failed on its way back): then it is used."""
+        found = client.search_runs(
+            [str(self.experiment_id)],
+            f"tags.`{RUN_KEY}` = '{key}' and tags.`mlflow.parentRunId` = '{self.parent_id}'",
+            max_results=1,
+        )
+        if found:
+            with self.cond:
+                self.ids[key] = found[0].info.run_id
+        return bool(found)
+
+    def _sync(self, client: Any, key: str, rows: list[Row], witness: str) -> None:
+        have = {int(m.step) for m in client.get_metric_history(self.ids[key], witness)}
+        missing = [r for r in rows if r.step not in have]
+        if missing:
+            self._log(client, key, missing, {}, {}, max(have | {r.step for r in missing}))
+
+    # -- the end --------------------------------------------------------------------------------------------------
+    def flush(self, timeout_s: float = 600.0, stall_s: float = 30.0) -> list[str]:
+        """Make every queued call now; wait until they are made (at most ``timeout_s``, and no longer than ``stall_s``
+        without progress: the store is down). Returns what is still queued."""
+        end = time.monotonic() + timeout_s
+        with self.cond:
+            self.urgent = True
+            self.cond.notify_all()
+            mark, since = self.done, time.monotonic()
+            try:
+                while self.claimed or any(self.queues.values()):
+                    now = time.monotonic()
+                    if self.done != mark:
+                        mark, since = self.done, now
+                    if now > end or now - since > stall_s:
+                        break
+                    self.cond.wait(0.2)
+            finally:
+                self.urgent = False
+            return self._left()
+
+    def _left(self) -> list[str]:
+        return [what for q in self.queues.values() for what, op in q if op[0] != "row"] + (
+            [f"{self.points} metric points"] if self.points else []
+        )
+
+    def close(self, timeout_s: float = 600.0) -> list[str]:
+        """Flush, then stop the threads; returns what could not be logged (the record still has it)."""
+        left = self.flush(timeout_s)
+        with self.cond:
+            self.stopping = True
+            self.queues.clear()
+            self.cond.notify_all()
+        for th in self.threads:
+            th.join(timeout=60)
+        return left

@@ -1,0 +1,80 @@
+"""The record of a search: what Tune saved of it, and the one place that reads it.
+
+Each trial's ``result.json`` holds one JSON object per report: a single trial's epoch record, or a population
+trial's, whose members' records are under ``members`` and whose members that ended under ``ended``
+(``tuning.population``). A retried or resumed trial reports again the epochs after its last checkpoint: the record
+keeps each epoch's first report, and every view of it (MLflow's runs, the parent run's table, the plots) does too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tuning.population import section
+
+__all__ = ["configuration_epochs", "epoch_records", "reports", "result_file", "stamp_ms"]
+
+
+def result_file(trial: Any) -> Path:
+    """A Tune trial's ``result.json``: the copy Tune's driver writes (its staging folder) when there is one, else
+    the experiment folder's."""
+    for folder in (getattr(trial, "local_path", None), getattr(trial, "path", None)):
+        if folder and (Path(folder) / "result.json").is_file():
+            return Path(folder) / "result.json"
+    return Path(str(getattr(trial, "local_path", None) or getattr(trial, "path", ""))) / "result.json"
+
+
+def reports(path: str | os.PathLike[str]) -> tuple[dict[str, Any], ...]:
+    """The reports of a ``result.json``, in order; none for a missing file. A line that is not a whole JSON object (the
+    last line of a killed driver) is left out."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return ()
+    return _parsed(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+    """Parsed once per version of the file: the members of a population each read the same file when they end."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(report, dict):
+            out.append(report)
+    return tuple(out)
+
+
+def stamp_ms(report: dict[str, Any]) -> int:
+    """When a report was made, in ms: Tune's own ``timestamp`` (seconds) of the result."""
+    return int(report.get("timestamp", 0)) * 1000
+
+
+def epoch_records(report: dict[str, Any], population: bool) -> dict[int | None, dict[str, Any]]:
+    """The epoch record of each configuration in one report: {None: the report} for a single trial, {j: member j's
+    record} for the members a population trained that epoch."""
+    if not population:
+        return {None: report} if "epoch" in report else {}
+    return {int(j): m for j, m in section(report, "members").items() if isinstance(m, dict) and "epoch" in m}
+
+
+def configuration_epochs(
+    all_reports: tuple[dict[str, Any], ...], member: int | None, up_to: int | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """(report time in ms, record) of each epoch of one configuration (``member`` of a population, None for a single
+    trial), its first report only, in epoch order; epochs after ``up_to`` left out."""
+    seen: dict[int, tuple[int, dict[str, Any]]] = {}
+    for report in all_reports:
+        record = epoch_records(report, member is not None).get(member)
+        if record is None or not isinstance(record.get("epoch"), int) or record["epoch"] in seen:
+            continue
+        if up_to is None or record["epoch"] <= up_to:
+            seen[record["epoch"]] = (stamp_ms(report), record)
+    return [seen[e] for e in sorted(seen)]
