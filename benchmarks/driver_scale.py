@@ -173,7 +173,9 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
     spec = spec.model_copy(
         update={
             "num_samples": 1_000_000,
-            "max_concurrent_trials": a.gpus,
+            # the GPUs bound how many trials run; Tune then keeps one more trial staged, which takes over the worker
+            # process of the next trial to end (a concurrency limit counts staged trials too: the worker would go)
+            "max_concurrent_trials": None,
             "time_budget_s": a.seconds,
             "population": spec.population.model_copy(update={"size": size, "halving": False}),
             "reuse_actors": a.reuse_actors,
@@ -188,7 +190,6 @@ def build_tuner(a: argparse.Namespace, tmp: Path, uri: str, emitted: Path) -> tu
         storage_path=str(tmp / "runs"),
         cpus_per_trial=0.0,
         gpus_per_trial=1.0,
-        max_concurrent_trials=a.gpus,
         time_budget_s=a.seconds,
         tracking_uri=uri,
         population=size,

@@ -13,8 +13,7 @@ the record.
   value) of a run.
 - ``sync(key, rows)`` reads the run's history of one metric (one request) and logs the rows whose step it lacks:
   a resumed search does this for every run a killed driver left open, an end for a run whose points were dropped.
-  Each batch of points also sets the tag ``dedn.last_step``: the record Tune keeps can lag behind what a killed
-  driver had sent, and a resumed trial that reports those steps again must not be logged twice.
+  ``steps`` reads the same history at once: what a killed driver sent can be ahead of the record Tune saved.
 - When the store fails, the run's calls go back to the front of its queue and the store is tried again every few
   seconds; points beyond ``max_points`` are dropped, and their runs synced from the record at their end.
 """
@@ -31,10 +30,9 @@ from typing import Any
 
 from tracking.store import MAX_TAG, artifact_location
 
-__all__ = ["LAST_STEP", "RUN_KEY", "Row", "RunSink", "rows_batches"]
+__all__ = ["RUN_KEY", "Row", "RunSink", "rows_batches"]
 
 RUN_KEY = "dedn.trial_id"  # the tag that finds a trial's (or a population member's) run
-LAST_STEP = "dedn.last_step"  # the tag that says up to which step a run holds its points
 EXPERIMENT_TAG = "dedn.experiment"  # the tag that finds a search's parent run
 _MAX_BATCH = 1000  # metrics, params and tags per log_batch call: MLflow's limits
 _MAX_FIELDS = 100  # params, and tags, per log_batch call
@@ -168,6 +166,11 @@ class RunSink:
             self.ids.update({k: r.info.run_id for k, r in found.items()})
         return found
 
+    def steps(self, key: str, witness: str) -> set[int]:
+        """The steps a run of ``key`` holds of the metric ``witness`` (none for a run not known), read at once."""
+        run = self.ids.get(key)
+        return {int(m.step) for m in self.client.get_metric_history(run, witness)} if run else set()
+
     # -- queued calls ---------------------------------------------------------------------------------------------
     def create(self, key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         """The run of ``key``: created under the parent with its tags, its params sent with its first points."""
@@ -292,12 +295,11 @@ class RunSink:
                 rows = [op[1] for op in batch if op[0] == "row"]
                 params = {k: v for op in batch if op[0] == "fields" for k, v in op[1].items()}
                 tags = {k: v for op in batch if op[0] == "fields" for k, v in op[2].items()}
-                last = max((r.step for r in rows), default=0)
                 end = ops[j][1] if j < len(ops) and ops[j][1][0] == "end" and key not in self.dirty else None
                 if end is not None:  # the end's final metrics and tags ride along
                     rows += [end[2]] if end[2] is not None else []
                     tags.update(end[3])
-                self._log(client, key, rows, params, tags, last)
+                self._log(client, key, rows, params, tags)
                 i = j
                 if end is not None:
                     self._call(client, key, end, logged=True)
@@ -306,13 +308,7 @@ class RunSink:
             return i
         return i
 
-    def _log(
-        self, client: Any, key: str, rows: list[Row], params: dict[str, str], tags: dict[str, str], last: int = 0
-    ) -> None:
-        """``log_batch`` calls; with ``last``, the tag saying the run holds its points up to that step (what a resumed
-        search skips when the trial reports them again) goes with them."""
-        if last:
-            tags = {**tags, LAST_STEP: str(last)}
+    def _log(self, client: Any, key: str, rows: list[Row], params: dict[str, str], tags: dict[str, str]) -> None:
         for metrics, ps, ts in rows_batches(rows, params, tags):
             client.log_batch(self.ids[key], metrics=metrics, params=ps, tags=ts)
 
@@ -358,9 +354,7 @@ class RunSink:
 
     def _sync(self, client: Any, key: str, rows: list[Row], witness: str) -> None:
         have = {int(m.step) for m in client.get_metric_history(self.ids[key], witness)}
-        missing = [r for r in rows if r.step not in have]
-        if missing:
-            self._log(client, key, missing, {}, {}, max(have | {r.step for r in missing}))
+        self._log(client, key, [r for r in rows if r.step not in have], {}, {})
 
     # -- the end --------------------------------------------------------------------------------------------------
     def flush(self, timeout_s: float = 600.0, stall_s: float = 30.0) -> list[str]:

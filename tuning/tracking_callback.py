@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from tracking.sink import LAST_STEP, Row, RunSink
+from tracking.sink import Row, RunSink
 from tuning.population import configurations, member_key, section
 from tuning.record import configuration_epochs, epoch_records, reports, result_file, stamp_ms
 
@@ -129,7 +129,11 @@ class MLflowTrialLogger(Callback):
     def setup(
         self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
     ) -> None:
-        self.sink = RunSink(self.uri, self.experiment, experiment_id=self.experiment_id, parent_id=self.parent)
+        # with the key metrics (many GPUs, the tracking server the limit), a run's epochs go in fewer, larger batches
+        linger = 30.0 if self.epoch_metrics == "key" else 5.0
+        self.sink = RunSink(
+            self.uri, self.experiment, experiment_id=self.experiment_id, parent_id=self.parent, linger_s=linger
+        )
         _LOGGERS.add(self)
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
@@ -163,7 +167,7 @@ class MLflowTrialLogger(Callback):
         if self.known is not None and key in self.known:
             self.sink.reopen(key, name)
             # what a killed driver sent can be ahead of the record Tune saved: the trial reports those epochs again
-            self.logged[key] = int(self.known[key].data.tags.get(LAST_STEP, 0))
+            self.logged[key] = max(self.sink.steps(key, "val_H"), default=0)
         else:
             self.sink.create(key, name, values, tags)
         all_reports = reports(result_file(trial))
