@@ -193,14 +193,14 @@ def stored_epochs(exp: Path, db_url: str, storage_url: str) -> dict[str, Any]:
     import optuna
     import sqlalchemy
 
-    from tuning.population import member_key
+    from tuning.population import member_key, section
 
     received: set[tuple[str, int]] = set()
     for f in exp.glob("*/result.json"):
         for line in f.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                for j, m in row.get("members", {}).items():
+                for j, m in section(row, "members").items():
                     received.add((member_key(row["trial_id"], int(j)), int(m["epoch"])))
     engine = sqlalchemy.create_engine(db_url)
     with engine.connect() as con:

@@ -4,9 +4,9 @@
   member is its own Optuna trial, sees its validation H per epoch as intermediate values, ends PRUNED
   when successive halving stops it, FAIL when it diverges and COMPLETE with its best validation H otherwise.
 - ``population_trainable`` runs ``train_population`` and reports every epoch: the population's best
-  active member as ``val_H`` (what Tune's scheduler sees) and every member under ``members/<j>/``.
-- ``member_entries`` turns a Tune result (population or single) into one entry per configuration, so
-  the best-trial choice, the plots and the final test treat members exactly like single trials.
+  active member as ``val_H`` (what Tune's scheduler sees) and every member's record under ``members``, each a row of
+  values in the order ``member_columns`` names (``section`` reads them back as dicts). Rows, not nested dicts: Tune
+  flattens a result's dicts and keeps running statistics of every number in them, in the driver, for every result.
 
 A population checkpoint holds ``state.pt`` (the batched model and optimiser of the active members,
 every member's best-epoch weights and history; ``weights_only`` loadable) and ``progress.json``.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,10 @@ from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE
 from tuning.space import sampled_params, trial_config
 
 __all__ = [
-    "Entry",
     "configurations",
     "member_key",
     "best_weights",
     "load_population_checkpoint",
-    "member_entries",
     "population_metrics",
     "population_trainable",
     "save_population_checkpoint",
@@ -58,18 +55,22 @@ def configurations(config: Any) -> list[tuple[int | None, dict[str, Any]]]:
 
 
 def section(result: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
-    """``result[name]`` as {member: {key: value}}, whether Tune passed the result nested (callbacks) or
-    flattened to ``name/<member>/<key>`` (searchers)."""
+    """``result[name]`` as {member: {key: value}}: Tune passes a result nested (callbacks) or flattened to
+    ``name/<member>`` and ``name/<member>/<key>`` (searchers); a member's row of values is read with the result's
+    ``member_columns``."""
     nested = result.get(name)
-    if isinstance(nested, dict):
-        return nested
-    out: dict[str, dict[str, Any]] = {}
     prefix = name + "/"
-    for k, v in result.items():
-        if k.startswith(prefix) and k.count("/") >= 2:
-            member, key = k[len(prefix) :].split("/", 1)
-            out.setdefault(member, {})[key] = v
-    return out
+    if not isinstance(nested, dict):
+        nested = {}
+        for k, v in result.items():
+            if k.startswith(prefix):
+                member, _, key = k[len(prefix) :].partition("/")
+                if key:
+                    nested.setdefault(member, {})[key] = v
+                else:
+                    nested[member] = v
+    columns = result.get("member_columns")
+    return {j: dict(zip(columns, v, strict=True)) if isinstance(v, list) and columns else v for j, v in nested.items()}
 
 
 def population_metrics(epoch: int, records: dict[int, Any], p: Any, size: int, posthoc: bool) -> dict[str, Any]:
@@ -84,7 +85,9 @@ def population_metrics(epoch: int, records: dict[int, Any], p: Any, size: int, p
         for j in range(size)
         if p.status[j] in ("stopped", "failed") and p.last_epoch[j] == epoch
     }
-    metrics: dict[str, Any] = {"epoch": epoch, "members": per, "ended": ended}
+    columns = list(next(iter(per.values()))) if per else []
+    rows = {j: [m[c] for c in columns] for j, m in per.items()}
+    metrics: dict[str, Any] = {"epoch": epoch, "members": rows, "member_columns": columns, "ended": ended}
     if per:
         lead = max(per, key=lambda j: per[j]["val_H"])
         metrics.update({k: v for k, v in per[lead].items() if k != "epoch"})
@@ -160,41 +163,6 @@ def population_trainable(
     if all(r.status == "failed" for r in results):
         reasons = "; ".join(f"member {r.index}: {r.reason}" for r in results)
         raise FloatingPointError(f"every member of the population failed: {reasons}")
-
-
-@dataclass
-class Entry:
-    """One trained configuration of a Tune result: a single trial, or one member of a population."""
-
-    label: str
-    config: dict[str, Any]  # sampled dotted values
-    df: Any  # per-epoch metrics with plain column names (epoch, val_H, ...)
-    result: Any
-    member: int | None
-
-
-def member_entries(result: Any) -> list[Entry]:
-    """Entries of a Tune result: one for a single-configuration trial, one per member of a population."""
-    df: Any = result.metrics_dataframe
-    name = Path(result.path).name
-    parts = name.split("_")
-    short = parts[2] if len(parts) > 2 else name
-    members = result.config.get("members") if isinstance(result.config, dict) else None
-    if members is None:
-        cfg = {k: v for k, v in result.config.items() if "." in k}
-        return [Entry(short, cfg, df, result, None)]
-    out = []
-    for j, cfg in enumerate(members):
-        prefix = f"members/{j}/"
-        if df is None:
-            sub = None
-        else:
-            cols = [c for c in df.columns if c.startswith(prefix)]
-            sub = df[cols].rename(columns={c: c[len(prefix) :] for c in cols})
-            if "val_H" in sub:
-                sub = sub[sub["val_H"].notna()].reset_index(drop=True)
-        out.append(Entry(member_key(short, j), dict(cfg), sub, result, j))
-    return out
 
 
 def best_weights(checkpoint_path: str | os.PathLike[str], member: int | None) -> dict[str, torch.Tensor]:

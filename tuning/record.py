@@ -16,7 +16,7 @@ from typing import Any
 
 from tuning.population import section
 
-__all__ = ["configuration_epochs", "epoch_records", "reports", "result_file", "stamp_ms"]
+__all__ = ["configuration_epochs", "configuration_records", "epoch_records", "reports", "result_file", "stamp_ms"]
 
 
 def result_file(trial: Any) -> Path:
@@ -65,16 +65,26 @@ def epoch_records(report: dict[str, Any], population: bool) -> dict[int | None, 
     return {int(j): m for j, m in section(report, "members").items() if isinstance(m, dict) and "epoch" in m}
 
 
+def configuration_records(
+    all_reports: tuple[dict[str, Any], ...], member: int | None
+) -> list[tuple[int, dict[str, Any]]]:
+    """(report time in ms, record) of every report of one configuration (``member`` of a population, None for a
+    single trial), reports of an epoch again included, in the order made."""
+    out = []
+    for report in all_reports:
+        record = epoch_records(report, member is not None).get(member)
+        if record is not None and isinstance(record.get("epoch"), int):
+            out.append((stamp_ms(report), record))
+    return out
+
+
 def configuration_epochs(
     all_reports: tuple[dict[str, Any], ...], member: int | None, up_to: int | None = None
 ) -> list[tuple[int, dict[str, Any]]]:
     """(report time in ms, record) of each epoch of one configuration (``member`` of a population, None for a single
     trial), its first report only, in epoch order; epochs after ``up_to`` left out."""
     seen: dict[int, tuple[int, dict[str, Any]]] = {}
-    for report in all_reports:
-        record = epoch_records(report, member is not None).get(member)
-        if record is None or not isinstance(record.get("epoch"), int) or record["epoch"] in seen:
-            continue
-        if up_to is None or record["epoch"] <= up_to:
-            seen[record["epoch"]] = (stamp_ms(report), record)
+    for stamp, record in configuration_records(all_reports, member):
+        if record["epoch"] not in seen and (up_to is None or record["epoch"] <= up_to):
+            seen[record["epoch"]] = (stamp, record)
     return [seen[e] for e in sorted(seen)]

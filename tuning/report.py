@@ -14,8 +14,9 @@ from cluster.objects import SharedStore
 from dedn.data.store import FeatureStore
 from tracking import plots
 from tracking.sink import RunSink
-from tuning.population import Entry, member_key
+from tuning.population import member_key
 from tuning.record import configuration_epochs, reports
+from tuning.selection import Entry
 from tuning.space import chosen_values, trial_config
 
 __all__ = ["C_GRID", "EPOCHS_FILE", "calibration_curve", "epochs_table", "report_search"]
@@ -119,8 +120,7 @@ def report_search(
         summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T")})
     summary["best_epoch"] = float(best_metrics.get("epoch", 0))
     values = {k: str(v) for k, v in chosen_values(best.config if best else {}, best_metrics, posthoc).items()}
-    trial_id = (best.result.metrics or {}).get("trial_id") if best is not None else None
-    best_key = member_key(trial_id, best.member) if best is not None and trial_id else None
+    best_key = best.key if best is not None else None
 
     def summarise(client: Any) -> None:
         from mlflow.entities import Metric, Param, RunTag

@@ -3,13 +3,16 @@ population counts as a trial), then that configuration retrained on trainval and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster.objects import SharedStore
+from tuning.population import configurations, member_key
+from tuning.record import configuration_records, reports
 from tuning.space import chosen_values, trial_config
 
-__all__ = ["METRIC", "best_trial", "final_test", "run_final_test", "trial_states"]
+__all__ = ["METRIC", "Entry", "best_trial", "final_test", "run_final_test", "trial_states"]
 
 METRIC = "val_H"  # what the search selects on: validation H at the trial's inference point
 
@@ -44,26 +47,31 @@ def run_final_test(
     return final
 
 
-def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """The configuration and epoch with the highest validation H over all reported epochs of every trial
-    (every member of a population trial counts as a trial): (sampled config, metrics, its Entry)."""
-    from tuning.population import member_entries
+@dataclass(frozen=True)
+class Entry:
+    """One trained configuration of a search: a single trial, or one member of a population trial."""
 
-    best: tuple[float, dict[str, Any], dict[str, Any], Any] = (-1.0, {}, {}, None)
+    key: str  # its run key (``tuning.population.member_key``): the tag of its MLflow run
+    config: dict[str, Any]  # its sampled dotted values
+    member: int | None
+    result: Any  # Tune's Result of the trial
+
+
+def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any], Entry | None]:
+    """The configuration and epoch with the highest validation H over every report of every trial in the record
+    (every member of a population trial counts as a trial): (sampled config, that epoch's metrics, its Entry)."""
+    best: tuple[float, dict[str, Any], Entry] | None = None
     for r in results:
-        for e in member_entries(r):
-            df: Any = e.df
-            if df is None or METRIC not in df or df[METRIC].isna().all():
-                continue
-            row = df.loc[df[METRIC].idxmax()]
-            if float(row[METRIC]) > best[0]:
-                metrics = {
-                    k: (v.item() if hasattr(v, "item") else v)
-                    for k, v in row.items()
-                    if k.startswith(("val_", "grid_", "epoch")) and k != "val_member"
-                }
-                best = (float(row[METRIC]), e.config, metrics, e)
-    return best[1], best[2], best[3]
+        all_reports = reports(Path(r.path) / "result.json")
+        trial_id = str((r.metrics or {}).get("trial_id") or Path(r.path).name)
+        for j, values in configurations(r.config):
+            for _, record in configuration_records(all_reports, j):
+                if METRIC in record and (best is None or float(record[METRIC]) > best[0]):
+                    best = (float(record[METRIC]), record, Entry(member_key(trial_id, j), values, j, r))
+    if best is None:
+        return {}, {}, None
+    metrics = {k: v for k, v in best[1].items() if k.startswith(("val_", "grid_", "epoch")) and k != "val_member"}
+    return best[2].config, metrics, best[2]
 
 
 def final_test(

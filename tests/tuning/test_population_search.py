@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.helpers import ROOT, child_runs, cli_argv, training_worker, trial_rows, wait_for, write_spec
+from tuning.population import section
 from tuning.search import SearchOptions, run_search
 
 SPEC = """
@@ -45,7 +46,9 @@ def test_population_search_records_every_member(server: str, tmp_path: Path, tin
         numbers = rows[0]["config"]["optuna_trials"]
         for j, number in enumerate(numbers):
             configs[number] = rows[0]["config"]["members"][j]
-            reported[number] = [(r["epoch"], r["members"][str(j)]["val_H"]) for r in rows if str(j) in r["members"]]
+            reported[number] = [
+                (r["epoch"], section(r, "members")[str(j)]["val_H"]) for r in rows if str(j) in r["members"]
+            ]
             for r in rows:
                 if str(j) in r["ended"]:
                     ended[number] = (r["ended"][str(j)]["status"], r["epoch"])

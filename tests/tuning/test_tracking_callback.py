@@ -56,8 +56,9 @@ def report(epoch: int, shift: float = 0.0, members: int | None = None) -> dict[s
     stamp = 1_800_000_000 + epoch
     if members is None:
         return {**record(epoch, 0, shift), "timestamp": stamp}
-    per = {str(j): record(epoch, j, shift) for j in range(members)}
-    return {"epoch": epoch, "members": per, "ended": {}, "timestamp": stamp}
+    columns = list(record(epoch))  # members as rows of values, as tuning.population.population_metrics reports them
+    rows = {str(j): [record(epoch, j, shift)[c] for c in columns] for j in range(members)}
+    return {"epoch": epoch, "members": rows, "member_columns": columns, "ended": {}, "timestamp": stamp}
 
 
 def write_record(t: SimpleNamespace, results: list[dict[str, Any]]) -> None:
