@@ -95,6 +95,7 @@ class RunSink:
         self.parent_id, self.experiment_id = parent_id, experiment_id  # known, or found by ``open_parent``
         self.cond = threading.Condition()
         self.queues: OrderedDict[str, deque[tuple[Any, ...]]] = OrderedDict()  # run key ("" for calls) -> calls
+        self.ready: dict[str, None] = {}  # runs with a call to make at once (creation, sync, end, ...), in order
         self.since: dict[str, float] = {}  # run key -> when its oldest queued point came
         self.claimed: set[str] = set()
         self.dirty: set[str] = set()  # runs whose points were dropped: synced from the record at their end
@@ -224,28 +225,35 @@ class RunSink:
             if q is None:
                 q = self.queues[key] = deque()
             q.append((what, op))
-            if op[0] == "row":
-                self.since.setdefault(key, time.monotonic())
+            if op[0] not in ("row", "fields"):
+                self.ready[key] = None  # made at once
+            self.since.setdefault(key, time.monotonic())
             self.cond.notify()
 
     # -- the worker threads ----------------------------------------------------------------------------------------
-    def _due(self, key: str, q: deque[tuple[str, tuple[Any, ...]]], now: float) -> bool:
-        if any(op[0] not in ("row", "fields") for _, op in q) or self.urgent:
-            return True
-        return now - self.since.get(key, now) >= self.linger_s or len(q) >= 100
-
     def _next(self) -> tuple[str, list[tuple[str, tuple[Any, ...]]]] | None:
+        """A run's queued calls for a thread (the lock held): a run with a call to make at once, else the run whose
+        points have waited longest once they waited ``linger_s`` (runs are queued in the order their first call came;
+        a run put back after a failure goes first)."""
         now = time.monotonic()
         if now < self.retry_at:
             return None
-        for key, q in self.queues.items():
-            if key not in self.claimed and q and self._due(key, q, now):
-                ops = list(q)
-                del self.queues[key]
-                self.since.pop(key, None)
-                self.claimed.add(key)
-                return key, ops
-        return None
+        key = next((k for k in self.ready if k not in self.claimed), None)
+        if key is None:
+            for k, q in self.queues.items():
+                if k in self.claimed:
+                    continue
+                if not (self.urgent or now - self.since.get(k, now) >= self.linger_s or len(q) >= 100):
+                    break  # the others came later still
+                key = k
+                break
+        if key is None:
+            return None
+        ops = list(self.queues.pop(key))
+        self.since.pop(key, None)
+        self.ready.pop(key, None)
+        self.claimed.add(key)
+        return key, ops
 
     def _loop(self) -> None:
         from mlflow.tracking import MlflowClient
@@ -271,10 +279,11 @@ class RunSink:
                     q = self.queues.get(key)
                     if q is None:
                         q = self.queues[key] = deque()
-                        self.queues.move_to_end(key, last=False)
+                    self.queues.move_to_end(key, last=False)
                     q.extendleft(reversed(ops[done:]))
-                    if any(op[0] == "row" for _, op in ops[done:]):
-                        self.since[key] = 0.0
+                    self.since[key] = 0.0
+                    if any(op[0] not in ("row", "fields") for _, op in q):
+                        self.ready[key] = None
                     self.retry_at = time.monotonic() + _RETRY_S
                 self.cond.notify_all()
 
@@ -388,6 +397,7 @@ class RunSink:
         with self.cond:
             self.stopping = True
             self.queues.clear()
+            self.ready.clear()
             self.cond.notify_all()
         for th in self.threads:
             th.join(timeout=60)
