@@ -125,9 +125,10 @@ class SearchSpec(BaseModel):
     )
     epoch_metrics: Literal["all", "key"] = Field(
         "all",
-        description="What each epoch logs to MLflow as metrics: all (its ~20 values) or key (val_H, val_U, val_S, "
-        "val_T, loss_total; each run then gets its whole per-epoch record as the artifact epochs.parquet). key is "
-        "for population searches on many GPUs, where the tracking server is the limit.",
+        description="What each epoch logs to MLflow as metrics: all (its ~20 values, sent every 5 s) or key (val_H, "
+        "sent at most a minute late: most member runs then cost one request for their epochs). The parent run's "
+        "epochs.parquet holds every value either way. key is for population searches on many GPUs, where the "
+        "tracking server is the limit.",
     )
     optuna_storage: str | None = Field(
         None,

@@ -35,8 +35,9 @@ __all__ = [
 
 EPOCH_KEYS = ("val_", "loss_", "grid_")
 EXTRA_KEYS = ("samples_per_s", "epoch_seconds")
-# what each epoch logs as MLflow metrics with ``epoch_metrics: key``; the parent run's epochs.parquet has the rest
-KEY_METRICS = ("val_H", "val_U", "val_S")
+# what each epoch logs as MLflow metrics with ``epoch_metrics: key`` (the parent run's epochs.parquet has the rest): on
+# many GPUs every metric row of every member run costs the tracking server
+KEY_METRICS = ("val_H",)
 # what a run's final metrics hold, each as best_<key>: the epoch with the highest val_H
 BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "grid_lambda_e", "grid_c")
 _ENDED = ("FINISHED", "FAILED", "KILLED")
@@ -106,7 +107,7 @@ class MLflowTrialLogger(Callback):
             if number is not None:
                 tags["optuna.trial_number"] = str(number)
             if j is not None:
-                tags.update({"dedn.population_trial": trial.trial_id, "dedn.member": str(j)})
+                tags["dedn.member"] = str(j)
             out.append((member_key(trial.trial_id, j), j, run_name(trial, number, j), values, tags))
         return out
 
@@ -129,8 +130,9 @@ class MLflowTrialLogger(Callback):
     def setup(
         self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
     ) -> None:
-        # with the key metrics (many GPUs, the tracking server the limit), a run's epochs go in fewer, larger batches
-        linger = 30.0 if self.epoch_metrics == "key" else 5.0
+        # with the key metrics (many GPUs, the tracking server the limit) a run's epochs wait up to a minute: most member
+        # runs then cost one log_batch, sent with their end
+        linger = 60.0 if self.epoch_metrics == "key" else 5.0
         self.sink = RunSink(
             self.uri, self.experiment, experiment_id=self.experiment_id, parent_id=self.parent, linger_s=linger
         )
