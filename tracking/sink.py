@@ -249,9 +249,16 @@ class RunSink:
                 break
         if key is None:
             return None
-        ops = list(self.queues.pop(key))
+        q = self.queues.pop(key)
+        ops = list(q)
         self.since.pop(key, None)
-        self.ready.pop(key, None)
+        was_ready = self.ready.pop(key, False) is None
+        if was_ready and not self.urgent:  # the points after its last call wait their turn
+            last = max(i for i, (_, op) in enumerate(ops) if op[0] not in ("row", "fields"))
+            ops, rest = ops[: last + 1], ops[last + 1 :]
+            if rest:
+                self.queues[key] = deque(rest)
+                self.since[key] = now
         self.claimed.add(key)
         return key, ops
 
