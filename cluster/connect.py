@@ -5,31 +5,110 @@ Without an address a command always starts, and owns, a local Ray instance (Ray'
 stale once that cluster is gone) are ignored. With an address the cluster is found, asked whether it
 answers and which authentication it wants, within seconds and in one line when it cannot be joined, before
 ``ray.init`` (which would retry an address for minutes) runs. SIGTERM stops a session like Ctrl-C does.
+
+A cluster with token authentication (Ray 2.52 and later; ``ray start --head`` turns it on when ``~/.ray/auth_token``
+exists) is joined with this machine's token, looked up as Ray does (``RAY_AUTH_TOKEN``, the file
+``RAY_AUTH_TOKEN_PATH`` names, ``~/.ray/auth_token``): a driver sends its token only in token mode, which ``ray.init``
+turns on for a local instance or ``auto``, never for ``host:port``, so ``settle_auth`` asks the cluster first.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cluster.auth import AUTH_MODE, auth_mode_restored, settle_auth
+from cluster import ray_internals
 from cluster.ray_internals import AUTH_LOGGER, find_cluster
 from dedn.errors import DednInputError
 
-__all__ = ["check_address", "ray_session", "resolve_address"]
+__all__ = ["AUTH_MODE", "auth_mode_restored", "check_address", "ray_session", "resolve_address", "settle_auth"]
 
 _HOST = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _FORMS = "'auto' or host:port (ray://host:port for Ray Client)"
+
+
+AUTH_MODE = "RAY_AUTH_MODE"
+_FIX = (
+    "put the cluster's token (`ray get-auth-token` on its head prints it) in ~/.ray/auth_token, "
+    "or set RAY_AUTH_TOKEN_PATH to a file that holds it, or RAY_AUTH_TOKEN to it"
+)
+
+
+def token_source() -> str:
+    """Where Ray takes this process's token from, in its order (names, never the token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    return str(Path.home() / ".ray" / "auth_token")
+
+
+def _probe_auth(gcs_address: str, source: str, timeout_s: float) -> str:
+    """Run ``cluster/ray_internals.py`` (``probe``) against ``gcs_address`` in a child process with this process's
+    environment, killed after ``timeout_s``; its result, or DednInputError in one line."""
+    where = f"the Ray cluster at {gcs_address}"
+    argv = [sys.executable, ray_internals.__file__, gcs_address, str(int(max(1.0, timeout_s - 6.0) * 1000))]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
+        answer = json.loads(proc.stdout.strip().splitlines()[-1])
+        result, detail = str(answer["result"]), str(answer.get("detail", ""))
+    except subprocess.TimeoutExpired:
+        raise DednInputError(
+            source, "--address", f"no Ray cluster answered at {gcs_address} within {timeout_s:g} s"
+        ) from None
+    except (ValueError, KeyError, IndexError):  # the probe died without its answer
+        raise DednInputError(source, "--address", f"could not ask {where} whether it may be joined") from None
+    rules = {
+        "unreachable": f"no Ray cluster answers at {gcs_address}: {detail}",
+        "missing": f"{where} uses token authentication and no token was found here: {_FIX}",
+        "unreadable": f"{where} uses token authentication and {token_source()} cannot be read or is empty: {_FIX}",
+        "rejected": f"{where} refused the token from {token_source()}: use the cluster's token "
+        "(`ray get-auth-token` on its head prints it)",
+        "disabled_here": f"{where} uses token authentication but {AUTH_MODE}={detail} is set here: unset it",
+    }
+    if result in rules:
+        raise DednInputError(source, "--address", rules[result])
+    return result
+
+
+def settle_auth(gcs_address: str, source: str, timeout_s: float = 20.0) -> str:
+    """Ask the cluster at ``gcs_address`` whether it may be joined from here, and how. When it uses token
+    authentication and this machine has a token, ``RAY_AUTH_MODE=token`` is set in this process (restore it
+    with ``auth_mode_restored``). Returns ``token`` or ``open`` (no token needed, or the mode already set here
+    works).
+
+    Raises DednInputError, one line naming ``source`` and field ``--address``, with the fix, when no cluster
+    answers within ``timeout_s``, or the cluster wants a token that is missing, unreadable or refused here."""
+    result = _probe_auth(gcs_address, source, timeout_s)
+    if result == "token":
+        ray_internals.set_auth_mode("token")
+    return "token" if (os.environ.get(AUTH_MODE) or "").lower() == "token" else "open"
+
+
+@contextmanager
+def auth_mode_restored() -> Iterator[None]:
+    """``RAY_AUTH_MODE`` as it was before the block, after it (``settle_auth``, and ``ray.init`` of a local
+    instance, turn token mode on for the whole process)."""
+    saved = os.environ.get(AUTH_MODE)
+    try:
+        yield
+    finally:
+        if os.environ.get(AUTH_MODE) != saved:
+            ray_internals.set_auth_mode(saved)
 
 
 def check_address(address: str | None) -> tuple[str, int] | None:

@@ -281,7 +281,7 @@ def _prepare_experiment(
     if resume:
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
-        from tracking.integrity import verify_state
+        from tuning.resume_state import verify_state
 
         verify_state(exp)  # what Ray will unpickle: only what this user's searches signed
         saved = json.loads((exp / "search.json").read_text())
@@ -305,6 +305,17 @@ def _prepare_experiment(
     return exp, name, opts, spec, base, store
 
 
+def _tune_environment(population: int) -> None:
+    """Tune's settings that only its environment variables set: its own loggers write result.json only (MLflow holds
+    the metrics; its CSV and TensorBoard loggers cost the driver 150 ms per population result); and for a population
+    search, unless the user set it, up to 8 trials wait to start at once. Tune's default for a searcher of its own is
+    one: populations on 64 GPUs then start one after the other for minutes (each waits for its worker process), where
+    a single-configuration search keeps TPE's proposals as informed as can be."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    if population > 1:
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "8")
+
+
 def tune_settings(
     base: dict[str, Any], opts: SearchOptions, spec: SearchSpec, exp: Path, name: str, sink: RunSink | None
 ) -> tuple[Any, Any]:
@@ -313,12 +324,10 @@ def tune_settings(
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
-    from tuning.resume_signer import resume_signer
+    from tuning.resume_state import resume_signer
     from tuning.tracking_callback import MLflowTrialLogger
 
-    # Tune's own loggers: result.json only (MLflow holds the metrics). Its CSV and TensorBoard loggers cost the
-    # driver 150 ms per population result of ~350 values (benchmarks/driver_scale.py --profile).
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    _tune_environment(population_size(spec, opts))
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     # num_samples counts configurations; with populations each Tune trial trains `size` of them.
     num_samples = -(-(opts.num_samples or spec.num_samples) // population_size(spec, opts))
@@ -371,10 +380,10 @@ def build_tuner(
     from ray import tune
 
     trainable = _trainable(shared, base, opts, spec)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    _tune_environment(population_size(spec, opts))
     if resume:
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
-    from tracking.integrity import StateSigner, signing_key
+    from tuning.resume_state import StateSigner, signing_key
 
     key = signing_key()
     tune_config, run_config = tune_settings(base, opts, spec, exp, name, sink)
