@@ -1,22 +1,17 @@
 """The one place the project uses Ray's private names, each for something Ray offers no public way to do.
 
-- ``find_cluster``: the GCS address ``ray.init(address="auto")`` would join (``RAY_ADDRESS``, Ray's record of the
-  last cluster ``ray start`` made, a Ray instance on this machine), found without joining it:
-  ``ray._private.services.canonicalize_bootstrap_address``. ``ray.init`` itself keeps retrying a recorded but dead
-  cluster for up to a minute (ray-project/ray#20900), where a search must say in one line that nothing answers.
-- ``set_auth_mode`` and ``probe``: whether a cluster at host:port wants Ray's token authentication, and sending the
-  token when it does: ``ray._raylet``'s ``Config``, ``AuthenticationTokenLoader``, ``AuthenticationMode``,
-  ``AuthenticationError``, ``get_authentication_mode`` and ``InnerGcsClient``. ``ray.init(address=host:port)``
-  leaves token mode off, so a driver never sends the token ``ray start --head`` turned on for the cluster
-  (ray-project/ray#64755, its review: "clients never attach that same token").
-- ``AUTH_LOGGER``: the logger Ray's token set-up writes its notice to (held back while a local instance starts).
+- ``find_cluster`` (``ray._private.services.canonicalize_bootstrap_address``): the GCS address ``auto`` means, found
+  without joining it; ``ray.init`` retries a recorded but dead cluster for a minute (ray-project/ray#20900).
+- ``set_auth_mode`` and ``probe`` (``ray._raylet``'s ``Config``, ``AuthenticationTokenLoader``, ``AuthenticationMode``,
+  ``AuthenticationError``, ``get_authentication_mode``, ``InnerGcsClient``): whether a cluster wants token
+  authentication, and sending the token: ``ray.init(address=host:port)`` leaves token mode off, so a driver never
+  sends it (ray-project/ray#64755: "clients never attach that same token").
+- ``AUTH_LOGGER``: the logger of Ray's token set-up notice (held back while a local instance starts).
 
-``PRIVATE_NAMES`` lists every one of them; ``tests/cluster/test_ray_internals.py`` checks them against the installed
-Ray, so an upgrade that moves one fails there, loudly. Run as a script (``python ray_internals.py HOST:PORT
-TIMEOUT_MS``) it prints ``probe``'s answer as one JSON line: in its own process, because Ray keeps its auth mode and
-token in process-wide C++ state, logs its connection retries straight to stderr, aborts the process on an unreadable
-``RAY_AUTH_TOKEN_PATH`` and does not return to Python while it waits for a silent port. Only the standard library is
-imported at the top, so the script starts fast; the token itself is never printed.
+``PRIVATE_NAMES`` lists them all, checked against the installed Ray by ``tests/cluster/test_ray_internals.py``. As a
+script (``python ray_internals.py HOST:PORT TIMEOUT_MS``; standard library imports only, to start fast) it prints
+``probe``'s answer as one JSON line, never the token: Ray keeps auth mode and token in process-wide C++ state, logs
+connection retries to stderr, aborts on an unreadable ``RAY_AUTH_TOKEN_PATH`` and hangs on a silent port.
 """
 
 from __future__ import annotations
@@ -42,26 +37,21 @@ PRIVATE_NAMES = (
 )
 
 
-def _raylet() -> Any:
-    return importlib.import_module("ray._raylet")  # its type stubs leave these names out
-
-
 def find_cluster(address: str) -> str | None:
-    """The GCS address ``ray.init(address=address)`` would connect to (``auto`` looked up as Ray does); None when
-    ``auto`` finds nothing. Raises ConnectionError or ValueError as Ray does for an address it cannot use."""
+    """The GCS address ``ray.init(address=address)`` would join; None when ``auto`` finds nothing. ConnectionError or
+    ValueError as Ray raises them for an address it cannot use."""
     services: Any = importlib.import_module("ray._private.services")
     found = services.canonicalize_bootstrap_address(address)
     return None if found is None else str(found)
 
 
 def set_auth_mode(value: str | None) -> None:
-    """Set (or with None unset) RAY_AUTH_MODE for this process and make Ray's cached config see it, as Ray's own
-    ``ray start`` does when it turns token mode on."""
+    """Set (None: unset) RAY_AUTH_MODE here and make Ray's cached config see it, as ``ray start`` does."""
     if value is None:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
         os.environ["RAY_AUTH_MODE"] = value
-    raylet = _raylet()
+    raylet: Any = importlib.import_module("ray._raylet")  # its type stubs leave these names out
     raylet.Config.initialize("")
     raylet.AuthenticationTokenLoader.instance().reset_cache()
 
@@ -71,24 +61,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def probe(address: str, timeout_ms: int) -> dict[str, Any]:
-    """Whether this process may join the GCS at ``address``, and how: ``{"result": ..., "detail": ...}`` with result
-    ``open`` (it answers as configured), ``token`` (it wants a token, one was found here and accepted once token mode
-    was set), ``missing``, ``unreadable``, ``rejected``, ``disabled_here`` (it wants a token and none was found, the
-    token file cannot be read, the token was refused, or RAY_AUTH_MODE is set to something else here) or
-    ``unreachable``. Meant for a process of its own (the script)."""
-    raylet = _raylet()
+    """``{"result": ..., "detail": ...}``: whether this process may join the GCS at ``address``. ``open``, ``token``
+    (a token is wanted, found here, accepted), ``missing``, ``unreadable``, ``rejected``, ``disabled_here`` (a token is
+    wanted: none here, unreadable, refused, RAY_AUTH_MODE set otherwise here) or ``unreachable``. Run as the script."""
+    raylet: Any = importlib.import_module("ray._raylet")
     loader = raylet.AuthenticationTokenLoader.instance()
 
-    def token_found() -> dict[str, Any] | None:
-        """None when a token can be loaded here; otherwise the result that says why not."""
+    def token_found() -> dict[str, Any] | None:  # None when a token can be loaded here, else why not
         try:
             found = loader.has_token(ignore_auth_mode=True)
         except raylet.AuthenticationError as e:  # RAY_AUTH_TOKEN_PATH names a missing or empty file
             return {"result": "unreadable", "detail": _first_line(e)}
         return None if found else {"result": "missing", "detail": ""}
 
-    def answers() -> bool:
-        """True when the GCS answers; False when it refuses this process's credentials."""
+    def answers() -> bool:  # False when the GCS refuses this process's credentials
         try:
             raylet.InnerGcsClient.standalone(address, None, timeout_ms)
         except raylet.AuthenticationError:
@@ -106,9 +92,7 @@ def probe(address: str, timeout_ms: int) -> dict[str, Any]:
         if mode is not None and mode.lower() != "token":
             return {"result": "disabled_here", "detail": mode}
         if mode is None:  # the cluster wants a token and one is here: send it, as ray.init will
-            os.environ["RAY_AUTH_MODE"] = "token"
-            raylet.Config.initialize("")
-            loader.reset_cache()
+            set_auth_mode("token")
             if answers():
                 return {"result": "token", "detail": ""}
         return {"result": "rejected", "detail": ""}

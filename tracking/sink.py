@@ -39,6 +39,10 @@ _MAX_FIELDS = 100  # params, and tags, per log_batch call
 _RETRY_S = 5.0
 
 
+Rows = Callable[[], list["Row"]]  # a run's steps in the record, read when called
+Files = Callable[[], str | None] | None  # a folder to upload as the run's checkpoint, made when called
+
+
 @dataclass(frozen=True)
 class Row:
     """One step of a run: its metrics, stamped with the record's time (ms)."""
@@ -85,12 +89,14 @@ class RunSink:
         threads: int = 4,
         linger_s: float = 5.0,
         max_points: int = 200_000,
+        witness: str = "val_H",
     ) -> None:
         # MLflow's client asks the server for a run before ending it, only to print a link to it: one request more
         # per run, and a console line
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri, self.experiment = uri, experiment
         self.linger_s, self.max_points = linger_s, max_points
+        self.witness = witness  # the metric whose history says which steps a run holds (every step logs it)
         self.ids: dict[str, str] = {}  # run key -> run id, once known
         self.parent_id, self.experiment_id = parent_id, experiment_id  # known, or found by ``open_parent``
         self.cond = threading.Condition()
@@ -167,10 +173,10 @@ class RunSink:
             self.ids.update({k: r.info.run_id for k, r in found.items()})
         return found
 
-    def steps(self, key: str, witness: str) -> set[int]:
-        """The steps a run of ``key`` holds of the metric ``witness`` (none for a run not known), read at once."""
+    def steps(self, key: str) -> set[int]:
+        """The steps the run of ``key`` holds (none for a run not known), read at once."""
         run = self.ids.get(key)
-        return {int(m.step) for m in self.client.get_metric_history(run, witness)} if run else set()
+        return {int(m.step) for m in self.client.get_metric_history(run, self.witness)} if run else set()
 
     # -- queued calls ---------------------------------------------------------------------------------------------
     def create(self, key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
@@ -195,25 +201,16 @@ class RunSink:
     def tags(self, key: str, tags: dict[str, str], what: str) -> None:
         self._put(key, ("fields", {}, tags), what)
 
-    def sync(self, key: str, rows: Callable[[], list[Row]], witness: str, what: str) -> None:
-        """Bring the run up to date with the record: ``rows()`` (read when the call is made), those of its steps the
-        run's history of ``witness`` lacks logged."""
-        self._put(key, ("sync", rows, witness), what)
+    def sync(self, key: str, rows: Callable[[], list[Row]], what: str) -> None:
+        """Bring the run up to date with the record: the ``rows()`` (read when the call is made) it lacks logged."""
+        self._put(key, ("sync", rows), what)
 
     def end(
-        self,
-        key: str,
-        status: str,
-        final: Row | None,
-        tags: dict[str, str],
-        rows: Callable[[], list[Row]],
-        witness: str,
-        artifacts: Callable[[], str | None] | None,
-        what: str,
+        self, key: str, status: str, final: Row | None, tags: dict[str, str], rows: Rows, files: Files, what: str
     ) -> None:
-        """The run's end: synced with the record ``rows`` if points of it were dropped, ``final`` metrics and
-        ``tags`` logged, the folder ``artifacts()`` returns uploaded as ``checkpoint``, then its status."""
-        self._put(key, ("end", status, final, tags, rows, witness, artifacts), what)
+        """The run's end: synced with the record ``rows()`` if points of it were dropped, ``final`` metrics and
+        ``tags`` logged, the folder ``files()`` returns (if any) uploaded as ``checkpoint``, then its status."""
+        self._put(key, ("end", status, final, tags, rows, files), what)
 
     def call(self, what: str, fn: Callable[[Any], Any]) -> None:
         """Any other call (``fn(client)``: on the parent run, plots, ...), made in order with the others."""
@@ -343,11 +340,11 @@ class RunSink:
         elif kind == "reopen":
             client.update_run(self.ids[key], status="RUNNING")
         elif kind == "sync":
-            self._sync(client, key, op[1](), op[2])
+            self._sync(client, key, op[1]())
         elif kind == "end":
-            status, final, tags, rows, witness, artifacts = op[1:]
+            status, final, tags, rows, artifacts = op[1:]
             if key in self.dirty:
-                self._sync(client, key, rows(), witness)
+                self._sync(client, key, rows())
                 self.dirty.discard(key)
             if not logged:
                 self._log(client, key, [final] if final is not None else [], {}, tags)
@@ -368,8 +365,8 @@ class RunSink:
                 self.ids[key] = found[0].info.run_id
         return bool(found)
 
-    def _sync(self, client: Any, key: str, rows: list[Row], witness: str) -> None:
-        have = {int(m.step) for m in client.get_metric_history(self.ids[key], witness)}
+    def _sync(self, client: Any, key: str, rows: list[Row]) -> None:
+        have = {int(m.step) for m in client.get_metric_history(self.ids[key], self.witness)}
         self._log(client, key, [r for r in rows if r.step not in have], {}, {})
 
     # -- the end --------------------------------------------------------------------------------------------------

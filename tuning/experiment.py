@@ -1,11 +1,7 @@
-"""A search's options, its experiment folder and its MLflow parent run around Ray's session
-(``tuning.search.run_search``).
-
-The folder is ``<storage>/<name>/``: ``check_experiment_name`` keeps a name to one folder under the storage path,
-``experiment_path`` reads ``--resume``'s folder-or-name. ``open_tracking`` creates the parent run (on resume finds it by
-its tag, ``tracking.sink``); ``joined_or_abandoned`` enters Ray's session, and when that fails undoes what the search
-made (``abandon``), and when the search is stopped (Ctrl-C, SIGTERM) ends its runs KILLED for ``--resume``
-(``mark_killed``).
+"""A search's options, its experiment folder ``<storage>/<name>/`` and its MLflow parent run around Ray's session:
+``open_tracking`` creates the parent run (on resume finds it by its tag); ``joined_or_abandoned`` enters Ray's
+session, undoes what the search made when that fails (``abandon``), and ends its runs KILLED for ``--resume`` when the
+search is stopped (Ctrl-C, SIGTERM: ``mark_killed``).
 """
 
 from __future__ import annotations
@@ -60,8 +56,7 @@ class SearchOptions:
 
 
 def check_experiment_name(name: str, field: str = "--name") -> None:
-    """An experiment name is one folder name under the storage path: not empty, not '.' or '..', no '/' or
-    '\\', not absolute (nor a NUL byte). Checked before anything is created; raises DednInputError."""
+    """Refuse a name that is not one folder name under the storage path, before anything is created."""
     rule = None
     if name.strip() == "":
         rule = "must not be empty"
@@ -89,8 +84,7 @@ def experiment_path(storage_path: str, name_or_path: str) -> tuple[str, str]:
 
 
 def checked_tracking_uri(opts: SearchOptions) -> str:
-    """The tracking store the search will log to, refused before any trial runs when it is a file store
-    and the search joins a cluster, or when it cannot be reached."""
+    """The tracking store the search logs to; refused when it cannot be reached, or is a file store on a cluster."""
     from tracking.store import check_not_scattered, check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(opts.tracking_uri)
@@ -120,8 +114,8 @@ def open_tracking(
     opts: SearchOptions, exp: Path, name: str, store: Any, base: dict[str, Any], resume: bool = False
 ) -> RunSink:
     """The search's MLflow runs: the parent run created with the spec, the store's header (``store.json``) and the base
-    config (``base_config.yaml``, from which ``dedn promote`` rebuilds a trial's config), or on resume found again. If
-    that fails, a new search's folder goes again (its run, if made, ends FAILED)."""
+    config (``base_config.yaml``: ``dedn promote`` rebuilds a trial's config from it), or on resume found again. If
+    that fails, a new search's folder goes again."""
     from dedn.checkpoints import checkpoint_header
 
     assert opts.tracking_uri is not None
@@ -140,8 +134,7 @@ def open_tracking(
 
 @contextmanager
 def joined_or_abandoned(session: Any, exp: Path, sink: RunSink | None, resume: bool) -> Iterator[Any]:
-    """Enter ``session`` (cluster.connect.ray_session); when that fails (no cluster at --address), the
-    search never started: its MLflow run ends FAILED and a new search's half-made folder is removed."""
+    """Enter ``session`` (``cluster.connect.ray_session``); when that fails, the search never started (``abandon``)."""
     with ExitStack() as stack:
         try:
             info = stack.enter_context(session)
@@ -166,8 +159,7 @@ def mark_killed(sink: RunSink | None) -> None:
 
 
 def abandon(exp: Path, sink: RunSink | None, resume: bool) -> None:
-    """Undo what a search that never started left: its parent run ends FAILED; the folder of a new search
-    (made by this command, nothing of Tune's in it yet) is removed. A resumed folder is kept."""
+    """Undo what a search that never started left: its parent run ends FAILED, a new search's folder goes."""
     if sink is not None and sink.parent_id:
         with suppress(Exception):
             sink.client.set_terminated(sink.parent_id, status="FAILED")

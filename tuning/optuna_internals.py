@@ -1,16 +1,13 @@
-"""The one place the project uses Optuna's private names: ``PopulationTPE``, TPE that proposes a whole population's
-configurations from one fit.
+"""The one place the project uses Optuna's private names: ``PopulationTPE``, TPE proposing a population from one fit.
 
-Why: each TPE proposal reads every trial of the study and rates its candidates against every one of them. A population
-search on 64 GPUs asks about 20 configurations per second and holds 10,000 trials after ten minutes; plain
-``TPESampler`` then takes 119 ms per configuration (at 1,000 trials 19 ms), 2.4 cores at that rate, and one fit per
-population 6 ms (2 ms): ``python benchmarks/optuna_sampling.py --sizes 1000 10000 --storages journal``. Optuna has no
-public way to draw several configurations from one fit: upstream, batch sampling is optuna/optuna#2660 (closed
-without it; #2626 asked for a batch size in ``suggest``). The names used, all of Optuna's TPE module and study:
-``optuna.samplers._tpe.sampler._split_trials`` and ``default_gamma``, ``TPESampler._build_parzen_estimator``,
-``_compute_acquisition_func``, ``_sample``, ``_rng``, ``_n_ei_candidates``, ``_constant_liar``, ``_gamma`` and
-``Study._get_trials``. ``tests/tuning/test_optuna_internals.py`` checks each of them against the installed Optuna and
-compares the sampler with ``TPESampler`` call for call, so an upgrade that changes them fails there, loudly.
+Why: a TPE proposal rates its candidates against every trial. A population search on 64 GPUs asks ~20 configurations
+a second and holds 10,000 trials after ten minutes, where ``TPESampler`` takes 119 ms per configuration (2.4 cores)
+and one fit per population 6 ms (``benchmarks/optuna_sampling.py --sizes 1000 10000 --storages journal``). Optuna
+has no public way to draw several configurations from one fit (optuna/optuna#2660, closed without it; #2626).
+Names used: ``optuna.samplers._tpe.sampler``'s ``_split_trials``, ``default_gamma(_multiobjective)``; ``TPESampler``'s
+``_build_parzen_estimator``, ``_compute_acquisition_func``, ``_sample``, ``_rng``, ``_n_ei_candidates``,
+``_constant_liar``, ``_gamma``; ``Study._get_trials``. ``tests/tuning/test_optuna_internals.py`` checks them against
+the installed Optuna and compares the sampler with ``TPESampler`` call for call.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from optuna.trial import TrialState
 
 __all__ = ["PRIVATE_NAMES", "PopulationTPE"]
 
-# every private name this module relies on: (object, attribute), checked by the tests against the installed Optuna
 PRIVATE_NAMES = (
     (_tpe, "_split_trials"),
     (_tpe, "default_gamma"),
@@ -40,20 +36,11 @@ PRIVATE_NAMES = (
 
 
 class PopulationTPE(optuna.samplers.TPESampler):
-    """``TPESampler`` that proposes a population's configurations from one fit, inside ``batch(size)``.
-
-    Outside a batch it is Optuna's TPE, call for call. Inside, the first configuration asked for a search space
-    fits TPE's two Parzen estimators on the study as ``TPESampler._sample`` does (good trials: the best
-    ``gamma(n)``; bad trials: the others and the running ones), with two changes that bound the cost of a fit
-    as the study grows to tens of thousands of trials:
-    - the bad trials' estimator is fitted on at most ``max_above`` of them, drawn at random (seeded): a kernel
-      density of 1,000 points in place of 10,000 is a slightly smoother estimate of the same density, and the
-      ratio TPE ranks by costs one tenth;
-    - one set of ``max(n_ei_candidates, 4 x size)`` candidates is drawn from the good trials' estimator and
-      ranked once by TPE's ratio; the population's configurations are the best candidates, in rank order (TPE
-      proper takes the best of its own ``n_ei_candidates`` draws for each configuration).
-    Under ``constant_liar`` a configuration asked later in the batch does not count the earlier ones as
-    running trials: the population is spread by taking distinct candidates instead."""
+    """``TPESampler`` that, inside ``batch(size)``, proposes a population from one fit (outside: Optuna's TPE, call
+    for call). It fits TPE's two Parzen estimators as ``TPESampler._sample`` does, except that the bad trials' one uses
+    at most ``max_above`` of them, drawn at random (seeded: a slightly smoother density at a fraction of the cost),
+    and that ``max(n_ei_candidates, 4 x size)`` candidates are drawn once, ranked by TPE's ratio and handed out best
+    first (under ``constant_liar`` distinct candidates, not running trials, spread the population)."""
 
     def __init__(self, max_above: int = 1_000, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -1,15 +1,6 @@
-"""Where a search's Optuna study lives, given as a URL.
-
-- ``sqlite:///PATH``: a SQLite file (the default, ``sqlite:///<experiment>/optuna.db``);
-- ``postgresql://USER@HOST[:PORT]/DATABASE``: a PostgreSQL database, shared by many searches (each study
-  is named after its experiment; a password in ``~/.pgpass`` or ``PGPASSWORD``, or ``USER:PASSWORD@``);
-- ``journal:PATH``: Optuna's ``JournalStorage`` on an append-only file (``JournalFileBackend``), for a
-  file system where SQLite's locking is unreliable (NFS).
-
-Relative paths are taken from the working folder and recorded absolute, so ``--resume`` opens the same
-study from anywhere. ``BufferedJournal`` keeps a journal's appends in memory until ``flush``, for the one process
-that writes the study: many Optuna calls then cost one file lock, one write and one disk sync.
-"""
+"""Where a search's Optuna study lives, as a URL: ``sqlite:///PATH`` (the default), ``postgresql://...`` (shared
+by many searches; password in ``~/.pgpass``, ``PGPASSWORD`` or the URL) or ``journal:PATH`` (an append-only file,
+for NFS, where SQLite's locking is unreliable). File paths are recorded absolute, so ``--resume`` works anywhere."""
 
 from __future__ import annotations
 
@@ -45,38 +36,29 @@ def default_storage(experiment: Path) -> str:
 def _file_path(url: str) -> str | None:
     """The file a ``sqlite:///`` or ``journal:`` URL names (``''`` when it names none), None for others."""
     if url.startswith(_SQLITE):
-        return url[len(_SQLITE) :].split("?", 1)[0]
-    if url.startswith(_JOURNAL):
-        return url[len(_JOURNAL) :]
-    return None
+        return url.removeprefix(_SQLITE).split("?", 1)[0]
+    return url.removeprefix(_JOURNAL) if url.startswith(_JOURNAL) else None
 
 
 def storage_rule(url: str) -> str | None:
-    """None when ``url`` has one of the storage forms (``FORMS``); else the rule it breaks. Nothing is opened."""
+    """None when ``url`` has one of the ``FORMS``; else the rule it breaks. Nothing is opened."""
     path = _file_path(url)
-    if path is not None:
-        if path == ":memory:":
-            return "must name a file: an in-memory study is lost with the driver (and --resume needs it)"
-        if path == "":
-            return f"must name a file: give {FORMS}"
-        if "\0" in path:
-            return "must not contain a NUL byte"
-        return None
-    if is_postgres(url):
-        return postgres_rule(url)
-    return f"must be {FORMS}"
+    if path is None:
+        return postgres_rule(url) if is_postgres(url) else f"must be {FORMS}"
+    if path == ":memory:":
+        return "must name a file: an in-memory study is lost with the driver (and --resume needs it)"
+    if path == "":
+        return f"must name a file: give {FORMS}"
+    return "must not contain a NUL byte" if "\0" in path else None
 
 
 def checked_storage(url: str | None, experiment: Path, field: str, new_search: bool, study: str) -> str:
-    """The storage URL a search uses, checked before Ray starts: ``url`` (``None``: the default in
-    ``experiment``) with a relative file path made absolute. Refused with DednInputError (the URL, password
-    masked, ``field``, the rule): a malformed URL, a file whose folder does not exist, a PostgreSQL database
-    that cannot be reached in a few seconds, and for a ``new_search`` a storage that already holds a study
-    named ``study`` (it belongs to another search: its trials would be continued and closed by this one)."""
+    """The storage URL a search uses (``None``: the default in ``experiment``), file paths made absolute.
+    Raises DednInputError (URL, ``field``, rule) for a malformed URL, a file in a missing folder, an unreachable
+    PostgreSQL database, and for a ``new_search`` a storage already holding ``study`` (another search's)."""
     if url is None:
         return default_storage(experiment)
-    rule = storage_rule(url)
-    if rule is not None:
+    if (rule := storage_rule(url)) is not None:
         raise DednInputError(url, field, rule)
     path = _file_path(url)
     if path is not None:
@@ -107,12 +89,11 @@ def checked_storage(url: str | None, experiment: Path, field: str, new_search: b
 
 
 def open_storage(url: str) -> Any:
-    """The Optuna storage ``url`` names: an ``RDBStorage`` (SQLite, PostgreSQL) or a ``JournalStorage`` on a
-    file. Creates the study tables or the journal file when they are not there yet."""
+    """The Optuna storage ``url`` names (``RDBStorage`` or ``JournalStorage``), its tables or file created."""
     import optuna
 
     if url.startswith(_JOURNAL):
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len(_JOURNAL) :]))
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix(_JOURNAL)))
     if is_postgres(url):  # a database that stops answering fails a call in seconds instead of hanging
         return optuna.storages.RDBStorage(
             normalized(url), engine_kwargs={"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
@@ -121,22 +102,20 @@ def open_storage(url: str) -> Any:
 
 
 def open_buffered(url: str) -> tuple[Any, Callable[[], None]]:
-    """(storage, flush) for the one process that writes a study: a journal file's appends are kept in memory
-    until ``flush`` (``BufferedJournal``: one disk sync for many calls); other storages
-    write each call at once, and their ``flush`` does nothing."""
+    """(storage, flush) for the one process writing a study: a journal is a ``BufferedJournal``; other
+    storages write each call at once, and their ``flush`` does nothing."""
     if not url.startswith(_JOURNAL):
         return open_storage(url), lambda: None
     import optuna
 
-    backend = BufferedJournal(url[len(_JOURNAL) :])
+    backend = BufferedJournal(url.removeprefix(_JOURNAL))
     return optuna.storages.JournalStorage(backend), backend.flush
 
 
 class BufferedJournal(BaseJournalBackend):
-    """A ``JournalFileBackend`` whose appends are kept in memory until ``flush`` (or until ``max_logs`` are kept,
-    or the oldest is ``max_age_s`` old): reads see the file's logs, then the kept ones. For the one process that
-    writes the study (the search's driver): another writer's logs appended meanwhile would be numbered wrongly,
-    so ``flush`` raises when the file grew behind its back."""
+    """A ``JournalFileBackend`` keeping appends in memory until ``flush``, ``max_logs`` kept or the oldest
+    ``max_age_s`` old (one lock, write and disk sync for many calls); reads see the file's logs, then the kept
+    ones. For the study's one writer: ``flush`` raises when another process appended meanwhile."""
 
     def __init__(self, path: str, max_logs: int = 2_000, max_age_s: float = 1.0) -> None:
         self.path, self.max_logs, self.max_age_s = path, max_logs, max_age_s
@@ -168,7 +147,7 @@ class BufferedJournal(BaseJournalBackend):
             self.flush()
 
     def flush(self) -> None:
-        """Write the kept logs to the file at once (one lock, one write, one disk sync)."""
+        """Write the kept logs to the file at once."""
         if not self.pending:
             return
         start, logs = self.in_file, self.pending

@@ -1,8 +1,7 @@
 """The search's console: one live progress line instead of Tune's result tables (``--verbose`` brings those back).
 
-On a terminal the line is rewritten in place about once a second; otherwise (a log file, CI) a line is
-written whenever a trial ends and at most every ``every_s`` seconds in between. It is worked out from
-Tune's own trial list at each step, so a resumed search counts its earlier trials too.
+On a terminal the line is rewritten about once a second; otherwise (a log file, CI) a line is written whenever a
+trial ends and at most every ``every_s`` seconds. It is counted from Tune's trial list, resumed trials included.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ def _clock(seconds: float) -> str:
 
 
 def progress_line(trials: list[Any], total: int, last_epoch: int, elapsed: float) -> str:
-    """``trials 3/8: 2 finished, 1 stopped, 0 failed, 2 running | best val H 56.2% (trial-003) | 00:42
-    elapsed, ~01:10 left``: a trial ended early by the scheduler counts as stopped."""
+    """``trials 3/8: 2 finished, 1 stopped, 0 failed, 2 running | best val H 56.2% (trial-003) | 00:42 elapsed,
+    ~01:10 left``; a trial the scheduler ended early counts as stopped."""
     from tuning.tracking_callback import run_name
 
     finished = stopped = failed = running = 0
@@ -44,23 +43,19 @@ def progress_line(trials: list[Any], total: int, last_epoch: int, elapsed: float
         if isinstance(value, (int, float)) and (best is None or value > best[0]):
             best = (float(value), run_name(t, t.config.get("optuna_trial") if isinstance(t.config, dict) else None))
     ended = finished + stopped + failed
-    parts = [f"trials {ended}/{total}: {finished} finished, {stopped} stopped, {failed} failed, {running} running"]
-    parts.append(f"best val H {100 * best[0]:.1f}% ({best[1]})" if best else "best val H -")
+    head = f"trials {ended}/{total}: {finished} finished, {stopped} stopped, {failed} failed, {running} running"
+    top = f"best val H {100 * best[0]:.1f}% ({best[1]})" if best else "best val H -"
     eta = f", ~{_clock(elapsed * (total - ended) / ended)} left" if 0 < ended < total else ""
-    parts.append(f"{_clock(elapsed)} elapsed{eta}")
-    return " | ".join(parts)
+    return f"{head} | {top} | {_clock(elapsed)} elapsed{eta}"
 
 
 class ProgressView(Callback):
-    """Writes ``progress_line`` to ``stream`` (default: stderr) while Tune runs."""
+    """Writes ``progress_line`` to ``stream`` (stderr) while Tune runs."""
 
     def __init__(self, total: int, last_epoch: int, every_s: float = 15.0) -> None:
         self.total, self.last_epoch, self.every_s = total, last_epoch, every_s
-        self._start = time.monotonic()
-        self._last = float("-inf")
-        self._width = 0
-        self._due = False
-        self._shown = ""
+        self._start, self._last = time.monotonic(), float("-inf")
+        self._width, self._due, self._shown = 0, False, ""
 
     def __getstate__(self) -> dict[str, Any]:
         return {"total": self.total, "last_epoch": self.last_epoch, "every_s": self.every_s}
@@ -90,16 +85,14 @@ class ProgressView(Callback):
         self.stream.flush()
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        # Tune marks a trial TERMINATED or ERROR after its callbacks ran: an ended trial is shown
-        # (a line of its own when not on a terminal) at the step after
+        # Tune marks a trial ended after its callbacks ran: it shows (own line off a terminal) a step later
         self._show(trials, force=self._due and not self.stream.isatty())
         self._due = False
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._due = True
 
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._due = True
+    on_trial_error = on_trial_complete
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self._show(trials, force=True)

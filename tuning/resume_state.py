@@ -1,17 +1,11 @@
-"""Keyed digests of the files ``--resume`` hands to Ray Tune, which unpickles them, and the Tune callback that keeps
-them current while a search runs.
+"""Signatures of the files ``--resume`` hands to Ray Tune, and the Tune callback that keeps them current.
 
-Ray Tune restores a search by unpickling ``tuner.pkl``, the searcher state (``searcher-state-*.pkl``), its
-experiment and search-generator state (``experiment_state-*.json``, ``search_gen_state-*.json``, JSON with
-embedded cloudpickle, or a pickle under a .json name) and the trials' ``*.pkl`` files. Whoever can replace
-one of them in the experiment folder (shared storage) would run code in the next ``dedn search --resume``.
-So the search signs each of these files with HMAC-SHA256 under a key that never leaves the user's config
-folder (``$XDG_CONFIG_HOME/dedn/resume.key``, default ``~/.config/dedn``, created 0600), and a resume
-refuses the folder unless every such file matches a signature in ``resume.sig``.
-
-The search writes the signatures itself: ``tuner.pkl`` right after Tune writes it (when the Tuner is built), the
-other files from Tune's driver staging folder inside Tune's own save (``resume_signer``), before Tune copies them
-into the experiment folder. The last few digests of every file are kept, so a copy that lags behind still verifies.
+Tune restores a search by unpickling ``tuner.pkl``, ``searcher-state-*.pkl``, ``experiment_state-*.json`` and
+``search_gen_state-*.json`` (embedded cloudpickle) and the trials' ``*.pkl``: whoever can replace one in the experiment
+folder (shared storage) would run code in the next ``dedn search --resume``. So the search signs them (HMAC-SHA256)
+with a key kept in the user's config folder (``key_path``, 0600), and a resume refuses the folder unless each matches
+a signature in ``resume.sig``. ``tuner.pkl`` is signed after Tune writes it, the rest in Tune's staging folder before
+Tune copies them over (``resume_signer``); the last few digests per file are kept, so a lagging copy still verifies.
 """
 
 from __future__ import annotations
@@ -21,6 +15,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import time
@@ -42,8 +37,7 @@ __all__ = [
     "verify_state",
 ]
 
-# Not *.json: on --resume Tune copies the experiment folder's *.json and *.pkl into its staging folder and
-# from then on copies them back over the experiment folder, which would put back an old signature file.
+# Not *.json: on --resume Tune copies *.json and *.pkl to its staging folder and back, which would restore an old one.
 SIGNATURE_FILE = "resume.sig"
 KEY_FILE = "resume.key"
 _FORMAT = 1
@@ -52,7 +46,7 @@ _DOMAIN = b"dedn-resume-state-v1\0"
 
 
 def key_path() -> Path:
-    """``$XDG_CONFIG_HOME/dedn/resume.key`` (``~/.config/dedn/resume.key`` without XDG_CONFIG_HOME)."""
+    """``$XDG_CONFIG_HOME/dedn/resume.key``, by default in ``~/.config``."""
     base = os.environ.get("XDG_CONFIG_HOME") or ""
     root = Path(base) if os.path.isabs(base) else Path.home() / ".config"
     return root / "dedn" / KEY_FILE
@@ -89,13 +83,10 @@ def resume_key() -> bytes | None:
 
 
 def state_files(root: Path) -> list[Path]:
-    """The files under ``root`` that Ray Tune may unpickle on restore: every ``*.pkl`` at any depth and
-    the top-level ``*state-*.json`` (experiment and search-generator state)."""
+    """The files under ``root`` Tune may unpickle on restore: ``*.pkl`` at any depth, top-level ``*state-*.json``."""
     if not root.is_dir():
         return []
-    found = {p for p in root.rglob("*.pkl") if p.is_file()}
-    found |= {p for p in root.glob("*state-*.json") if p.is_file()}
-    return sorted(found)
+    return sorted({p for p in [*root.rglob("*.pkl"), *root.glob("*state-*.json")] if p.is_file()})
 
 
 def _digest(key: bytes, rel: str, path: Path) -> str:
@@ -108,9 +99,8 @@ def _digest(key: bytes, rel: str, path: Path) -> str:
 
 def _read_signatures(exp: Path) -> dict[str, list[str]] | None:
     """The signature file's digests by relative path; None when missing or malformed."""
-    path = exp / SIGNATURE_FILE
     try:
-        data = json.loads(path.read_text())
+        data = json.loads((exp / SIGNATURE_FILE).read_text())
     except (OSError, ValueError):
         return None
     files = data.get("files") if isinstance(data, dict) and data.get("format") == _FORMAT else None
@@ -124,90 +114,67 @@ class StateSigner:
 
     def __init__(self, exp: Path, key: bytes) -> None:
         self.exp, self.key = Path(exp), key
-        self._seen: dict[str, tuple[int, int, str]] = {}  # rel -> (size, mtime_ns, digest)
+        self._seen: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) when last signed
 
     def sign(self, root: Path, files: Iterable[Path] | None = None) -> None:
-        """Sign ``files`` (default: every state file) under ``root``, recorded by their path relative to
-        ``root``, which is the experiment folder itself or Tune's staging copy of it."""
+        """Sign ``files`` (default: all state files) by their path relative to ``root`` (the folder or Tune's copy)."""
         root = Path(root)
         new: dict[str, str] = {}
         for p in state_files(root) if files is None else files:
             rel = p.relative_to(root).as_posix()
             try:
                 st = p.stat()
-                seen = self._seen.get(rel)
-                if seen is not None and seen[:2] == (st.st_size, st.st_mtime_ns):
+                if self._seen.get(rel) == (st.st_size, st.st_mtime_ns):
                     continue
                 digest = _digest(self.key, rel, p)
             except OSError:  # removed meanwhile (Tune replaces its files atomically)
                 continue
-            self._seen[rel] = (st.st_size, st.st_mtime_ns, digest)
+            self._seen[rel] = (st.st_size, st.st_mtime_ns)
             new[rel] = digest
-        if new:
-            self._record(new)
-
-    def _record(self, new: dict[str, str]) -> None:
-        files = _read_signatures(self.exp) or {}
-        changed = False
-        for rel, digest in new.items():
-            kept = files.get(rel, [])
-            if digest not in kept:
-                files[rel] = [*kept, digest][-_KEEP:]
-                changed = True
-        if changed:
+        if not new:
+            return
+        signed = _read_signatures(self.exp) or {}
+        fresh = {rel: digest for rel, digest in new.items() if digest not in signed.get(rel, [])}
+        for rel, digest in fresh.items():
+            signed[rel] = [*signed.get(rel, []), digest][-_KEEP:]
+        if fresh:
             tmp = self.exp / f".{SIGNATURE_FILE}.tmp"
-            tmp.write_text(json.dumps({"format": _FORMAT, "files": files}, indent=1, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps({"format": _FORMAT, "files": signed}, indent=1, sort_keys=True) + "\n")
             os.replace(tmp, self.exp / SIGNATURE_FILE)
 
 
 def verify_state(exp: Path) -> None:
-    """Refuse (one line naming the file, field ``signature``) an experiment folder whose state files are
-    not all signed with the user's key. Reads only; creates nothing (not even the key)."""
+    """DednInputError (field ``signature``) unless every state file of ``exp`` is signed with the user's key. Reads
+    only; creates nothing, not even the key."""
     exp = Path(exp)
-    sig_file = exp / SIGNATURE_FILE
-    if not sig_file.is_file():
-        raise DednInputError(
-            sig_file, "signature", "missing: the folder's Ray state is unsigned, refusing to unpickle it"
-        )
-    signatures = _read_signatures(exp)
-    if signatures is None:
-        raise DednInputError(sig_file, "signature", "not a dedn signature file, refusing to unpickle the state")
-    key = resume_key()
-    if key is None:
-        raise DednInputError(
-            key_path(), "signature", "no resume key: cannot verify the folder's Ray state, refusing to unpickle it"
-        )
+    sig = exp / SIGNATURE_FILE
+    if not sig.is_file():
+        raise DednInputError(sig, "signature", "missing: the folder's Ray state is unsigned, refusing to unpickle it")
+    if (signatures := _read_signatures(exp)) is None:
+        raise DednInputError(sig, "signature", "not a dedn signature file, refusing to unpickle the state")
+    if (key := resume_key()) is None:
+        why = "no resume key: cannot verify the folder's Ray state, refusing to unpickle it"
+        raise DednInputError(key_path(), "signature", why)
     for p in state_files(exp):
         rel = p.relative_to(exp).as_posix()
         if _digest(key, rel, p) not in signatures.get(rel, []):
-            raise DednInputError(
-                p,
-                "signature",
-                "does not match: changed since this search wrote it (or not written by it), refusing to unpickle it",
-            )
+            why = "does not match: changed since this search wrote it (or not written by it), refusing to unpickle it"
+            raise DednInputError(p, "signature", why)
 
 
 def resume_signer(exp: str) -> Any:
-    """The Tune callback that signs the state ``--resume`` will unpickle (module level: tuner.pkl, which
-    holds the callbacks, names it by reference and a restored search keeps signing)."""
+    """The Tune callback signing what ``--resume`` unpickles (module level: tuner.pkl refers to it by name)."""
     return _signer_class()(exp)
 
 
 @functools.cache
 def _signer_class() -> type:
-    """``ResumeSigner``, a ray.tune.Callback, built on first use so importing this module needs no Ray."""
-    import logging
-
+    """``ResumeSigner``, built on first use so that importing this module needs no Ray."""
     from ray.tune import Callback
 
-    log = logging.getLogger(__name__)
-
     class ResumeSigner(Callback):
-        """Signs the files Tune will unpickle on restore . Tune calls ``get_state``
-        inside its own save, after writing the experiment and searcher state to its driver staging folder
-        and before copying that folder into the experiment folder, so each version is signed before it
-        reaches the experiment folder. Step ends (at most every 2 s) and the experiment's end sign again,
-        for what Tune writes between saves (a trial's params.pkl or error.pkl)."""
+        """Signs in ``get_state``, which Tune calls in its save after writing to its staging folder and before copying
+        it over; and at step ends (every 2 s at most) and the end, for params.pkl or error.pkl written in between."""
 
         def __init__(self, exp: str) -> None:
             self.exp = exp
@@ -244,20 +211,19 @@ def _signer_class() -> type:
                 exp = exp if exp.is_dir() else Path(self.exp)
                 if self._signer is None or self._signer.exp != exp:
                     self._signer = StateSigner(exp, signing_key())
-                staging = _staging_folder(Path(storage.experiment_driver_staging_path))
-                if staging is not None:
+                if (staging := _staging_folder(Path(storage.experiment_driver_staging_path))) is not None:
                     self._signer.sign(staging)
             except Exception as e:  # never fail the search over it: a later --resume is refused instead
-                log.warning("could not sign the search state for --resume: %s: %s", type(e).__name__, e)
+                logging.getLogger(__name__).warning(
+                    "could not sign the search state for --resume: %s: %s", type(e).__name__, e
+                )
 
     return ResumeSigner
 
 
 def _staging_folder(named: Path) -> Path | None:
-    """This session's driver staging folder of the experiment: ``<Ray session>/artifacts/<time>/<name>/
-    driver_artifacts``. Trials restored by ``--resume`` keep the ``<time>`` of the session that created
-    them, so the folder their storage names may not exist; the newest sibling for the same experiment is
-    the one this session's Tune writes."""
+    """This session's ``<Ray session>/artifacts/<time>/<name>/driver_artifacts``: the newest sibling, as trials
+    restored by ``--resume`` keep the ``<time>`` of the session that made them."""
     try:
         found = [p for p in named.parents[2].glob(f"*/{named.parent.name}/{named.name}") if p.is_dir()]
         return max(found, key=lambda p: p.stat().st_mtime) if found else None

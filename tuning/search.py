@@ -78,52 +78,32 @@ def population_size(spec: SearchSpec, opts: SearchOptions) -> int:
 def _trainable(shared: SharedStore, base: dict[str, Any], opts: SearchOptions, spec: SearchSpec) -> Any:
     from ray import tune
 
-    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+    kwargs: dict[str, Any] = {"shared": shared, "base": base, "posthoc": opts.posthoc_inference}
+    kwargs["checkpoint_every"] = spec.checkpoint_every
+    fn: Any
     if population_size(spec, opts) > 1:
-        from tuning.population import population_trainable
+        from tuning.population import population_trainable as fn
 
         p = spec.population
-        halving = (
-            {"grace_period": p.grace_period, "reduction_factor": p.reduction_factor, "min_members": p.min_members}
-            if p.halving
-            else None
-        )
-        fn = tune.with_parameters(
-            population_trainable,
-            shared=shared,
-            base=base,
-            posthoc=opts.posthoc_inference,
-            halving=halving,
-            checkpoint_every=spec.checkpoint_every,
-        )
-        return tune.with_resources(fn, resources)
-    from tuning.trainable import dedn_trainable
-
-    fn = tune.with_parameters(
-        dedn_trainable, shared=shared, base=base, posthoc=opts.posthoc_inference, checkpoint_every=spec.checkpoint_every
+        halving = {"grace_period": p.grace_period, "reduction_factor": p.reduction_factor, "min_members": p.min_members}
+        kwargs["halving"] = halving if p.halving else None
+    else:
+        from tuning.trainable import dedn_trainable as fn
+    return tune.with_resources(
+        tune.with_parameters(fn, **kwargs), {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
     )
-    return tune.with_resources(fn, resources)
 
 
 def _searcher(spec: SearchSpec, opts: SearchOptions, exp: Path, name: str, epochs: int) -> Any:
     from tuning.optuna_storage import default_storage
     from tuning.study_searcher import StudySearcher
 
-    define = DefineByRun(spec, opts.posthoc_inference)
     keep = {k for k in spec.params if not (opts.posthoc_inference and k in INFERENCE_PARAMS)}
     points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
     size = population_size(spec, opts)
-    return StudySearcher(
-        define,
-        size if size > 1 else None,
-        opts.optuna_storage or default_storage(exp),
-        name,
-        spec.seed,
-        points,
-        METRIC,
-        MODE,
-        epochs,
-    )
+    storage = opts.optuna_storage or default_storage(exp)
+    define = DefineByRun(spec, opts.posthoc_inference)
+    return StudySearcher(define, size if size > 1 else None, storage, name, spec.seed, points, METRIC, MODE, epochs)
 
 
 def _scheduler(spec: SearchSpec, epochs: int) -> Any:
@@ -211,15 +191,8 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
             raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
         final = None
         if opts.final_test:
-            final = run_final_test(
-                shared,
-                base,
-                best_config,
-                best_metrics,
-                opts.cpus_per_trial,
-                opts.gpus_per_trial,
-                opts.posthoc_inference,
-            )
+            resources = (opts.cpus_per_trial, opts.gpus_per_trial)
+            final = run_final_test(shared, base, best_config, best_metrics, *resources, opts.posthoc_inference)
             clock.end("final retrain + test")
         not_logged = None
         if sink is not None:
@@ -253,7 +226,7 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
 
 
 class _PhaseClock:
-    """Seconds per phase of a command: ``end(phase)`` closes the phase that ran since the last call."""
+    """Seconds per phase: ``end(phase)`` closes the phase that ran since the last call."""
 
     def __init__(self) -> None:
         self.start = self.mark = time.perf_counter()

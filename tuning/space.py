@@ -1,20 +1,11 @@
-"""Search specs: YAML under ``configs/search/``, validated once, turned into an Optuna define-by-run space.
-
-Example (configs/search/tiny.yaml)::
-
-    base: ../tiny.yaml            # training config the trials start from (relative to this file)
-    num_samples: 12
-    params:
-      optim.lr:       {type: loguniform, low: 1.0e-4, high: 3.0e-3}
-      model.clusters: {type: categorical, choices: [manual, half, kmeans]}
-      model.kmeans_q: {type: int, low: 2, high: 8, when: {model.clusters: kmeans}}
-
-Parameter names are dotted paths into the training config. ``when`` makes a parameter conditional:
-it is sampled only when every named parameter took the given value in this trial.
-"""
+"""Search specs (YAML under ``configs/search/``, e.g. ``tiny.yaml``), validated once and turned into an Optuna
+define-by-run space. ``base`` is the training config the trials start from (relative to the spec); ``params`` maps
+dotted training-config paths to distributions, e.g. ``model.kmeans_q: {type: int, low: 2, high: 8, when:
+{model.clusters: kmeans}}``, where ``when`` samples it only when every named parameter took the given value."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -43,9 +34,11 @@ __all__ = [
 INFERENCE_PARAMS = ("inference.lambda_rc", "inference.lambda_e", "inference.calibration")
 
 
-class ParamSpec(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class ParamSpec(_Strict):
     type: Literal["loguniform", "uniform", "int", "categorical"]
     low: float | None = None
     high: float | None = None
@@ -59,31 +52,27 @@ class ParamSpec(BaseModel):
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs a non-empty 'choices' list")
-        else:
-            if self.low is None or self.high is None:
-                raise ValueError(f"{self.type} needs 'low' and 'high'")
-            if not (math.isfinite(self.low) and math.isfinite(self.high)):
-                raise ValueError(f"needs finite low and high, got low={self.low} high={self.high}")
-            if not self.low < self.high:
-                raise ValueError(f"needs low < high, got low={self.low} high={self.high}")
-            if self.type == "loguniform" and self.low <= 0:
-                raise ValueError(f"loguniform needs low > 0, got {self.low}")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(f"needs finite low and high, got low={self.low} high={self.high}")
+        if not self.low < self.high:
+            raise ValueError(f"needs low < high, got low={self.low} high={self.high}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
         return self
 
 
-class SchedulerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class SchedulerSpec(_Strict):
     type: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(2, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class PopulationSpec(BaseModel):
+class PopulationSpec(_Strict):
     """Population trials (``dedn search --population M``): ``size`` configurations per Tune trial, trained
     as one batched model; members are cut by successive halving at epochs grace_period * eta^k."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(1, ge=1)
     grace_period: int = Field(2, ge=1)
@@ -92,10 +81,8 @@ class PopulationSpec(BaseModel):
     halving: bool = True
 
 
-class SearchSpec(BaseModel):
+class SearchSpec(_Strict):
     """A search: base training config, space, sampler and scheduler settings."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     base: str
     store: str | None = None
@@ -141,8 +128,7 @@ class SearchSpec(BaseModel):
     def _storage_form(cls, url: str | None) -> str | None:
         from tuning.optuna_storage import storage_rule
 
-        rule = storage_rule(url) if url is not None else None
-        if rule is not None:
+        if url is not None and (rule := storage_rule(url)) is not None:
             raise ValueError(rule)
         return url
 
@@ -158,11 +144,8 @@ class SearchSpec(BaseModel):
 
 
 def load_search_spec(path: str | os.PathLike[str]) -> tuple[SearchSpec, dict[str, Any], Path]:
-    """Read a search spec; returns the spec, the base training config as a raw mapping, and its path.
-
-    Every sampled name must be a valid training-config key: a trial built from each parameter's low,
-    high and every choice (with the parameters it switches on) is validated before any trial runs.
-    """
+    """(spec, base training config as a raw mapping, its path). Raises DednInputError(s) for a bad spec or base,
+    and for a parameter whose low, high or any choice (with the parameters it switches on) is no valid config."""
     p = Path(path)
     raw = load_mapping(p, "search spec")  # bounded: size, encoding, alias bombs (dedn.safe_yaml)
     try:
@@ -182,8 +165,7 @@ def load_search_spec(path: str | os.PathLike[str]) -> tuple[SearchSpec, dict[str
     checked_base = _with_store(base_raw, spec.store)
     validate_config(checked_base, str(base_path))  # the base on its own, before the parameters are tried on it
     for name, ps in spec.params.items():
-        bounds = [ps.low, ps.high] if ps.choices is None else ps.choices
-        for probe in bounds:
+        for probe in [ps.low, ps.high] if ps.choices is None else ps.choices:
             value = int(probe) if ps.type == "int" else probe  # type: ignore[arg-type]
             values = {name: value}
             for other, os_ in spec.params.items():  # parameters this value switches on, at their first value
@@ -209,8 +191,6 @@ def _with_store(base_raw: dict[str, Any], store: str | None) -> dict[str, Any]:
 
 def trial_config(base_raw: dict[str, Any], sampled: dict[str, Any], source: str = "trial") -> TrainConfig:
     """The base training config with a trial's sampled values set at their dotted paths, validated."""
-    import copy
-
     raw = copy.deepcopy(base_raw)
     for key, value in sampled.items():
         set_path(raw, key, value, source)
@@ -218,10 +198,8 @@ def trial_config(base_raw: dict[str, Any], sampled: dict[str, Any], source: str 
 
 
 class DefineByRun:
-    """The Optuna define-by-run space for OptunaSearch (a picklable callable: Tune saves the searcher).
-
-    With ``posthoc_inference`` the inference-only parameters are left out: each trial sweeps them on
-    validation at no training cost."""
+    """The Optuna define-by-run space for OptunaSearch (picklable: Tune saves the searcher). With
+    ``posthoc_inference`` the inference-only parameters are left out: each trial sweeps them on validation."""
 
     def __init__(self, spec: SearchSpec, posthoc_inference: bool) -> None:
         self.params = {k: v for k, v in spec.params.items() if not (posthoc_inference and k in INFERENCE_PARAMS)}
@@ -239,24 +217,18 @@ class DefineByRun:
             else:
                 log = p.type == "loguniform" or p.log
                 values[name] = trial.suggest_float(name, p.low, p.high, log=log, step=None if log else p.step)
-        return None
 
 
 def inference_values(metrics: dict[str, Any]) -> dict[str, float]:
-    """The validation grid's best point of a trial's reported metrics as dotted inference-config values
-    (``inference.lambda_rc``, ``inference.lambda_e``, ``inference.calibration``)."""
+    """The best point of a trial's validation grid as dotted ``inference.*`` config values."""
     from dedn.evaluation import inference_point
 
     return {f"inference.{k}": v for k, v in inference_point(metrics, "grid_").items()}
 
 
 def chosen_values(sampled: dict[str, Any], metrics: dict[str, Any], posthoc: bool) -> dict[str, Any]:
-    """The dotted training-config values of a chosen configuration: its sampled values and, for a search
-    with ``posthoc`` inference, the inference point it chose on validation (``inference_values``)."""
-    values = dict(sampled)
-    if posthoc:
-        values.update(inference_values(metrics))
-    return values
+    """A chosen configuration's dotted config values: its sampled ones, plus with ``posthoc`` its grid point."""
+    return {**sampled, **(inference_values(metrics) if posthoc else {})}
 
 
 def sampled_params(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,23 +1,17 @@
 """The search's Optuna searcher: the study learns the value the project selects on.
 
-Every configuration is its own Optuna trial (a single-configuration Tune trial is one; a population
-trial, ``tuning.population``, asks for M). Each sees its validation H per epoch as intermediate values
-(step = epoch) and ends
-- COMPLETE with its best-epoch validation H (the value the search selects on: under post-hoc inference
-  that is the best point of the validation grid, which the trial reports as ``val_H``),
-- PRUNED when it stopped before its last epoch (the scheduler stopped it, or successive halving stopped a
-  population member; Optuna's TPE then uses its intermediate values, not a final one),
-- FAIL when it raised or diverged.
-User attributes link the stores: ``tune_trial_id`` (and ``member`` in a population) and ``dedn.trial_id``, the
-configuration's key, which its MLflow run carries as the tag of the same name. This module imports Ray;
-``tuning.population`` (what trials import) does not.
+Every configuration (a single trial, or each member of a population trial) is its own Optuna trial: its validation
+H per epoch as intermediate values (step = epoch), then COMPLETE with its best-epoch validation H, PRUNED when it
+stopped before its last epoch (the scheduler, the time budget or successive halving), FAIL when it raised or
+diverged. User attributes ``tune_trial_id``, ``member`` and ``dedn.trial_id`` (the key its MLflow run carries as the
+tag of the same name) link the stores.
 
-Every call on the study is made by the searcher's one thread, in the order the driver queued it: each write
-to Optuna's storage syncs the disk (a few ms; a population's ask is 16 of them), and Tune's event loop does
-not wait for that. With a journal file, the thread's writes are kept in memory until its queue is empty (one
-disk sync for many calls), and a population's configurations share one TPE fit (``tuning.optuna_internals``).
-``suggest`` answers None (Tune asks again on its next step) until the configurations it queued are asked; ``save``, which Tune calls with every experiment checkpoint, first waits for the queue, so
-a saved searcher state never names a report the storage does not hold.
+Every call on the study is made by the searcher's one thread, in the order the driver queued it: a storage write
+syncs the disk, and Tune's event loop does not wait for that. A journal file's writes are kept in memory until the
+queue is empty (``tuning.optuna_storage.BufferedJournal``), and a population's configurations share one TPE fit
+(``tuning.optuna_internals``). ``suggest`` answers None (Tune asks again) until the configurations it queued are
+asked; ``save``, which Tune calls with every experiment checkpoint, waits for the queue first, so a saved searcher
+state never names a report the storage does not hold.
 """
 
 from __future__ import annotations
@@ -46,13 +40,10 @@ _LIVE: weakref.WeakSet[StudySearcher] = weakref.WeakSet()  # searchers of this p
 
 
 class StudySearcher(Searcher):
-    """A Ray Tune searcher over an Optuna study (TPE, seeded, ``constant_liar`` so trials asked together
-    spread out). ``size`` None: each Tune trial is one configuration, its config the sampled values plus
-    ``optuna_trial`` (the Optuna trial number); else each Tune trial is a population of ``size``, its config
-    ``members`` and ``optuna_trials``.
-
-    Trials are kept by their Optuna storage trial id (what ``optuna.trial.Trial`` takes to report
-    intermediate values), looked up from the trial number through the storage's public methods."""
+    """A Ray Tune searcher over an Optuna study (TPE, seeded, ``constant_liar``). ``size`` None: each Tune trial is
+    one configuration, its config the sampled values and ``optuna_trial`` (its number); else a population of
+    ``size``, its config ``members`` and ``optuna_trials``. Trials are kept by their storage id (what
+    ``optuna.trial.Trial`` takes), looked up from their number through the storage's public methods."""
 
     def __init__(
         self,
@@ -81,23 +72,11 @@ class StudySearcher(Searcher):
         self._asking: Future[tuple[list[dict[str, Any]], list[int], list[int]]] | None = None
         self._opened = False
         self._error: BaseException | None = None
-        self._closed: set[int] = set()  # trials finished in the storage (told): the study's thread's view
         self._flush_storage: Callable[[], None] = _nothing  # writes what a buffered journal keeps
         self._lock, self._queued = threading.Lock(), 0  # calls queued and not yet made
         _LIVE.add(self)
 
-    _LOCAL = (
-        "_study",
-        "_storage",
-        "_flush_storage",
-        "_pool",
-        "_asking",
-        "_opened",
-        "_error",
-        "_closed",
-        "_lock",
-        "_queued",
-    )
+    _LOCAL = ("_study", "_storage", "_flush_storage", "_pool", "_asking", "_opened", "_error", "_lock", "_queued")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._LOCAL}
@@ -109,7 +88,6 @@ class StudySearcher(Searcher):
         self._lock, self._queued = threading.Lock(), 0
         self._opened = False
         _LIVE.add(self)
-        self._closed = set(self.told)
 
     # -- the study's thread ---------------------------------------------------------------------------
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -149,14 +127,13 @@ class StudySearcher(Searcher):
             raise self._error
 
     def _open(self) -> None:
-        """Open the study (on resume: reconciled with the storage) before the driver compares anything."""
+        """Open the study (on resume: reconciled with the storage) before the driver compares anything with it."""
         if not self._opened:
             self._submit(lambda: self.study).result()
             self._opened = True
 
     @property
     def storage(self) -> Any:
-        """The study's storage, opened from ``storage_url`` (SQLite, PostgreSQL or a journal file) on first use."""
         if self._storage is None:
             from tuning.optuna_storage import open_buffered
 
@@ -190,9 +167,8 @@ class StudySearcher(Searcher):
         return self._study
 
     def _close_orphans(self) -> None:
-        """On resume: trials asked by a driver that died before its state named them (no Tune trial will
-        ever continue them) end FAIL instead of staying RUNNING; trials the restored state still names but
-        the study already finished are not told again."""
+        """On resume, compare with the storage: trials asked by a driver that died before its state named them end
+        FAIL (no Tune trial will continue them); finished ones are not told again; reported epochs not again."""
         import optuna
 
         mine = {tid for ids in self.members.values() for tid in ids}
@@ -201,15 +177,12 @@ class StudySearcher(Searcher):
             if t.state == optuna.trial.TrialState.RUNNING and tid not in mine:
                 self._study.tell(t.number, state=optuna.trial.TrialState.FAIL)
                 self.told.add(tid)
-                self._closed.add(tid)
             elif t.state.is_finished():
                 self.told.add(tid)
-                self._closed.add(tid)
             if t.intermediate_values:
                 self.reported[tid] = max(self.reported.get(tid, 0), max(t.intermediate_values))
 
     def _storage_id(self, number: int) -> int:
-        """The storage's trial id of the study's trial ``number``."""
         study_id = self.storage.get_study_id_from_name(self.study_name)
         return int(self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
@@ -258,11 +231,7 @@ class StudySearcher(Searcher):
             return
         self.told.add(tid)
 
-        def tell() -> None:
-            self.study.tell(self._trial(tid).number, value, state=state)
-            self._closed.add(tid)
-
-        self._submit(tell)
+        self._submit(lambda: self.study.tell(self._trial(tid).number, value, state=state))
 
     def _report(self, reports: list[tuple[int, float, int]]) -> None:
         for tid, value, epoch in reports:
@@ -311,12 +280,7 @@ class StudySearcher(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         self.flush()  # what the state says was reported is in the storage
-        state = {
-            "members": self.members,
-            "reported": self.reported,
-            "best": self.best,
-            "told": sorted(self.told),
-        }
+        state = {"members": self.members, "reported": self.reported, "best": self.best, "told": sorted(self.told)}
         Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -325,13 +289,11 @@ class StudySearcher(Searcher):
         self.reported = {int(k): v for k, v in state["reported"].items()}
         self.best = {int(k): v for k, v in state["best"].items()}
         self.told = set(state["told"])
-        self._closed = set(self.told)
 
 
 def fail_unstarted(storage_url: str, study_name: str) -> int:
-    """End FAIL the study's RUNNING trials that no Tune trial took (asked as the search ended: its time budget,
-    or a stop), with the user attribute ``dedn.unstarted``; returns how many. This process's searchers of the study
-    first make and write every call still queued (Tune may end trials after it last saved the searcher)."""
+    """End FAIL, with the user attribute ``dedn.unstarted``, the study's RUNNING trials that no Tune trial took (asked
+    as the search ended); returns how many. This process's searchers of the study write what they queued first."""
     import optuna
 
     from tuning.optuna_storage import open_storage

@@ -22,24 +22,14 @@ from tracking.sink import Row, RunSink
 from tuning.population import configurations, member_key, section
 from tuning.record import configuration_epochs, epoch_records, reports, result_file, stamp_ms
 
-__all__ = [
-    "BEST_KEYS",
-    "EPOCH_KEYS",
-    "EXTRA_KEYS",
-    "KEY_METRICS",
-    "MLflowTrialLogger",
-    "best_row",
-    "not_logged",
-    "run_name",
-]
+__all__ = ["KEY_METRICS", "MLflowTrialLogger", "not_logged", "run_name"]
 
-EPOCH_KEYS = ("val_", "loss_", "grid_")
-EXTRA_KEYS = ("samples_per_s", "epoch_seconds")
+_EPOCH_KEYS, _EXTRA_KEYS = ("val_", "loss_", "grid_"), ("samples_per_s", "epoch_seconds")
 # what each epoch logs as MLflow metrics with ``epoch_metrics: key`` (the parent run's epochs.parquet has the rest): on
 # many GPUs every metric row of every member run costs the tracking server
 KEY_METRICS = ("val_H",)
 # what a run's final metrics hold, each as best_<key>: the epoch with the highest val_H
-BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "grid_lambda_e", "grid_c")
+_BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "grid_lambda_e", "grid_c")
 _ENDED = ("FINISHED", "FAILED", "KILLED")
 _LOGGERS: weakref.WeakSet[MLflowTrialLogger] = weakref.WeakSet()  # this process's loggers, for ``not_logged``
 
@@ -52,18 +42,6 @@ def run_name(trial: Any, optuna_number: int | None, member: int | None = None) -
     counter = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]  # Tune's "<n>_<params>"
     name = f"trial-{int(counter):03d}" if counter.isdigit() else f"trial-{trial.trial_id}"
     return name if member is None else f"{name}-m{member}"
-
-
-def best_row(epochs: list[tuple[int, dict[str, Any]]]) -> Row | None:
-    """The best epoch (highest val_H, the first of equals) as the run's final metrics ``best_*``."""
-    best = None
-    for stamp, record in epochs:
-        if "val_H" in record and (best is None or record["val_H"] > best[1]["val_H"]):
-            best = (stamp, record)
-    if best is None:
-        return None
-    metrics = {f"best_{k}": float(best[1][k]) for k in BEST_KEYS if k in best[1]}
-    return Row(int(best[1]["epoch"]), best[0], metrics)
 
 
 class MLflowTrialLogger(Callback):
@@ -115,7 +93,9 @@ class MLflowTrialLogger(Callback):
         values = {
             k: float(v)
             for k, v in record.items()
-            if (k.startswith(EPOCH_KEYS) or k in EXTRA_KEYS) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            if (k.startswith(_EPOCH_KEYS) or k in _EXTRA_KEYS)
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
         }
         return {k: v for k, v in values.items() if k in KEY_METRICS} if self.epoch_metrics == "key" else values
 
@@ -151,7 +131,7 @@ class MLflowTrialLogger(Callback):
         for key, run in self.known.items():
             if key not in by_key and run.info.status not in _ENDED:
                 note = {"dedn.abandoned": "its driver was killed before Tune recorded the trial; not continued"}
-                self.sink.end(key, "KILLED", None, note, list, "val_H", None, f"abandoned run {key}")
+                self.sink.end(key, "KILLED", None, note, list, None, f"abandoned run {key}")
         for key, (trial, j, name, values, tags) in by_key.items():
             if trial.status in ("TERMINATED", "ERROR") and (
                 key not in self.known or self.known[key].info.status not in ("FINISHED", "FAILED")
@@ -169,7 +149,7 @@ class MLflowTrialLogger(Callback):
         if self.known is not None and key in self.known:
             self.sink.reopen(key, name)
             # what a killed driver sent can be ahead of the record Tune saved: the trial reports those epochs again
-            self.logged[key] = max(self.sink.steps(key, "val_H"), default=0)
+            self.logged[key] = max(self.sink.steps(key), default=0)
         else:
             self.sink.create(key, name, values, tags)
         all_reports = reports(result_file(trial))
@@ -177,7 +157,7 @@ class MLflowTrialLogger(Callback):
         if not epochs:
             return
         last = epochs[-1][1]["epoch"]
-        self.sink.sync(key, self._rows(trial, member, last), "val_H", f"epochs 1-{last} of {name}")
+        self.sink.sync(key, self._rows(trial, member, last), f"epochs 1-{last} of {name}")
         self.logged[key] = max(last, self.logged.get(key, 0))
         self.best[key] = max(epochs, key=lambda e: (e[1].get("val_H", float("-inf")), -e[1]["epoch"]))
         for report in all_reports:
@@ -222,10 +202,15 @@ class MLflowTrialLogger(Callback):
 
     def _end(self, trial: Any, key: str, member: int | None, name: str, status: str, reason: str | None) -> None:
         assert self.sink is not None
-        failed = self.ended.get(key, {}).get("status") == "failed" or (status == "FAILED" and key not in self.best)
-        status = "FAILED" if failed or (member is None and status == "FAILED") else "FINISHED"
+        if member is not None:  # a member ends as it ended, or by its population's end if it has results
+            failed = self.ended.get(key, {}).get("status") == "failed" or (status == "FAILED" and key not in self.best)
+            status = "FAILED" if failed else "FINISHED"
         best = self.best.get(key)
-        final = best_row([best]) if best is not None else None
+        final = None
+        if best is not None:  # the best epoch's metrics as best_*
+            final = Row(
+                int(best[1]["epoch"]), best[0], {f"best_{k}": float(best[1][k]) for k in _BEST_KEYS if k in best[1]}
+            )
         tags = {"dedn.error": reason} if status == "FAILED" and reason else {}
         checkpoint = getattr(getattr(trial, "checkpoint", None), "path", None)
         artifacts = None
@@ -235,7 +220,7 @@ class MLflowTrialLogger(Callback):
             elif best is not None:
                 artifacts = self._member_checkpoint(checkpoint, member, key)
         self.closed.add(key)
-        self.sink.end(key, status, final, tags, self._rows(trial, member), "val_H", artifacts, f"end of {name}")
+        self.sink.end(key, status, final, tags, self._rows(trial, member), artifacts, f"end of {name}")
 
     def _member_checkpoint(self, population: str, member: int, key: str) -> Any:
         from tuning.population import write_member_checkpoint

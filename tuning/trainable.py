@@ -1,9 +1,5 @@
-"""The Ray Tune trainable: a thin wrapper around ``dedn.train.train``.
-
-Each epoch it reports validation metrics with a ``ray.tune.Checkpoint`` holding the model, optimiser,
-history and best-so-far weights; a trial that is retried or resumed continues from the last one, so
-no epoch is trained or counted twice.
-"""
+"""The Ray Tune trainable, around ``dedn.train.train``: each epoch reports validation metrics with a checkpoint
+(model, optimiser, history, best weights); a retried or resumed trial continues from the last one."""
 
 from __future__ import annotations
 
@@ -25,35 +21,31 @@ from tuning.space import sampled_params, trial_config
 
 __all__ = ["EpochReporter", "dedn_trainable", "epoch_metrics", "trial_setup", "wants_checkpoint"]
 
+REPORTS = "reports.json"  # in each trial checkpoint: what EpochReporter needs to resume from it
+
 
 def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
-    """What a trial reports each epoch. ``val_H`` is the metric the scheduler and Optuna see: H at the
-    sampled inference point, or with ``posthoc`` at the best point of the validation grid."""
+    """What a trial reports each epoch. ``val_H`` is what the scheduler and Optuna see: H at the sampled
+    inference point, or with ``posthoc`` at the best point of the validation grid."""
     point = record.grid_best if posthoc else record.eval
-    m = {
+    return {
         "epoch": record.epoch,
-        "val_H": point["H"],
-        "val_U": point["U"],
-        "val_S": point["S"],
-        "val_T": point["T"],
+        **{f"val_{k}": point[k] for k in ("H", "U", "S", "T")},
         "val_H_configured": record.eval["H"],
         "val_H_grid": record.grid_best["H"],
-        "grid_lambda_rc": record.grid_best["lambda_rc"],
-        "grid_lambda_e": record.grid_best["lambda_e"],
-        "grid_c": record.grid_best["c"],
+        **{f"grid_{k}": record.grid_best[k] for k in ("lambda_rc", "lambda_e", "c")},
         "samples_per_s": record.samples_per_s,
         "epoch_seconds": record.seconds,
+        **{f"loss_{k}": v for k, v in record.loss.items()},
     }
-    m.update({f"loss_{k}": v for k, v in record.loss.items()})
-    return m
 
 
 def trial_setup(
     shared: SharedStore, load_state: Callable[[str], dict[str, Any]]
 ) -> tuple[Any, str, bool, dict[str, Any] | None, EpochReporter]:
-    """What every trial does first: quiet per-checkpoint logging, threads = the CPUs Tune assigned, the
-    store as an object-store view. Returns (store, node id, whether features are zero-copy, the state of
-    the checkpoint to continue from read with ``load_state`` or None on a first start, the reporter)."""
+    """A trial's first steps: quiet checkpoint logging, threads = the CPUs Tune assigned, the store as an
+    object-store view. Returns (store, node id, features zero-copy?, the state to continue from read with
+    ``load_state`` or None on a first start, the reporter)."""
     import logging
 
     import ray
@@ -70,23 +62,18 @@ def trial_setup(
 
 
 def wants_checkpoint(epoch: int, last_epoch: int, every: int, improved: bool) -> bool:
-    """Checkpoint every ``every`` epochs, at the last epoch, and whenever the best epoch improved (so the
-    best weights are always persisted, whatever ``every`` is)."""
+    """Every ``every`` epochs, at the last, and whenever the best epoch improved (its weights always persist)."""
     return improved or epoch == last_epoch or epoch % every == 0
 
 
 class EpochReporter:
     """Reports a trial's epochs to Tune and keeps its checkpoints resumable whenever the driver dies.
 
-    Tune's own retention (``CheckpointConfig(num_to_keep)``) deletes a trial's older checkpoint folders
-    while the experiment state it saved last (at most every 10 s, copied to the experiment folder in the
-    background) may still name one of them; a driver killed in that window left ``--resume`` unable to
-    continue the trial ("does not exist on storage anymore"). So Tune keeps every folder
-    (``num_to_keep=None``) and the reporter empties all but the newest ``keep`` itself: it removes their
-    ``state.pt`` and leaves the small files, so every folder a saved state can name still exists. A trial
-    resumed from an emptied folder continues from the next whole one, after reporting again the epochs in
-    between from the reports that folder holds, so Tune, the scheduler and the tracking callback see the
-    same sequence of results as without the kill.
+    Tune's retention (``num_to_keep``) deletes old checkpoint folders that its last saved experiment state may still
+    name, so a driver killed then left ``--resume`` unable to continue the trial. So Tune keeps every folder
+    (``num_to_keep=None``) and the reporter removes ``state.pt`` from all but the newest ``keep``, leaving the folders.
+    A trial resumed from an emptied folder continues from the next whole one, first reporting again the epochs in
+    between, so Tune, the scheduler and the tracking callback see the same results as without the kill.
     """
 
     def __init__(self, keep: int = 2) -> None:
@@ -98,16 +85,17 @@ class EpochReporter:
         ``save(folder)`` writes the state into a temporary folder that Tune then persists."""
         metrics["checkpointed"] = checkpoint
         if "val_H" in metrics:  # what the scheduler ranks by: the trial's best epoch so far
-            metrics["val_H_best"] = max(
-                [float(metrics["val_H"])] + [float(m["val_H"]) for m in self.sent if "val_H" in m]
-            )
+            metrics["val_H_best"] = max(float(m["val_H"]) for m in [metrics, *self.sent] if "val_H" in m)
         self.sent.append(dict(metrics))
         if not checkpoint:
             _tune_report(metrics, None)
             return
         with tempfile.TemporaryDirectory() as folder:
             save(folder)
-            self._stamp(Path(folder), int(metrics["epoch"]))
+            # the results so far and a digest of state.pt, which makes the folder whole
+            digest = _sha256(Path(folder) / TRIAL_STATE)
+            stamp = {"epoch": int(metrics["epoch"]), "state_sha256": digest, "sent": self.sent}
+            (Path(folder) / REPORTS).write_text(json.dumps(stamp))
             _tune_report(metrics, folder)
         self._prune()
 
@@ -116,7 +104,7 @@ class EpochReporter:
         named = _local_folder(checkpoint)
         if named is None:  # not on a local or mounted file system: Tune's folder as it is
             with checkpoint.as_directory() as folder:
-                self.sent = _reports(Path(folder)) or []
+                self.sent = _json_field(Path(folder) / REPORTS, "sent", list) or []
                 return load_state(folder)
         named_epoch = _epoch(named)
         for folder in _resume_candidates(named, named_epoch):
@@ -124,7 +112,7 @@ class EpochReporter:
                 state = load_state(str(folder))
             except Exception:  # a folder torn by the kill: try the next one
                 continue
-            self.sent = _reports(folder) or []
+            self.sent = _json_field(folder / REPORTS, "sent", list) or []
             replay = [m for m in self.sent if named_epoch is not None and int(m["epoch"]) > named_epoch]
             for m in replay[:-1]:
                 _tune_report({**m, "checkpointed": False}, None)
@@ -135,11 +123,6 @@ class EpochReporter:
                 self._prune()
             return state
         raise FileNotFoundError(f"{named}: no whole checkpoint to continue this trial from")
-
-    def _stamp(self, folder: Path, epoch: int) -> None:
-        """reports.json: the results so far, the epoch and a digest of state.pt (what makes a folder whole)."""
-        digest = _sha256(folder / TRIAL_STATE)
-        (folder / REPORTS).write_text(json.dumps({"epoch": epoch, "state_sha256": digest, "sent": self.sent}))
 
     def _prune(self) -> None:
         """Empty every whole checkpoint folder of this trial but the newest ``keep`` (by epoch, then time)."""
@@ -155,14 +138,10 @@ class EpochReporter:
                 (folder / TRIAL_STATE).unlink(missing_ok=True)
 
 
-REPORTS = "reports.json"  # in each trial checkpoint: what EpochReporter needs to resume from it
-
-
 def _tune_report(metrics: dict[str, Any], folder: str | None) -> None:
     from ray import tune
 
-    checkpoint = None if folder is None else tune.Checkpoint.from_directory(folder)
-    tune.report(metrics, checkpoint=checkpoint)
+    tune.report(metrics, checkpoint=None if folder is None else tune.Checkpoint.from_directory(folder))
 
 
 def _local_folder(checkpoint: Any) -> Path | None:
@@ -173,21 +152,18 @@ def _local_folder(checkpoint: Any) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _reports(folder: Path) -> list[dict[str, Any]] | None:
+def _json_field(path: Path, key: str, cast: Callable[[Any], Any]) -> Any:
+    """``cast`` of ``key`` in the JSON file ``path``; None when it is missing or malformed."""
     try:
-        return list(json.loads((folder / REPORTS).read_text())["sent"])
+        return cast(json.loads(path.read_text())[key])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def _epoch(folder: Path) -> int | None:
     """The epoch a checkpoint folder was saved after (its reports.json, else progress.json)."""
-    for name in (REPORTS, TRIAL_PROGRESS):
-        try:
-            return int(json.loads((folder / name).read_text())["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+    epochs = (_json_field(folder / name, "epoch", int) for name in (REPORTS, TRIAL_PROGRESS))
+    return next((e for e in epochs if e is not None), None)
 
 
 def _sha256(path: Path) -> str:
@@ -199,8 +175,7 @@ def _sha256(path: Path) -> str:
 
 
 def _whole(folder: Path) -> bool:
-    """state.pt present and the one reports.json describes (a folder written before reports.json
-    existed counts as whole when state.pt is there)."""
+    """state.pt present and the one reports.json describes (if any: older folders have none)."""
     state = folder / TRIAL_STATE
     if not state.is_file():
         return False
@@ -231,7 +206,6 @@ def dedn_trainable(
     """One trial: sampled values from ``config`` over the base training config, on the shared store."""
     store, node, zero_copy, resume, reporter = trial_setup(shared, load_trial_state)
     cfg = trial_config(base, sampled_params(config))
-
     last_epoch = cfg.effective().optim.epochs
 
     def report(record: EpochRecord, p: Progress) -> None:

@@ -58,7 +58,7 @@ def test_every_point_arrives_once_in_order(
         for key in KEYS:
             sink.log(key, row(key, epoch), f"epoch {epoch}")
     final = Row(12, row(KEYS[0], 12).timestamp, {"best_val_H": 7.0})
-    sink.end(KEYS[0], "FINISHED", final, {"dedn.stopped": "by ASHA"}, list, "val_H", None, "end")
+    sink.end(KEYS[0], "FINISHED", final, {"dedn.stopped": "by ASHA"}, list, None, "end")
     assert sink.close(timeout_s=60) == [] and sink.points == 0
     runs = RunSink(uri, "sink")
     runs.open_parent({})
@@ -88,7 +88,7 @@ def test_a_point_sent_twice_is_stored_once_and_a_sync_adds_only_what_is_missing(
         sink.log("t1", row("t1", epoch), "epoch")
     sink.flush(timeout_s=60)
     assert history(uri, sink, "t1") == expected("t1", range(1, 4))
-    sink.sync("t1", lambda: [row("t1", e) for e in range(1, 9)], "val_H", "sync")
+    sink.sync("t1", lambda: [row("t1", e) for e in range(1, 9)], "sync")
     sink.flush(timeout_s=60)
     assert history(uri, sink, "t1") == expected("t1", range(1, 9))
     sink.close(timeout_s=30)
@@ -104,7 +104,7 @@ def test_points_over_the_limit_are_dropped_and_the_end_syncs_them_from_the_recor
         sink.log("t1", row("t1", epoch), "epoch")
     assert sink.points == 5 and "t1" in sink.dirty  # the rest was dropped, the run marked
     record = [row("t1", e) for e in range(1, 13)]
-    sink.end("t1", "FINISHED", None, {}, lambda: record, "val_H", None, "end")
+    sink.end("t1", "FINISHED", None, {}, lambda: record, None, "end")
     assert sink.close(timeout_s=60) == []
     again = RunSink(uri, "sink")
     again.open_parent({})
@@ -132,7 +132,7 @@ def test_a_member_run_costs_two_requests_besides_its_batches(
     for epoch in range(1, 21):
         sink.log("t0-m3", row("t0-m0", epoch), "epoch")
     final = Row(20, row("t0-m0", 20).timestamp, {"best_val_H": 20.5})
-    sink.end("t0-m3", "FINISHED", final, {"dedn.stopped": "x"}, list, "val_H", None, "end")
+    sink.end("t0-m3", "FINISHED", final, {"dedn.stopped": "x"}, list, None, "end")
     assert sink.close(timeout_s=60) == []
     assert calls == ["create_run", "log_batch", "set_terminated"], calls
     monkeypatch.undo()
@@ -189,7 +189,6 @@ def test_a_killed_drivers_points_come_back_from_the_record_once(tmp_path: Path, 
     sink.sync(
         "t1",
         lambda: [Row(e, 1_800_000_000_000 + 1000 * e, {"val_H": 2000.5 + e}) for e in range(1, 41)],
-        "val_H",
         "sync",
     )
     assert sink.close(timeout_s=60) == []
