@@ -7,6 +7,7 @@ Test modules import from here, never from one another.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +31,23 @@ def zsl_dir(name: str) -> Path:
     if not (path / "att_splits.mat").is_file():
         pytest.skip(f"real benchmark files not found at {path} (set DEDN_ZSL_DATA)")
     return path
+
+
+# --- Optuna -------------------------------------------------------------------------------------------------
+
+
+def toy_space(t: Any) -> dict[str, Any]:
+    """A small three-parameter space (log-float, float, int) for tests of Optuna's parts."""
+    return {
+        "lr": t.suggest_float("lr", 1e-4, 1e-1, log=True),
+        "beta": t.suggest_float("beta", 0.0, 1.0),
+        "k": t.suggest_int("k", 2, 9),
+    }
+
+
+def toy_objective(p: dict[str, Any]) -> float:
+    """A smooth value over ``toy_space`` with its best at lr 10^-2.5, beta 0.3, k 9."""
+    return -((math.log10(p["lr"]) + 2.5) ** 2) - (p["beta"] - 0.3) ** 2 + 0.01 * p["k"]
 
 
 # --- searches -------------------------------------------------------------------------------------------

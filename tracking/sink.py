@@ -1,21 +1,11 @@
-"""MLflow as a sink for a search's runs. The record is elsewhere (Tune's saved results); the sink finds each run by a
-tag, writes what it is given from background threads, and is brought up to date by comparing a run's history with
-the record.
+"""MLflow as a sink for a search's runs; the record is Tune's saved results. The parent run is found by its tag
+``dedn.experiment``, each trial's (population member's) run by ``dedn.trial_id``, the run key.
 
-- A search's parent run is found by its tag ``dedn.experiment`` in the MLflow experiment named after the search, or
-  created (``open_parent``); each trial's (each population member's) run by its tag ``dedn.trial_id``, the run key
-  (``runs``).
-- ``create``, ``log``, ``sync``, ``end`` and ``call`` return at once. One of the worker threads makes a run's calls,
-  in order: its creation, a sync and its end at once (with the points queued before them), its points once the
-  oldest waited ``linger_s``, so that one ``log_batch`` carries several epochs.
-- A point's timestamp is the record's (when the epoch was reported), so a batch sent twice (a retry after a timeout
-  the server had in fact committed) is kept once: MLflow's SQL stores keep one row per (key, step, timestamp,
-  value) of a run.
-- ``sync(key, rows)`` reads the run's history of one metric (one request) and logs the rows whose step it lacks:
-  a resumed search does this for every run a killed driver left open, an end for a run whose points were dropped.
-  ``steps`` reads the same history at once: what a killed driver sent can be ahead of the record Tune saved.
-- When the store fails, the run's calls go back to the front of its queue and the store is tried again every few
-  seconds; points beyond ``max_points`` are dropped, and their runs synced from the record at their end.
+Calls return at once; worker threads make each run's calls in order: creation, sync and end at once, points once the
+oldest waited ``linger_s`` (one ``log_batch`` then carries several epochs). A point keeps the record's timestamp, so
+a batch sent twice is stored once (MLflow's SQL stores keep one row per key, step, timestamp and value). ``sync``
+logs the record's rows whose step the run's history lacks. When the store fails, a run's calls go back to the front
+of its queue and are tried again; points beyond ``max_points`` are dropped and synced from the record at the end.
 """
 
 from __future__ import annotations
@@ -91,8 +81,7 @@ class RunSink:
         max_points: int = 200_000,
         witness: str = "val_H",
     ) -> None:
-        # MLflow's client asks the server for a run before ending it, only to print a link to it: one request more
-        # per run, and a console line
+        # else MLflow's client fetches a run before ending it, to print its link: one request more per run
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri, self.experiment = uri, experiment
         self.linger_s, self.max_points = linger_s, max_points
@@ -218,10 +207,7 @@ class RunSink:
 
     def _put(self, key: str, op: tuple[Any, ...], what: str) -> None:
         with self.cond:
-            q = self.queues.get(key)
-            if q is None:
-                q = self.queues[key] = deque()
-            q.append((what, op))
+            self.queues.setdefault(key, deque()).append((what, op))
             if op[0] not in ("row", "fields"):
                 self.ready[key] = None  # made at once
             self.since.setdefault(key, time.monotonic())
@@ -229,9 +215,7 @@ class RunSink:
 
     # -- the worker threads ----------------------------------------------------------------------------------------
     def _next(self) -> tuple[str, list[tuple[str, tuple[Any, ...]]]] | None:
-        """A run's queued calls for a thread (the lock held): a run with a call to make at once, else the run whose
-        points have waited longest once they waited ``linger_s`` (runs are queued in the order their first call came;
-        a run put back after a failure goes first)."""
+        """A run's queued calls for a thread (lock held): a ready run, else the oldest whose points waited ``linger_s``."""
         now = time.monotonic()
         if now < self.retry_at:
             return None
@@ -280,9 +264,7 @@ class RunSink:
                 self.points -= rows
                 self.written += rows
                 if done < len(ops):  # the store failed: the rest goes back to the front, tried again in a while
-                    q = self.queues.get(key)
-                    if q is None:
-                        q = self.queues[key] = deque()
+                    q = self.queues.setdefault(key, deque())
                     self.queues.move_to_end(key, last=False)
                     q.extendleft(reversed(ops[done:]))
                     self.since[key] = 0.0
@@ -292,8 +274,8 @@ class RunSink:
                 self.cond.notify_all()
 
     def _run(self, client: Any, key: str, ops: list[tuple[str, tuple[Any, ...]]]) -> int:
-        """Make a run's calls in order; returns how many were made (the rest failed). Consecutive points, params and
-        tags go in as few ``log_batch`` calls as can be, with the final metrics and tags of an end that follows."""
+        """Make a run's calls in order, consecutive points, params and tags (and a following end's) batched; returns
+        how many were made (the rest failed)."""
         i = 0
         try:
             while i < len(ops):
@@ -318,7 +300,7 @@ class RunSink:
                     self._call(client, key, end, logged=True)
                     i += 1
         except Exception:
-            return i
+            pass
         return i
 
     def _log(self, client: Any, key: str, rows: list[Row], params: dict[str, str], tags: dict[str, str]) -> None:
@@ -371,8 +353,8 @@ class RunSink:
 
     # -- the end --------------------------------------------------------------------------------------------------
     def flush(self, timeout_s: float = 600.0, stall_s: float = 30.0) -> list[str]:
-        """Make every queued call now; wait until they are made (at most ``timeout_s``, and no longer than ``stall_s``
-        without progress: the store is down). Returns what is still queued."""
+        """Make every queued call now and wait (at most ``timeout_s``, ``stall_s`` without progress); returns what is
+        still queued."""
         end = time.monotonic() + timeout_s
         with self.cond:
             self.urgent = True

@@ -1,12 +1,10 @@
 """The Ray Tune callback that keeps a search's MLflow runs up to date with Tune's record (``tracking.sink``).
 
-One child run per configuration (a trial, or each member of a population trial), found by its key
-(``tuning.population.member_key``) in the tag ``dedn.trial_id``, tagged with its Optuna trial number and its sampled
-values (``dedn.values``, from which ``dedn promote`` rebuilds its config); its params at start, each epoch's metrics
-once (step = epoch, the epoch's first report, as the record keeps it), at the end its best epoch's metrics as
-``best_*``, its last checkpoint and its status. On a resumed search every run is brought up to date from the record
-(``tuning.record``): runs of trials that ended while no driver ran get what they lack and their end; continued runs
-their missing epochs; runs of trials the restored experiment does not know end KILLED, tagged ``dedn.abandoned``.
+One child run per configuration (a trial, or a population member), found by its key (``member_key``) in the tag
+``dedn.trial_id`` and tagged with its Optuna trial number and sampled values (``dedn.values``, what ``dedn promote``
+rebuilds its config from): params at start, each epoch's metrics once (step = epoch), at the end the best epoch's as
+``best_*``, the last checkpoint and the status. A resumed search first brings every run up to date from the record;
+runs of trials the restored experiment does not know end KILLED, tagged ``dedn.abandoned``.
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ from tuning.record import configuration_epochs, epoch_records, reports, result_f
 __all__ = ["KEY_METRICS", "MLflowTrialLogger", "not_logged", "run_name"]
 
 _EPOCH_KEYS, _EXTRA_KEYS = ("val_", "loss_", "grid_"), ("samples_per_s", "epoch_seconds")
-# what each epoch logs as MLflow metrics with ``epoch_metrics: key`` (the parent run's epochs.parquet has the rest): on
-# many GPUs every metric row of every member run costs the tracking server
+# what an epoch logs with ``epoch_metrics: key`` (the parent run's epochs.parquet has the rest): rows cost the server
 KEY_METRICS = ("val_H",)
 # what a run's final metrics hold, each as best_<key>: the epoch with the highest val_H
 _BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "grid_lambda_e", "grid_c")
@@ -110,8 +107,7 @@ class MLflowTrialLogger(Callback):
     def setup(
         self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
     ) -> None:
-        # with the key metrics (many GPUs, the tracking server the limit) a run's epochs wait up to a minute: most member
-        # runs then cost one log_batch, sent with their end
+        # with the key metrics (many GPUs) epochs wait up to a minute: most member runs cost one log_batch, at their end
         linger = 60.0 if self.epoch_metrics == "key" else 5.0
         self.sink = RunSink(
             self.uri, self.experiment, experiment_id=self.experiment_id, parent_id=self.parent, linger_s=linger
@@ -119,9 +115,8 @@ class MLflowTrialLogger(Callback):
         _LOGGERS.add(self)
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        """Once, before the first step: runs of trials the restored experiment does not know end KILLED (a driver
-        killed after it started the trial and before Tune saved its state: the resumed search asks again in its place),
-        and the runs of trials that ended are brought up to date with the record."""
+        """Once, before the first step: runs of trials the restored experiment does not know (started by a driver killed
+        before Tune saved its state) end KILLED, and runs of trials that ended are brought up to date."""
         if self.known is not None or self.sink is None:
             return
         self.known = self.sink.runs()
@@ -142,8 +137,7 @@ class MLflowTrialLogger(Callback):
     def _open(
         self, trial: Any, key: str, member: int | None, name: str, values: dict[str, Any], tags: dict[str, str]
     ) -> None:
-        """Create the run, or continue the one an earlier driver made; the epochs the record already holds (a resumed
-        trial's) are sent where the run lacks them."""
+        """Create the run, or continue an earlier driver's, sending the record's epochs the run lacks."""
         assert self.sink is not None
         self.started.add(key)
         if self.known is not None and key in self.known:
@@ -189,8 +183,7 @@ class MLflowTrialLogger(Callback):
             self.sink.log(key, Row(epoch, stamp, self._metrics(record)), f"epoch {epoch} of {key}")
         for member, end in section(result, "ended").items():
             ended = member_key(trial.trial_id, int(member))
-            tag = "dedn.error" if end["status"] == "failed" else "dedn.stopped"
-            self.sink.tags(ended, {tag: str(end.get("reason") or end["status"])}, f"end of {ended}")
+            self.sink.tags(ended, _end_tag(end), f"end of {ended}")
             self.ended[ended] = end
 
     def _reason(self, trial: Any) -> str | None:
@@ -212,6 +205,8 @@ class MLflowTrialLogger(Callback):
                 int(best[1]["epoch"]), best[0], {f"best_{k}": float(best[1][k]) for k in _BEST_KEYS if k in best[1]}
             )
         tags = {"dedn.error": reason} if status == "FAILED" and reason else {}
+        if key in self.ended:  # sent again with the end: a killed driver may not have sent it
+            tags.update(_end_tag(self.ended[key]))
         checkpoint = getattr(getattr(trial, "checkpoint", None), "path", None)
         artifacts = None
         if status == "FINISHED" and checkpoint:
@@ -255,6 +250,11 @@ class MLflowTrialLogger(Callback):
                     self._end(trial, key, j, name, "FAILED" if trial.status == "ERROR" else "FINISHED", None)
         if self.sink is not None:
             self.not_logged = self.sink.close()
+
+
+def _end_tag(end: dict[str, Any]) -> dict[str, str]:
+    """The tag of a population member that stopped or failed before its population ended."""
+    return {"dedn.error" if end["status"] == "failed" else "dedn.stopped": str(end.get("reason") or end["status"])}
 
 
 def not_logged(experiment: str) -> list[str]:

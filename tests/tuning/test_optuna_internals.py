@@ -4,27 +4,15 @@ inside one. An Optuna upgrade that changes them fails here."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import optuna
 import pytest
 
+from tests.helpers import toy_objective, toy_space
 from tuning.optuna_internals import PRIVATE_NAMES, PopulationTPE
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _define(t: optuna.Trial) -> dict[str, Any]:
-    return {
-        "lr": t.suggest_float("lr", 1e-4, 1e-1, log=True),
-        "beta": t.suggest_float("beta", 0.0, 1.0),
-        "k": t.suggest_int("k", 2, 9),
-    }
-
-
-def _value(p: dict[str, Any]) -> float:
-    return -((math.log10(p["lr"]) + 2.5) ** 2) - (p["beta"] - 0.3) ** 2 + 0.01 * p["k"]
 
 
 def _filled(sampler: optuna.samplers.BaseSampler, n: int) -> optuna.Study:
@@ -32,7 +20,7 @@ def _filled(sampler: optuna.samplers.BaseSampler, n: int) -> optuna.Study:
     study = optuna.create_study(direction="maximize", sampler=sampler)
     rng = optuna.samplers.RandomSampler(seed=11)
     source = optuna.create_study(direction="maximize", sampler=rng)
-    source.optimize(lambda t: _value(_define(t)), n_trials=n)
+    source.optimize(lambda t: toy_objective(toy_space(t)), n_trials=n)
     study.add_trials(source.trials)
     return study
 
@@ -42,18 +30,18 @@ def test_outside_a_batch_it_asks_what_optunas_tpe_asks() -> None:
     sampler = PopulationTPE(seed=3, constant_liar=True)
     mine = _filled(sampler, 15)
     for study in (plain, mine):
-        study.optimize(lambda t: _value(_define(t)), n_trials=12)
+        study.optimize(lambda t: toy_objective(toy_space(t)), n_trials=12)
     assert [t.params for t in mine.trials] == [t.params for t in plain.trials]
     assert sampler.fitted == 12  # once per ask (multivariate TPE: one relative sample per trial)
 
 
 def test_a_batch_of_one_asks_what_optunas_tpe_asks() -> None:
     plain = _filled(optuna.samplers.TPESampler(seed=5, constant_liar=True), 30)
-    expected = _define(plain.ask())
+    expected = toy_space(plain.ask())
     sampler = PopulationTPE(seed=5, constant_liar=True)
     mine = _filled(sampler, 30)
     with sampler.batch(1):
-        assert _define(mine.ask()) == expected  # the same fit and draw: TPE's best of its 24 candidates
+        assert toy_space(mine.ask()) == expected  # the same fit and draw: TPE's best of its 24 candidates
 
 
 def test_a_population_comes_from_one_fit_and_beats_random_draws() -> None:
@@ -61,17 +49,19 @@ def test_a_population_comes_from_one_fit_and_beats_random_draws() -> None:
     sampler = PopulationTPE(seed=5, constant_liar=True, n_ei_candidates=32)
     mine = _filled(sampler, 40)
     with sampler.batch(8):
-        members = [_define(mine.ask()) for _ in range(8)]
+        members = [toy_space(mine.ask()) for _ in range(8)]
     assert sampler.fitted == 1  # eight configurations, one fit
-    assert members[0] == _define(plain.ask())  # the best of the 32 candidates is the one TPE proposes
+    assert members[0] == toy_space(plain.ask())  # the best of the 32 candidates is the one TPE proposes
     assert len({tuple(sorted(m.items())) for m in members}) == 8  # distinct candidates
     for m in members:
         assert 1e-4 <= m["lr"] <= 1e-1 and 0.0 <= m["beta"] <= 1.0 and m["k"] in range(2, 10)
     rand = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
-    random_values = [_value(_define(rand.ask())) for _ in range(8)]
-    assert sum(map(_value, members)) / 8 > sum(random_values) / 8 + 0.1  # TPE's ratio ranks the good region first
+    random_values = [toy_objective(toy_space(rand.ask())) for _ in range(8)]
+    assert (
+        sum(map(toy_objective, members)) / 8 > sum(random_values) / 8 + 0.1
+    )  # TPE's ratio ranks the good region first
     with sampler.batch(8):
-        _define(mine.ask())
+        toy_space(mine.ask())
     assert sampler.fitted == 2  # a new batch fits again (the study changed)
 
 
@@ -88,7 +78,7 @@ def test_a_batch_bounds_the_bad_trials_and_refits_when_candidates_run_out(monkey
     monkeypatch.setattr(PopulationTPE, "_build_parzen_estimator", spy)
     with sampler.batch(2):  # max(8, 4 x 2) = 8 candidates per fit
         for _ in range(9):
-            _define(study.ask())
+            toy_space(study.ask())
     assert sampler.fitted == 2
     assert sizes == [25, 50, 25, 50]  # gamma(300) = 25 good trials; 50 of the 275 others (and the running ones)
 

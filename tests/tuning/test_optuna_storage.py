@@ -3,7 +3,6 @@ write. Real journal files in a temporary folder."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +11,10 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from tests.helpers import toy_objective, toy_space
 from tuning.optuna_storage import BufferedJournal
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _define(t: optuna.Trial) -> dict[str, Any]:
-    return {
-        "lr": t.suggest_float("lr", 1e-4, 1e-1, log=True),
-        "beta": t.suggest_float("beta", 0.0, 1.0),
-        "k": t.suggest_int("k", 2, 9),
-    }
-
-
-def _value(p: dict[str, Any]) -> float:
-    return -((math.log10(p["lr"]) + 2.5) ** 2) - (p["beta"] - 0.3) ** 2 + 0.01 * p["k"]
 
 
 def _drive(storage: Any) -> optuna.Study:
@@ -36,14 +24,14 @@ def _drive(storage: Any) -> optuna.Study:
     for wave in range(3):
         trials = [study.ask() for _ in range(4)]
         for j, t in enumerate(trials):
-            _define(t)
+            toy_space(t)
             t.set_user_attr("member", j)
         for epoch in range(1, 4):
             for t in trials:
-                t.report(_value(t.params) + 0.01 * epoch, epoch)
+                t.report(toy_objective(t.params) + 0.01 * epoch, epoch)
         for j, t in enumerate(trials):
             state = optuna.trial.TrialState.PRUNED if (wave + j) % 3 == 0 else optuna.trial.TrialState.COMPLETE
-            study.tell(t, _value(t.params) if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+            study.tell(t, toy_objective(t.params) if state == optuna.trial.TrialState.COMPLETE else None, state=state)
     return study
 
 
@@ -74,7 +62,7 @@ def test_buffered_journal_writes_when_full_or_old_and_continues_a_file(tmp_path:
     again = BufferedJournal(str(path), max_logs=100_000, max_age_s=0.0)  # every append is old enough
     study = optuna.load_study(study_name="s", storage=JournalStorage(again), sampler=optuna.samplers.TPESampler(seed=2))
     t = study.ask()
-    _define(t)
+    toy_space(t)
     study.tell(t, 1.5)
     assert again.pending == []
     reread = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path))))
