@@ -145,21 +145,24 @@ def stop_mlflow_server(proc: Any) -> None:
             proc.wait()
 
 
-def start_postgres(folder: Path) -> tuple[Any, str]:
-    """A PostgreSQL server (Debian's ``postgresql`` programs: initdb, pg_ctl) in ``folder`` on a free 127.0.0.1 port,
-    with its defaults (fsync and synchronous commits on: a production database), as ``nobody`` under root (PostgreSQL
-    refuses root), and a database ``mlflow``; returns (the postmaster's process id, the database's URL). Stop it with
-    ``stop_postgres``."""
+def start_postgres() -> tuple[Any, str, Path]:
+    """A PostgreSQL server (Debian's ``postgresql`` programs: initdb, pg_ctl) in a new temporary folder on a free
+    127.0.0.1 port, with its defaults (fsync and synchronous commits on: a production database), as ``nobody`` under
+    root (PostgreSQL refuses root), and a database ``mlflow``; returns (the postmaster's process id, the database's
+    URL, the folder). Stop it with ``stop_postgres``, then remove the folder."""
     import glob
     import os
     import pwd
     import shutil
     import subprocess
+    import tempfile
 
     found = shutil.which("initdb") or (sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [""])[-1]
     if not found:
         raise RuntimeError("PostgreSQL's initdb not found (on PATH or in /usr/lib/postgresql/*/bin)")
     bindir = Path(found).resolve().parent
+    # a folder of its own, which ``nobody`` can enter, with a short path (a socket's path has a 107-byte limit)
+    folder = Path(tempfile.mkdtemp(prefix="dedn-pg-"))
     user: dict[str, Any] = {}
     if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody")
@@ -167,14 +170,16 @@ def start_postgres(folder: Path) -> tuple[Any, str]:
         os.chown(folder, nobody.pw_uid, nobody.pw_gid)
     data, port = folder / "data", free_port()
     run = {"check": True, "capture_output": True, "timeout": 120, **user}
-    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "dedn", "--auth=trust", "-E", "UTF8"], **run)
+    subprocess.run(
+        [str(bindir / "initdb"), "-D", str(data), "-U", "dedn", "--auth=trust", "--no-locale", "-E", "UTF8"], **run
+    )
     options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder}"
     subprocess.run(
         [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "pg.log"), "-o", options, "-w", "start"], **run
     )
     subprocess.run([str(bindir / "createdb"), "-h", str(folder), "-p", str(port), "-U", "dedn", "mlflow"], **run)
     pid = int((data / "postmaster.pid").read_text().splitlines()[0])
-    return pid, f"postgresql+psycopg2://dedn@127.0.0.1:{port}/mlflow"
+    return pid, f"postgresql+psycopg2://dedn@127.0.0.1:{port}/mlflow", folder
 
 
 def stop_postgres(pid: int) -> None:

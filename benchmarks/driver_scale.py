@@ -57,6 +57,7 @@ import argparse
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -325,8 +326,7 @@ def main() -> None:
     postgres = backend = ""
     workers = a.server_workers or (4 if a.tracking_backend == "postgresql" else 1)
     if a.tracking_backend == "postgresql":
-        (tmp / "pg").mkdir()
-        pg_pid, backend = start_postgres(tmp / "pg")
+        pg_pid, backend, pg_folder = start_postgres()
         postgres = str(pg_pid)
     db_url = backend or f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
     proc, uri, start_s = start_mlflow_server(
@@ -386,6 +386,7 @@ def main() -> None:
         stop_mlflow_server(proc)
         if postgres:
             stop_postgres(int(postgres))
+            shutil.rmtree(pg_folder, ignore_errors=True)
     rows = sampler.rows
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

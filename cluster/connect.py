@@ -1,9 +1,7 @@
-"""Connect to a Ray cluster, or start a local one (``address="local"``, ignoring ``RAY_ADDRESS`` and Ray's record of
-the last ``ray start``) that lives as long as the command. An address is found, probed and its authentication settled
-within seconds, or refused in one line, before ``ray.init`` (which would retry it for minutes). SIGTERM acts as Ctrl-C.
-A cluster with token authentication (Ray 2.52+) is joined with this machine's token, found as Ray does; ``ray.init``
-sends it only in token mode, never on for ``host:port``, so ``settle_auth`` asks the cluster first.
-"""
+"""Join a Ray cluster, or start a local one (ignoring ``RAY_ADDRESS`` and Ray's record of the last ``ray start``) that
+lives as long as the command; SIGTERM acts as Ctrl-C. An address is probed and its authentication settled in seconds,
+or refused in one line, before ``ray.init`` (which would retry for minutes). A cluster with token authentication (Ray
+2.52+) gets this machine's token: ``ray.init`` sends it only in token mode, which ``settle_auth`` turns on if asked."""
 
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from cluster import ray_internals
 from cluster.ray_internals import AUTH_LOGGER, find_cluster
 from dedn.errors import DednInputError
 
-__all__ = ["AUTH_MODE", "auth_mode_restored", "check_address", "ray_session", "resolve_address", "settle_auth"]
+__all__ = ["AUTH_MODE", "check_address", "ray_session", "resolve_address"]
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
@@ -43,8 +41,9 @@ def token_source() -> str:
     return str(Path.home() / ".ray" / "auth_token")
 
 
-def _probe_auth(gcs_address: str, source: str, timeout_s: float) -> str:
-    """``ray_internals.probe`` of ``gcs_address``, in a child process killed after ``timeout_s``; or DednInputError."""
+def settle_auth(gcs_address: str, source: str, timeout_s: float = 20.0) -> str:
+    """``token`` (then ``RAY_AUTH_MODE=token`` here) or ``open``, as ``ray_internals.probe`` answers in a child process
+    killed after ``timeout_s``; DednInputError (with the fix) when nothing answers or the token is missing, refused."""
     where = f"the Ray cluster at {gcs_address}"
     argv = [sys.executable, ray_internals.__file__, gcs_address, str(int(max(1.0, timeout_s - 6.0) * 1000))]
     try:
@@ -65,13 +64,7 @@ def _probe_auth(gcs_address: str, source: str, timeout_s: float) -> str:
     }
     if result in rules:
         raise DednInputError(source, "--address", rules[result])
-    return result
-
-
-def settle_auth(gcs_address: str, source: str, timeout_s: float = 20.0) -> str:
-    """``token`` (``RAY_AUTH_MODE=token`` then set here) or ``open``: how to join the cluster at ``gcs_address``.
-    DednInputError (with the fix) when nothing answers in ``timeout_s`` or its token is missing, unreadable, refused."""
-    if _probe_auth(gcs_address, source, timeout_s) == "token":
+    if result == "token":
         ray_internals.set_auth_mode("token")
     return "token" if (os.environ.get(AUTH_MODE) or "").lower() == "token" else "open"
 
@@ -193,18 +186,15 @@ def _start_or_join(
                 why = f"cannot join a Ray cluster: {type(e).__name__}: {first}"
                 raise DednInputError(address, "--address", why) from None
         else:  # "local": never RAY_ADDRESS nor Ray's current-cluster record
-            local: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "include_dashboard": False}
+            local = {"num_cpus": num_cpus, "num_gpus": num_gpus, "logging_level": logging.WARNING, **init}
             with _quiet_ray(logging.ERROR):
-                ctx = ray.init(
-                    address="local", _node_ip_address="127.0.0.1", **local, **{"logging_level": logging.WARNING, **init}
-                )
+                ctx = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **local)
             auth = "token" if (os.environ.get(AUTH_MODE) or "").lower() == "token" else "open"
     except BaseException:
         with suppress(Exception):
             ray.shutdown()
         raise
-    gcs = getattr(ctx, "address_info", {}).get("gcs_address")
-    return {"address": gcs, "started": not address, "auth": auth}
+    return {"address": getattr(ctx, "address_info", {}).get("gcs_address"), "started": not address, "auth": auth}
 
 
 @contextmanager
@@ -216,10 +206,9 @@ def ray_session(
     auth_timeout_s: float = 20.0,
     **init: Any,
 ) -> Iterator[dict[str, Any]]:
-    """Join the cluster at ``auto`` or ``host:port`` (left running), with this machine's token if it wants one, or with
-    None start a local instance (no dashboard; shut down on exit). Yields ``{"address": GCS address, "started": bool,
-    "auth": "token" | "open"}``. DednInputError for a malformed address, one where nothing answers (socket: 5 s, GCS:
-    ``auth_timeout_s``) or whose token is missing or wrong here. SIGTERM raises KeyboardInterrupt meanwhile."""
+    """Join ``auto`` or ``host:port`` (left running; with this machine's token if it wants one), or with None start a
+    local instance (no dashboard; shut down on exit). Yields ``{"address": GCS address, "started": bool, "auth": "token"
+    | "open"}``. DednInputError for a malformed or silent address (socket 5 s, GCS ``auth_timeout_s``), a bad token."""
     import ray
 
     if ray.is_initialized():

@@ -26,8 +26,7 @@ class SharedStore:
         """The store inside a trial: features are a read-only view of the node's object-store copy."""
         import ray
 
-        features = ray.get(self.features_ref)
-        return FeatureStore.from_parts(**self.parts, features=features)
+        return FeatureStore.from_parts(**self.parts, features=ray.get(self.features_ref))
 
 
 def share_store(store: FeatureStore) -> SharedStore:

@@ -1,18 +1,16 @@
-"""The one place the project uses Ray's private names, each for something Ray offers no public way to do.
+"""The one place the project uses Ray's private names (``PRIVATE_NAMES``, checked against the installed Ray by
+``tests/cluster/test_ray_internals.py``), each for something Ray offers no public way to do.
 
-- ``find_cluster`` (``ray._private.services.canonicalize_bootstrap_address``): the GCS address ``auto`` means, found
-  without joining it; ``ray.init`` retries a recorded but dead cluster for a minute (ray-project/ray#20900).
-- ``set_auth_mode`` and ``probe`` (``ray._raylet``'s ``Config``, ``AuthenticationTokenLoader``, ``AuthenticationMode``,
-  ``AuthenticationError``, ``get_authentication_mode``, ``InnerGcsClient``): whether a cluster wants token
-  authentication, and sending the token: ``ray.init(address=host:port)`` leaves token mode off, so a driver never
-  sends it (ray-project/ray#64755: "clients never attach that same token").
+- ``find_cluster``: the GCS address ``auto`` means, found without joining it; ``ray.init`` retries a recorded but dead
+  cluster for a minute (ray-project/ray#20900).
+- ``set_auth_mode`` and ``probe`` (``ray._raylet``): whether a cluster wants token authentication, and sending the
+  token: ``ray.init(address=host:port)`` leaves token mode off, so a driver never sends it (ray-project/ray#64755:
+  "clients never attach that same token").
 - ``AUTH_LOGGER``: the logger of Ray's token set-up notice (held back while a local instance starts).
 
-``PRIVATE_NAMES`` lists them all, checked against the installed Ray by ``tests/cluster/test_ray_internals.py``. As a
-script (``python ray_internals.py HOST:PORT TIMEOUT_MS``; standard library imports only, to start fast) it prints
+As a script (``python ray_internals.py HOST:PORT TIMEOUT_MS``; standard library imports only, to start fast) it prints
 ``probe``'s answer as one JSON line, never the token: Ray keeps auth mode and token in process-wide C++ state, logs
-connection retries to stderr, aborts on an unreadable ``RAY_AUTH_TOKEN_PATH`` and hangs on a silent port.
-"""
+connection retries to stderr, aborts on an unreadable ``RAY_AUTH_TOKEN_PATH`` and hangs on a silent port."""
 
 from __future__ import annotations
 
@@ -38,8 +36,7 @@ PRIVATE_NAMES = (
 
 
 def find_cluster(address: str) -> str | None:
-    """The GCS address ``ray.init(address=address)`` would join; None when ``auto`` finds nothing. ConnectionError or
-    ValueError as Ray raises them for an address it cannot use."""
+    """The GCS address ``ray.init(address)`` would join (None: ``auto`` found none), or ConnectionError/ValueError."""
     services: Any = importlib.import_module("ray._private.services")
     found = services.canonicalize_bootstrap_address(address)
     return None if found is None else str(found)
@@ -61,9 +58,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def probe(address: str, timeout_ms: int) -> dict[str, Any]:
-    """``{"result": ..., "detail": ...}``: whether this process may join the GCS at ``address``. ``open``, ``token``
-    (a token is wanted, found here, accepted), ``missing``, ``unreadable``, ``rejected``, ``disabled_here`` (a token is
-    wanted: none here, unreadable, refused, RAY_AUTH_MODE set otherwise here) or ``unreachable``. Run as the script."""
+    """``{"result", "detail"}``: may this process join the GCS at ``address``? ``open``, ``token`` (a token is wanted,
+    found, accepted), or why not: ``missing``, ``unreadable``, ``rejected``, ``disabled_here``, ``unreachable``."""
     raylet: Any = importlib.import_module("ray._raylet")
     loader = raylet.AuthenticationTokenLoader.instance()
 

@@ -1,10 +1,6 @@
-"""PostgreSQL URLs for the MLflow tracking store and the Optuna study (driver, rule, a connection check that gives up
-after seconds), and ``check_existing_store``: that the store of a read-only command exists.
-
-``postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE`` (or ``postgres://``) goes through psycopg2, named
-(``postgresql+psycopg2://``) before MLflow, Optuna or SQLAlchemy see it: SQLAlchemy's default driver differs between
-versions. A password in the URL (better: ``~/.pgpass`` or ``PGPASSWORD``) is masked in every line printed.
-"""
+"""PostgreSQL URLs of the tracking store and the Optuna study, given psycopg2 by name before MLflow, Optuna or
+SQLAlchemy see them (SQLAlchemy's default driver differs between versions), a password in one (better: ``~/.pgpass``)
+masked in every line printed; and ``check_existing_store``: that the store of a read-only command exists."""
 
 from __future__ import annotations
 
@@ -21,26 +17,21 @@ FORM = "postgresql://USER@HOST[:PORT]/DATABASE"  # a password: ~/.pgpass or PGPA
 _DRIVER = "postgresql+psycopg2"
 
 
-def _scheme(url: str) -> str:
-    return url.split("://", 1)[0].lower() if "://" in url else ""
-
-
 def is_postgres(url: str) -> bool:
     """Whether ``url`` names a PostgreSQL database (``postgresql://``, ``postgres://``, ``postgresql+DRIVER://``)."""
-    scheme = _scheme(url)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     return scheme in ("postgres", "postgresql") or scheme.startswith("postgresql+")
 
 
 def normalized(url: str) -> str:
     """A PostgreSQL URL with the project's driver named (``postgresql+psycopg2://...``); other URLs as they are."""
-    if _scheme(url) in ("postgres", "postgresql"):
+    if is_postgres(url) and "+" not in url.split("://", 1)[0]:
         return f"{_DRIVER}://{url.split('://', 1)[1]}"
     return url
 
 
 def postgres_rule(url: str) -> str | None:
-    """None for a well-formed PostgreSQL URL naming a host (or the server's socket folder:
-    ``postgresql://USER@/DATABASE?host=/var/run/postgresql``) and a database; else the rule it breaks."""
+    """None for a PostgreSQL URL naming a host (or a socket folder: ``?host=``) and a database; else the rule broken."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -57,8 +48,7 @@ def postgres_rule(url: str) -> str | None:
 
 
 def database_tables(url: str, field: str, timeout_s: float = 5.0) -> set[str]:
-    """The table names of the PostgreSQL database ``url`` names (connecting for at most ``timeout_s``; reads
-    nothing else). DednInputError (URL, ``field``, why; password masked) when malformed or unreachable."""
+    """The table names of the database at ``url``, connecting for ``timeout_s`` at most; else DednInputError."""
     if (rule := postgres_rule(url)) is not None:
         raise DednInputError(url, field, rule)
     import sqlalchemy
@@ -81,18 +71,6 @@ def database_tables(url: str, field: str, timeout_s: float = 5.0) -> set[str]:
         raise DednInputError(url, field, f"cannot be reached: {type(cause).__name__}: {first}") from None
 
 
-def _local_store(uri: str) -> tuple[str, Path] | None:
-    """("sqlite" | "file", path) for a store on the local disk, None for a server or another database."""
-    if uri.startswith("sqlite:"):
-        path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
-        return "sqlite", Path(urllib.parse.unquote(path.split("?", 1)[0]))
-    if uri.startswith("file:"):
-        return "file", Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
-    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
-        return "file", Path(uri)
-    return None
-
-
 def check_existing_store(uri: str) -> None:
     """Refuse, before MLflow opens (and so creates) it, a store read-only commands cannot use: a missing SQLite file
     or file store, a SQLite file or PostgreSQL database (unreachable in seconds) without MLflow's tables."""
@@ -101,13 +79,15 @@ def check_existing_store(uri: str) -> None:
         if not {"experiments", "runs", "alembic_version"} <= database_tables(uri, "--tracking-uri"):
             raise DednInputError(uri, "--tracking-uri", f"not an MLflow tracking store (no MLflow tables): {hint}")
         return
-    if (local := _local_store(uri)) is None:
-        return
-    kind, path = local
-    if kind == "file":
+    if uri.startswith("file:") or not ("://" in uri or uri.startswith(("sqlite:", "databricks", "uc:"))):  # file store
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path) if uri.startswith("file:") else uri)
         if not path.is_dir():
             raise DednInputError(path, "--tracking-uri", f"no such MLflow file store: {hint}")
         return
+    if not uri.startswith("sqlite:"):  # a server or another database
+        return
+    name = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    path = Path(urllib.parse.unquote(name.split("?", 1)[0]))
     if str(path) in ("", ":memory:"):
         raise DednInputError(uri, "--tracking-uri", f"an in-memory SQLite store holds nothing: {hint}")
     if not path.is_file():

@@ -1,10 +1,5 @@
-"""The plots logged on a search's parent run (matplotlib, Agg backend).
-
-- ``study_plots``: Optuna's own plots of the study (``optuna.visualization.matplotlib``): validation H per epoch of
-  every configuration (its intermediate values; configurations stopped early end early), the parameters' importance
-  for validation H, and the parallel coordinates of the parameters against it.
-- ``calibration``: seen (S) and unseen (U) accuracy and H of the best trial against calibration c.
-"""
+"""The plots logged on a search's parent run (matplotlib, Agg backend): Optuna's own plots of the study, and the best
+trial's seen (S) and unseen (U) accuracy and H against calibration c."""
 
 from __future__ import annotations
 
@@ -22,8 +17,7 @@ __all__ = ["calibration", "study_plots"]
 
 
 def study_plots(study: Any) -> dict[str, Figure]:
-    """``val_H_per_epoch.png``, ``param_importance.png`` and ``parallel_coordinates.png`` of an Optuna study, each
-    drawn by Optuna; a plot Optuna cannot draw yet (fewer than two finished trials) says so instead."""
+    """Optuna's plots of the study by file name; one it cannot draw yet (too few finished trials) says so instead."""
     import optuna.visualization.matplotlib as vm
 
     drawn = {

@@ -21,17 +21,7 @@ from tracking.served_model import CODE_FILE as PYFUNC_CODE
 from tracking.served_model import check_model_folder, code_matches, fetched_model, model_signature, open_model
 from tracking.store import mlflow_uris
 
-__all__ = [
-    "PYFUNC_CODE",
-    "best_child_run",
-    "check_store_matches",
-    "predict_store",
-    "final_model_run",
-    "latest_search",
-    "promote",
-    "trial_run",
-    "verify_figures",
-]
+__all__ = ["predict_store", "latest_search", "promote", "trial_run"]
 
 _FIGURES = ("U", "S", "H", "T")
 _PARENT = "mlflow.parentRunId"
@@ -109,8 +99,7 @@ def latest_search(uri: str) -> str:
 
 
 def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
-    """A checkpoint folder of the trial's best-epoch weights (trained on the validation task's train split),
-    configured as the search's ``base_config.yaml`` with the run's sampled values (tag ``dedn.values``)."""
+    """The trial's best-epoch weights (validation task) as a checkpoint: ``base_config.yaml`` with ``dedn.values``."""
     import mlflow
     import torch
 
@@ -188,8 +177,6 @@ def promote(
         parent = final_model_run(uri, experiment)
         run_id, m, reuse = parent.info.run_id, parent.data.metrics, "dedn.final_of_search"
         tags = {
-            reuse: run_id,
-            "dedn.search_run_id": run_id,
             "dedn.weights": "final model: the chosen configuration retrained on trainval",
             **{f"dedn.test_{k}": str(m[f"test_{k}"]) for k in _FIGURES},
             **{f"dedn.{k.removeprefix('best_')}": str(v) for k, v in m.items() if k.startswith("best_val_")},
@@ -200,15 +187,14 @@ def promote(
         parent, best = best_child_run(uri, experiment, metric) if trial == "best" else trial_run(uri, experiment, trial)
         run_id, m, reuse = best.info.run_id, best.data.metrics, "dedn.trial_run_id"
         tags = {
-            reuse: run_id,
             "dedn.trial_id": best.data.tags.get("dedn.trial_id", ""),
-            "dedn.search_run_id": parent.info.run_id,
             "dedn.weights": "trial best epoch (validation task)",
             "dedn.selected_by": metric,
             **{f"dedn.{k}": str(v) for k, v in m.items() if k.startswith("best_val_")},
         }
         task, expected, what = "validation", {k: float(m[f"best_val_{k}"]) for k in _FIGURES}, "the trial logged"
         checkpoint = partial(_trial_checkpoint, uri, parent, best)
+    tags = {reuse: run_id, "dedn.search_run_id": parent.info.run_id, **tags}
     with mlflow_uris(uri):
         version = _reusable(uri, model_name, reuse, run_id)
         if version is None:
@@ -295,8 +281,7 @@ def predict_store(
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            write = df.to_parquet if out.suffix == ".parquet" else df.to_csv
-            write(tmp, index=False)
+            (df.to_parquet if out.suffix == ".parquet" else df.to_csv)(tmp, index=False)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -1,8 +1,6 @@
-"""Open a DEDN model from the registry, a run or a folder without running anything the model carries.
-
-``mlflow.pyfunc.load_model`` would run the folder's pickles or logged code. Here the ``MLmodel`` is read first
-(safe YAML), anything but the project's models-from-code form is refused, and the installed ``DednModel`` is
-built from the checkpoint's safetensors, YAML and JSON only."""
+"""Open a DEDN model from the registry, a run or a folder without running anything it carries (as
+``mlflow.pyfunc.load_model`` would): the ``MLmodel`` is read as safe YAML, anything but the project's models-from-code
+form refused, and the installed ``DednModel`` built from the checkpoint's safetensors, YAML and JSON only."""
 
 from __future__ import annotations
 
@@ -18,16 +16,7 @@ from dedn.safe_yaml import load_mapping
 from tracking.databases import check_existing_store
 from tracking.store import resolve_tracking_uri
 
-__all__ = [
-    "CODE_FILE",
-    "LOADER",
-    "check_model_folder",
-    "code_matches",
-    "fetched_model",
-    "load_dedn_model",
-    "model_signature",
-    "open_model",
-]
+__all__ = ["CODE_FILE", "check_model_folder", "code_matches", "fetched_model", "model_signature", "open_model"]
 
 CODE_FILE = Path(__file__).resolve().parent / "pyfunc_model.py"
 LOADER = "mlflow.pyfunc.loaders.code_model"
@@ -42,8 +31,7 @@ def _listing(names: list[str], what: str, limit: int = 12) -> str:
 
 
 def check_model_folder(folder: Path, label: str) -> tuple[Path, Path]:
-    """Refuse a model folder not in the project's models-from-code form; returns (checkpoint folder, logged
-    code file). ``label`` names the model in errors (its URI or folder)."""
+    """(checkpoint folder, logged code file) of a models-from-code folder; refuses any other, naming ``label``."""
     src = f"{label}/MLmodel"
     mlmodel = folder / "MLmodel"
     if not mlmodel.is_file():
@@ -98,22 +86,6 @@ def model_signature() -> Any:
 def code_matches(code_file: Path) -> bool:
     """Whether the logged code file is the installed ``tracking/pyfunc_model.py`` byte for byte."""
     return code_file.is_file() and code_file.read_bytes() == CODE_FILE.read_bytes()
-
-
-def load_dedn_model(checkpoint: Path, label: str) -> Any:
-    """The installed ``DednModel``, loaded from a checkpoint folder (safetensors, YAML, JSON; no pickle)."""
-    from tracking.pyfunc_model import DednModel
-
-    model = DednModel()
-    try:
-        model.load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}, model_config=None))
-    except DednInputError:
-        raise
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        rule = f"cannot be read: {type(e).__name__}: {first}"
-        raise DednInputError(f"{label}/checkpoint", "checkpoint", rule) from None
-    return model
 
 
 def _artifact_source(model_uri: str, tracking_uri: str) -> str:
@@ -189,11 +161,22 @@ def fetched_model(model_uri: str, tracking_uri: str | None) -> Iterator[Path]:
 
 
 def open_model(model_uri: str, tracking_uri: str | None, *, installed_code: bool = False) -> Any:
-    """The model at ``model_uri`` as the installed ``DednModel``, after its folder passed
-    ``check_model_folder``; with ``installed_code`` its logged code must also be the installed module's."""
+    """``model_uri`` as the installed ``DednModel``, loaded from safetensors, YAML and JSON (no pickle) once its folder
+    passed ``check_model_folder`` (with ``installed_code``, ``code_matches`` too)."""
     with fetched_model(model_uri, tracking_uri) as folder:
         checkpoint, code = check_model_folder(folder, model_uri)
         if installed_code and not code_matches(code):
             rule = "the logged code is not the installed tracking/pyfunc_model.py"
             raise DednInputError(f"{model_uri}/{CODE_FILE.name}", f"{_PF}.model_code_path", rule)
-        return load_dedn_model(checkpoint, model_uri)
+        from tracking.pyfunc_model import DednModel
+
+        model = DednModel()
+        try:
+            model.load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}, model_config=None))
+        except DednInputError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            rule = f"cannot be read: {type(e).__name__}: {first}"
+            raise DednInputError(f"{model_uri}/checkpoint", "checkpoint", rule) from None
+        return model

@@ -20,7 +20,7 @@ from typing import Any
 
 from tracking.store import MAX_TAG, artifact_location
 
-__all__ = ["RUN_KEY", "Row", "RunSink", "rows_batches"]
+__all__ = ["Row", "RunSink", "rows_batches"]
 
 RUN_KEY = "dedn.trial_id"  # the tag that finds a trial's (or a population member's) run
 EXPERIMENT_TAG = "dedn.experiment"  # the tag that finds a search's parent run

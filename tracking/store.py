@@ -1,8 +1,5 @@
-"""The tracking store a command talks to: its URI, the checks made before a search logs to it, and MLflow's
-process-wide settings around a block. ``sqlite:///PATH`` is the embedded store (the default), ``http://host:port`` a
-shared server, ``postgresql://USER@HOST/DATABASE`` a PostgreSQL database (``tracking.databases``; artifacts then go to
-``mlruns/`` in the working folder).
-"""
+"""The tracking store a command talks to (``sqlite:///PATH`` by default, ``http://host:port``, or ``postgresql://``
+with artifacts in ``./mlruns/``): its URI, the checks before a search logs to it, MLflow's settings around a block."""
 
 from __future__ import annotations
 
@@ -15,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dedn.errors import DednInputError
+from tracking.databases import database_tables, is_postgres, normalized
 
 __all__ = [
     "MAX_TAG",
@@ -32,8 +30,6 @@ MAX_TAG = 5000  # characters of a tag value the project keeps
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` here (absolute); PostgreSQL with its driver named."""
-    from tracking.databases import normalized
-
     if uri is None:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     return normalized(uri)
@@ -47,8 +43,7 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def check_not_scattered(uri: str, joins_cluster: bool) -> None:
-    """Refuse a file store (``file:`` or a bare path) when joining a cluster: its paths resolve per node and runs
-    scatter. SQLite (written only by the driver) or a server is fine."""
+    """Refuse a file store (``file:`` or a bare path) on a cluster: its paths resolve per node and runs scatter."""
     scheme = uri.split(":", 1)[0] if "://" in uri or uri.startswith("file:") else ""
     if joins_cluster and scheme in ("", "file"):
         why = "a file store cannot serve a multi-node cluster: use --tracking-uri http://host:port (a shared server) or sqlite:///ABSOLUTE/PATH on the driver"
@@ -67,8 +62,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """DednInputError at once when the store cannot be used. A PostgreSQL database is first connected to directly,
     for ``timeout_s`` at most (MLflow retries a failing one for minutes); MLflow then creates its tables in it."""
     from mlflow.tracking import MlflowClient
-
-    from tracking.databases import database_tables, is_postgres
 
     if is_postgres(uri):
         database_tables(uri, "tracking store", timeout_s)

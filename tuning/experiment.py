@@ -1,8 +1,4 @@
-"""A search's options, its experiment folder ``<storage>/<name>/`` and its MLflow parent run around Ray's session:
-``open_tracking`` creates the parent run (on resume finds it by its tag); ``joined_or_abandoned`` enters Ray's
-session, undoes what the search made when that fails (``abandon``), and ends its runs KILLED for ``--resume`` when the
-search is stopped (Ctrl-C, SIGTERM: ``mark_killed``).
-"""
+"""A search's options, its experiment folder ``<storage>/<name>/`` and its MLflow parent run around Ray's session."""
 
 from __future__ import annotations
 
@@ -27,7 +23,6 @@ __all__ = [
     "experiment_dir",
     "experiment_path",
     "joined_or_abandoned",
-    "mark_killed",
     "open_tracking",
 ]
 
@@ -93,30 +88,16 @@ def checked_tracking_uri(opts: SearchOptions) -> str:
     return uri
 
 
-def _parent_tags(store: Any, spec_path: str, posthoc: bool) -> dict[str, str]:
-    import optuna
-    import ray
-
-    from tracking.store import code_version
-
-    return {
-        "dedn.dataset": store.meta.name,
-        "dedn.fingerprint": store.meta.fingerprint,
-        "dedn.search_spec": str(Path(spec_path).resolve()),
-        "dedn.code_version": code_version(),
-        "ray.version": ray.__version__,
-        "optuna.version": optuna.__version__,
-        "dedn.posthoc_inference": str(posthoc).lower(),
-    }
-
-
 def open_tracking(
     opts: SearchOptions, exp: Path, name: str, store: Any, base: dict[str, Any], resume: bool = False
 ) -> RunSink:
-    """The search's MLflow runs: the parent run created with the spec, the store's header (``store.json``) and the base
-    config (``base_config.yaml``: ``dedn promote`` rebuilds a trial's config from it), or on resume found again. If
-    that fails, a new search's folder goes again."""
+    """The search's MLflow parent run, created with the spec, the store's header and the base config (``dedn promote``
+    rebuilds a trial's config from it), or on resume found again; if that fails, a new search's folder goes again."""
+    import optuna
+    import ray
+
     from dedn.checkpoints import checkpoint_header
+    from tracking.store import code_version
 
     assert opts.tracking_uri is not None
     sink = RunSink(opts.tracking_uri, name)
@@ -125,7 +106,16 @@ def open_tracking(
         "base_config.yaml": yaml.safe_dump(base, sort_keys=False),
     }
     try:
-        sink.open_parent(_parent_tags(store, opts.spec_path, opts.posthoc_inference), [opts.spec_path], texts)
+        tags = {
+            "dedn.dataset": store.meta.name,
+            "dedn.fingerprint": store.meta.fingerprint,
+            "dedn.search_spec": str(Path(opts.spec_path).resolve()),
+            "dedn.code_version": code_version(),
+            "ray.version": ray.__version__,
+            "optuna.version": optuna.__version__,
+            "dedn.posthoc_inference": str(opts.posthoc_inference).lower(),
+        }
+        sink.open_parent(tags, [opts.spec_path], texts)
     except BaseException:
         abandon(exp, sink, resume)
         raise

@@ -4,10 +4,9 @@ Why: a TPE proposal rates its candidates against every trial. A population searc
 a second and holds 10,000 trials after ten minutes, where ``TPESampler`` takes 119 ms per configuration (2.4 cores)
 and one fit per population 6 ms (``benchmarks/optuna_sampling.py --sizes 1000 10000 --storages journal``). Optuna
 has no public way to draw several configurations from one fit (optuna/optuna#2660, closed without it; #2626).
-Names used: ``optuna.samplers._tpe.sampler``'s ``_split_trials``, ``default_gamma(_multiobjective)``; ``TPESampler``'s
-``_build_parzen_estimator``, ``_compute_acquisition_func``, ``_sample``, ``_rng``, ``_n_ei_candidates``,
-``_constant_liar``, ``_gamma``; ``Study._get_trials``. ``tests/tuning/test_optuna_internals.py`` checks them against
-the installed Optuna and compares the sampler with ``TPESampler`` call for call.
+Names used: ``PRIVATE_NAMES`` and ``TPESampler``'s ``_rng``, ``_n_ei_candidates``, ``_constant_liar``, ``_gamma``;
+``tests/tuning/test_optuna_internals.py`` checks them against the installed Optuna and compares the sampler with
+``TPESampler`` call for call.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 
 from dedn.errors import DednInputError
@@ -65,17 +66,12 @@ def checked_storage(url: str | None, experiment: Path, field: str, new_search: b
         absolute = Path(path).expanduser().resolve()
         if not absolute.parent.is_dir():
             raise DednInputError(url, field, f"folder {absolute.parent} does not exist")
-        if url.startswith(_SQLITE):
-            _, sep, query = url.partition("?")
-            url = f"{_SQLITE}{absolute}{sep}{query}"
-        else:
-            url = f"{_JOURNAL}{absolute}"
+        prefix = _SQLITE if url.startswith(_SQLITE) else _JOURNAL
+        url = f"{prefix}{absolute}{url[len(prefix) + len(path) :]}"  # a SQLite URL's ?query kept
         exists = absolute.is_file()
     else:
         exists = "studies" in database_tables(url, "optuna storage")
     if new_search and exists:
-        import optuna
-
         try:
             names = optuna.get_all_study_names(open_storage(url))
         except Exception as e:  # not a SQLite database, not a journal, tables of another Optuna version
@@ -90,8 +86,6 @@ def checked_storage(url: str | None, experiment: Path, field: str, new_search: b
 
 def open_storage(url: str) -> Any:
     """The Optuna storage ``url`` names (``RDBStorage`` or ``JournalStorage``), its tables or file created."""
-    import optuna
-
     if url.startswith(_JOURNAL):
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix(_JOURNAL)))
     if is_postgres(url):  # a database that stops answering fails a call in seconds instead of hanging
@@ -102,20 +96,17 @@ def open_storage(url: str) -> Any:
 
 
 def open_buffered(url: str) -> tuple[Any, Callable[[], None]]:
-    """(storage, flush) for the one process writing a study: a journal is a ``BufferedJournal``; other
-    storages write each call at once, and their ``flush`` does nothing."""
+    """(storage, flush) for the one process writing a study: a journal is buffered, other storages write at once."""
     if not url.startswith(_JOURNAL):
         return open_storage(url), lambda: None
-    import optuna
-
     backend = BufferedJournal(url.removeprefix(_JOURNAL))
     return optuna.storages.JournalStorage(backend), backend.flush
 
 
 class BufferedJournal(BaseJournalBackend):
-    """A ``JournalFileBackend`` keeping appends in memory until ``flush``, ``max_logs`` kept or the oldest
-    ``max_age_s`` old (one lock, write and disk sync for many calls); reads see the file's logs, then the kept
-    ones. For the study's one writer: ``flush`` raises when another process appended meanwhile."""
+    """A ``JournalFileBackend`` keeping appends in memory until ``flush``, ``max_logs`` kept or the oldest ``max_age_s``
+    old (one lock, write and disk sync for many calls). For the study's one writer: ``flush`` raises when another
+    process appended meanwhile."""
 
     def __init__(self, path: str, max_logs: int = 2_000, max_age_s: float = 1.0) -> None:
         self.path, self.max_logs, self.max_age_s = path, max_logs, max_age_s
@@ -147,7 +138,6 @@ class BufferedJournal(BaseJournalBackend):
             self.flush()
 
     def flush(self) -> None:
-        """Write the kept logs to the file at once."""
         if not self.pending:
             return
         start, logs = self.in_file, self.pending

@@ -1,15 +1,11 @@
-"""Population trials: each Ray Tune trial trains M configurations as one batched model (dedn.population).
+"""Population trials: each Ray Tune trial trains M configurations as one batched model (dedn.population), each
+member its own Optuna trial (``tuning.study_searcher``).
 
-- ``tuning.population_searcher.PopulationSearcher`` asks Optuna for M configurations per Tune trial; every
-  member is its own Optuna trial, sees its validation H per epoch as intermediate values, ends PRUNED
-  when successive halving stops it, FAIL when it diverges and COMPLETE with its best validation H otherwise.
-- ``population_trainable`` runs ``train_population`` and reports every epoch: the population's best
-  active member as ``val_H`` (what Tune's scheduler sees) and every member's record under ``members``, each a row of
-  values in the order ``member_columns`` names (``section`` reads them back as dicts). Rows, not nested dicts: Tune
-  flattens a result's dicts and keeps running statistics of every number in them, in the driver, for every result.
-
-A population checkpoint holds ``state.pt`` (the batched model and optimiser of the active members,
-every member's best-epoch weights and history; ``weights_only`` loadable) and ``progress.json``.
+``population_trainable`` reports every epoch the best active member as ``val_H`` (what Tune's scheduler sees) and
+every member's record under ``members``, as a row of values in the order ``member_columns`` names (``section`` reads
+them back as dicts). Rows, not nested dicts: Tune flattens a result's dicts and keeps running statistics of every
+number in them, in the driver, for every result. A population checkpoint holds ``state.pt`` (the active members'
+batched model and optimiser, every member's best-epoch weights and history; ``weights_only``) and ``progress.json``.
 """
 
 from __future__ import annotations
@@ -29,10 +25,8 @@ __all__ = [
     "configurations",
     "member_key",
     "best_weights",
-    "load_population_checkpoint",
     "population_metrics",
     "population_trainable",
-    "save_population_checkpoint",
     "section",
     "write_member_checkpoint",
 ]
@@ -55,9 +49,8 @@ def configurations(config: Any) -> list[tuple[int | None, dict[str, Any]]]:
 
 
 def section(result: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
-    """``result[name]`` as {member: {key: value}}: Tune passes a result nested (callbacks) or flattened to
-    ``name/<member>`` and ``name/<member>/<key>`` (searchers); a member's row of values is read with the result's
-    ``member_columns``."""
+    """``result[name]`` as {member: {key: value}}, from a result nested (callbacks) or flattened to ``name/<member>``
+    and ``name/<member>/<key>`` (searchers); a member's row of values is read with the result's ``member_columns``."""
     nested = result.get(name)
     prefix = name + "/"
     if not isinstance(nested, dict):
@@ -74,9 +67,8 @@ def section(result: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
 
 
 def population_metrics(epoch: int, records: dict[int, Any], p: Any, size: int, posthoc: bool) -> dict[str, Any]:
-    """What a population trial of ``size`` members reports for ``epoch``: every member trained this epoch
-    under ``members``, every member that ended this epoch under ``ended``, the leading member's metrics
-    as the trial's own (``val_H`` is what Tune's scheduler sees) and the population's throughput."""
+    """What a population trial of ``size`` members reports for ``epoch``: the members trained under ``members``, those
+    that ended this epoch under ``ended``, the leading member's metrics as the trial's own, the throughput."""
     from tuning.trainable import epoch_metrics
 
     per = {str(j): epoch_metrics(r, posthoc) for j, r in records.items()}
@@ -92,15 +84,10 @@ def population_metrics(epoch: int, records: dict[int, Any], p: Any, size: int, p
         lead = max(per, key=lambda j: per[j]["val_H"])
         metrics.update({k: v for k, v in per[lead].items() if k != "epoch"})
         metrics["val_member"] = int(lead)
-        rate = next(iter(records.values())).samples_per_s
-        metrics["population_samples_per_s"] = rate * len(records)
-    metrics.update(
-        {
-            "members_trained": len(records),
-            "members_active": len(p.active),
-            "peak_device_mb_per_member": p.peak_device_bytes / 2**20 / max(1, len(records)),
-        }
-    )
+        metrics["population_samples_per_s"] = next(iter(records.values())).samples_per_s * len(records)
+    metrics["members_trained"] = len(records)
+    metrics["members_active"] = len(p.active)
+    metrics["peak_device_mb_per_member"] = p.peak_device_bytes / 2**20 / max(1, len(records))
     return metrics
 
 
@@ -108,18 +95,15 @@ def save_population_checkpoint(folder: str, epoch: int, progress: Any, members: 
     from dedn.population import population_state
 
     torch.save(population_state(epoch, progress), os.path.join(folder, TRIAL_STATE))
-    with open(os.path.join(folder, TRIAL_PROGRESS), "w") as f:
-        json.dump(
-            {
-                "epoch": epoch,
-                "population": True,
-                "members": members,
-                "partitions": [[int(i) for i in p] for p in progress.partitions],
-                "status": list(progress.status),
-                "best_epoch": list(progress.best_epoch),
-            },
-            f,
-        )
+    saved = {
+        "epoch": epoch,
+        "population": True,
+        "members": members,
+        "partitions": [[int(i) for i in p] for p in progress.partitions],
+        "status": list(progress.status),
+        "best_epoch": list(progress.best_epoch),
+    }
+    Path(folder, TRIAL_PROGRESS).write_text(json.dumps(saved))
 
 
 def load_population_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -141,7 +125,6 @@ def population_trainable(
     store, node, zero_copy, resume, reporter = trial_setup(shared, load_population_checkpoint)
     members = list(config["members"])
     cfgs = [trial_config(base, m) for m in members]
-
     last_epoch = cfgs[0].effective().optim.epochs
 
     def report(epoch: int, records: dict[int, Any], p: Any) -> None:
@@ -167,10 +150,8 @@ def population_trainable(
 
 def best_weights(checkpoint_path: str | os.PathLike[str], member: int | None) -> dict[str, torch.Tensor]:
     """The best-epoch weights (a single-configuration DEDN state dict) in a trial checkpoint."""
-    state = torch.load(Path(checkpoint_path) / TRIAL_STATE, map_location="cpu", weights_only=True)
-    if member is None:
-        return state["best_model"]
-    return state["best_state"][member]
+    state = load_population_checkpoint(checkpoint_path)  # a single trial's state.pt too
+    return state["best_model"] if member is None else state["best_state"][member]
 
 
 def write_member_checkpoint(population_folder: str | os.PathLike[str], member: int, out: Path) -> Path:
@@ -179,16 +160,13 @@ def write_member_checkpoint(population_folder: str | os.PathLike[str], member: i
     state = load_population_checkpoint(population_folder)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"best_model": state["best_state"][member]}, out / TRIAL_STATE)
-    progress = json.loads((Path(population_folder) / TRIAL_PROGRESS).read_text())
-    (out / TRIAL_PROGRESS).write_text(
-        json.dumps(
-            {
-                "epoch": state["last_epoch"][member],
-                "best_epoch": state["best_epoch"][member],
-                "partition": progress["partitions"][member],
-                "status": state["status"][member],
-                "history": state["histories"][member],
-            }
-        )
-    )
+    partitions = json.loads((Path(population_folder) / TRIAL_PROGRESS).read_text())["partitions"]
+    progress = {
+        "epoch": state["last_epoch"][member],
+        "best_epoch": state["best_epoch"][member],
+        "partition": partitions[member],
+        "status": state["status"][member],
+        "history": state["histories"][member],
+    }
+    (out / TRIAL_PROGRESS).write_text(json.dumps(progress))
     return out

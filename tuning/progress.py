@@ -1,14 +1,12 @@
-"""The search's console: one live progress line instead of Tune's result tables (``--verbose`` brings those back).
-
-On a terminal the line is rewritten about once a second; otherwise (a log file, CI) a line is written whenever a
-trial ends and at most every ``every_s`` seconds. It is counted from Tune's trial list, resumed trials included.
-"""
+"""The search's console: one progress line, counted from Tune's trial list (resumed trials included), instead of Tune's
+result tables (``--verbose``). On a terminal it is rewritten about once a second; elsewhere (a log file, CI) a line is
+written whenever a trial ends and at most every ``every_s`` seconds."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 from ray.tune import Callback
 
@@ -50,7 +48,7 @@ def progress_line(trials: list[Any], total: int, last_epoch: int, elapsed: float
 
 
 class ProgressView(Callback):
-    """Writes ``progress_line`` to ``stream`` (stderr) while Tune runs."""
+    """Writes ``progress_line`` to stderr while Tune runs."""
 
     def __init__(self, total: int, last_epoch: int, every_s: float = 15.0) -> None:
         self.total, self.last_epoch, self.every_s = total, last_epoch, every_s
@@ -63,12 +61,8 @@ class ProgressView(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    @property
-    def stream(self) -> TextIO:
-        return sys.stderr
-
     def _show(self, trials: list[Any], force: bool = False) -> None:
-        live = self.stream.isatty()
+        live = sys.stderr.isatty()
         now = time.monotonic()
         if not force and now - self._last < (1.0 if live else self.every_s):
             return
@@ -77,16 +71,13 @@ class ProgressView(Callback):
         if line == self._shown and not live:
             return
         self._shown = line
-        if live:
-            self.stream.write("\r" + line.ljust(self._width))
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        sys.stderr.write("\r" + line.ljust(self._width) if live else line + "\n")
+        self._width = len(line)  # what the next line on a terminal overwrites
+        sys.stderr.flush()
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         # Tune marks a trial ended after its callbacks ran: it shows (own line off a terminal) a step later
-        self._show(trials, force=self._due and not self.stream.isatty())
+        self._show(trials, force=self._due and not sys.stderr.isatty())
         self._due = False
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -96,6 +87,6 @@ class ProgressView(Callback):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self._show(trials, force=True)
-        if self.stream.isatty():
-            self.stream.write("\n")
-            self.stream.flush()
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -1,9 +1,8 @@
 """The record of a search: what Tune saved of it, and the one place that reads it.
 
 Each trial's ``result.json`` holds one JSON object per report: a single trial's epoch record, or a population
-trial's, whose members' records are under ``members`` and whose members that ended under ``ended``
-(``tuning.population``). A retried or resumed trial reports again the epochs after its last checkpoint: the record
-keeps each epoch's first report, and every view of it (MLflow's runs, the parent run's table, the plots) does too.
+trial's (``tuning.population``). A retried or resumed trial reports again the epochs after its last checkpoint: the
+record keeps each epoch's first report, and every view of it (MLflow's runs, the parent run's table, the plots) too.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ __all__ = ["configuration_epochs", "configuration_records", "epoch_records", "re
 
 
 def result_file(trial: Any) -> Path:
-    """A Tune trial's ``result.json``: the copy Tune's driver writes (its staging folder) when there is one, else
-    the experiment folder's."""
+    """A Tune trial's ``result.json``: the copy Tune's driver writes (its staging folder) if any, else the experiment's."""
     for folder in (getattr(trial, "local_path", None), getattr(trial, "path", None)):
         if folder and (Path(folder) / "result.json").is_file():
             return Path(folder) / "result.json"
@@ -58,8 +56,7 @@ def stamp_ms(report: dict[str, Any]) -> int:
 
 
 def epoch_records(report: dict[str, Any], population: bool) -> dict[int | None, dict[str, Any]]:
-    """The epoch record of each configuration in one report: {None: the report} for a single trial, {j: member j's
-    record} for the members a population trained that epoch."""
+    """The epoch record of each configuration in one report: {None: the report}, or {j: member j's record}."""
     if not population:
         return {None: report} if "epoch" in report else {}
     return {int(j): m for j, m in section(report, "members").items() if isinstance(m, dict) and "epoch" in m}
@@ -69,7 +66,7 @@ def configuration_records(
     all_reports: tuple[dict[str, Any], ...], member: int | None
 ) -> list[tuple[int, dict[str, Any]]]:
     """(report time in ms, record) of every report of one configuration (``member`` of a population, None for a
-    single trial), reports of an epoch again included, in the order made."""
+    single trial), repeated epochs included, in the order made."""
     out = []
     for report in all_reports:
         record = epoch_records(report, member is not None).get(member)
@@ -81,10 +78,9 @@ def configuration_records(
 def configuration_epochs(
     all_reports: tuple[dict[str, Any], ...], member: int | None, up_to: int | None = None
 ) -> list[tuple[int, dict[str, Any]]]:
-    """(report time in ms, record) of each epoch of one configuration (``member`` of a population, None for a single
-    trial), its first report only, in epoch order; epochs after ``up_to`` left out."""
+    """``configuration_records`` of each epoch up to ``up_to``, its first report only, in epoch order."""
     seen: dict[int, tuple[int, dict[str, Any]]] = {}
     for stamp, record in configuration_records(all_reports, member):
-        if record["epoch"] not in seen and (up_to is None or record["epoch"] <= up_to):
-            seen[record["epoch"]] = (stamp, record)
+        if up_to is None or record["epoch"] <= up_to:
+            seen.setdefault(record["epoch"], (stamp, record))
     return [seen[e] for e in sorted(seen)]

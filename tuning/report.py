@@ -14,12 +14,12 @@ from cluster.objects import SharedStore
 from dedn.data.store import FeatureStore
 from tracking import plots
 from tracking.sink import RunSink
-from tuning.population import member_key
+from tuning.population import best_weights, configurations, member_key
 from tuning.record import configuration_epochs, reports
 from tuning.selection import Entry
 from tuning.space import chosen_values, trial_config
 
-__all__ = ["C_GRID", "EPOCHS_FILE", "calibration_curve", "epochs_table", "report_search"]
+__all__ = ["epochs_table", "report_search"]
 
 C_GRID = [round(0.1 * i, 2) for i in range(31)]
 EPOCHS_FILE = "epochs.parquet"
@@ -37,39 +37,27 @@ def calibration_curve(
     from dedn.partitions import resolve_partition
 
     cfg = trial_config(base, cfg_values).effective()
-    inference = cfg.inference.model_copy(
-        update={
-            "grid_lambda_rc": [cfg.inference.lambda_rc],
-            "grid_lambda_e": [cfg.inference.lambda_e],
-            "grid_calibration": C_GRID,
-        }
-    )
-    cfg = cfg.model_copy(update={"device": "cpu", "inference": inference})
-    model = build_model(cfg, store, resolve_partition(cfg, store), torch.device("cpu"))
+    inf = cfg.inference
+    cpu = torch.device("cpu")
+    grids = {"grid_lambda_rc": [inf.lambda_rc], "grid_lambda_e": [inf.lambda_e], "grid_calibration": C_GRID}
+    cfg = cfg.model_copy(update={"device": "cpu", "inference": inf.model_copy(update=grids)})
+    model = build_model(cfg, store, resolve_partition(cfg, store), cpu)
     model.load_state_dict(state)
-    _, _, grid = evaluate(
-        model, FeatureSource(store.features(), torch.device("cpu")), store, make_task(store, "validation"), cfg
-    )
-    return [g["S"] for g in grid], [g["U"] for g in grid], [g["H"] for g in grid], cfg.inference.calibration
+    _, _, grid = evaluate(model, FeatureSource(store.features(), cpu), store, make_task(store, "validation"), cfg)
+    return [g["S"] for g in grid], [g["U"] for g in grid], [g["H"] for g in grid], inf.calibration
 
 
 def epochs_table(results: list[Any]) -> Any:
-    """Every configuration's epochs as one table (pyarrow): its run key (``dedn.trial_id``), then every number the
-    epoch reported, each epoch as first reported."""
+    """Every configuration's epochs as one table (pyarrow): its run key (``dedn.trial_id``), then every JSON number (not
+    a bool) the epoch reported, each epoch as first reported."""
     import pyarrow as pa
-
-    from tuning.population import configurations
 
     rows: list[dict[str, Any]] = []
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         for j, _ in configurations(r.config):
             for _, record in configuration_epochs(reports(Path(r.path) / "result.json"), j):
-                numbers = {
-                    k: float(v)
-                    for k, v in record.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"
-                }
+                numbers = {k: float(v) for k, v in record.items() if type(v) in (int, float) and k != "epoch"}
                 rows.append({"trial_id": member_key(trial_id, j), "epoch": int(record["epoch"]), **numbers})
     columns = ["trial_id", "epoch", *sorted({k for row in rows for k in row} - {"trial_id", "epoch"})]
     return pa.table({c: [row.get(c) for row in rows] for c in columns})
@@ -100,6 +88,7 @@ def report_search(
     import optuna
     import pyarrow.parquet as pq
 
+    from dedn.checkpoints import save_checkpoint
     from tuning.optuna_storage import open_storage
     from tuning.tracking_callback import not_logged
 
@@ -109,78 +98,36 @@ def report_search(
     study = optuna.load_study(study_name=sink.experiment, storage=open_storage(storage))
     for name, fig in plots.study_plots(study).items():
         _log_figure(sink, scratch, fig, name)
-    if best is not None:
-        _log_calibration_plot(sink, scratch, best, best_metrics, posthoc, base, store)
+    values = chosen_values(best.config if best else {}, best_metrics, posthoc)  # with posthoc, its inference point
+    # S, U and H against calibration c, for the best entry's checkpointed weights at its chosen values
+    checkpoint = getattr(best.result, "checkpoint", None) if best is not None else None
+    if best is not None and checkpoint is not None and Path(checkpoint.path).is_dir():  # it kept weights
+        s, u, h, chosen = calibration_curve(values, base, store, best_weights(checkpoint.path, best.member))
+        _log_figure(sink, scratch, plots.calibration(C_GRID, s, u, h, chosen), "calibration_best_trial.png")
     table = scratch / EPOCHS_FILE
     pq.write_table(epochs_table(results), table)
     sink.call("epochs.parquet", lambda client: client.log_artifact(parent, str(table)))
     summary = {f"best_{k}": float(v) for k, v in best_metrics.items() if k.startswith("val_")}
-    if final is not None:
-        _log_final_model(sink, exp, final, base, store, best_metrics)
+    if final is not None:  # the retrained model: <experiment>/final_model
+        epoch = int(best_metrics["epoch"])
+        cfg = trial_config(base, final["config"])
+        info = {"test": final["test"], "validation": best_metrics, "weights": "retrained on trainval", "epoch": epoch}
+        folder = save_checkpoint(exp / "final_model", final["state"], cfg, store, np.asarray(final["partition"]), info)
+        sink.call("final model", lambda client: client.log_artifacts(parent, str(folder), "final_model"))
         summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T")})
     summary["best_epoch"] = float(best_metrics.get("epoch", 0))
-    values = {k: str(v) for k, v in chosen_values(best.config if best else {}, best_metrics, posthoc).items()}
-    best_key = best.key if best is not None else None
 
     def summarise(client: Any) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        run = sink.runs().get(best_key) if best_key else None
+        run = sink.runs().get(best.key) if best is not None else None
         tags = [RunTag("dedn.best_trial_run_id", run.info.run_id)] if run is not None else []
         metrics = [Metric(k, v, 0, 0) for k, v in summary.items()]
-        client.log_batch(parent, metrics=metrics, params=[Param(k, v) for k, v in sorted(values.items())], tags=tags)
+        params = [Param(k, str(v)) for k, v in sorted(values.items())]
+        client.log_batch(parent, metrics=metrics, params=params, tags=tags)
         client.set_terminated(parent, status="FINISHED")
 
     sink.call("summary metrics, best configuration and status", summarise)
     left = not_logged(sink.experiment) + sink.close()
     shutil.rmtree(scratch, ignore_errors=True)
     return left
-
-
-def _log_calibration_plot(
-    sink: RunSink,
-    scratch: Path,
-    entry: Entry,
-    best_metrics: dict[str, Any],
-    posthoc: bool,
-    base: dict[str, Any],
-    store: FeatureStore,
-) -> None:
-    """S, U and H against calibration c for the best entry's checkpointed weights (when it kept one), at
-    the chosen configuration (with ``posthoc``, at the inference point it chose on validation)."""
-    from tuning.population import best_weights
-
-    checkpoint = getattr(entry.result, "checkpoint", None)
-    if checkpoint is None or not Path(checkpoint.path).is_dir():
-        return
-    state = best_weights(checkpoint.path, entry.member)
-    values = chosen_values(entry.config, best_metrics, posthoc)
-    s, u, h, chosen = calibration_curve(values, base, store, state)
-    _log_figure(sink, scratch, plots.calibration(C_GRID, s, u, h, chosen), "calibration_best_trial.png")
-
-
-def _log_final_model(
-    sink: RunSink,
-    exp: Path,
-    final: dict[str, Any],
-    base: dict[str, Any],
-    store: FeatureStore,
-    best_metrics: dict[str, Any],
-) -> None:
-    """Save the retrained model to ``<experiment>/final_model`` and log it on the parent run."""
-    from dedn.checkpoints import save_checkpoint
-
-    folder = save_checkpoint(
-        exp / "final_model",
-        final["state"],
-        trial_config(base, final["config"]),
-        store,
-        np.asarray(final["partition"]),
-        {
-            "test": final["test"],
-            "validation": best_metrics,
-            "weights": "retrained on trainval",
-            "epoch": int(best_metrics["epoch"]),
-        },
-    )
-    sink.call("final model", lambda client: client.log_artifacts(str(sink.parent_id), str(folder), "final_model"))

@@ -25,17 +25,7 @@ from typing import Any
 
 from dedn.errors import DednInputError
 
-__all__ = [
-    "KEY_FILE",
-    "SIGNATURE_FILE",
-    "StateSigner",
-    "key_path",
-    "resume_key",
-    "resume_signer",
-    "signing_key",
-    "state_files",
-    "verify_state",
-]
+__all__ = ["StateSigner", "resume_signer", "signing_key", "verify_state"]
 
 # Not *.json: on --resume Tune copies *.json and *.pkl to its staging folder and back, which would restore an old one.
 SIGNATURE_FILE = "resume.sig"
@@ -43,6 +33,7 @@ KEY_FILE = "resume.key"
 _FORMAT = 1
 _KEEP = 16  # digests kept per file
 _DOMAIN = b"dedn-resume-state-v1\0"
+_log = logging.getLogger(__name__)
 
 
 def key_path() -> Path:
@@ -214,9 +205,7 @@ def _signer_class() -> type:
                 if (staging := _staging_folder(Path(storage.experiment_driver_staging_path))) is not None:
                     self._signer.sign(staging)
             except Exception as e:  # never fail the search over it: a later --resume is refused instead
-                logging.getLogger(__name__).warning(
-                    "could not sign the search state for --resume: %s: %s", type(e).__name__, e
-                )
+                _log.warning("could not sign the search state for --resume: %s: %s", type(e).__name__, e)
 
     return ResumeSigner
 

@@ -1,14 +1,12 @@
 """``dedn search``: Ray Tune schedules DEDN trials, Optuna (TPE, seeded, SQLite) samples, ASHA stops early.
 
-The experiment folder ``<storage>/<name>/`` holds Ray Tune's state, every trial's checkpoints, the
-Optuna study (``optuna.db``, open it with ``optuna-dashboard sqlite:///.../optuna.db``; or where
-``--optuna-storage`` puts it, ``tuning.optuna_storage``) and
-``search.json`` (what was asked, so ``--resume`` needs nothing else).
-"""
+The experiment folder ``<storage>/<name>/`` holds Tune's state, every trial's checkpoints, the Optuna study
+(``optuna.db`` unless ``--optuna-storage`` puts it elsewhere) and ``search.json`` (all that ``--resume`` needs)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, replace
@@ -31,24 +29,9 @@ from tuning.experiment import (
 from tuning.selection import METRIC, best_trial, run_final_test, trial_states
 from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, load_search_spec, trial_config
 
-__all__ = [
-    "METRIC",
-    "MODE",
-    "SearchOptions",
-    "SearchOutcome",
-    "best_trial",
-    "build_tuner",
-    "check_experiment_name",
-    "check_space_against_store",
-    "experiment_path",
-    "population_size",
-    "prepare",
-    "run_search",
-    "tune_settings",
-]
+__all__ = ["SearchOptions", "SearchOutcome", "build_tuner", "experiment_path", "prepare", "run_search", "tune_settings"]
 
 MODE = "max"
-SCHEDULER_METRIC = "val_H_best"  # the best val_H of the trial so far (tuning.trainable.EpochReporter)
 
 
 @dataclass
@@ -75,45 +58,14 @@ def population_size(spec: SearchSpec, opts: SearchOptions) -> int:
     return int(opts.population or spec.population.size)
 
 
-def _trainable(shared: SharedStore, base: dict[str, Any], opts: SearchOptions, spec: SearchSpec) -> Any:
-    from ray import tune
-
-    kwargs: dict[str, Any] = {"shared": shared, "base": base, "posthoc": opts.posthoc_inference}
-    kwargs["checkpoint_every"] = spec.checkpoint_every
-    fn: Any
-    if population_size(spec, opts) > 1:
-        from tuning.population import population_trainable as fn
-
-        p = spec.population
-        halving = {"grace_period": p.grace_period, "reduction_factor": p.reduction_factor, "min_members": p.min_members}
-        kwargs["halving"] = halving if p.halving else None
-    else:
-        from tuning.trainable import dedn_trainable as fn
-    return tune.with_resources(
-        tune.with_parameters(fn, **kwargs), {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
-    )
-
-
-def _searcher(spec: SearchSpec, opts: SearchOptions, exp: Path, name: str, epochs: int) -> Any:
-    from tuning.optuna_storage import default_storage
-    from tuning.study_searcher import StudySearcher
-
-    keep = {k for k in spec.params if not (opts.posthoc_inference and k in INFERENCE_PARAMS)}
-    points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
-    size = population_size(spec, opts)
-    storage = opts.optuna_storage or default_storage(exp)
-    define = DefineByRun(spec, opts.posthoc_inference)
-    return StudySearcher(define, size if size > 1 else None, storage, name, spec.seed, points, METRIC, MODE, epochs)
-
-
 def _scheduler(spec: SearchSpec, epochs: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if spec.scheduler.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(  # on the best epoch so far: the value the search selects on, Optuna learns
+    return ASHAScheduler(
         time_attr="epoch",
-        metric=SCHEDULER_METRIC,
+        metric="val_H_best",  # the trial's best val_H so far (EpochReporter): what the search selects on, Optuna learns
         mode=MODE,
         max_t=epochs,
         grace_period=min(spec.scheduler.grace_period, epochs),
@@ -122,8 +74,9 @@ def _scheduler(spec: SearchSpec, epochs: int) -> Any:
 
 
 def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str, Any]:
-    """Validate the spec, the base config and the store before Ray starts; returns the spec, the base
-    config, the store path and the opened store (features not read yet)."""
+    """Check the spec, base config and store before Ray starts: (spec, base config, store path, store unread)."""
+    from dedn.build import check_compatible
+
     spec, base, base_path = load_search_spec(opts.spec_path)
     store_path = opts.store or spec.store or base.get("data", {}).get("store")
     if not store_path:
@@ -131,8 +84,6 @@ def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str, Any]:
     base = {**base, "data": {**base.get("data", {}), "store": str(store_path)}}
     cfg = trial_config(base, {}, source=str(base_path))
     store = open_store(store_path)
-    from dedn.build import check_compatible
-
     check_compatible(cfg.effective(), store)
     check_space_against_store(spec, base, store, opts.spec_path)
     return spec, base, str(store_path), store
@@ -160,12 +111,9 @@ def check_space_against_store(spec: SearchSpec, base: dict[str, Any], store: Any
 
 
 def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
-    """Run (or with ``resume`` continue) a search; prints nothing itself, returns the outcome.
-
-    Everything is checked and the search recorded before Ray starts; then the store goes into Ray's
-    object store once, Tune runs the trials, the best configuration is retrained and tested once, and
-    the parent MLflow run gets the plots and summary. ``best.json`` in the experiment folder keeps the outcome."""
+    """Run (or with ``resume`` continue) a search; prints nothing, returns the outcome (kept in ``best.json``)."""
     from cluster.connect import ray_session
+    from tuning.study_searcher import fail_unstarted
 
     clock = _PhaseClock()
     exp, name, opts, spec, base, store = _prepare_experiment(opts, resume)
@@ -179,11 +127,9 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
         shared = share_store(store)  # read once, put once; trials read the object store
         clock.end("store into the object store")
         grid = build_tuner(shared, base, opts, spec, exp, name, sink, resume).fit()
-        from tuning.study_searcher import fail_unstarted
-
-        fail_unstarted(str(opts.optuna_storage), name)  # asked for a trial that the end came before
-        clock.end("trials (Tune)")
         storage = str(opts.optuna_storage)
+        fail_unstarted(storage, name)  # asked for a trial that the end came before
+        clock.end("trials (Tune)")
         results = [grid[i] for i in range(len(grid))]
         states, errors = trial_states(results)
         best_config, best_metrics, best_entry = best_trial(results)
@@ -241,10 +187,11 @@ class _PhaseClock:
 def _prepare_experiment(
     opts: SearchOptions, resume: bool
 ) -> tuple[Path, str, SearchOptions, SearchSpec, dict[str, Any], Any]:
-    """Everything before Ray starts: the experiment folder (new, or with ``resume`` an existing one and the
-    options it was started with), the spec, store and tracking store checked, and ``search.json`` written
-    for a new search. Returns (folder, name, the options in force, spec, base config, opened store)."""
+    """Everything before Ray starts: (folder, name, options in force, spec, base config, opened store); ``resume``
+    takes the folder's ``search.json`` options, a new search writes it."""
     from cluster.connect import check_address
+    from tuning.optuna_storage import checked_storage
+    from tuning.resume_state import verify_state
 
     check_address(opts.address)  # a malformed --address creates nothing
     if opts.name is not None:
@@ -254,20 +201,15 @@ def _prepare_experiment(
     if resume:
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
-        from tuning.resume_state import verify_state
-
         verify_state(exp)  # what Ray will unpickle: only what this user's searches signed
         saved = json.loads((exp / "search.json").read_text())
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
         raise DednInputError(exp, "experiment", "already exists: pick another --name or use --resume")
     spec, base, _, store = prepare(opts)
-    if spec.posthoc_inference and not opts.posthoc_inference:
-        opts = replace(opts, posthoc_inference=True)
+    opts = replace(opts, posthoc_inference=opts.posthoc_inference or spec.posthoc_inference)
     if opts.track:
         opts = replace(opts, tracking_uri=checked_tracking_uri(opts))
-    from tuning.optuna_storage import checked_storage
-
     field = "--optuna-storage" if opts.optuna_storage else "optuna_storage"
     storage = checked_storage(opts.optuna_storage or spec.optuna_storage, exp, field, not resume, name)
     opts = replace(opts, optuna_storage=storage)
@@ -279,11 +221,9 @@ def _prepare_experiment(
 
 
 def _tune_environment(population: int) -> None:
-    """Tune's settings that only its environment variables set: its own loggers write result.json only (MLflow holds
-    the metrics; its CSV and TensorBoard loggers cost the driver 150 ms per population result); and for a population
-    search, unless the user set it, up to 8 trials wait to start at once. Tune's default for a searcher of its own is
-    one: populations on 64 GPUs then start one after the other for minutes (each waits for its worker process), where
-    a single-configuration search keeps TPE's proposals as informed as can be."""
+    """Tune settings only its environment sets: its loggers write result.json only (CSV and TensorBoard cost the driver
+    150 ms per population result); a population search lets up to 8 trials wait to start (with Tune's default, one,
+    populations on 64 GPUs start one by one for minutes; single configurations keep it, for TPE's best proposals)."""
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if population > 1:
         os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "8")
@@ -292,34 +232,37 @@ def _tune_environment(population: int) -> None:
 def tune_settings(
     base: dict[str, Any], opts: SearchOptions, spec: SearchSpec, exp: Path, name: str, sink: RunSink | None
 ) -> tuple[Any, Any]:
-    """Ray Tune's ``TuneConfig`` and ``RunConfig`` for a new search: the Optuna searcher, the scheduler, the MLflow
-    callback (with ``sink``'s parent run), the progress line and the resume signer."""
+    """Ray Tune's ``TuneConfig`` and ``RunConfig`` for a new search: its searcher, scheduler and callbacks."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
+    from tuning.optuna_storage import default_storage
+    from tuning.progress import ProgressView
     from tuning.resume_state import resume_signer
+    from tuning.study_searcher import StudySearcher
     from tuning.tracking_callback import MLflowTrialLogger
 
-    _tune_environment(population_size(spec, opts))
+    size = population_size(spec, opts)
+    _tune_environment(size)
     epochs = int(trial_config(base, {}).effective().optim.epochs)
-    # num_samples counts configurations; with populations each Tune trial trains `size` of them.
-    num_samples = -(-(opts.num_samples or spec.num_samples) // population_size(spec, opts))
+    num_samples = -(-(opts.num_samples or spec.num_samples) // size)  # configurations, `size` per population trial
     callbacks: list[Any] = [JsonLoggerCallback()]
     if sink is not None:
         uri, parent = str(sink.uri), str(sink.parent_id)
         callbacks.append(MLflowTrialLogger(uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp)))
     if not opts.verbose:
-        import logging
-
-        from tuning.progress import ProgressView
-
         callbacks.append(ProgressView(num_samples, epochs))
         # Tune's older output engine prints nothing at verbose=0 (the newer one still prints a configuration
         # box and a TensorBoard hint); its INFO lines (state written, ...) are not for the console either
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    keep = {k for k in spec.params if not (opts.posthoc_inference and k in INFERENCE_PARAMS)}
+    points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
+    storage = opts.optuna_storage or default_storage(exp)
+    define = DefineByRun(spec, opts.posthoc_inference)
+    searcher = StudySearcher(define, size if size > 1 else None, storage, name, spec.seed, points, METRIC, MODE, epochs)
     tune_config = tune.TuneConfig(
-        search_alg=_searcher(spec, opts, exp, name, epochs),
+        search_alg=searcher,
         scheduler=_scheduler(spec, epochs),
         num_samples=num_samples,
         max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
@@ -348,16 +291,25 @@ def build_tuner(
     sink: RunSink | None,
     resume: bool,
 ) -> Any:
-    """Ray Tune's Tuner for the search: with ``resume``, the experiment's own, restored (its callbacks and searcher
-    with it)."""
+    """Ray Tune's Tuner for the search; with ``resume`` the experiment's own, restored with callbacks and searcher."""
     from ray import tune
 
-    trainable = _trainable(shared, base, opts, spec)
+    from tuning.resume_state import StateSigner, signing_key
+
+    kwargs = dict(shared=shared, base=base, posthoc=opts.posthoc_inference, checkpoint_every=spec.checkpoint_every)
+    fn: Any
+    if population_size(spec, opts) > 1:
+        from tuning.population import population_trainable as fn
+
+        halving = spec.population.model_dump(include={"grace_period", "reduction_factor", "min_members"})
+        kwargs["halving"] = halving if spec.population.halving else None
+    else:
+        from tuning.trainable import dedn_trainable as fn
+    resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(fn, **kwargs), resources)
     _tune_environment(population_size(spec, opts))
     if resume:
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
-    from tuning.resume_state import StateSigner, signing_key
-
     key = signing_key()
     tune_config, run_config = tune_settings(base, opts, spec, exp, name, sink)
     tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)

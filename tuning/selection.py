@@ -3,6 +3,7 @@ population counts as a trial), then that configuration retrained on trainval and
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,9 @@ METRIC = "val_H"  # what the search selects on: validation H at the trial's infe
 
 def trial_states(results: list[Any]) -> tuple[dict[str, int], dict[str, str]]:
     """How many trials ended in each state, and the last line of each failed trial's error by trial folder."""
-    states: dict[str, int] = {}
-    errors: dict[str, str] = {}
-    for r in results:
-        state = "ERROR" if r.error else "TERMINATED"
-        states[state] = states.get(state, 0) + 1
-        if r.error:
-            errors[Path(r.path).name] = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}"
+    states = dict(Counter("ERROR" if r.error else "TERMINATED" for r in results))
+    failed = [r for r in results if r.error]
+    errors = {Path(r.path).name: f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1]}" for r in failed}
     return states, errors
 
 
@@ -42,9 +39,7 @@ def run_final_test(
     import ray
 
     task = ray.remote(final_test).options(num_cpus=cpus, num_gpus=gpus)
-    epochs = int(best_metrics["epoch"])
-    final: dict[str, Any] = ray.get(task.remote(shared, base, best_config, epochs, best_metrics, posthoc))
-    return final
+    return ray.get(task.remote(shared, base, best_config, int(best_metrics["epoch"]), best_metrics, posthoc))
 
 
 @dataclass(frozen=True)
@@ -75,12 +70,7 @@ def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any], Entr
 
 
 def final_test(
-    shared: SharedStore,
-    base: dict[str, Any],
-    sampled: dict[str, Any],
-    epochs: int,
-    best: dict[str, Any],
-    posthoc: bool,
+    shared: SharedStore, base: dict[str, Any], sampled: dict[str, Any], epochs: int, best: dict[str, Any], posthoc: bool
 ) -> dict[str, Any]:
     """Retrain the chosen configuration on trainval for the chosen epochs and score the test split once."""
     from dedn.train import train

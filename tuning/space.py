@@ -20,12 +20,8 @@ from dedn.safe_yaml import load_mapping
 __all__ = [
     "INFERENCE_PARAMS",
     "DefineByRun",
-    "ParamSpec",
-    "PopulationSpec",
-    "SchedulerSpec",
     "SearchSpec",
     "chosen_values",
-    "inference_values",
     "load_search_spec",
     "sampled_params",
     "trial_config",
@@ -95,33 +91,15 @@ class SearchSpec(_Strict):
     points_to_evaluate: list[dict[str, Any]] = []
     scheduler: SchedulerSpec = SchedulerSpec()
     population: PopulationSpec = PopulationSpec()
-    reuse_actors: bool = Field(
-        False,
-        description="Run a new trial in a finished trial's worker process instead of starting a new one "
-        "(faster for many short trials; off by default, as in Ray Tune, which calls it racy).",
-    )
-    posthoc_inference: bool = Field(
-        False,
-        description="Do not sample lambda_rc, lambda_e, c: each trial sweeps them on validation and reports its "
-        "best grid point (dedn search --posthoc-inference turns it on too).",
-    )
-    checkpoint_every: int = Field(
-        1,
-        ge=1,
-        description="Checkpoint a trial every N epochs, at its last epoch and whenever its best epoch improves.",
-    )
-    epoch_metrics: Literal["all", "key"] = Field(
-        "all",
-        description="What each epoch logs to MLflow as metrics: all (its ~20 values, sent every 5 s) or key (val_H, "
-        "sent at most a minute late: most member runs then cost one request for their epochs). The parent run's "
-        "epochs.parquet holds every value either way. key is for population searches on many GPUs, where the "
-        "tracking server is the limit.",
-    )
-    optuna_storage: str | None = Field(
-        None,
-        description="Where the Optuna study lives: sqlite:///PATH, postgresql://USER@HOST[:PORT]/DATABASE or "
-        "journal:PATH (default: sqlite:///<experiment>/optuna.db; dedn search --optuna-storage overrides it).",
-    )
+    # reuse_actors: off by default as in Ray Tune, which calls it racy
+    reuse_actors: bool = Field(False, description="Run new trials in finished trials' workers (faster if short).")
+    posthoc_inference: bool = Field(False, description="Sweep lambda_rc, lambda_e, c on validation; never sample them.")
+    checkpoint_every: int = Field(1, ge=1, description="Every N epochs, at the last and whenever the best improves.")
+    # key (val_H, sent at most a minute late: most member runs cost one request) is for population searches on many
+    # GPUs, where the tracking server is the limit; the parent run's epochs.parquet holds every value either way
+    epoch_metrics: Literal["all", "key"] = Field("all", description="Epoch metrics to MLflow: all (~20) or key.")
+    # default sqlite:///<experiment>/optuna.db; dedn search --optuna-storage overrides it
+    optuna_storage: str | None = Field(None, description="sqlite:///PATH, postgresql://... or journal:PATH")
 
     @field_validator("optuna_storage")
     @classmethod
@@ -151,9 +129,8 @@ def load_search_spec(path: str | os.PathLike[str]) -> tuple[SearchSpec, dict[str
     try:
         spec = SearchSpec.model_validate(raw)
     except ValidationError as e:
-        raise DednInputErrors(
-            p, [(".".join(map(str, err["loc"])) or "spec", err["msg"]) for err in e.errors()]
-        ) from None
+        errors = [(".".join(map(str, err["loc"])) or "spec", err["msg"]) for err in e.errors()]
+        raise DednInputErrors(p, errors) from None
     try:
         base_path = (p.parent / spec.base).resolve()
         found = base_path.is_file()
@@ -198,8 +175,8 @@ def trial_config(base_raw: dict[str, Any], sampled: dict[str, Any], source: str 
 
 
 class DefineByRun:
-    """The Optuna define-by-run space for OptunaSearch (picklable: Tune saves the searcher). With
-    ``posthoc_inference`` the inference-only parameters are left out: each trial sweeps them on validation."""
+    """The Optuna define-by-run space (picklable: Tune saves the searcher). With ``posthoc_inference`` the
+    inference-only parameters are left out: each trial sweeps them on validation."""
 
     def __init__(self, spec: SearchSpec, posthoc_inference: bool) -> None:
         self.params = {k: v for k, v in spec.params.items() if not (posthoc_inference and k in INFERENCE_PARAMS)}
@@ -219,16 +196,13 @@ class DefineByRun:
                 values[name] = trial.suggest_float(name, p.low, p.high, log=log, step=None if log else p.step)
 
 
-def inference_values(metrics: dict[str, Any]) -> dict[str, float]:
-    """The best point of a trial's validation grid as dotted ``inference.*`` config values."""
-    from dedn.evaluation import inference_point
-
-    return {f"inference.{k}": v for k, v in inference_point(metrics, "grid_").items()}
-
-
 def chosen_values(sampled: dict[str, Any], metrics: dict[str, Any], posthoc: bool) -> dict[str, Any]:
     """A chosen configuration's dotted config values: its sampled ones, plus with ``posthoc`` its grid point."""
-    return {**sampled, **(inference_values(metrics) if posthoc else {})}
+    if not posthoc:
+        return {**sampled}
+    from dedn.evaluation import inference_point  # torch: only for posthoc
+
+    return {**sampled, **{f"inference.{k}": v for k, v in inference_point(metrics, "grid_").items()}}
 
 
 def sampled_params(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,17 +1,11 @@
-"""The search's Optuna searcher: the study learns the value the project selects on.
+"""The search's Optuna searcher. Every configuration (a single trial, or each member of a population trial) is its own
+Optuna trial: validation H per epoch as intermediate values, then COMPLETE with its best-epoch validation H, PRUNED
+when it stopped before its last epoch (scheduler, time budget, successive halving), FAIL when it raised or diverged.
+User attributes ``tune_trial_id``, ``member`` and ``dedn.trial_id`` (the tag of its MLflow run) link the stores.
 
-Every configuration (a single trial, or each member of a population trial) is its own Optuna trial: its validation
-H per epoch as intermediate values (step = epoch), then COMPLETE with its best-epoch validation H, PRUNED when it
-stopped before its last epoch (the scheduler, the time budget or successive halving), FAIL when it raised or
-diverged. User attributes ``tune_trial_id``, ``member`` and ``dedn.trial_id`` (the key its MLflow run carries as the
-tag of the same name) link the stores.
-
-Every call on the study is made by the searcher's one thread, in the order the driver queued it: a storage write
-syncs the disk, and Tune's event loop does not wait for that. A journal file's writes are kept in memory until the
-queue is empty (``tuning.optuna_storage.BufferedJournal``), and a population's configurations share one TPE fit
-(``tuning.optuna_internals``). ``suggest`` answers None (Tune asks again) until the configurations it queued are
-asked; ``save``, which Tune calls with every experiment checkpoint, waits for the queue first, so a saved searcher
-state never names a report the storage does not hold.
+Every call on the study is made by the searcher's one thread, in the order queued: a storage write syncs the disk,
+and Tune's event loop does not wait for that. ``suggest`` answers None (Tune asks again) until its configurations are
+asked; ``save`` waits for the queue, so a saved searcher state never names a report the storage does not hold.
 """
 
 from __future__ import annotations
@@ -24,26 +18,29 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from tuning.optuna_internals import PopulationTPE
+from tuning.optuna_storage import open_buffered, open_storage
 from tuning.population import member_key, section
 from tuning.space import DefineByRun
 
 __all__ = ["StudySearcher", "fail_unstarted"]
 
-
-def _nothing() -> None:
-    return None
-
-
 _LIVE: weakref.WeakSet[StudySearcher] = weakref.WeakSet()  # searchers of this process: fail_unstarted flushes them
+
+
+def _trial_id(storage: Any, study_name: str, number: int) -> int:
+    """A trial's storage id (what ``optuna.trial.Trial`` takes), from its number, through public storage methods."""
+    return int(storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number))
 
 
 class StudySearcher(Searcher):
     """A Ray Tune searcher over an Optuna study (TPE, seeded, ``constant_liar``). ``size`` None: each Tune trial is
     one configuration, its config the sampled values and ``optuna_trial`` (its number); else a population of
-    ``size``, its config ``members`` and ``optuna_trials``. Trials are kept by their storage id (what
-    ``optuna.trial.Trial`` takes), looked up from their number through the storage's public methods."""
+    ``size``, its config ``members`` and ``optuna_trials``. Trials are kept by their storage id."""
 
     def __init__(
         self,
@@ -66,35 +63,33 @@ class StudySearcher(Searcher):
         self.reported: dict[int, int] = {}  # Optuna trial id -> last epoch reported
         self.best: dict[int, float] = {}
         self.told: set[int] = set()
+        self._start_local()
+
+    _LOCAL = ("_study", "_storage", "_flush_storage", "_pool", "_asking", "_error", "_lock", "_queued")
+
+    def _start_local(self) -> None:
+        """This process's state (``_LOCAL``): never pickled, started afresh when unpickled."""
         self._study: Any = None
         self._storage: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._asking: Future[tuple[list[dict[str, Any]], list[int], list[int]]] | None = None
-        self._opened = False
         self._error: BaseException | None = None
-        self._flush_storage: Callable[[], None] = _nothing  # writes what a buffered journal keeps
+        self._flush_storage: Callable[[], None] = lambda: None  # writes what a buffered journal keeps
         self._lock, self._queued = threading.Lock(), 0  # calls queued and not yet made
         _LIVE.add(self)
-
-    _LOCAL = ("_study", "_storage", "_flush_storage", "_pool", "_asking", "_opened", "_error", "_lock", "_queued")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._LOCAL}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._study = self._storage = self._pool = self._asking = self._error = None
-        self._flush_storage = _nothing
-        self._lock, self._queued = threading.Lock(), 0
-        self._opened = False
-        _LIVE.add(self)
+        self._start_local()
 
     # -- the study's thread ---------------------------------------------------------------------------
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Queue ``fn(*args)`` for the study's thread; its first error is raised by the next ``flush``."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optuna-study")
-
         with self._lock:
             self._queued += 1
 
@@ -128,25 +123,18 @@ class StudySearcher(Searcher):
 
     def _open(self) -> None:
         """Open the study (on resume: reconciled with the storage) before the driver compares anything with it."""
-        if not self._opened:
+        if self._study is None:  # set by this call only: every other call on the study is queued after it
             self._submit(lambda: self.study).result()
-            self._opened = True
 
     @property
     def storage(self) -> Any:
         if self._storage is None:
-            from tuning.optuna_storage import open_buffered
-
             self._storage, self._flush_storage = open_buffered(self.storage_url)
         return self._storage
 
     @property
     def study(self) -> Any:
         if self._study is None:
-            import optuna
-
-            from tuning.optuna_internals import PopulationTPE
-
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             fresh = self.study_name not in optuna.get_all_study_names(self.storage)
             # a resumed search continues the seed's sequence where the study stands (the sampler's own
@@ -169,22 +157,16 @@ class StudySearcher(Searcher):
     def _close_orphans(self) -> None:
         """On resume, compare with the storage: trials asked by a driver that died before its state named them end
         FAIL (no Tune trial will continue them); finished ones are not told again; reported epochs not again."""
-        import optuna
-
         mine = {tid for ids in self.members.values() for tid in ids}
         for t in self._study.get_trials(deepcopy=False):
-            tid = self._storage_id(t.number)
-            if t.state == optuna.trial.TrialState.RUNNING and tid not in mine:
-                self._study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            tid = _trial_id(self.storage, self.study_name, t.number)
+            if t.state == TrialState.RUNNING and tid not in mine:
+                self._study.tell(t.number, state=TrialState.FAIL)
                 self.told.add(tid)
             elif t.state.is_finished():
                 self.told.add(tid)
             if t.intermediate_values:
                 self.reported[tid] = max(self.reported.get(tid, 0), max(t.intermediate_values))
-
-    def _storage_id(self, number: int) -> int:
-        study_id = self.storage.get_study_id_from_name(self.study_name)
-        return int(self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
     def _ask(self) -> tuple[list[dict[str, Any]], list[int], list[int]]:
         """(configurations, storage trial ids, trial numbers) of one Tune trial's configurations, asked now."""
@@ -196,7 +178,7 @@ class StudySearcher(Searcher):
                 if self.size is not None:
                     t.set_user_attr("member", j)
                 configs.append(dict(t.params))
-                ids.append(self._storage_id(t.number))
+                ids.append(_trial_id(self.storage, self.study_name, t.number))
                 numbers.append(t.number)
         return configs, ids, numbers
 
@@ -221,35 +203,27 @@ class StudySearcher(Searcher):
         return {"members": configs, "optuna_trials": numbers}
 
     def _trial(self, tid: int) -> Any:
-        import optuna
-
         return optuna.trial.Trial(self.study, tid)
 
     def _tell(self, tid: int, state: Any, value: float | None = None) -> None:
         """Tell a configuration's end, on the study's thread (once)."""
-        if tid in self.told:
-            return
-        self.told.add(tid)
-
-        self._submit(lambda: self.study.tell(self._trial(tid).number, value, state=state))
+        if tid not in self.told:
+            self.told.add(tid)
+            self._submit(lambda: self.study.tell(self._trial(tid).number, value, state=state))
 
     def _report(self, reports: list[tuple[int, float, int]]) -> None:
         for tid, value, epoch in reports:
             self._trial(tid).report(value, epoch)
 
-    def _records(self, trial_id: str, result: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
-        """(Optuna trial id, per-configuration record) of each configuration in a result."""
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._open()
         ids = self.members.get(trial_id, [])
         if self.size is None:
-            return [(ids[0], result)] if ids and "epoch" in result else []
-        return [(ids[int(j)], m) for j, m in section(result, "members").items()]
-
-    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        import optuna
-
-        self._open()
+            records = [(ids[0], result)] if ids and "epoch" in result else []
+        else:
+            records = [(ids[int(j)], m) for j, m in section(result, "members").items()]
         reports = []
-        for tid, m in self._records(trial_id, result):
+        for tid, m in records:
             epoch, value = int(m["epoch"]), float(m[self.metric])
             if epoch > self.reported.get(tid, 0) and tid not in self.told:
                 reports.append((tid, value, epoch))
@@ -257,26 +231,21 @@ class StudySearcher(Searcher):
             self.best[tid] = max(self.best.get(tid, float("-inf")), value)
         if reports:
             self._submit(self._report, reports)
-        ids = self.members.get(trial_id, [])
         for key, end in section(result, "ended").items():
-            tid = ids[int(key)]
-            state = optuna.trial.TrialState.FAIL if end["status"] == "failed" else optuna.trial.TrialState.PRUNED
-            self._tell(tid, state)
+            self._tell(ids[int(key)], TrialState.FAIL if end["status"] == "failed" else TrialState.PRUNED)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        import optuna
-
         if result:
             self.on_trial_result(trial_id, result)
         self._open()
         last = int(result.get("epoch", 0)) if result else 0
         for tid in self.members.get(trial_id, []):
             if error or tid not in self.best:
-                self._tell(tid, optuna.trial.TrialState.FAIL)
+                self._tell(tid, TrialState.FAIL)
             elif last < self.last_epoch:  # stopped early: by the scheduler, or the search's time budget
-                self._tell(tid, optuna.trial.TrialState.PRUNED)
+                self._tell(tid, TrialState.PRUNED)
             else:
-                self._tell(tid, optuna.trial.TrialState.COMPLETE, self.best[tid])
+                self._tell(tid, TrialState.COMPLETE, self.best[tid])
 
     def save(self, checkpoint_path: str) -> None:
         self.flush()  # what the state says was reported is in the storage
@@ -294,23 +263,17 @@ class StudySearcher(Searcher):
 def fail_unstarted(storage_url: str, study_name: str) -> int:
     """End FAIL, with the user attribute ``dedn.unstarted``, the study's RUNNING trials that no Tune trial took (asked
     as the search ended); returns how many. This process's searchers of the study write what they queued first."""
-    import optuna
-
-    from tuning.optuna_storage import open_storage
-
-    for searcher in list(_LIVE):  # what this process's searchers still keep goes to the storage first
+    for searcher in list(_LIVE):
         if searcher.study_name == study_name and searcher.storage_url == storage_url:
             searcher.flush()
     storage = open_storage(storage_url)
     if study_name not in optuna.get_all_study_names(storage):
         return 0
     study = optuna.load_study(study_name=study_name, storage=storage)
-    study_id = storage.get_study_id_from_name(study_name)
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if "tune_trial_id" not in t.user_attrs:
-            tid = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-            optuna.trial.Trial(study, tid).set_user_attr("dedn.unstarted", "the search ended before a trial took it")
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            n += 1
-    return n
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    unstarted = [t for t in running if "tune_trial_id" not in t.user_attrs]
+    for t in unstarted:
+        trial = optuna.trial.Trial(study, _trial_id(storage, study_name, t.number))
+        trial.set_user_attr("dedn.unstarted", "the search ended before a trial took it")
+        study.tell(t.number, state=TrialState.FAIL)
+    return len(unstarted)

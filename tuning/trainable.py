@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -43,11 +44,8 @@ def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
 def trial_setup(
     shared: SharedStore, load_state: Callable[[str], dict[str, Any]]
 ) -> tuple[Any, str, bool, dict[str, Any] | None, EpochReporter]:
-    """A trial's first steps: quiet checkpoint logging, threads = the CPUs Tune assigned, the store as an
-    object-store view. Returns (store, node id, features zero-copy?, the state to continue from read with
-    ``load_state`` or None on a first start, the reporter)."""
-    import logging
-
+    """A trial's first steps. Returns (the store as an object-store view, node id, features zero-copy?, the state to
+    continue from read with ``load_state`` or None on a first start, the reporter)."""
     import ray
     from ray import tune
 
@@ -69,11 +67,10 @@ def wants_checkpoint(epoch: int, last_epoch: int, every: int, improved: bool) ->
 class EpochReporter:
     """Reports a trial's epochs to Tune and keeps its checkpoints resumable whenever the driver dies.
 
-    Tune's retention (``num_to_keep``) deletes old checkpoint folders that its last saved experiment state may still
-    name, so a driver killed then left ``--resume`` unable to continue the trial. So Tune keeps every folder
-    (``num_to_keep=None``) and the reporter removes ``state.pt`` from all but the newest ``keep``, leaving the folders.
-    A trial resumed from an emptied folder continues from the next whole one, first reporting again the epochs in
-    between, so Tune, the scheduler and the tracking callback see the same results as without the kill.
+    Tune's retention (``num_to_keep``) deletes checkpoint folders its last saved experiment state may still name, so
+    a killed driver left ``--resume`` unable to continue. So Tune keeps every folder (``num_to_keep=None``) and the
+    reporter removes ``state.pt`` from all but the newest ``keep``. A trial resumed from an emptied folder continues
+    from the next whole one, first reporting again the epochs in between, as Tune would have seen them without the kill.
     """
 
     def __init__(self, keep: int = 2) -> None:
@@ -176,16 +173,10 @@ def _sha256(path: Path) -> str:
 
 def _whole(folder: Path) -> bool:
     """state.pt present and the one reports.json describes (if any: older folders have none)."""
-    state = folder / TRIAL_STATE
+    state, stamp = folder / TRIAL_STATE, folder / REPORTS
     if not state.is_file():
         return False
-    try:
-        stamp = json.loads((folder / REPORTS).read_text())
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return isinstance(stamp, dict) and stamp.get("state_sha256") == _sha256(state)
+    return not stamp.exists() or _json_field(stamp, "state_sha256", str) == _sha256(state)
 
 
 def _resume_candidates(named: Path, named_epoch: int | None) -> list[Path]:
