@@ -42,13 +42,13 @@ By default the search is configured as a population search on many GPUs should b
 ``epoch_metrics: key`` (5 MLflow metrics per member-epoch, the whole record in ``epochs.parquet`` when a run ends)
 and ``reuse_actors`` (trial processes reused: on a cluster they start on the GPU nodes, here they would all start on
 the driver's 2 cores). ``--optuna-storage sqlite``, ``--epoch-metrics all`` and ``--no-reuse-actors`` measure the
-spec's defaults instead; ``--no-writer`` keeps the tracker's background writer off (every MLflow call made in the
-driver's event loop). ``--gpus 16 --member-samples-per-s 116000`` offers the same member-epochs and Tune results
+spec's defaults instead. ``--tracking-backend postgresql`` puts the server on a PostgreSQL database it starts (several
+workers: the production topology of the README). ``--gpus 16 --member-samples-per-s 116000`` offers the same member-epochs and Tune results
 per second from 16 trials (256 member runs instead of 1,024).
 
     python benchmarks/driver_scale.py --seconds 120               # 64 GPUs, populations of 16
     python benchmarks/driver_scale.py --seconds 240 --gpus 16 --member-samples-per-s 116000
-    python benchmarks/driver_scale.py --seconds 600 --epoch-metrics all --no-writer --profile /tmp/driver.prof
+    python benchmarks/driver_scale.py --seconds 600 --tracking-backend postgresql --profile /tmp/driver.prof
 """
 
 from __future__ import annotations
