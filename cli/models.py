@@ -142,7 +142,8 @@ def _local_path(uri: str) -> str | None:
     help="Experiment whose training-runs table opens (default: the most recently created one).",
 )
 @_URI
-def ui(port: int, experiment: str | None, tracking_uri: str | None) -> None:
+@click.option("--verbose", is_flag=True, help="Show the server's access log (a line per request) and its INFO lines.")
+def ui(port: int, experiment: str | None, tracking_uri: str | None, verbose: bool) -> None:
     """Serve the MLflow UI on 127.0.0.1 over the project's tracking store, opened on a search's runs.
 
     Prints the URL of the experiment's training-runs table (MLflow's machine-learning view, where the
@@ -172,6 +173,8 @@ def ui(port: int, experiment: str | None, tracking_uri: str | None) -> None:
     url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else f"{base}/"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if not verbose:  # uvicorn's access log: a line per request, hundreds per page
+        cmd += ["--uvicorn-opts", "--no-access-log --log-level warning"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner, no huey consumers
     click.echo(f"starting the MLflow UI on {base} over {without_password(uri)}")
     sys.stdout.flush()

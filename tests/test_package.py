@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import ROOT
 
@@ -163,3 +166,14 @@ def test_no_private_ray_optuna_or_mlflow_name_outside_the_adapters() -> None:
             ):
                 bad.append(f"{where} .{node.attr}")
     assert bad == []
+
+
+def test_what_the_quick_start_writes_is_ignored_by_git() -> None:
+    """Every path the README's commands write in the clone (stores, experiments, the tracking store, predictions)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = ["data/tiny/meta.json", "runs/tiny/optuna.db", "mlflow.db", "mlruns/1/x/artifacts/a", "preds.parquet"]
+    r = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(r.stdout.split()) == sorted(written), r.stdout + r.stderr
+    kept = subprocess.run(["git", "check-ignore", "-q", "dedn/model.py"], cwd=ROOT)
+    assert kept.returncode == 1  # the sources are not ignored

@@ -29,9 +29,15 @@ MAX_TAG = 5000  # characters of a tag value the project keeps
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` here (absolute); PostgreSQL with its driver named."""
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` here; a relative SQLite path (``sqlite:///rel.db``,
+    MLflow's documented form) made absolute against the working folder, once, so that every process (Ray's workers
+    run in other folders) and every later command names the same file; PostgreSQL with its driver named."""
     if uri is None:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path, _, query = uri.removeprefix("sqlite:///").partition("?")
+        if path and path != ":memory:":
+            uri = f"sqlite:///{Path(path).expanduser().resolve()}" + (f"?{query}" if query else "")
     return normalized(uri)
 
 

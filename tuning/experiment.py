@@ -75,6 +75,9 @@ def experiment_path(storage_path: str, name_or_path: str) -> tuple[str, str]:
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return str(p.resolve().parent), p.resolve().name
+    if "/" in name_or_path or "\\" in name_or_path:
+        why = "no such folder: give the folder of an earlier search (runs/<name>) or its name under --storage-path"
+        raise DednInputError(name_or_path, "--resume", why)
     return storage_path, name_or_path
 
 

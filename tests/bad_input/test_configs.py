@@ -145,6 +145,15 @@ def test_spec_top_level_a_string(work: Path, tiny_store: Path) -> None:
     _search(work, tiny_store, spec, file=spec, field="top level")
 
 
+def test_resume_of_a_folder_that_does_not_exist(work: Path, tiny_store: Path) -> None:
+    """``--resume runs/<name>`` (the README's form) of a folder that is not there is named as a folder, not refused
+    as a bad single name."""
+    spec = _spec(work, TINY_CONFIG.read_text())
+    missing = "runs/does-not-exist"
+    line = _search(work, tiny_store, spec, "--resume", missing, file=missing, field="--resume")
+    assert "no such folder" in line and "single folder name" not in line
+
+
 # --- click's usage errors ---------------------------------------------------------------------------------
 
 

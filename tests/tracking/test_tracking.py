@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from dedn.errors import DednInputError
-from tests.helpers import ROOT, free_port, start_server, trial_rows, write_spec
+from tests.helpers import ROOT, cli_argv, free_port, start_server, trial_rows, write_spec
 from tuning.search import SearchOptions, run_search
 
 SPEC = """
@@ -220,36 +220,50 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
 
 
 @pytest.mark.slow  # a full scenario (search, server or compile): the slow tier
-def test_embedded_sqlite_default(tmp_path: Path, tiny_store: Path) -> None:
-    """Without --tracking-uri a search logs to mlflow.db in the working folder."""
+@pytest.mark.parametrize("named", ["default", "option", "environment"])
+def test_embedded_sqlite_default(named: str, tmp_path: Path, tiny_store: Path) -> None:
+    """Without --tracking-uri a search logs to mlflow.db in the working folder; the relative form of MLflow's
+    documentation, ``sqlite:///mlflow.db`` as an option or in MLFLOW_TRACKING_URI, names the same file, for the
+    search and for promote run later from the same folder."""
+    import os
+
     spec = write_spec(tmp_path, tiny_store, epochs=2, body=SPEC.replace("num_samples: 3", "num_samples: 2"))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from cli.main import main; main()",
-            "search",
-            "-c",
-            str(spec),
-            "--name",
-            "embedded",
-            "--storage-path",
-            str(tmp_path / "runs"),
-            "--no-final-test",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
-        | {"PYTHONPATH": str(ROOT)},
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": str(ROOT)}
+    option: list[str] = []
+    if named == "option":
+        option = ["--tracking-uri", "sqlite:///mlflow.db"]
+    elif named == "environment":
+        env["MLFLOW_TRACKING_URI"] = "sqlite:///mlflow.db"
+    search = ["search", "-c", str(spec), "--name", "embedded", "--storage-path", "runs", "--no-final-test", *option]
+    r = subprocess.run(cli_argv(*search), cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("embedded").experiment_id])
+    experiment = client.get_experiment_by_name("embedded")
+    runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 3  # the parent and two trials
+    assert experiment.artifact_location == (tmp_path / "mlruns" / "embedded").as_uri()
+    promote = ["promote", "--experiment", "embedded", "--model-name", "m", "--trial", "best", *option]
+    r = subprocess.run(cli_argv(*promote), cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert client.get_model_version_by_alias("m", "champion").run_id in {run.info.run_id for run in runs}
+
+
+def test_relative_sqlite_uri_is_made_absolute_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracking.store import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    here = tmp_path.resolve()
+    assert resolve_tracking_uri(None) == f"sqlite:///{here / 'mlflow.db'}"
+    assert resolve_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{here / 'mlflow.db'}"
+    assert resolve_tracking_uri("sqlite:///a/b.db?timeout=30") == f"sqlite:///{here / 'a' / 'b.db'}?timeout=30"
+    assert resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert resolve_tracking_uri("sqlite:///:memory:") == "sqlite:///:memory:"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri(None) == f"sqlite:///{here / 'env.db'}"
 
 
 def test_file_store_is_refused_on_a_cluster(tmp_path: Path, tiny_store: Path) -> None:

@@ -134,9 +134,12 @@ class _DednUI:
         self.proc.wait(timeout=30)
 
 
-def _check_serving_and_stop(ui: _DednUI, port: int, experiment_id: str, name: str, stop: signal.Signals) -> None:
+def _check_serving_and_stop(
+    ui: _DednUI, port: int, experiment_id: str, name: str, stop: signal.Signals, verbose: bool = False
+) -> None:
     """Everything the ready line promises, then ``stop`` (SIGTERM to dedn, or SIGINT to its group as a
-    terminal's Ctrl-C sends it) and nothing of what dedn started left running."""
+    terminal's Ctrl-C sends it) and nothing of what dedn started left running; the server's access log shown only
+    with ``--verbose``."""
     base = f"http://127.0.0.1:{port}"
     server_group = None
     try:
@@ -182,6 +185,11 @@ def _check_serving_and_stop(ui: _DednUI, port: int, experiment_id: str, name: st
             os.kill(ui.proc.pid, stop)
         assert ui.proc.wait(timeout=60) == 0
         ui.line_starting("stopped", 10)
+        assert ui.closed.wait(10)
+        while not ui.lines.empty():
+            ui.seen.append(ui.lines.get())
+        access = [line for line in ui.seen if '"GET /' in line]  # uvicorn's access log: a line per request
+        assert bool(access) == verbose, ui.seen
     except BaseException:
         ui.kill_all([server_group] if server_group else [])
         raise
@@ -205,8 +213,9 @@ def test_dedn_ui_opens_the_newest_runs_table_and_leaves_nothing_on_sigterm(tmp_p
 def test_dedn_ui_opens_the_named_experiment_and_leaves_nothing_on_ctrl_c(tmp_path: Path) -> None:
     uri, ids = _store(tmp_path)
     port = free_port()
-    ui = _DednUI(["--port", str(port), "--tracking-uri", uri, "--experiment", "older-search"], cwd=tmp_path)
-    _check_serving_and_stop(ui, port, ids["older-search"], "older-search", signal.SIGINT)
+    args = ["--port", str(port), "--tracking-uri", uri, "--experiment", "older-search", "--verbose"]
+    ui = _DednUI(args, cwd=tmp_path)
+    _check_serving_and_stop(ui, port, ids["older-search"], "older-search", signal.SIGINT, verbose=True)
 
 
 def test_dedn_ui_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
