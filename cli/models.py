@@ -75,8 +75,8 @@ def promote(
     tracking = resolve_tracking_uri(tracking_uri)
     with quiet_mlflow():  # a refusal is one line: MLflow's INFO and warning lines held back
         if experiment is None:
-            name = latest_search(tracking)
-            click.echo(f"experiment {name} (the latest search)")
+            name, newer = latest_search(tracking)
+            click.echo(f"experiment {name} (the latest finished search{'; ' + newer if newer else ''})")
         else:  # a search folder: its name
             name = Path(experiment).name if Path(experiment).is_dir() else experiment
         v = do_promote(tracking, name, model_name, metric, alias or None, store, trial)

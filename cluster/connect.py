@@ -23,7 +23,7 @@ from cluster import ray_internals
 from cluster.ray_internals import AUTH_LOGGER, find_cluster
 from dedn.errors import DednInputError
 
-__all__ = ["AUTH_MODE", "check_address", "ray_session", "resolve_address"]
+__all__ = ["AUTH_MODE", "check_address", "check_local_fit", "ray_session", "resolve_address"]
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
@@ -152,6 +152,19 @@ class _SigtermInterrupts:
             signal.signal(signal.SIGTERM, self.previous)  # also over Ray's own handler
         if self.held and raise_held:
             raise KeyboardInterrupt("stopped by signal SIGTERM")
+
+
+def check_local_fit(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """Refuse, before anything starts, a trial the local instance this command would start can never hold (Ray then
+    waits for the resources forever): its CPUs are this machine's, its GPUs those CUDA makes visible."""
+    import torch
+
+    have = {"--cpus-per-trial": float(os.cpu_count() or 1), "--gpus-per-trial": float(torch.cuda.device_count())}
+    for option, asked in (("--cpus-per-trial", cpus_per_trial), ("--gpus-per-trial", gpus_per_trial)):
+        if asked > have[option]:
+            what = option.removeprefix("--").removesuffix("-per-trial").upper()
+            why = f"asks {asked:g} {what} per trial; this machine (the local Ray instance, no --address) has {have[option]:g}"
+            raise DednInputError("dedn search", option, why)
 
 
 @contextmanager

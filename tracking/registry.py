@@ -87,15 +87,21 @@ def final_model_run(uri: str, experiment: str) -> Any:
     raise DednInputError(uri, "final_model", f"{rule}: promote a trial with --trial ID (or --trial best)")
 
 
-def latest_search(uri: str) -> str:
-    """The experiment of the most recently started search in the tracking store."""
+def latest_search(uri: str) -> tuple[str, str | None]:
+    """The experiment of the most recently started search that finished, and a note naming a newer search that did
+    not (killed, failed or still running) with the ``--experiment`` that picks it; refused when none finished."""
     client = _client(uri)
     ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
     spec, order = "tags.`dedn.search_spec` != ''", ["attributes.start_time DESC"]
-    runs = client.search_runs(ids, spec, max_results=1, order_by=order) if ids else []
+    runs = client.search_runs(ids, spec, max_results=1000, order_by=order) if ids else []
     if not runs:
         raise DednInputError(uri, "--experiment", "no search in this tracking store: run dedn search first")
-    return str(client.get_experiment(runs[0].info.experiment_id).name)
+    newest = str(client.get_experiment(runs[0].info.experiment_id).name)
+    done = next((r for r in runs if r.info.status == "FINISHED"), None)
+    unfinished = f"the latest search, {newest!r}, is {runs[0].info.status} (--experiment {newest} picks it)"
+    if done is None:
+        raise DednInputError(uri, "--experiment", f"no search in this tracking store finished: {unfinished}")
+    return str(client.get_experiment(done.info.experiment_id).name), None if done is runs[0] else unfinished
 
 
 def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:

@@ -189,7 +189,7 @@ def _prepare_experiment(
 ) -> tuple[Path, str, SearchOptions, SearchSpec, dict[str, Any], Any]:
     """Everything before Ray starts: (folder, name, options in force, spec, base config, opened store); ``resume``
     takes the folder's ``search.json`` options, a new search writes it."""
-    from cluster.connect import check_address
+    from cluster.connect import check_address, check_local_fit
     from tuning.optuna_storage import checked_storage
     from tuning.resume_state import verify_state
 
@@ -206,6 +206,8 @@ def _prepare_experiment(
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
         raise DednInputError(exp, "experiment", "already exists: pick another --name or use --resume")
+    if opts.address is None:  # what a joined cluster holds is known once joined (and can grow: autoscaling)
+        check_local_fit(opts.cpus_per_trial, opts.gpus_per_trial)
     spec, base, _, store = prepare(opts)
     opts = replace(opts, posthoc_inference=opts.posthoc_inference or spec.posthoc_inference)
     if opts.track:

@@ -154,6 +154,20 @@ def test_resume_of_a_folder_that_does_not_exist(work: Path, tiny_store: Path) ->
     assert "no such folder" in line and "single folder name" not in line
 
 
+@pytest.mark.parametrize("option", ["--gpus-per-trial", "--cpus-per-trial"])
+def test_a_trial_larger_than_this_machine(work: Path, tiny_store: Path, option: str) -> None:
+    """Without --address the search starts a local Ray instance, which would wait forever for a trial it can never
+    place: refused before anything exists, naming the option, what was asked and what the machine has."""
+    import os
+
+    import torch
+
+    has = torch.cuda.device_count() if option == "--gpus-per-trial" else os.cpu_count() or 1
+    spec = _spec(work, TINY_CONFIG.read_text())
+    line = _search(work, tiny_store, spec, option, str(has + 1), file="dedn search", field=option)
+    assert f"asks {has + 1} " in line and line.endswith(f"has {has}")
+
+
 # --- click's usage errors ---------------------------------------------------------------------------------
 
 

@@ -335,3 +335,36 @@ def test_server_going_away_fails_no_trial(tmp_path: Path, tiny_store: Path) -> N
     assert proc.returncode == 0, log[-3000:]
     assert "4 terminated" in log and "not logged" in log
     assert all(len(v) >= 1 for v in trial_rows(exp).values()) and len(trial_rows(exp)) == 4
+
+
+def test_the_latest_search_is_the_latest_that_finished(tmp_path: Path) -> None:
+    """promote without --experiment never picks a killed, failed or running search silently: it takes the newest
+    finished one and names the newer unfinished one with the --experiment that picks it; none finished: refused."""
+    from mlflow.tracking import MlflowClient
+
+    from tracking.registry import latest_search
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+
+    def search(name: str, start_ms: int, status: str | None) -> None:
+        exp = client.create_experiment(name)
+        run = client.create_run(exp, start_time=start_ms, tags={"dedn.search_spec": "x"})
+        if status is not None:
+            client.set_terminated(run.info.run_id, status=status)
+
+    search("first", 1_000, "FINISHED")
+    search("second", 2_000, "FINISHED")
+    assert latest_search(uri) == ("second", None)
+    search("killed", 3_000, "KILLED")
+    name, note = latest_search(uri)
+    assert name == "second" and note is not None and "'killed', is KILLED" in note and "--experiment killed" in note
+    search("running", 4_000, None)
+    assert latest_search(uri)[0] == "second" and "--experiment running" in str(latest_search(uri)[1])
+
+    empty = f"sqlite:///{tmp_path / 'other.db'}"
+    other = MlflowClient(tracking_uri=empty)
+    run = other.create_run(other.create_experiment("only"), tags={"dedn.search_spec": "x"})
+    other.set_terminated(run.info.run_id, status="FAILED")
+    with pytest.raises(DednInputError, match="no search in this tracking store finished.*'only', is FAILED"):
+        latest_search(empty)
