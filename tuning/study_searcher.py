@@ -1,6 +1,8 @@
 """The search's Optuna searcher. Every configuration (a single trial, or each member of a population trial) is its own
-Optuna trial: validation H per epoch as intermediate values, then COMPLETE with its best-epoch validation H, PRUNED
-when it stopped before its last epoch (scheduler, time budget, successive halving), FAIL when it raised or diverged.
+Optuna trial: its best validation H so far at each epoch as intermediate values (what ASHA ranks by; each epoch's own
+H is in MLflow), then COMPLETE with its best-epoch validation H, PRUNED when it stopped before its last epoch
+(scheduler, time budget, successive halving; Optuna keeps the last intermediate value, so its value is its best too),
+FAIL when it raised or diverged.
 User attributes ``tune_trial_id``, ``member`` and ``dedn.trial_id`` (the tag of its MLflow run) link the stores.
 
 Every call on the study is made by the searcher's one thread, in the order queued: a storage write syncs the disk,
@@ -225,10 +227,10 @@ class StudySearcher(Searcher):
         reports = []
         for tid, m in records:
             epoch, value = int(m["epoch"]), float(m[self.metric])
-            if epoch > self.reported.get(tid, 0) and tid not in self.told:
-                reports.append((tid, value, epoch))
-                self.reported[tid] = epoch
             self.best[tid] = max(self.best.get(tid, float("-inf")), value)
+            if epoch > self.reported.get(tid, 0) and tid not in self.told:
+                reports.append((tid, self.best[tid], epoch))
+                self.reported[tid] = epoch
         if reports:
             self._submit(self._report, reports)
         for key, end in section(result, "ended").items():

@@ -88,12 +88,15 @@ checkpoint_every: 3
             assert t.state == optuna.trial.TrialState.FAIL
             continue
         v = by_tune[tid]
-        assert t.intermediate_values == {r["epoch"]: r["val_H"] for r in v}  # per epoch, step = epoch
+        # per epoch (step = epoch) the best val_H so far: a pruned trial's value is then its best, as in MLflow
+        assert t.intermediate_values == pytest.approx(
+            {r["epoch"]: max(x["val_H"] for x in v[: i + 1]) for i, r in enumerate(v)}
+        )
         if len(v) == 4:  # ran to its last epoch: told its best epoch, what the search selects on
             assert t.state == optuna.trial.TrialState.COMPLETE
             assert t.value == pytest.approx(max(r["val_H"] for r in v))
-        else:  # stopped by ASHA (Optuna keeps a pruned trial's last intermediate value as its value)
-            assert t.state == optuna.trial.TrialState.PRUNED and t.value == pytest.approx(v[-1]["val_H"])
+        else:  # stopped by ASHA: Optuna keeps a pruned trial's last intermediate value, the best so far
+            assert t.state == optuna.trial.TrialState.PRUNED and t.value == pytest.approx(max(r["val_H"] for r in v))
     best_tid = next(tid for tid, v in by_tune.items() if any(r["val_H"] == best for r in v))
     assert study.best_trial.user_attrs["tune_trial_id"] == best_tid
     assert study.best_value == pytest.approx(best) == pytest.approx(out.best_metrics["val_H"])

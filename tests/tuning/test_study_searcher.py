@@ -74,3 +74,20 @@ def test_configurations_asked_as_the_search_ended_end_failed(tmp_path: Path) -> 
     assert trials[0].number == taken["optuna_trial"] and trials[0].state == optuna.trial.TrialState.RUNNING
     assert trials[1].state == optuna.trial.TrialState.FAIL and "dedn.unstarted" in trials[1].user_attrs
     assert fail_unstarted(url, "s") == 0 and fail_unstarted(url, "other") == 0
+
+
+def test_a_pruned_configuration_is_worth_its_best_epoch(tmp_path: Path) -> None:
+    """Intermediate values are the best validation H so far: Optuna keeps a PRUNED trial's last intermediate value
+    as its value, which is then its best epoch's H (what MLflow's best_val_H and Tune's val_H_best say)."""
+    url = f"journal:{tmp_path / 's.log'}"
+    s = _searcher(url)
+    wait_for(lambda: s.suggest("t1"), 60, "a configuration")
+    raw = [0.30, 0.55, 0.41]  # the trial's H per epoch: the best is the second
+    for epoch, h in enumerate(raw, start=1):
+        s.on_trial_result("t1", {"epoch": epoch, "val_H": h})
+    s.on_trial_complete("t1", {"epoch": 3, "val_H": raw[-1]})  # stopped before the last epoch (5): PRUNED
+    s.flush()
+    (t,) = _study(url).trials
+    assert t.state == optuna.trial.TrialState.PRUNED
+    assert t.intermediate_values == {1: 0.30, 2: 0.55, 3: 0.55}
+    assert t.value == max(raw)
