@@ -251,7 +251,8 @@ def tune_settings(
     callbacks: list[Any] = [JsonLoggerCallback()]
     if sink is not None:
         uri, parent = str(sink.uri), str(sink.parent_id)
-        callbacks.append(MLflowTrialLogger(uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp)))
+        logger = MLflowTrialLogger(uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp), epochs)
+        callbacks.append(logger)
     if not opts.verbose:
         callbacks.append(ProgressView(num_samples, epochs))
         # Tune's older output engine prints nothing at verbose=0 (the newer one still prints a configuration

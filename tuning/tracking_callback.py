@@ -46,10 +46,17 @@ class MLflowTrialLogger(Callback):
     ``epoch_metrics`` "all" logs every value of an epoch (about 20), "key" ``KEY_METRICS``."""
 
     def __init__(
-        self, uri: str, experiment: str, experiment_id: str, parent: str, epoch_metrics: str = "all", exp: str = ""
+        self,
+        uri: str,
+        experiment: str,
+        experiment_id: str,
+        parent: str,
+        epoch_metrics: str = "all",
+        exp: str = "",
+        epochs: int = 0,
     ) -> None:
         self.uri, self.experiment, self.experiment_id, self.parent = uri, experiment, experiment_id, parent
-        self.epoch_metrics, self.exp = epoch_metrics, exp
+        self.epoch_metrics, self.exp, self.epochs = epoch_metrics, exp, epochs  # epochs: a trial's last (0: unknown)
         self._live()
 
     def _live(self) -> None:
@@ -64,11 +71,11 @@ class MLflowTrialLogger(Callback):
         self.not_logged: list[str] = []
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
-        keep = ("uri", "experiment", "experiment_id", "parent", "epoch_metrics", "exp")
+        keep = ("uri", "experiment", "experiment_id", "parent", "epoch_metrics", "exp", "epochs")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"epochs": 0, **state})
         self._live()
 
     # -- what a trial's runs are ------------------------------------------------------------------------------------
@@ -207,6 +214,7 @@ class MLflowTrialLogger(Callback):
         tags = {"dedn.error": reason} if status == "FAILED" and reason else {}
         if key in self.ended:  # sent again with the end: a killed driver may not have sent it
             tags.update(_end_tag(self.ended[key]))
+        tags.update(self._outcome(key, status, tags))
         checkpoint = getattr(getattr(trial, "checkpoint", None), "path", None)
         artifacts = None
         if status == "FINISHED" and checkpoint:
@@ -216,6 +224,20 @@ class MLflowTrialLogger(Callback):
                 artifacts = self._member_checkpoint(checkpoint, member, key)
         self.closed.add(key)
         self.sink.end(key, status, final, tags, self._rows(trial, member), artifacts, f"end of {name}")
+
+    def _outcome(self, key: str, status: str, tags: dict[str, str]) -> dict[str, str]:
+        """``dedn.outcome`` (completed, stopped or failed: MLflow's status says FINISHED for the first two) and the
+        run's description saying the same, both shown in MLflow's runs table."""
+        last = self.logged.get(key, 0)
+        if status == "FAILED":
+            outcome, note = "failed", f"failed at epoch {last}: {tags.get('dedn.error', 'see the trial error')}"
+        elif "dedn.stopped" in tags:
+            outcome, note = "stopped", tags["dedn.stopped"]
+        elif self.epochs and last < self.epochs:
+            outcome, note = "stopped", f"stopped at epoch {last} of {self.epochs} (by the scheduler or the time budget)"
+        else:
+            outcome, note = "completed", f"completed {last} epochs"
+        return {"dedn.outcome": outcome, "mlflow.note.content": note}
 
     def _member_checkpoint(self, population: str, member: int, key: str) -> Any:
         from tuning.population import write_member_checkpoint

@@ -106,6 +106,12 @@ checkpoint_every: 3
         assert run.data.tags["optuna.trial_number"] == str(t.number)
         assert run.data.tags["dedn.trial_id"] == t.user_attrs["tune_trial_id"]
         assert run.info.run_name == f"trial-{t.number:03d}"
+        # how it ended, told apart in MLflow's table (its status says FINISHED for completed and stopped alike)
+        outcome = {"COMPLETE": "completed", "PRUNED": "stopped", "FAIL": "failed"}[t.state.name]
+        assert run.data.tags["dedn.outcome"] == outcome, (t.state, run.data.tags)
+        assert run.data.tags["mlflow.note.content"].startswith(outcome)
+        if t.state != optuna.trial.TrialState.FAIL:  # one value per trial: Optuna's is MLflow's best_val_H
+            assert t.value == pytest.approx(run.data.metrics["best_val_H"])
     finished = [r for r in children if r.info.status == "FINISHED"]
     top = max(finished, key=lambda r: r.data.metrics["best_val_H"])
     assert top.data.tags["dedn.trial_id"] == study.best_trial.user_attrs["dedn.trial_id"]
