@@ -242,7 +242,7 @@ def tune_settings(
     from tuning.progress import ProgressView
     from tuning.resume_state import resume_signer
     from tuning.study_searcher import StudySearcher
-    from tuning.tracking_callback import MLflowTrialLogger
+    from tuning.tracking_callback import MLflowTrialLogger, trial_name
 
     size = population_size(spec, opts)
     _tune_environment(size)
@@ -271,6 +271,8 @@ def tune_settings(
         max_concurrent_trials=opts.max_concurrent_trials or spec.max_concurrent_trials,
         time_budget_s=opts.time_budget_s or spec.time_budget_s,
         reuse_actors=spec.reuse_actors,
+        trial_name_creator=trial_name,  # trial-007 in Tune's folders and output, as its MLflow run is named
+        trial_dirname_creator=trial_name,
     )
     run_config = tune.RunConfig(
         name=name,

@@ -20,7 +20,7 @@ from tracking.sink import Row, RunSink
 from tuning.population import configurations, member_key, section
 from tuning.record import configuration_epochs, epoch_records, reports, result_file, stamp_ms
 
-__all__ = ["KEY_METRICS", "MLflowTrialLogger", "not_logged", "run_name"]
+__all__ = ["KEY_METRICS", "MLflowTrialLogger", "not_logged", "run_name", "trial_name"]
 
 _EPOCH_KEYS, _EXTRA_KEYS = ("val_", "loss_", "grid_"), ("samples_per_s", "epoch_seconds")
 # what an epoch logs with ``epoch_metrics: key`` (the parent run's epochs.parquet has the rest): rows cost the server
@@ -39,6 +39,13 @@ def run_name(trial: Any, optuna_number: int | None, member: int | None = None) -
     counter = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]  # Tune's "<n>_<params>"
     name = f"trial-{int(counter):03d}" if counter.isdigit() else f"trial-{trial.trial_id}"
     return name if member is None else f"{name}-m{member}"
+
+
+def trial_name(trial: Any) -> str:
+    """Tune's name and folder for a trial: its MLflow run's name (``trial-007``; a population ``trial-003``, its members'
+    runs ``trial-003-m5``), so that one trial has one name in the folders, MLflow, Optuna's number and the plots."""
+    config = trial.config if isinstance(trial.config, dict) else {}
+    return run_name(trial, config.get("optuna_trial"))
 
 
 class MLflowTrialLogger(Callback):

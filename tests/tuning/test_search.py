@@ -112,6 +112,10 @@ checkpoint_every: 3
         assert run.data.tags["mlflow.note.content"].startswith(outcome)
         if t.state != optuna.trial.TrialState.FAIL:  # one value per trial: Optuna's is MLflow's best_val_H
             assert t.value == pytest.approx(run.data.metrics["best_val_H"])
+    # one name per trial: Tune's folder is named as the MLflow run and after the Optuna number
+    assert {p.parent.name for p in out.experiment.glob("*/params.json")} == {
+        f"trial-{t.number:03d}" for t in study.trials
+    }
     finished = [r for r in children if r.info.status == "FINISHED"]
     top = max(finished, key=lambda r: r.data.metrics["best_val_H"])
     assert top.data.tags["dedn.trial_id"] == study.best_trial.user_attrs["dedn.trial_id"]
