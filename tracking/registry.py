@@ -219,6 +219,7 @@ def _log_and_register(run_id: str, ckpt: Path, model_name: str, tags: dict[str, 
 
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     c, h, w = meta["feature_shape"]
+    ended = mlflow.get_run(run_id).info  # start_run's end would move the run's end time to now: put back below
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -228,6 +229,8 @@ def _log_and_register(run_id: str, ckpt: Path, model_name: str, tags: dict[str, 
             input_example=np.zeros((2, c, h, w), dtype=np.float32),
             pip_requirements=["dedn-platform"],
         )
+    if ended.end_time:
+        mlflow.MlflowClient().set_terminated(run_id, status=ended.status, end_time=ended.end_time)
     inference = load_mapping(ckpt / "config.yaml", "model config").get("inference", {})
     tags = {"dedn.fingerprint": meta["fingerprint"], "dedn.dataset": meta["dataset"], **tags}
     tags.update({f"dedn.inference.{k}": str(v) for k, v in sorted(inference.items())})

@@ -80,7 +80,7 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     assert not marker.exists()
 
     # a pickle dropped into a trial folder (Tune unpickles a trial's error.pkl)
-    trial = next(p for p in exp.iterdir() if p.is_dir() and p.name.startswith("dedn_trainable"))
+    trial = next(p.parent for p in exp.glob("*/params.json"))
     dropped = trial / "error.pkl"
     dropped.write_bytes(_payload(marker))
     try:

@@ -322,10 +322,13 @@ def test_killed_search_resumes_with_both_stores_in_postgres(
     """A search killed and resumed with MLflow and Optuna both in PostgreSQL.
     Over 80 lines on purpose: one scenario, each check right after the step it checks."""
     tracking, study_url = postgres.createdb("mlflow_resume"), postgres.createdb("optuna_resume")
+    # a trial of this tiny model trains an epoch in ~0.1 s: 30 epochs keep the second one running for seconds, long
+    # enough for the kill below to land in it (at 6, a trial could end between two polls)
+    EPOCHS = 30
     spec = write_spec(
         tmp_path,
         tiny_store,
-        epochs=6,
+        epochs=EPOCHS,
         body="""
 num_samples: 4
 max_concurrent_trials: 1
@@ -349,8 +352,8 @@ scheduler: {type: fifo}
 
         def first_done_second_started():  # type: ignore[no-untyped-def]
             rows = trial_rows(exp)
-            done = [k for k, v in rows.items() if v and v[-1]["epoch"] == 6]
-            started = [k for k, v in rows.items() if v and v[-1]["epoch"] < 6]
+            done = [k for k, v in rows.items() if v and v[-1]["epoch"] == EPOCHS]
+            started = [k for k, v in rows.items() if v and v[-1]["epoch"] < EPOCHS]
             return done if done and started else None
 
         done = wait_for(first_done_second_started, 300, "a finished trial and a second one under way")
@@ -375,7 +378,7 @@ scheduler: {type: fifo}
     for k in done:  # the finished trial was not rerun
         assert after[k] == before[k]
     for k, v in after.items():  # every trial reached its last epoch
-        assert sorted({x["epoch"] for x in v}) == list(range(1, 7)), (k, [x["epoch"] for x in v])
+        assert sorted({x["epoch"] for x in v}) == list(range(1, EPOCHS + 1)), (k, [x["epoch"] for x in v])
     tune_ids = {v[0]["trial_id"] for v in after.values()}
 
     # Optuna, in PostgreSQL: each Tune trial is one COMPLETE trial; nothing is left RUNNING (a trial the
@@ -398,7 +401,7 @@ scheduler: {type: fifo}
     client = MlflowClient(tracking_uri=uri)
     for run in runs:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_H")]
-        assert sorted(steps) == list(range(1, 7)), steps
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), steps
     assert not list(tmp_path.rglob("*.db"))
 
 

@@ -191,10 +191,13 @@ scheduler: {type: fifo}
 def test_driver_killed_then_resumed(tmp_path: Path, tiny_store: Path) -> None:
     """A driver killed mid-search and resumed: every trial continues, nothing logged twice.
     Over 80 lines on purpose: one scenario, each check right after the step it checks."""
+    # a trial of this tiny model trains an epoch in ~0.1 s: 30 epochs keep the third one running for seconds, long
+    # enough for the kill below to land in it (at 6, a trial could end between two copies of Tune's results)
+    EPOCHS = 30
     spec = write_spec(
         tmp_path,
         tiny_store,
-        epochs=6,
+        epochs=EPOCHS,
         body="""
 num_samples: 4
 max_concurrent_trials: 1
@@ -220,20 +223,19 @@ scheduler: {type: fifo}
             f"sqlite:///{tmp_path / 'mlflow.db'}",
         ),
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        stdout=subprocess.DEVNULL,  # not read: a pipe would fill and hold the driver
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
         # Tune copies result rows into the experiment folder with its state, every 10 s by default;
-        # every 0.5 s here, so the kill lands while the third of these 3-second trials runs
+        # every 0.5 s here, so the kill lands while the third trial runs
         env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"},
     )
     try:
 
         def two_done_third_started():  # type: ignore[no-untyped-def]
             rows = trial_rows(exp)
-            done = [k for k, v in rows.items() if v and v[-1]["epoch"] == 6]
-            started = [k for k, v in rows.items() if v and v[-1]["epoch"] < 6]
+            done = [k for k, v in rows.items() if v and v[-1]["epoch"] == EPOCHS]
+            started = [k for k, v in rows.items() if v and v[-1]["epoch"] < EPOCHS]
             return (done, started) if len(done) >= 2 and started else None
 
         done, _ = wait_for(two_done_third_started, 240, "two finished trials and a third under way")
@@ -257,7 +259,7 @@ scheduler: {type: fifo}
         assert after[k] == before[k]
     for k, v in after.items():  # every trial reached its last epoch; the interrupted one continued
         # (it may repeat the epochs after the last checkpoint the killed driver had recorded)
-        assert sorted({x["epoch"] for x in v}) == list(range(1, 7)), (k, [x["epoch"] for x in v])
+        assert sorted({x["epoch"] for x in v}) == list(range(1, EPOCHS + 1)), (k, [x["epoch"] for x in v])
     interrupted = [k for k in after if k not in done]
     assert any(len(after[k]) > len(before.get(k, [])) for k in interrupted)
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{exp / 'optuna.db'}")
@@ -274,7 +276,7 @@ scheduler: {type: fifo}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for r in runs:  # each epoch logged once, also across the driver's death
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_H")]
-        assert sorted(steps) == list(range(1, 7)), steps
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), steps
 
 
 @pytest.mark.slow  # long: the slow tier
