@@ -159,12 +159,13 @@ def check_local_fit(cpus_per_trial: float, gpus_per_trial: float) -> None:
     waits for the resources forever): its CPUs are this machine's, its GPUs those CUDA makes visible."""
     import torch
 
-    have = {"--cpus-per-trial": float(os.cpu_count() or 1), "--gpus-per-trial": float(torch.cuda.device_count())}
-    for option, asked in (("--cpus-per-trial", cpus_per_trial), ("--gpus-per-trial", gpus_per_trial)):
-        if asked > have[option]:
-            what = option.removeprefix("--").removesuffix("-per-trial").upper()
-            why = f"asks {asked:g} {what} per trial; this machine (the local Ray instance, no --address) has {have[option]:g}"
-            raise DednInputError("dedn search", option, why)
+    for what, asked, has in (
+        ("CPU", cpus_per_trial, os.cpu_count() or 1),
+        ("GPU", gpus_per_trial, torch.cuda.device_count()),
+    ):
+        if asked > has:
+            why = f"asks {asked:g} {what} per trial; this machine (the local Ray instance, no --address) has {has:g}"
+            raise DednInputError("dedn search", f"--{what.lower()}s-per-trial", why)
 
 
 @contextmanager

@@ -93,15 +93,17 @@ def latest_search(uri: str) -> tuple[str, str | None]:
     client = _client(uri)
     ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
     spec, order = "tags.`dedn.search_spec` != ''", ["attributes.start_time DESC"]
-    runs = client.search_runs(ids, spec, max_results=1000, order_by=order) if ids else []
-    if not runs:
+    latest = client.search_runs(ids, spec, max_results=1, order_by=order) if ids else []
+    if not latest:
         raise DednInputError(uri, "--experiment", "no search in this tracking store: run dedn search first")
-    newest = str(client.get_experiment(runs[0].info.experiment_id).name)
-    done = next((r for r in runs if r.info.status == "FINISHED"), None)
-    unfinished = f"the latest search, {newest!r}, is {runs[0].info.status} (--experiment {newest} picks it)"
-    if done is None:
+    newest = str(client.get_experiment(latest[0].info.experiment_id).name)
+    if latest[0].info.status == "FINISHED":
+        return newest, None
+    unfinished = f"the latest search, {newest!r}, is {latest[0].info.status} (--experiment {newest} picks it)"
+    done = client.search_runs(ids, f"{spec} and attributes.status = 'FINISHED'", max_results=1, order_by=order)
+    if not done:
         raise DednInputError(uri, "--experiment", f"no search in this tracking store finished: {unfinished}")
-    return str(client.get_experiment(done.info.experiment_id).name), None if done is runs[0] else unfinished
+    return str(client.get_experiment(done[0].info.experiment_id).name), unfinished
 
 
 def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
