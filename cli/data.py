@@ -72,8 +72,14 @@ def _common(f):
 def _check_store_out(out: Path, command: str, inputs: list[object], kw: dict[str, object]) -> None:
     """Before any work: the store folder to create is no input (nor holds or lies inside one), not the working
     folder or an ancestor, and an existing one is replaced only with --overwrite when it is a dedn store."""
+    from dedn.errors import DednInputError
     from dedn.outputs import check_output
 
+    for key in ("val_classes", "attribute_names", "attribute_vectors"):
+        given = Path(str(kw[key])) if kw.get(key) is not None else None
+        if given is not None and not given.is_file():
+            what = "is a folder, not a file" if given.is_dir() else "no such file"
+            raise DednInputError(given, "--" + key.replace("_", "-"), what)
     companions = [kw.get(k) for k in ("val_classes", "attribute_names", "attribute_vectors")]
     check_output(
         out,

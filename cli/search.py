@@ -130,7 +130,7 @@ def search(
       dedn search -c configs/search/cub.yaml --tracking-uri http://127.0.0.1:5000
       dedn search -c configs/search/cub.yaml --tracking-uri postgresql://dedn@127.0.0.1/mlflow --optuna-storage postgresql://dedn@127.0.0.1/optuna
     """
-    from tuning.search import SearchOptions, experiment_path, run_search
+    from tuning.search import SearchOptions, SearchStopped, experiment_path, run_search
 
     if resume is not None:
         storage_path, name = experiment_path(storage_path, resume)
@@ -153,7 +153,11 @@ def search(
         verbose=verbose,
         optuna_storage=optuna_storage,
     )
-    out = run_search(opts, resume=resume is not None)
+    try:
+        out = run_search(opts, resume=resume is not None)
+    except SearchStopped as e:
+        click.echo(f"\nstopped: `dedn search -c {spec} --resume {e.experiment}` continues it", err=True)
+        raise KeyboardInterrupt from None
     _print_outcome(out)
 
 

@@ -126,10 +126,29 @@ def save_trial_state(folder: str | os.PathLike[str], record: EpochRecord, p: Pro
     (Path(folder) / TRIAL_PROGRESS).write_text(json.dumps(progress))
 
 
+def read_trial_state(folder: str | os.PathLike[str], mmap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial checkpoint's (state, progress), read safely (tensors and plain values only: ``weights_only``); a file
+    that is not one is a DednInputError naming it. ``mmap`` leaves the tensors on disk (a check reads little)."""
+    path = Path(folder) / TRIAL_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # pickle.UnpicklingError for a pickle of anything else, RuntimeError for a torn file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        why = f"not a trial checkpoint this version loads (tensors and plain values only): {type(e).__name__}: {first}"
+        raise DednInputError(path, "checkpoint", why) from None
+    path = Path(folder) / TRIAL_PROGRESS
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DednInputError(path, "progress", f"not a trial's progress record: {type(e).__name__}: {e}") from None
+    if not isinstance(progress, dict):
+        raise DednInputError(path, "progress", f"must be a JSON object, got {type(progress).__name__}")
+    return state, progress
+
+
 def load_trial_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``save_trial_state`` wrote, as ``train(resume=...)`` takes it (plus ``partition``)."""
-    state = torch.load(Path(folder) / TRIAL_STATE, map_location="cpu", weights_only=True)
-    progress = json.loads((Path(folder) / TRIAL_PROGRESS).read_text())
+    state, progress = read_trial_state(folder)
     return {**state, "epoch": progress["epoch"], "history": progress["history"], "partition": progress["partition"]}
 
 
@@ -138,6 +157,7 @@ __all__ = [
     "TRIAL_STATE",
     "checkpoint_header",
     "load_checkpoint",
+    "read_trial_state",
     "load_trial_state",
     "save_checkpoint",
     "save_trial_state",

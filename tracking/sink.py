@@ -178,6 +178,12 @@ class RunSink:
         """A run an earlier driver made, continued: RUNNING again."""
         self._put(key, ("reopen",), f"reopen run of {name}")
 
+    def adopt(self, old: str, key: str, name: str) -> None:
+        """The run of ``old`` (a trial Tune lost, proposed again) is from now on the run of ``key``, named ``name``."""
+        with self.cond:
+            self.ids[key] = self.ids.pop(old)
+        self.tags(key, {RUN_KEY: key, "mlflow.runName": name}, f"run of {name} (was {old})")
+
     def log(self, key: str, row: Row, what: str) -> None:
         """One step's metrics, sent with the run's neighbouring steps."""
         with self.cond:

@@ -64,7 +64,8 @@ def checked_storage(url: str | None, experiment: Path, field: str, new_search: b
     path = _file_path(url)
     if path is not None:
         absolute = Path(path).expanduser().resolve()
-        if not absolute.parent.is_dir():
+        # the storage path and the experiment folder are made by the search itself
+        if not absolute.parent.is_dir() and absolute.parent not in (experiment, experiment.parent):
             raise DednInputError(url, field, f"folder {absolute.parent} does not exist")
         prefix = _SQLITE if url.startswith(_SQLITE) else _JOURNAL
         url = f"{prefix}{absolute}{url[len(prefix) + len(path) :]}"  # a SQLite URL's ?query kept

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from cluster.objects import SharedStore
-from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE
+from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE, read_trial_state
 from tuning.space import sampled_params, trial_config
 
 __all__ = [
@@ -107,7 +107,7 @@ def save_population_checkpoint(folder: str, epoch: int, progress: Any, members: 
 
 
 def load_population_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    return torch.load(Path(folder) / TRIAL_STATE, map_location="cpu", weights_only=True)
+    return read_trial_state(folder)[0]
 
 
 def population_trainable(

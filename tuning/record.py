@@ -10,12 +10,23 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
 from tuning.population import section
 
-__all__ = ["configuration_epochs", "configuration_records", "epoch_records", "reports", "result_file", "stamp_ms"]
+__all__ = [
+    "LostTrials",
+    "configuration_epochs",
+    "configuration_records",
+    "epoch_records",
+    "reports",
+    "result_file",
+    "stamp_ms",
+]
 
 
 def result_file(trial: Any) -> Path:
@@ -84,3 +95,28 @@ def configuration_epochs(
         if up_to is None or record["epoch"] <= up_to:
             seen.setdefault(record["epoch"], (stamp, record))
     return [seen[e] for e in sorted(seen)]
+
+
+class LostTrials(Callback):
+    """On resume, before Tune starts a trial: the folders of trials a killed driver started after Tune last wrote its
+    state (so that the restored experiment does not know them) are removed; the searcher proposes those trials again
+    (``StudySearcher``), under the same names, and they start afresh in clean folders."""
+
+    def __init__(self, exp: str) -> None:
+        self.exp = exp
+        self.checked = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"exp": self.exp}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.exp, self.checked = state["exp"], False
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        known = {Path(str(t.path)).name for t in trials if getattr(t, "path", None)}
+        for params in Path(self.exp).glob("*/params.json"):
+            if params.parent.name not in known:
+                shutil.rmtree(params.parent, ignore_errors=True)

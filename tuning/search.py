@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cluster.objects import SharedStore, share_store
+from dedn.checkpoints import TRIAL_STATE, read_trial_state
 from dedn.data import open_store
 from dedn.errors import DednInputError
 from tracking.sink import RunSink
@@ -29,7 +31,16 @@ from tuning.experiment import (
 from tuning.selection import METRIC, best_trial, run_final_test, trial_states
 from tuning.space import INFERENCE_PARAMS, DefineByRun, SearchSpec, load_search_spec, trial_config
 
-__all__ = ["SearchOptions", "SearchOutcome", "build_tuner", "experiment_path", "prepare", "run_search", "tune_settings"]
+__all__ = [
+    "SearchOptions",
+    "SearchOutcome",
+    "SearchStopped",
+    "build_tuner",
+    "experiment_path",
+    "prepare",
+    "run_search",
+    "tune_settings",
+]
 
 MODE = "max"
 
@@ -111,22 +122,51 @@ def check_space_against_store(spec: SearchSpec, base: dict[str, Any], store: Any
 
 
 def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
-    """Run (or with ``resume`` continue) a search; prints nothing, returns the outcome (kept in ``best.json``)."""
-    from cluster.connect import ray_session
-    from tuning.study_searcher import fail_unstarted
-
+    """Run (or with ``resume`` continue) a search; prints nothing, returns the outcome (kept in ``best.json``).
+    Raises ``SearchStopped`` when Ctrl-C or SIGTERM stopped it."""
     clock = _PhaseClock()
     exp, name, opts, spec, base, store = _prepare_experiment(opts, resume)
     sink = open_tracking(opts, exp, name, store, base, resume) if opts.track else None
-    # Ctrl-C stops the search (KeyboardInterrupt out of fit), as SIGTERM does, instead of Tune's own handler
-    # ending the trials and letting the search go on to its final test
+    # Ctrl-C stops the search (tuning.interrupt), as SIGTERM does, instead of Tune's own handler ending the trials
+    # and letting the search go on to its final test
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     clock.end("prepare (spec, store, tracking)")
+    try:
+        return _search(opts, resume, clock, exp, name, spec, base, store, sink)
+    except KeyboardInterrupt as e:
+        raise SearchStopped(exp) from e
+
+
+class SearchStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the search in ``experiment``; ``--resume`` continues it."""
+
+    def __init__(self, experiment: Path) -> None:
+        super().__init__(f"stopped: dedn search --resume {experiment} continues it")
+        self.experiment = experiment
+
+
+def _search(
+    opts: SearchOptions,
+    resume: bool,
+    clock: _PhaseClock,
+    exp: Path,
+    name: str,
+    spec: SearchSpec,
+    base: dict[str, Any],
+    store: Any,
+    sink: RunSink | None,
+) -> SearchOutcome:
+    from cluster.connect import ray_session
+    from tuning.interrupt import stop_saves_state
+    from tuning.study_searcher import fail_unstarted
+
     with joined_or_abandoned(ray_session(opts.address), exp, sink, resume):
         clock.end("Ray start")
         shared = share_store(store)  # read once, put once; trials read the object store
         clock.end("store into the object store")
-        grid = build_tuner(shared, base, opts, spec, exp, name, sink, resume).fit()
+        tuner = build_tuner(shared, base, opts, spec, exp, name, sink, resume and started(exp))
+        with stop_saves_state():  # Ctrl-C, SIGTERM: Tune writes its state with every trial, then we stop
+            grid = tuner.fit()
         storage = str(opts.optuna_storage)
         fail_unstarted(storage, name)  # asked for a trial that the end came before
         clock.end("trials (Tune)")
@@ -199,13 +239,19 @@ def _prepare_experiment(
     name = opts.name or f"{Path(opts.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = experiment_dir(opts.storage_path, name)
     if resume:
+        if not exp.exists():
+            raise DednInputError(exp, "--resume", f"no such search: start it with --name {name}")
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
-        verify_state(exp)  # what Ray will unpickle: only what this user's searches signed
+        if started(exp):
+            verify_state(exp)  # what Ray will unpickle: only what this user's searches signed
+            for state in sorted(exp.glob(f"*/checkpoint_*/{TRIAL_STATE}")):  # what the trials will load
+                read_trial_state(state.parent, mmap=True)
         saved = json.loads((exp / "search.json").read_text())
         opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
-        raise DednInputError(exp, "experiment", "already exists: pick another --name or use --resume")
+        again = f"--resume {name} starts it" if (exp / "search.json").is_file() and not started(exp) else "use --resume"
+        raise DednInputError(exp, "experiment", f"already exists: pick another --name or {again}")
     if opts.address is None:  # what a joined cluster holds is known once joined (and can grow: autoscaling)
         check_local_fit(opts.cpus_per_trial, opts.gpus_per_trial)
     spec, base, _, store = prepare(opts)
@@ -213,13 +259,21 @@ def _prepare_experiment(
     if opts.track:
         opts = replace(opts, tracking_uri=checked_tracking_uri(opts))
     field = "--optuna-storage" if opts.optuna_storage else "optuna_storage"
-    storage = checked_storage(opts.optuna_storage or spec.optuna_storage, exp, field, not resume, name)
+    storage = checked_storage(opts.optuna_storage or spec.optuna_storage, exp, field, not started(exp), name)
     opts = replace(opts, optuna_storage=storage)
-    exp.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume:  # the folder appears with its search.json, never without (a stop here leaves nothing to mend)
         record = {"options": {**vars(opts), "name": name}, "spec": spec.model_dump(), "base": base}
-        (exp / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        exp.parent.mkdir(parents=True, exist_ok=True)
+        starting = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=exp.parent))
+        starting.chmod(0o755)
+        (starting / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        starting.rename(exp)
     return exp, name, opts, spec, base, store
+
+
+def started(exp: Path) -> bool:
+    """Whether the search in ``exp`` got as far as Tune (``tuner.pkl``): else ``--resume`` starts it with its options."""
+    return (exp / "tuner.pkl").is_file()
 
 
 def _tune_environment(population: int) -> None:
@@ -240,6 +294,7 @@ def tune_settings(
 
     from tuning.optuna_storage import default_storage
     from tuning.progress import ProgressView
+    from tuning.record import LostTrials
     from tuning.resume_state import resume_signer
     from tuning.study_searcher import StudySearcher
     from tuning.tracking_callback import MLflowTrialLogger, trial_name
@@ -255,10 +310,6 @@ def tune_settings(
         callbacks.append(logger)
     if not opts.verbose:
         callbacks.append(ProgressView(num_samples, epochs))
-        # Tune's older output engine prints nothing at verbose=0 (the newer one still prints a configuration
-        # box and a TensorBoard hint); its INFO lines (state written, ...) are not for the console either
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     keep = {k for k in spec.params if not (opts.posthoc_inference and k in INFERENCE_PARAMS)}
     points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
     storage = opts.optuna_storage or default_storage(exp)
@@ -280,7 +331,7 @@ def tune_settings(
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         # Tune keeps every checkpoint folder; the trainable empties old ones itself (EpochReporter).
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-        callbacks=[*callbacks, resume_signer(str(exp))],
+        callbacks=[*callbacks, LostTrials(str(exp)), resume_signer(str(exp))],
         verbose=1 if opts.verbose else 0,
     )
     return tune_config, run_config
@@ -313,6 +364,13 @@ def build_tuner(
     resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(fn, **kwargs), resources)
     _tune_environment(population_size(spec, opts))
+    if not opts.verbose:
+        # Tune's older output engine prints nothing at verbose=0 (the newer one still prints a configuration
+        # box and a TensorBoard hint); its INFO lines (state restored, state written, ...) are not for the console
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        # a trial stopped before its first result has no result.json: Tune's results table warns of it
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     if resume:
         return tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=False)
     key = signing_key()

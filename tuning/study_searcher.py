@@ -65,6 +65,7 @@ class StudySearcher(Searcher):
         self.reported: dict[int, int] = {}  # Optuna trial id -> last epoch reported
         self.best: dict[int, float] = {}
         self.told: set[int] = set()
+        self.again: list[dict[str, Any]] = []  # on resume: Tune trials to propose again (``_close_orphans``)
         self._start_local()
 
     _LOCAL = ("_study", "_storage", "_flush_storage", "_pool", "_asking", "_error", "_lock", "_queued")
@@ -157,18 +158,38 @@ class StudySearcher(Searcher):
         return self._study
 
     def _close_orphans(self) -> None:
-        """On resume, compare with the storage: trials asked by a driver that died before its state named them end
-        FAIL (no Tune trial will continue them); finished ones are not told again; reported epochs not again."""
+        """On resume, compare with the storage: configurations asked by a driver that died before Tune's state named
+        them are proposed again, first, in their own Optuna trials (Tune asks for as many trials as its state lacks;
+        the same name, the same values, no extra trial); finished ones are not told again; reported epochs not again."""
         mine = {tid for ids in self.members.values() for tid in ids}
+        self.again = []
+        lost: dict[str, list[tuple[int, int, Any]]] = {}  # Tune trial id (or "#n" when none took it) -> members
         for t in self._study.get_trials(deepcopy=False):
             tid = _trial_id(self.storage, self.study_name, t.number)
-            if t.state == TrialState.RUNNING and tid not in mine:
-                self._study.tell(t.number, state=TrialState.FAIL)
-                self.told.add(tid)
-            elif t.state.is_finished():
+            if t.state.is_finished():
                 self.told.add(tid)
             if t.intermediate_values:
                 self.reported[tid] = max(self.reported.get(tid, 0), max(t.intermediate_values))
+            if tid in mine or t.state == TrialState.WAITING or t.user_attrs.get("dedn.unstarted"):
+                continue
+            owner = t.user_attrs.get("tune_trial_id") or f"#{t.number - int(t.user_attrs.get('member', 0))}"
+            lost.setdefault(str(owner), []).append((int(t.user_attrs.get("member", 0)), tid, t))
+        for members in sorted(lost.values(), key=lambda ms: min(m[1] for m in ms)):
+            members.sort(key=lambda m: m[0])
+            if len(members) == (self.size or 1):
+                trials = [t for _, _, t in members]
+                config = (
+                    {**trials[0].params, "optuna_trial": trials[0].number}
+                    if self.size is None
+                    else {"members": [dict(t.params) for t in trials], "optuna_trials": [t.number for t in trials]}
+                )
+                claim = [[j, tid] for j, tid, t in members if not t.state.is_finished()]
+                self.again.append({"ids": [tid for _, tid, _ in members], "claim": claim, "config": config})
+                continue
+            for _, tid, t in members:  # a population the driver died while asking: never handed to Tune
+                if t.state == TrialState.RUNNING:
+                    self._study.tell(t.number, state=TrialState.FAIL)
+                    self.told.add(tid)
 
     def _ask(self) -> tuple[list[dict[str, Any]], list[int], list[int]]:
         """(configurations, storage trial ids, trial numbers) of one Tune trial's configurations, asked now."""
@@ -184,14 +205,16 @@ class StudySearcher(Searcher):
                 numbers.append(t.number)
         return configs, ids, numbers
 
-    def _claim(self, trial_id: str, ids: list[int]) -> None:
-        for j, tid in enumerate(ids):
+    def _claim(self, trial_id: str, ids: list[int], members: list[int] | None = None) -> None:
+        for j, tid in zip(members if members is not None else range(len(ids)), ids, strict=True):
             trial = self._trial(tid)
             trial.set_user_attr("tune_trial_id", trial_id)
             trial.set_user_attr("dedn.trial_id", member_key(trial_id, j if self.size is not None else None))
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         self._open()
+        if self.again:
+            return self._propose_again(trial_id, self.again.pop(0))
         if self._asking is None:
             self._asking = self._submit(self._ask)
         if not self._asking.done():
@@ -203,6 +226,13 @@ class StudySearcher(Searcher):
         if self.size is None:
             return {**configs[0], "optuna_trial": numbers[0]}
         return {"members": configs, "optuna_trials": numbers}
+
+    def _propose_again(self, trial_id: str, again: dict[str, Any]) -> dict[str, Any]:
+        """A Tune trial lost to Tune's state (``_close_orphans``), proposed again as ``trial_id``: its Optuna trials,
+        those still running claimed by it."""
+        self.members[trial_id] = list(again["ids"])
+        self._submit(self._claim, trial_id, [tid for _, tid in again["claim"]], [j for j, _ in again["claim"]])
+        return dict(again["config"])
 
     def _trial(self, tid: int) -> Any:
         return optuna.trial.Trial(self.study, tid)
@@ -252,6 +282,7 @@ class StudySearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         self.flush()  # what the state says was reported is in the storage
         state = {"members": self.members, "reported": self.reported, "best": self.best, "told": sorted(self.told)}
+        state["again"] = self.again
         Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -260,6 +291,7 @@ class StudySearcher(Searcher):
         self.reported = {int(k): v for k, v in state["reported"].items()}
         self.best = {int(k): v for k, v in state["best"].items()}
         self.told = set(state["told"])
+        self.again = state.get("again", [])
 
 
 def fail_unstarted(storage_url: str, study_name: str) -> int:

@@ -4,7 +4,8 @@ One child run per configuration (a trial, or a population member), found by its 
 ``dedn.trial_id`` and tagged with its Optuna trial number and sampled values (``dedn.values``, what ``dedn promote``
 rebuilds its config from): params at start, each epoch's metrics once (step = epoch), at the end the best epoch's as
 ``best_*``, the last checkpoint and the status. A resumed search first brings every run up to date from the record;
-runs of trials the restored experiment does not know end KILLED, tagged ``dedn.abandoned``.
+the run of a trial the restored experiment does not know (a killed driver started it after Tune last wrote its state)
+is taken over by the trial proposed again in its place (the same Optuna trial), else ends KILLED, ``dedn.abandoned``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from ray.tune import Callback
 
 from tracking.sink import Row, RunSink
+from tuning.interrupt import stopping
 from tuning.population import configurations, member_key, section
 from tuning.record import configuration_epochs, epoch_records, reports, result_file, stamp_ms
 
@@ -75,6 +77,7 @@ class MLflowTrialLogger(Callback):
         self.started: set[str] = set()  # run keys this driver created or reopened
         self.closed: set[str] = set()  # run keys this driver ended
         self.retries: dict[str, int] = {}
+        self.orphans: dict[tuple[str | None, str | None], str] = {}  # (Optuna number, member) -> key, on resume
         self.not_logged: list[str] = []
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
@@ -138,9 +141,8 @@ class MLflowTrialLogger(Callback):
             key: (trial, j, name, values, tags) for trial in trials for key, j, name, values, tags in self._runs(trial)
         }
         for key, run in self.known.items():
-            if key not in by_key and run.info.status not in _ENDED:
-                note = {"dedn.abandoned": "its driver was killed before Tune recorded the trial; not continued"}
-                self.sink.end(key, "KILLED", None, note, list, None, f"abandoned run {key}")
+            if key not in by_key and "dedn.abandoned" not in run.data.tags:
+                self.orphans[(run.data.tags.get("optuna.trial_number"), run.data.tags.get("dedn.member"))] = key
         for key, (trial, j, name, values, tags) in by_key.items():
             if trial.status in ("TERMINATED", "ERROR") and (
                 key not in self.known or self.known[key].info.status not in ("FINISHED", "FAILED")
@@ -154,6 +156,10 @@ class MLflowTrialLogger(Callback):
         """Create the run, or continue an earlier driver's, sending the record's epochs the run lacks."""
         assert self.sink is not None
         self.started.add(key)
+        old = self.orphans.pop((tags.get("optuna.trial_number"), tags.get("dedn.member")), None)
+        if self.known is not None and old is not None and key not in self.known:
+            self.known[key] = self.known.pop(old)
+            self.sink.adopt(old, key, name)
         if self.known is not None and key in self.known:
             self.sink.reopen(key, name)
             # what a killed driver sent can be ahead of the record Tune saved: the trial reports those epochs again
@@ -272,11 +278,17 @@ class MLflowTrialLogger(Callback):
                 self.sink.tags(key, {"dedn.retries": str(n)}, f"retry tag of {key}")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        """Runs of trials the search's end stopped (its time budget) end too, then everything queued is sent."""
-        for trial in trials:
+        """Runs of trials the search's end stopped (its time budget) end too, then everything queued is sent; when
+        the search was interrupted, runs stay open for ``--resume`` (the driver marks them KILLED)."""
+        for trial in trials if not stopping() else []:
             for key, j, name, _, _ in self._runs(trial):
                 if key in self.started and key not in self.closed:
                     self._end(trial, key, j, name, "FAILED" if trial.status == "ERROR" else "FINISHED", None)
+        for key in self.orphans.values() if self.sink is not None and not stopping() else []:
+            assert self.sink is not None and self.known is not None
+            if self.known[key].info.status not in _ENDED:
+                note = {"dedn.abandoned": "its driver was killed before Tune recorded the trial; not continued"}
+                self.sink.end(key, "KILLED", None, note, list, None, f"abandoned run {key}")
         if self.sink is not None:
             self.not_logged = self.sink.close()
 

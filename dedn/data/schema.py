@@ -18,6 +18,7 @@ open) and ``dedn.data.fingerprint`` hashes its content.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -96,8 +97,15 @@ META_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "fingerprint": (lambda v: isinstance(v, str), "a string"),
     "format_version": (_is_int, "an integer"),
     "finite": (lambda v: isinstance(v, bool), "true or false"),
+    "files": (
+        lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(s, list) and len(s) == 2 and all(map(_is_int, s)) for s in v.values())
+        ),
+        "an object of file name -> [size, mtime_ns]",
+    ),
 }
-OPTIONAL_META_FIELDS = frozenset({"finite"})
+OPTIONAL_META_FIELDS = frozenset({"finite", "files"})
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,8 @@ class StoreMeta:
     format_version: int = FORMAT_VERSION
     # True when the writer checked every feature value finite; False for stores written before it did.
     finite: bool = False
+    # Each table's [size, mtime_ns] as written: a store whose tables changed since is verified in full when opened.
+    files: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -192,6 +202,12 @@ class StoreMeta:
     @property
     def feature_bytes(self) -> int:
         return self.num_images * self.channels * self.height * self.width * np.dtype(self.dtype).itemsize
+
+
+def table_stat(path: str | PathLike[str]) -> list[int]:
+    """[size, mtime_ns] of a store's table: what ``StoreMeta.files`` records and an open compares."""
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns)]
 
 
 def split_class_counts(labels: np.ndarray, splits: np.ndarray, num_classes: int) -> np.ndarray:
@@ -266,6 +282,7 @@ __all__ = [
     "IMAGE_COLUMNS",
     "META_FIELDS",
     "OPTIONAL_META_FIELDS",
+    "table_stat",
     "ColumnSpec",
     "FiniteTally",
     "attribute_columns",

@@ -32,6 +32,7 @@ from dedn.data.schema import (
     attribute_columns,
     check_split_classes,
     split_class_counts,
+    table_stat,
 )
 from dedn.data.splits import SPLIT_GROUPS, SPLITS
 from dedn.data.validate import check_columns, check_dimensions, check_split_counts, no_nulls, read_meta
@@ -130,6 +131,19 @@ class FeatureStore:
         counts = split_class_counts(self.labels, self.splits, m.num_classes)
         check_split_classes(counts, self.classes, str(images_path))
         self._features: np.ndarray | None = None
+        if self.changed_since_written():
+            self.verify()  # every value finite and the content the fingerprint's, else one line naming the file
+
+    def changed_since_written(self) -> bool:
+        """Whether a table's size or modification time differs from what meta.json recorded when the store was
+        written (a copy that did not keep times reads as changed too; ``verify`` then settles it)."""
+        for name, recorded in self.meta.files.items():
+            try:
+                if table_stat(self.path / name) != list(recorded):
+                    return True
+            except OSError:
+                return True
+        return False
 
     @classmethod
     def from_parts(

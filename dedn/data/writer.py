@@ -32,6 +32,7 @@ from dedn.data.schema import (
     FiniteTally,
     StoreMeta,
     check_split_classes,
+    table_stat,
 )
 from dedn.data.splits import SPLITS
 from dedn.errors import DednInputError, DednOutputError
@@ -221,6 +222,7 @@ class StoreWriter:
             provenance=self.provenance,
             fingerprint=fingerprint,
             finite=True,
+            files={f: table_stat(self._tmp / f) for f in (CLASSES, ATTRIBUTES, IMAGES)},
         )
         (self._tmp / META).write_text(json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n")
         if self.out.exists():

@@ -186,3 +186,16 @@ def test_missing_required_option(work: Path, tiny_store: Path) -> None:
     args = ["train", "--store", str(tiny_store)]
     line = refused(args, cwd=work, watch=[work, tiny_store], file="dedn train", field="--config")
     assert "Missing option" in line
+
+
+# --- side files of a conversion --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--val-classes", "--attribute-names", "--attribute-vectors"])
+def test_a_missing_side_file_of_a_conversion(work: Path, option: str) -> None:
+    """Before any input is read: the option and the file it names, not a FileNotFoundError traceback."""
+    (work / "maps.hdf5").write_bytes(b"")  # never opened: the side files are checked first
+    missing = work / "valclasses1.txt"
+    args = ["data", "convert", "hdf5", "--features", "maps.hdf5", option, str(missing), "--out", str(work / "store")]
+    line = refused(args, cwd=work, watch=[work], file=missing, field=option)
+    assert line.endswith("no such file"), line

@@ -98,6 +98,17 @@ def test_resume_verifies_the_state_ray_unpickles(searched: dict) -> None:
     finally:
         shutil.move(aside, sig)
 
+    # a trial checkpoint replaced by a pickle of code: loaded as tensors only, refused in one line naming it
+    state = next(exp.glob("*/checkpoint_*/state.pt"))
+    original = state.read_bytes()
+    state.write_bytes(_payload(marker))
+    try:
+        line = refused(resume, cwd=root, watch=[exp, config], file=state, field="checkpoint", env=env)
+        assert "UnpicklingError" in line, line
+    finally:
+        state.write_bytes(original)
+    assert not marker.exists()
+
     # no key in this user's config folder: nothing can be verified, and no key is made
     other = root / "other"
     key = other / "dedn" / "resume.key"

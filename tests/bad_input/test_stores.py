@@ -4,6 +4,7 @@ inspect``) with one line naming the file at fault and the field, exit status 2, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -207,6 +208,7 @@ def _nan_in_a_test_image(store: Path) -> str:
     col = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
     pq.write_table(t.set_column(t.schema.get_field_index("features"), "features", col), store / IMAGES)
     _meta(_del("finite"))(store)
+    _meta(_del("files"))(store)
     return str(t.column("image_id")[row])
 
 
@@ -227,6 +229,7 @@ def test_the_finite_scan_runs_only_for_stores_without_the_flag(tiny_store: Path,
     check_compatible(cfg, open_store(tiny_store))
     old = _copy(tiny_store, tmp_path)
     _meta(_del("finite"))(old)  # a clean store written before the flag: one pass, accepted
+    _meta(_del("files"))(old)
     store = open_store(old)
     assert store.meta.finite is False
     check_compatible(cfg, store)
@@ -283,3 +286,55 @@ def test_a_written_store_records_finite(tmp_path: Path) -> None:
     write_store(tmp_path / "s", feats, labels, splits)
     assert json.loads((tmp_path / "s" / META).read_text())["finite"] is True
     assert open_store(tmp_path / "s").meta.finite is True
+
+
+# --- a store changed after it was written ----------------------------------------------------------------
+
+
+def _plant(store: Path, split: str, value: float) -> str:
+    """Set one feature value of the first image of ``split`` in place, meta.json left as the writer wrote it
+    (``finite: true``, the tables' sizes and times). Returns that image's id."""
+    t = pq.read_table(store / IMAGES)
+    row = _first(t, split)
+    feats = t.column("features").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1).copy()
+    feats[row, 3] = value
+    col = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
+    pq.write_table(t.set_column(t.schema.get_field_index("features"), "features", col), store / IMAGES)
+    return str(t.column("image_id")[row])
+
+
+@pytest.mark.parametrize(
+    ("split", "value"), [("train", np.nan), ("test_unseen", np.inf)], ids=["nan-train", "inf-test"]
+)
+def test_a_store_changed_after_it_was_written_is_rescanned_before_anything_starts(
+    tiny_store: Path, tmp_path: Path, split: str, value: float
+) -> None:
+    copy = _copy(tiny_store, tmp_path)
+    image_id = _plant(copy, split, value)
+    meta = json.loads((copy / META).read_text())
+    assert meta["finite"] is True and set(meta["files"]) == {IMAGES, "classes.parquet", "attributes.parquet"}
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "spec.yaml").write_text(
+        f"base: {TINY_CONFIG}\nnum_samples: 1\nparams:\n  optim.lr: {{type: uniform, low: 1.0e-4, high: 1.0e-3}}\n"
+    )
+    search = ["search", "-c", str(work / "spec.yaml"), "--store", str(copy), "--storage-path", str(work / "runs")]
+    train = ["train", "-c", str(TINY_CONFIG), "--store", str(copy), "--out", str(work / "out")]
+    for args in (search, train):  # no run, trial, folder or checkpoint: the working folder stays empty
+        line = refused(args, cwd=work, watch=[work, copy], file=copy / IMAGES, field="features")
+        assert f"(id '{image_id}')" in line and "1 non-finite value(s) in 1 image(s)" in line, line
+
+
+def test_a_finite_change_is_refused_by_the_fingerprint_and_a_copy_that_kept_its_times_is_not_rescanned(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    copy = _copy(tiny_store, tmp_path)  # shutil.copytree keeps modification times
+    assert not open_store(copy).changed_since_written()
+    os.utime(copy / "classes.parquet")  # touched, content as written: rescanned once, accepted
+    store = open_store(copy)
+    assert store.changed_since_written() and store.verify() == store.meta.fingerprint
+    changed = _copy(tiny_store, tmp_path / "changed")
+    _plant(changed, "train", 1e-3)
+    with pytest.raises(DednInputError, match="content does not match the recorded fingerprint") as e:
+        open_store(changed)
+    assert (e.value.source, e.value.field) == (str(changed / META), "fingerprint")
