@@ -65,14 +65,14 @@ class _Group(click.Group):
         except DednInputError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
-        except DednOutputError as e:
+        except DednOutputError as e:  # a full disk, a quota, a read-only folder: the same one line, status 2
             click.echo(f"error: {e}", err=True)
-            ctx.exit(1)
+            ctx.exit(2)
         except OSError as e:  # a storage failure no writer named: still one line, with the file if known
             if e.errno not in STORAGE_ERRNOS:
                 raise
             click.echo(f"error: {DednOutputError(e.filename or 'an output', 'write', e)}", err=True)
-            ctx.exit(1)
+            ctx.exit(2)
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as e:

@@ -14,7 +14,7 @@ import click
 
 from dedn.errors import DednInputError, without_password
 
-__all__ = ["predict", "promote", "ui"]
+__all__ = ["predict", "promote", "ui", "ui_experiment"]
 
 _URI = click.option(
     "--tracking-uri",
@@ -166,7 +166,7 @@ def ui(port: int, experiment: str | None, tracking_uri: str | None, verbose: boo
         )
     check_existing_store(uri)  # the UI reads a store; it never creates one
     with quiet_mlflow():
-        experiment_id = _ui_experiment(uri, experiment)
+        experiment_id = ui_experiment(uri, experiment)
     _check_port_free(port)
     base = f"http://127.0.0.1:{port}"
     # MLflow 3's UI opens an experiment in its GenAI view unless the URL asks for the machine-learning one
@@ -211,7 +211,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM and SIGHUP stop the UI as Ctrl-C does
 
 
-def _ui_experiment(uri: str, name: str | None) -> str | None:
+def ui_experiment(uri: str, name: str | None) -> str | None:
     """The id of the experiment ``dedn ui`` opens: ``name``'s (refused with the names there are when
     the store has no such active experiment), else the most recently created one, MLflow's empty
     ``Default`` experiment aside; None for a store without one."""
@@ -225,6 +225,16 @@ def _ui_experiment(uri: str, name: str | None) -> str | None:
             listed = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
             raise DednInputError(uri, "--experiment", f"no experiment named {name!r} (experiments: {listed or 'none'})")
         return str(exp.experiment_id)
+    from tracking.registry import latest_search
+
+    try:  # the latest search that finished or runs; a killed or failed one only by --experiment
+        name, newer = latest_search(uri, running=True)
+    except DednInputError:  # no search finished: the store's newest experiment (plain training runs, say)
+        name, newer = None, None
+    found = client.get_experiment_by_name(name) if name is not None else None
+    if found is not None:
+        click.echo(f"experiment {name} (the latest search{'; ' + newer if newer else ''})")
+        return str(found.experiment_id)
     for exp in client.search_experiments(max_results=1000, order_by=["creation_time DESC"]):
         if exp.experiment_id != "0" or client.search_runs(["0"], max_results=1):
             return str(exp.experiment_id)

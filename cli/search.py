@@ -130,6 +130,10 @@ def search(
       dedn search -c configs/search/cub.yaml --tracking-uri http://127.0.0.1:5000
       dedn search -c configs/search/cub.yaml --tracking-uri postgresql://dedn@127.0.0.1/mlflow --optuna-storage postgresql://dedn@127.0.0.1/optuna
     """
+    if address is None:  # a local instance: Ray on 127.0.0.1 (set before anything imports ray)
+        from cluster.connect import local_ray_on_loopback
+
+        local_ray_on_loopback()
     from tuning.search import SearchOptions, SearchStopped, experiment_path, run_search
 
     if resume is not None:

@@ -73,6 +73,7 @@ def train(
       dedn train -c configs/awa2.yaml --set fidelity=released --set ablation=no_distill --baseline eszsl
     """
     from dedn.config import load_config
+    from dedn.errors import config_named
     from dedn.outputs import check_output
 
     sets = list(overrides) + ([f"data.store={store}"] if store is not None else [])
@@ -82,16 +83,20 @@ def train(
     check_output(folder, inputs=[config_path, cfg.data.store], command=_COMMAND, overwrite=overwrite, kind="folder")
     from dedn.build import check_compatible
     from dedn.data import open_store
+    from dedn.device import resolve_device
     from dedn.train import fit_and_test
 
     ds = open_store(cfg.data.store)
 
-    check_compatible(cfg.effective(), ds)
+    with config_named(config_path):
+        check_compatible(cfg.effective(), ds)
+        resolve_device(cfg.device)  # cuda asked on a machine without it: refused before any output
     click.echo(
         f"dataset {ds.meta.name} ({ds.meta.fingerprint}), C={ds.meta.channels} {ds.meta.height}x{ds.meta.width}, "
         f"fidelity={cfg.fidelity}, ablation={cfg.ablation}"
     )
-    result = fit_and_test(cfg, ds, progress=not no_progress)
+    with config_named(config_path):
+        result = fit_and_test(cfg, ds, progress=not no_progress)
     _print_epochs(result)
     _print_results(cfg, result)
     if baseline == "eszsl":

@@ -23,13 +23,59 @@ from cluster import ray_internals
 from cluster.ray_internals import AUTH_LOGGER, find_cluster
 from dedn.errors import DednInputError
 
-__all__ = ["AUTH_MODE", "check_address", "check_local_fit", "ray_session", "resolve_address"]
+__all__ = ["AUTH_MODE", "check_address", "check_local_fit", "local_ray_on_loopback", "ray_session", "resolve_address"]
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 _FORMS = "'auto' or host:port (ray://host:port for Ray Client)"
 AUTH_MODE = "RAY_AUTH_MODE"
 _FIX = "put the cluster's token (`ray get-auth-token` on its head prints it) in ~/.ray/auth_token, or set RAY_AUTH_TOKEN_PATH to a file that holds it, or RAY_AUTH_TOKEN to it"
+
+
+# Ray's switch for single-machine instances: off, a node takes 127.0.0.1, not this machine's network address (and
+# no UDP probe of 8.8.8.8 finds that address). Read once, as ray is imported; refused by `ray start --address`.
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_set_single_machine = False
+# Ray's dashboard process asks cloud metadata services (169.254.169.254, metadata.google.internal) which cloud it is
+# on even with usage statistics off (ray 2.60: UsageStatsHead reads the cluster config before the switch). The
+# processes a local instance starts get a proxy that refuses at once unless the user has one; loopback goes direct.
+_PROXIES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+_REFUSING_PROXY = "http://127.0.0.1:9"
+_LOOPBACK_HOSTS = "localhost,127.0.0.1,::1"
+
+
+def local_ray_on_loopback() -> None:
+    """Called before Ray is imported by a command that starts a local instance (a search without ``--address``): its
+    nodes then listen and talk on 127.0.0.1. Undone once the instance runs (``_start_or_join``), so that a later
+    ``ray start`` this process runs is not refused."""
+    global _set_single_machine
+    if "ray" not in sys.modules and _SINGLE_MACHINE not in os.environ:
+        os.environ[_SINGLE_MACHINE] = "0"
+        _set_single_machine = True
+
+
+@contextmanager
+def _local_processes_stay_home() -> Iterator[dict[str, str]]:
+    """Around ``ray.init`` of a local instance: the environment its processes inherit keeps them off the network
+    (``_PROXIES``); yields the workers' environment variables that give the trials the user's own settings back."""
+    global _set_single_machine
+    names = (*_PROXIES, "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
+    saved = {k: os.environ.get(k) for k in names}
+    own = any(saved[k] for k in names if "no_" not in k.lower())
+    if not own:
+        os.environ.update({k: _REFUSING_PROXY for k in _PROXIES})
+        os.environ["no_proxy"] = os.environ["NO_PROXY"] = _LOOPBACK_HOSTS
+    try:
+        yield {} if own else {k: saved[k] or "" for k in (*_PROXIES, "no_proxy", "NO_PROXY")}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if _set_single_machine:
+            os.environ.pop(_SINGLE_MACHINE, None)
+            _set_single_machine = False
 
 
 def token_source() -> str:
@@ -201,7 +247,11 @@ def _start_or_join(
                 raise DednInputError(address, "--address", why) from None
         else:  # "local": never RAY_ADDRESS nor Ray's current-cluster record
             local = {"num_cpus": num_cpus, "num_gpus": num_gpus, "logging_level": logging.WARNING, **init}
-            with _quiet_ray(logging.ERROR):
+            with _quiet_ray(logging.ERROR), _local_processes_stay_home() as workers_env:
+                if workers_env:
+                    runtime_env = dict(local.pop("runtime_env", None) or {})
+                    runtime_env["env_vars"] = {**workers_env, **runtime_env.get("env_vars", {})}
+                    local["runtime_env"] = runtime_env
                 ctx = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **local)
             auth = "token" if (os.environ.get(AUTH_MODE) or "").lower() == "token" else "open"
     except BaseException:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -131,11 +134,16 @@ def read_trial_state(folder: str | os.PathLike[str], mmap: bool = False) -> tupl
     that is not one is a DednInputError naming it. ``mmap`` leaves the tensors on disk (a check reads little)."""
     path = Path(folder) / TRIAL_STATE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # pickle.UnpicklingError for a pickle of anything else, RuntimeError for a torn file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        why = f"not a trial checkpoint this version loads (tensors and plain values only): {type(e).__name__}: {first}"
+        with warnings.catch_warnings():  # torch warns of the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            # mmap reads torch's zip form only; anything else is read whole, by the same restricted unpickler
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:  # torch's own text goes on to suggest weights_only=False: not given here
+        why = "UnpicklingError: it holds more than tensors and plain values, so it is not loaded (nothing in it ran)"
         raise DednInputError(path, "checkpoint", why) from None
+    except Exception as e:  # a torn or truncated file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DednInputError(path, "checkpoint", f"not a readable trial checkpoint: {type(e).__name__}: {first}") from None
     path = Path(folder) / TRIAL_PROGRESS
     try:
         progress = json.loads(path.read_text())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from os import PathLike
 
 # scheme://user:PASSWORD@host... and ...?password=PASSWORD (libpq's query form) in a URL
@@ -41,7 +43,7 @@ class DednInputErrors(DednInputError):
 
 class DednOutputError(RuntimeError):
     """An output could not be written (disk full, quota, read-only or unwritable folder). The message names
-    the output and says nothing of it was kept; the CLI prints ``error: <message>`` and exits with status 1."""
+    the output and says nothing of it was kept; the CLI prints ``error: <message>`` and exits with status 2."""
 
     def __init__(self, dest: str | PathLike[str], field: str, err: OSError) -> None:
         import errno
@@ -53,4 +55,15 @@ class DednOutputError(RuntimeError):
         super().__init__(f"{self.dest}: {field}: could not be written: {reason}; nothing of it was kept")
 
 
-__all__ = ["DednInputError", "DednInputErrors", "DednOutputError", "without_password"]
+__all__ = ["DednInputError", "DednInputErrors", "DednOutputError", "config_named", "without_password"]
+
+
+@contextmanager
+def config_named(path: str | PathLike[str]) -> Iterator[None]:
+    """Errors of a loaded config that say only "config" (the model and device checks see no file) name ``path``."""
+    try:
+        yield
+    except DednInputError as e:
+        if e.source != "config":
+            raise
+        raise DednInputError(path, e.field, e.rule) from None

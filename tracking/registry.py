@@ -87,9 +87,10 @@ def final_model_run(uri: str, experiment: str) -> Any:
     raise DednInputError(uri, "final_model", f"{rule}: promote a trial with --trial ID (or --trial best)")
 
 
-def latest_search(uri: str) -> tuple[str, str | None]:
-    """The experiment of the most recently started search that finished, and a note naming a newer search that did
-    not (killed, failed or still running) with the ``--experiment`` that picks it; refused when none finished."""
+def latest_search(uri: str, running: bool = False) -> tuple[str, str | None]:
+    """The experiment of the most recently started search that finished (with ``running``, or is running), and a note
+    naming a newer search that did not (killed, failed, or running) with the ``--experiment`` that picks it; refused
+    when none finished."""
     client = _client(uri)
     ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
     spec, order = "tags.`dedn.search_spec` != ''", ["attributes.start_time DESC"]
@@ -97,7 +98,7 @@ def latest_search(uri: str) -> tuple[str, str | None]:
     if not latest:
         raise DednInputError(uri, "--experiment", "no search in this tracking store: run dedn search first")
     newest = str(client.get_experiment(latest[0].info.experiment_id).name)
-    if latest[0].info.status == "FINISHED":
+    if latest[0].info.status == "FINISHED" or (running and latest[0].info.status == "RUNNING"):
         return newest, None
     unfinished = f"the latest search, {newest!r}, is {latest[0].info.status} (--experiment {newest} picks it)"
     done = client.search_runs(ids, f"{spec} and attributes.status = 'FINISHED'", max_results=1, order_by=order)
@@ -227,7 +228,7 @@ def _log_and_register(run_id: str, ckpt: Path, model_name: str, tags: dict[str, 
             name="model",
             python_model=str(PYFUNC_CODE),
             artifacts={"checkpoint": str(ckpt)},
-            signature=model_signature(),  # any float dtype in, (N, C, H, W) checked by the model
+            signature=model_signature((c, h, w)),
             input_example=np.zeros((2, c, h, w), dtype=np.float32),
             pip_requirements=["dedn-platform"],
         )

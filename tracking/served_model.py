@@ -73,14 +73,16 @@ def check_model_folder(folder: Path, label: str) -> tuple[Path, Path]:
     return ckpt, folder / CODE_FILE.name
 
 
-def model_signature() -> Any:
-    """The signature a DEDN model is logged with: its output columns and no input schema (MLflow checks a tensor
-    spec by exact dtype, refusing the store's float16; the model checks (N, C, H, W) of any float dtype itself)."""
+def model_signature(feature_shape: tuple[int, int, int]) -> Any:
+    """The signature a DEDN model is logged with: float32 feature maps (N, C, H, W) in (MLflow refuses another dtype
+    or shape before the model runs; a JSON request is read as float32), its prediction columns out."""
+    import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
     columns = [("long", "class_index"), ("string", "class_name"), ("float", "score"), ("boolean", "seen")]
-    return ModelSignature(inputs=None, outputs=Schema([ColSpec(kind, name) for kind, name in columns]))
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *feature_shape))])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(kind, name) for kind, name in columns]))
 
 
 def code_matches(code_file: Path) -> bool:
@@ -106,7 +108,7 @@ def _artifact_source(model_uri: str, tracking_uri: str) -> str:
         except MlflowException:
             runs = []
         listing = _listing(runs, "runs with a logged model")
-        raise DednInputError(tracking_uri, "--model", f"no run {run_id!r} ({listing})")
+        raise DednInputError(model_uri, "--model", f"no run {run_id!r} in {tracking_uri} ({listing})")
     body = model_uri[len("models:/") :]
     if "@" in body:
         name, alias, version = *body.split("@", 1), None
@@ -119,17 +121,18 @@ def _artifact_source(model_uri: str, tracking_uri: str) -> str:
         rm = client.get_registered_model(name)
     except MlflowException:
         names = _listing(sorted(m.name for m in client.search_registered_models(max_results=1000)), "registered models")
-        raise DednInputError(tracking_uri, "--model", f"no registered model {name!r} ({names})") from None
+        rule = f"no registered model {name!r} in {tracking_uri} ({names})"
+        raise DednInputError(model_uri, "--model", rule) from None
     versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
     have = _listing(versions, "versions")
     if alias is not None:
         aliases = {str(k): str(v) for k, v in (rm.aliases or {}).items()}
         if alias not in aliases:
             rule = f"model {name!r} has no alias {alias!r} ({_listing(sorted(aliases), 'aliases')}; {have})"
-            raise DednInputError(tracking_uri, "--model", rule)
+            raise DednInputError(model_uri, "--model", rule)
         version = str(aliases[alias])
     if version not in versions:
-        raise DednInputError(tracking_uri, "--model", f"model {name!r} has no version {version} ({have})")
+        raise DednInputError(model_uri, "--model", f"model {name!r} has no version {version} ({have})")
     return str(client.get_model_version_download_uri(name, version))
 
 

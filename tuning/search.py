@@ -233,9 +233,9 @@ def _prepare_experiment(
     from tuning.optuna_storage import checked_storage
     from tuning.resume_state import verify_state
 
-    check_address(opts.address)  # a malformed --address creates nothing
-    if opts.name is not None:
+    if opts.name is not None:  # the name first: a malformed one is refused before any address is tried
         check_experiment_name(opts.name, "--resume" if resume else "--name")
+    check_address(opts.address)  # a malformed --address creates nothing
     name = opts.name or f"{Path(opts.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = experiment_dir(opts.storage_path, name)
     if resume:
@@ -243,12 +243,11 @@ def _prepare_experiment(
             raise DednInputError(exp, "--resume", f"no such search: start it with --name {name}")
         if not (exp / "search.json").is_file():
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
+        opts = _saved_options(exp / "search.json", opts.address)
         if started(exp):
             verify_state(exp)  # what Ray will unpickle: only what this user's searches signed
             for state in sorted(exp.glob(f"*/checkpoint_*/{TRIAL_STATE}")):  # what the trials will load
                 read_trial_state(state.parent, mmap=True)
-        saved = json.loads((exp / "search.json").read_text())
-        opts = SearchOptions(**{**saved["options"], "address": opts.address})
     elif exp.exists():
         again = f"--resume {name} starts it" if (exp / "search.json").is_file() and not started(exp) else "use --resume"
         raise DednInputError(exp, "experiment", f"already exists: pick another --name or {again}")
@@ -269,6 +268,16 @@ def _prepare_experiment(
         (starting / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         starting.rename(exp)
     return exp, name, opts, spec, base, store
+
+
+def _saved_options(path: Path, address: str | None) -> SearchOptions:
+    """The options ``search.json`` recorded (``--address`` as given now); one line for a file that is not one."""
+    try:
+        saved = json.loads(path.read_text())
+        return SearchOptions(**{**saved["options"], "address": address})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"not the record of a dedn search ({type(e).__name__}: {str(e)[:200]})"
+        raise DednInputError(path, "options", why) from None
 
 
 def started(exp: Path) -> bool:

@@ -154,6 +154,23 @@ def test_resume_of_a_folder_that_does_not_exist(work: Path, tiny_store: Path) ->
     assert "no such folder" in line and "single folder name" not in line
 
 
+def test_a_bad_name_is_refused_before_any_address_is_tried(work: Path, tiny_store: Path) -> None:
+    spec = _spec(work, TINY_CONFIG.read_text())
+    started = time.monotonic()
+    # 192.0.2.1 (TEST-NET-1) answers nobody: trying it would take the probe's 5 s
+    line = _search(work, tiny_store, spec, "--name", "../x", "--address", "192.0.2.1:6379", file="../x", field="--name")
+    assert "single folder name" in line and time.monotonic() - started < 60
+
+
+def test_resume_of_a_search_record_that_is_not_json(work: Path, tiny_store: Path) -> None:
+    spec = _spec(work, TINY_CONFIG.read_text())
+    exp = work / "runs" / "broken"
+    exp.mkdir(parents=True)
+    (exp / "search.json").write_text("{not json")
+    line = _search(work, tiny_store, spec, "--resume", str(exp), file=exp / "search.json", field="options")
+    assert "not the record of a dedn search" in line and "resume.sig" not in line
+
+
 @pytest.mark.parametrize("option", ["--gpus-per-trial", "--cpus-per-trial"])
 def test_a_trial_larger_than_this_machine(work: Path, tiny_store: Path, option: str) -> None:
     """Without --address the search starts a local Ray instance, which would wait forever for a trial it can never
@@ -199,3 +216,25 @@ def test_a_missing_side_file_of_a_conversion(work: Path, option: str) -> None:
     args = ["data", "convert", "hdf5", "--features", "maps.hdf5", option, str(missing), "--out", str(work / "store")]
     line = refused(args, cwd=work, watch=[work], file=missing, field=option)
     assert line.endswith("no such file"), line
+
+
+# --- what only the store or the machine can refute names the config's file ---------------------------------
+
+
+def test_a_config_the_store_refutes_names_the_configs_file(work: Path, tiny_store: Path) -> None:
+    config = _config(work, TINY_CONFIG.read_text(), "mine.yaml")
+    kmeans = ("--set", "model.clusters=kmeans", "--set", "model.kmeans_q=999")
+    line = _train(work, tiny_store, config, *kmeans, file=config, field="model.kmeans_q")
+    assert "must be <= D=" in line
+    line = _train(work, tiny_store, config, "--set", "model.clusters=nosuch", file=config, field="model.clusters")
+    assert "must be a preset of the store" in line
+
+
+def test_cuda_on_a_machine_without_it_names_the_configs_file(work: Path, tiny_store: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    config = _config(work, TINY_CONFIG.read_text(), "mine.yaml")
+    line = _train(work, tiny_store, config, "--set", "device=cuda", file=config, field="device")
+    assert "no CUDA device" in line

@@ -53,7 +53,7 @@ def _on_a_full_disk(
 
 def _one_line(proc: subprocess.CompletedProcess[str], out: Path) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(f"error: {out}: --out: could not be written: No space left on device (ENOSPC)")

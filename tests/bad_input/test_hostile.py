@@ -230,10 +230,10 @@ def test_predict_lists_what_the_registry_holds(tmp_path: Path, tiny_store: Path,
         _predict("models:/nope@champion", tiny_store, tmp_path / "p.csv", "--tracking-uri", uri),
         cwd=tmp_path,
         watch=[tmp_path],
-        file=uri,
+        file="models:/nope@champion",  # the model asked for, then the store it was looked for in
         field="--model",
     )
-    assert "no registered model 'nope'" in line and "registered models" in line
+    assert f"no registered model 'nope' in {uri}" in line and "registered models" in line
 
 
 def test_promote_refuses_a_mistyped_sqlite_store_and_creates_none(tmp_path: Path, empty_store: Path) -> None:

@@ -362,8 +362,10 @@ def test_the_latest_search_is_the_latest_that_finished(tmp_path: Path) -> None:
     search("killed", 3_000, "KILLED")
     name, note = latest_search(uri)
     assert name == "second" and note is not None and "'killed', is KILLED" in note and "--experiment killed" in note
+    assert latest_search(uri, running=True)[0] == "second"  # dedn ui: a running search too, never a killed one
     search("running", 4_000, None)
     assert latest_search(uri)[0] == "second" and "--experiment running" in str(latest_search(uri)[1])
+    assert latest_search(uri, running=True) == ("running", None)
 
     empty = f"sqlite:///{tmp_path / 'other.db'}"
     other = MlflowClient(tracking_uri=empty)

@@ -237,3 +237,26 @@ def test_dedn_ui_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
             assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith(start), (args, r.output)
             if args[0] == "--experiment":
                 assert lines[0].endswith("(experiments: Default, newer-search, older-search)"), lines[0]
+
+
+def test_dedn_ui_opens_the_latest_search_that_finished_or_runs_never_a_killed_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cli.models import ui_experiment
+
+    uri = f"sqlite:///{tmp_path / 'ui.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    ids = {}
+    for start, (name, status) in enumerate([("done", "FINISHED"), ("killed", "KILLED")]):
+        ids[name] = client.create_experiment(name, artifact_location=(tmp_path / name).as_uri())
+        run = client.create_run(ids[name], start_time=1000 * (start + 1), tags={"dedn.search_spec": "spec.yaml"})
+        client.set_terminated(run.info.run_id, status=status)
+    assert ui_experiment(uri, None) == ids["done"]
+    out = capsys.readouterr().out
+    assert "experiment done" in out and "'killed', is KILLED (--experiment killed picks it)" in out
+    ids["live"] = client.create_experiment("live", artifact_location=(tmp_path / "live").as_uri())
+    client.create_run(ids["live"], start_time=3000, tags={"dedn.search_spec": "spec.yaml"})  # running: watched
+    assert ui_experiment(uri, None) == ids["live"]
+    assert ui_experiment(uri, "killed") == ids["killed"]  # named: any

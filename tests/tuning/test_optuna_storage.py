@@ -78,3 +78,27 @@ def test_buffered_journal_refuses_a_file_another_process_wrote(tmp_path: Path) -
     optuna.create_study(study_name="other", storage=JournalStorage(JournalFileBackend(str(path))))
     with pytest.raises(RuntimeError, match=f"{path}: another process wrote"):
         backend.flush()
+
+
+def test_a_journal_in_the_storage_path_a_fresh_folder_lacks_is_accepted(tmp_path: Path) -> None:
+    """The README's ``optuna_storage: journal:runs/...`` in a fresh folder: ``runs/`` is made by the search itself,
+    so its absence is no error; a journal in another missing folder still is, before anything is made."""
+    import os
+
+    from dedn.errors import DednInputError
+    from tuning.optuna_storage import checked_storage
+
+    exp = tmp_path / "runs" / "first"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        url = checked_storage("journal:runs/optuna.journal", exp, "optuna_storage", True, "first")
+        assert url == f"journal:{tmp_path / 'runs' / 'optuna.journal'}"  # made absolute once, here
+        assert checked_storage("journal:runs/first/o.journal", exp, "optuna_storage", True, "first").endswith(
+            "runs/first/o.journal"
+        )
+        with pytest.raises(DednInputError, match="does not exist"):
+            checked_storage("journal:elsewhere/o.journal", exp, "optuna_storage", True, "first")
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "runs").exists()

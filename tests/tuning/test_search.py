@@ -253,6 +253,11 @@ scheduler: {type: fifo}
         timeout=400,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    # as quiet as a first run: the progress line and the summary, not Tune's boxes, INFO lines or results warnings
+    noise = [
+        line for line in (r.stdout + r.stderr).splitlines() if any(m in line for m in (" INFO ", " WARNING ", "│"))
+    ]
+    assert not noise, noise[:5]
     after = trial_rows(exp)
     assert len(after) == 4  # what was asked, not more
     for k in done:  # finished trials were not rerun
