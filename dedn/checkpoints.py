@@ -143,7 +143,9 @@ def read_trial_state(folder: str | os.PathLike[str], mmap: bool = False) -> tupl
         raise DednInputError(path, "checkpoint", why) from None
     except Exception as e:  # a torn or truncated file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DednInputError(path, "checkpoint", f"not a readable trial checkpoint: {type(e).__name__}: {first}") from None
+        raise DednInputError(
+            path, "checkpoint", f"not a readable trial checkpoint: {type(e).__name__}: {first}"
+        ) from None
     path = Path(folder) / TRIAL_PROGRESS
     try:
         progress = json.loads(path.read_text())
