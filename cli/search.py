@@ -57,6 +57,15 @@ __all__ = ["search"]
     help="Fractions share a GPU, e.g. 0.25 for four trials per GPU.",
 )
 @click.option(
+    "--resource-wait",
+    "resource_wait_s",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="With --address: seconds to wait for a node that can hold a trial (an autoscaling cluster may add one) "
+    "before stopping with one line; 0 stops at once. Nothing of the search is made meanwhile.",
+)
+@click.option(
     "--posthoc-inference",
     is_flag=True,
     help="Do not sample lambda_rc, lambda_e, c: sweep them per trial on validation (no training cost).",
@@ -105,6 +114,7 @@ def search(
     time_budget_s: float | None,
     cpus_per_trial: float,
     gpus_per_trial: float,
+    resource_wait_s: float,
     posthoc_inference: bool,
     address: str | None,
     resume: str | None,
@@ -155,12 +165,14 @@ def search(
         track=not no_tracking,
         population=population,
         verbose=verbose,
+        resource_wait_s=resource_wait_s,
         optuna_storage=optuna_storage,
     )
     try:
         out = run_search(opts, resume=resume is not None)
     except SearchStopped as e:
-        click.echo(f"\nstopped: `dedn search -c {spec} --resume {e.experiment}` continues it", err=True)
+        if e.experiment.exists():
+            click.echo(f"\nstopped: `dedn search -c {spec} --resume {e.experiment}` continues it", err=True)
         raise KeyboardInterrupt from None
     _print_outcome(out)
 

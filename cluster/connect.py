@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -23,7 +24,15 @@ from cluster import ray_internals
 from cluster.ray_internals import AUTH_LOGGER, find_cluster
 from dedn.errors import DednInputError
 
-__all__ = ["AUTH_MODE", "check_address", "check_local_fit", "local_ray_on_loopback", "ray_session", "resolve_address"]
+__all__ = [
+    "AUTH_MODE",
+    "check_address",
+    "check_local_fit",
+    "local_ray_on_loopback",
+    "ray_session",
+    "resolve_address",
+    "wait_for_a_node",
+]
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
@@ -214,6 +223,49 @@ def check_local_fit(cpus_per_trial: float, gpus_per_trial: float) -> None:
             raise DednInputError("dedn search", f"--{what.lower()}s-per-trial", why)
 
 
+def wait_for_a_node(cpus_per_trial: float, gpus_per_trial: float, wait_s: float, address: str) -> None:
+    """On a joined cluster, before anything of the search exists: return once an alive node can hold one trial. When
+    none can, the autoscaler is asked for one (``request_resources``: a cluster that cannot grow ignores it) and this
+    waits up to ``wait_s`` seconds, saying so on stderr; then one DednInputError naming the option, what was asked
+    and what the largest node has."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    need = {"CPU": cpus_per_trial, "GPU": gpus_per_trial}
+
+    def largest() -> tuple[bool, dict[str, float]]:
+        alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        fits = any(all(r.get(k, 0.0) >= v for k, v in need.items() if v) for r in alive)
+        return fits, {k: max((r.get(k, 0.0) for r in alive), default=0.0) for k in need}
+
+    fits, has = largest()
+    if fits:
+        return
+    unit = "GPU" if gpus_per_trial > has["GPU"] else "CPU"
+    asked = need[unit]
+    deadline = time.monotonic() + wait_s
+    if wait_s > 0:
+        print(
+            f"waiting up to {wait_s:g} s (--resource-wait) for a node with {asked:g} {unit} for a trial: the largest "
+            f"node of the cluster at {address} has {has[unit]:g} now (an autoscaling cluster may add one)",
+            file=sys.stderr,
+            flush=True,
+        )
+        request_resources(bundles=[{k: v for k, v in need.items() if v}])
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                fits, has = largest()
+                if fits:
+                    return
+        finally:
+            with suppress(Exception):
+                request_resources(bundles=[])
+    waited = f", after waiting {wait_s:g} s (--resource-wait)" if wait_s > 0 else ""
+    why = f"asks {asked:g} {unit} per trial; no node of the cluster at {address} has that (the largest has {has[unit]:g}){waited}"
+    raise DednInputError("dedn search", f"--{unit.lower()}s-per-trial", why)
+
+
 @contextmanager
 def _quiet_ray(level: int = logging.CRITICAL) -> Iterator[None]:
     """Hold back Ray's log lines below ``level`` (its start notices; a failed join is reported in one line)."""
@@ -240,7 +292,8 @@ def _start_or_join(
             auth = "open" if target.startswith("ray://") else settle_auth(target, address, auth_timeout_s)
             try:
                 with _quiet_ray():
-                    ctx = ray.init(address=target, log_to_driver=True, **init)
+                    # Ray's own level for its "Connecting to existing Ray cluster" lines: not for the console
+                    ctx = ray.init(address=target, log_to_driver=True, **{"logging_level": logging.WARNING, **init})
             except Exception as e:  # cannot join: one line, not Ray's traceback
                 first = (str(e).strip().splitlines() or [""])[0][:200]
                 why = f"cannot join a Ray cluster: {type(e).__name__}: {first}"

@@ -71,6 +71,12 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
     if is_postgres(uri):
         database_tables(uri, "tracking store", timeout_s)
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+        if not path.exists():  # made when the search opens it: a check must not leave an empty store behind
+            if not (path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK)):
+                raise DednInputError(uri, "tracking store", f"cannot be made: folder {path.parent} is not writable")
+            return
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout_s)))
     try:

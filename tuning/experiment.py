@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ class SearchOptions:
     track: bool = True
     population: int | None = None
     verbose: bool = False  # Tune's own result tables instead of the one progress line
+    resource_wait_s: float = 600.0  # on a joined cluster: how long to wait for a node that can hold a trial
     optuna_storage: str | None = None  # the study's storage URL (tuning.optuna_storage); None: spec's or default
 
 
@@ -126,18 +127,19 @@ def open_tracking(
 
 
 @contextmanager
-def joined_or_abandoned(session: Any, exp: Path, sink: RunSink | None, resume: bool) -> Iterator[Any]:
-    """Enter ``session`` (``cluster.connect.ray_session``); when that fails, the search never started (``abandon``)."""
+def joined_or_abandoned(session: Any, exp: Path, sink: Callable[[], RunSink | None], resume: bool) -> Iterator[Any]:
+    """Enter ``session`` (``cluster.connect.ray_session``); when that fails, the search never started (``abandon``).
+    ``sink()``: the search's MLflow sink once it is open (the body opens it), else None."""
     with ExitStack() as stack:
         try:
             info = stack.enter_context(session)
         except BaseException:
-            abandon(exp, sink, resume)
+            abandon(exp, sink(), resume)
             raise
         try:
             yield info
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect): resumable, its runs marked KILLED
-            mark_killed(sink)
+            mark_killed(sink())
             raise
 
 

@@ -126,13 +126,12 @@ def run_search(opts: SearchOptions, resume: bool = False) -> SearchOutcome:
     Raises ``SearchStopped`` when Ctrl-C or SIGTERM stopped it."""
     clock = _PhaseClock()
     exp, name, opts, spec, base, store = _prepare_experiment(opts, resume)
-    sink = open_tracking(opts, exp, name, store, base, resume) if opts.track else None
     # Ctrl-C stops the search (tuning.interrupt), as SIGTERM does, instead of Tune's own handler ending the trials
     # and letting the search go on to its final test
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    clock.end("prepare (spec, store, tracking)")
+    clock.end("prepare (spec, store)")
     try:
-        return _search(opts, resume, clock, exp, name, spec, base, store, sink)
+        return _search(opts, resume, clock, exp, name, spec, base, store)
     except KeyboardInterrupt as e:
         raise SearchStopped(exp) from e
 
@@ -154,14 +153,19 @@ def _search(
     spec: SearchSpec,
     base: dict[str, Any],
     store: Any,
-    sink: RunSink | None,
 ) -> SearchOutcome:
-    from cluster.connect import ray_session
+    from cluster.connect import ray_session, wait_for_a_node
     from tuning.interrupt import stop_saves_state
     from tuning.study_searcher import fail_unstarted
 
-    with joined_or_abandoned(ray_session(opts.address), exp, sink, resume):
-        clock.end("Ray start")
+    sink: RunSink | None = None
+    with joined_or_abandoned(ray_session(opts.address), exp, lambda: sink, resume):
+        if opts.address is not None:  # a trial no node of the cluster can hold: nothing is made
+            wait_for_a_node(opts.cpus_per_trial, opts.gpus_per_trial, opts.resource_wait_s, opts.address)
+        if not resume:
+            _make_folder(exp, name, opts, spec, base)
+        sink = open_tracking(opts, exp, name, store, base, resume) if opts.track else None
+        clock.end("Ray start, tracking")
         shared = share_store(store)  # read once, put once; trials read the object store
         clock.end("store into the object store")
         tuner = build_tuner(shared, base, opts, spec, exp, name, sink, resume and started(exp))
@@ -228,7 +232,7 @@ def _prepare_experiment(
     opts: SearchOptions, resume: bool
 ) -> tuple[Path, str, SearchOptions, SearchSpec, dict[str, Any], Any]:
     """Everything before Ray starts: (folder, name, options in force, spec, base config, opened store); ``resume``
-    takes the folder's ``search.json`` options, a new search writes it."""
+    takes the folder's ``search.json`` options; a new search's folder is made later (``_make_folder``)."""
     from cluster.connect import check_address, check_local_fit
     from tuning.optuna_storage import checked_storage
     from tuning.resume_state import verify_state
@@ -260,14 +264,17 @@ def _prepare_experiment(
     field = "--optuna-storage" if opts.optuna_storage else "optuna_storage"
     storage = checked_storage(opts.optuna_storage or spec.optuna_storage, exp, field, not started(exp), name)
     opts = replace(opts, optuna_storage=storage)
-    if not resume:  # the folder appears with its search.json, never without (a stop here leaves nothing to mend)
-        record = {"options": {**vars(opts), "name": name}, "spec": spec.model_dump(), "base": base}
-        exp.parent.mkdir(parents=True, exist_ok=True)
-        starting = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=exp.parent))
-        starting.chmod(0o755)
-        (starting / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        starting.rename(exp)
     return exp, name, opts, spec, base, store
+
+
+def _make_folder(exp: Path, name: str, opts: SearchOptions, spec: SearchSpec, base: dict[str, Any]) -> None:
+    """A new search's folder, made once Ray holds a trial: it appears with its search.json, never without."""
+    record = {"options": {**vars(opts), "name": name}, "spec": spec.model_dump(), "base": base}
+    exp.parent.mkdir(parents=True, exist_ok=True)
+    starting = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=exp.parent))
+    starting.chmod(0o755)
+    (starting / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    starting.rename(exp)
 
 
 def _saved_options(path: Path, address: str | None) -> SearchOptions:

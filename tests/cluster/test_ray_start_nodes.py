@@ -131,3 +131,42 @@ def test_a_joined_session_sends_the_token_only_while_it_lasts(token_cluster: Ray
     assert got["nodes"] == 2
     assert got["address"].endswith(f":{token_cluster.port}")
     assert got["after"] is None and got["handler_restored"] is True
+
+
+def test_a_trial_no_node_can_hold_stops_before_anything_is_made(
+    token_cluster: RayNodes, tmp_path: Path, tiny_store: Path
+) -> None:
+    """A GPU per trial on a cluster of CPU nodes: with --resource-wait 0 one line at once; with a wait, the wait is
+    said on stderr and ends in the same line; either way no folder, no tracking store, no Optuna study."""
+    spec = write_spec(tmp_path, tiny_store, epochs=2, body=_SPEC)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", "-c", str(spec), "--name", "big", "--storage-path", str(tmp_path / "runs"), "--tracking-uri"]
+    args += [uri, "--address", token_cluster.address, "--gpus-per-trial", "1"]
+    watch = [tmp_path]
+    line = refused(
+        [*args, "--resource-wait", "0"],
+        cwd=tmp_path,
+        watch=watch,
+        file="dedn search",
+        field="--gpus-per-trial",
+        env=token_cluster.env,
+    )
+    assert f"no node of the cluster at {token_cluster.address} has that (the largest has 0)" in line, line
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = subprocess.run(
+        cli_argv(*args, "--resource-wait", "4"),
+        cwd=tmp_path,
+        env=token_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, lines
+    assert lines[0].startswith("waiting up to 4 s (--resource-wait) for a node with 1 GPU"), lines
+    assert (
+        lines[-1].startswith("error: dedn search: --gpus-per-trial: asks 1 GPU per trial")
+        and "after waiting 4 s" in lines[-1]
+    )
+    assert len(lines) == 2, lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, no mlflow.db
