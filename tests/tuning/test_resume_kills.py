@@ -15,9 +15,9 @@ import pytest
 
 from tests.helpers import ROOT, child_runs, cli_argv, trial_rows, write_spec
 
-# 40 epochs of the tiny model in batches of 2 (about 0.4 s an epoch here, 20 s a trial): the search outlasts ten
-# stops and resumes, each of which lets it train a second or two
-EPOCHS, TRIALS, KILLS = 40, 3, 10
+# 60 epochs of the tiny model in batches of 2 (about 0.4 s an epoch here, 25 s a trial): the search outlasts ten
+# stops and resumes, each of which lets it train a few seconds
+EPOCHS, TRIALS, KILLS = 60, 3, 10
 
 
 def _rows_seen(exp: Path) -> int:
@@ -33,7 +33,7 @@ def _stop_at_a_random_moment(proc: subprocess.Popen, exp: Path, rng: random.Rand
     deadline = start + rng.uniform(0.5, 12.0) if cycle % 2 == 0 else float("inf")
     while proc.poll() is None and time.time() < start + 240:
         if deadline == float("inf") and _rows_seen(exp) > seen:
-            deadline = time.time() + rng.uniform(0.0, 2.5)
+            deadline = time.time() + rng.uniform(0.0, 1.5)
         if time.time() >= deadline:
             if sig == signal.SIGTERM:
                 proc.send_signal(sig)
@@ -98,6 +98,9 @@ scheduler: {{type: fifo}}
                 stdout=subprocess.DEVNULL,
                 stderr=err_file,
                 start_new_session=True,
+                # Tune copies result rows into the experiment folder with its state, every 10 s or more by default:
+                # every 2 s here, so that a stop "once a new epoch was reported" lands a few epochs in, not twenty
+                env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "2"},
             )
         try:
             what = _stop_at_a_random_moment(proc, exp, rng, cycle, sig)
