@@ -190,7 +190,8 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
 def test_sigterm_while_joining_leaves_no_search_behind(
     tmp_path: Path, tiny_store: Path, silent_port: SilentPort
 ) -> None:
-    """The whole command: the MLflow run of a search stopped before it joined ends FAILED, its folder goes."""
+    """The whole command: a search stopped before it joined leaves nothing (no folder, no MLflow run: both are made
+    once the cluster is joined and can hold a trial)."""
     spec = write_spec(
         tmp_path,
         tiny_store,
@@ -212,12 +213,7 @@ def test_sigterm_while_joining_leaves_no_search_behind(
     assert proc.returncode == 1 and out.strip().splitlines()[-1] == "Aborted!", out[-2000:]
     assert "Traceback" not in out
     assert took < 20, took
-    assert list(runs.iterdir()) == []
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    [run] = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
-    assert run.info.status == "FAILED"
+    assert not runs.exists() and not (tmp_path / "mlflow.db").exists()
     assert wait_for(lambda: not _session_pids(proc.pid), 10, "the command's processes to end") is True
 
 
