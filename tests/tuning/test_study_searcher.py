@@ -91,3 +91,51 @@ def test_a_pruned_configuration_is_worth_its_best_epoch(tmp_path: Path) -> None:
     assert t.state == optuna.trial.TrialState.PRUNED
     assert t.intermediate_values == {1: 0.30, 2: 0.55, 3: 0.55}
     assert t.value == max(raw)
+
+
+@pytest.mark.parametrize("size", [None, 2], ids=["single", "population"])
+def test_trials_a_killed_driver_asked_after_its_last_saved_state_are_proposed_again(
+    tmp_path: Path, size: int | None
+) -> None:
+    """A driver saves its searcher with Tune's state, asks and runs two more trials (one finished, one running), and
+    dies. The restored searcher proposes those same Optuna trials again, first and in order, for the new Tune trials
+    the restored experiment asks for, claims the running one for its new Tune trial, tells nothing twice, and only
+    then asks Optuna for new configurations: the study never holds more trials than Tune asked for."""
+    url = f"journal:{tmp_path / 's.log'}"
+    key = "optuna_trial" if size is None else "optuna_trials"
+    s = _searcher(url, size)
+    first = wait_for(lambda: s.suggest("t1"), 60, "a trial")
+    s.save(str(tmp_path / "state.json"))  # Tune's last saved state knows t1 only
+    done = wait_for(lambda: s.suggest("t2"), 60, "a second trial")
+    running = wait_for(lambda: s.suggest("t3"), 60, "a third trial")
+    for epoch in (1, 2, 3, 4, 5):
+        s.on_trial_result("t2", _result(size, epoch, 0.1 * epoch))
+    s.on_trial_complete("t2", _result(size, 5, 0.5))
+    s.on_trial_result("t3", _result(size, 1, 0.2))
+    s.flush()  # then SIGKILL: t2 and t3 are in the storage, not in the saved state
+
+    restored = _searcher(url, size)
+    restored.restore(str(tmp_path / "state.json"))
+    again = [restored.suggest("n1"), restored.suggest("n2")]
+    assert [a[key] for a in again] == [done[key], running[key]]  # the same Optuna trials, the same values
+    assert again[0] == done and again[1] == running
+    fresh = wait_for(lambda: restored.suggest("n3"), 60, "a new configuration")
+    restored.on_trial_complete("n1", _result(size, 5, 0.5))  # the re-run ends again: not told twice
+    restored.flush()
+    trials = _study(url).trials
+    per = size or 1
+    assert len(trials) == 4 * per  # t1, t2 (= n1), t3 (= n2), n3: nothing failed, nothing extra
+    states = [t.state for t in trials]
+    assert states[per : 2 * per] == [optuna.trial.TrialState.COMPLETE] * per
+    assert all(st == optuna.trial.TrialState.RUNNING for st in states[2 * per :]), states
+    numbers = fresh[key] if size else [fresh[key]]
+    assert min(numbers) == 3 * per  # asked after the three that existed
+    assert {t.user_attrs["tune_trial_id"] for t in trials[2 * per : 3 * per]} == {"n2"}  # the running one re-claimed
+    assert {t.user_attrs["tune_trial_id"] for t in trials[per : 2 * per]} == {"t2"}  # a finished one keeps its attrs
+    assert first[key] != done[key]
+
+
+def _result(size: int | None, epoch: int, h: float) -> dict:
+    if size is None:
+        return {"epoch": epoch, "val_H": h}
+    return {"epoch": epoch, "members": {str(j): {"epoch": epoch, "val_H": h} for j in range(size)}}

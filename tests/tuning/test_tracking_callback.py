@@ -1,5 +1,5 @@
 """The tracking callback (tuning.tracking_callback) keeps MLflow a view of Tune's record: on a resumed search, runs of
-trials the restored experiment does not know end KILLED, runs of trials that ended while no driver ran are brought
+trials the restored experiment does not know are taken over by the trials proposed in their place, or end KILLED, runs of trials that ended while no driver ran are brought
 up to date and ended, continued runs get exactly the epochs they lack; each epoch is logged once, as first reported;
 ``epoch_metrics: key`` logs the key metrics. Real MLflow (SQLite in a temporary folder); Tune's trials are stand-ins
 with the attributes the callback reads of them."""
@@ -179,3 +179,34 @@ def test_the_parent_table_holds_every_configuration_epoch_as_first_reported(tmp_
     assert all(r["samples_per_s"] == 900.0 and "note" not in r for r in table)
     epochs = configuration_epochs(reports(Path(pop.local_path) / "result.json"), 1, up_to=1)
     assert [(stamp, r["epoch"]) for stamp, r in epochs] == [(1_800_000_001_000, 1)]
+
+
+def test_the_run_of_a_trial_tune_lost_is_taken_over_by_the_trial_proposed_in_its_place(
+    tmp_path: Path, parent: Any
+) -> None:
+    """A killed driver's trial (Optuna trial 7) that Tune's saved state never named: on resume the searcher proposes
+    Optuna trial 7 again as a new Tune trial, whose run is the lost one, re-keyed and named as before, continued with
+    the epochs it lacks; no second run, nothing abandoned."""
+    uri, first = parent
+    first.create("lost", "trial-007", {"optim.lr": 0.002}, {"optuna.trial_number": "7"})
+    for e in (1, 2, 3):
+        first.log("lost", Row(e, (1_800_000_000 + e) * 1000, {"val_H": record(e)["val_H"]}), "epoch")
+    first.flush(timeout_s=60)
+    lost_id = first.runs()["lost"].info.run_id
+
+    again = trial(tmp_path / "again", "again", {"optim.lr": 0.002, "optuna_trial": 7})
+    lg = logger(uri, first)
+    lg.on_step_begin(0, [])  # the restored experiment knows no trial
+    lg.on_trial_start(0, [again], again)
+    for e in (1, 2, 3, 4, 5):  # the trial starts afresh: epochs 1 to 3 are in the run already
+        lg.on_trial_result(0, [again], again, report(e))
+    lg.on_trial_complete(0, [again], again)
+    lg.on_experiment_end([again])
+    assert lg.not_logged == []
+
+    runs = first.runs()
+    assert list(runs) == ["again"] and runs["again"].info.run_id == lost_id
+    run = runs["again"]
+    assert run.info.status == "FINISHED" and run.info.run_name == "trial-007" and "dedn.abandoned" not in run.data.tags
+    assert steps(uri, lost_id) == [(e, pytest.approx(record(e)["val_H"])) for e in range(1, 6)]
+    first.close(timeout_s=5)
