@@ -37,6 +37,7 @@ def stop_saves_state() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _STOPPING.clear()  # this search's stop only: an earlier search of this process may have been stopped
     received: list[str] = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -60,5 +61,6 @@ def stop_saves_state() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         tune_log.removeFilter(quiet)
+        _STOPPING.clear()  # also when a second signal cut the search short
     if received:
         raise KeyboardInterrupt(f"stopped by signal {received[0]}")

@@ -178,11 +178,7 @@ class StudySearcher(Searcher):
             members.sort(key=lambda m: m[0])
             if len(members) == (self.size or 1):
                 trials = [t for _, _, t in members]
-                config = (
-                    {**trials[0].params, "optuna_trial": trials[0].number}
-                    if self.size is None
-                    else {"members": [dict(t.params) for t in trials], "optuna_trials": [t.number for t in trials]}
-                )
+                config = self._tune_config([dict(t.params) for t in trials], [t.number for t in trials])
                 claim = [[j, tid] for j, tid, t in members if not t.state.is_finished()]
                 self.again.append({"ids": [tid for _, tid, _ in members], "claim": claim, "config": config})
                 continue
@@ -223,6 +219,10 @@ class StudySearcher(Searcher):
         self._asking = None
         self.members[trial_id] = ids
         self._submit(self._claim, trial_id, ids)
+        return self._tune_config(configs, numbers)
+
+    def _tune_config(self, configs: list[dict[str, Any]], numbers: list[int]) -> dict[str, Any]:
+        """A Tune trial's config from its configurations and their Optuna trial numbers."""
         if self.size is None:
             return {**configs[0], "optuna_trial": numbers[0]}
         return {"members": configs, "optuna_trials": numbers}

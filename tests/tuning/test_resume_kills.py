@@ -15,8 +15,8 @@ import pytest
 
 from tests.helpers import ROOT, child_runs, cli_argv, trial_rows, write_spec
 
-# 60 epochs of the tiny model in batches of 2 (about 0.4 s an epoch here, 25 s a trial): the search outlasts ten
-# stops and resumes, each of which lets it train a few seconds
+# 60 epochs of the tiny model in batches of 2 (`dedn train` at batch 2 ran 877 samples/s here, about 0.35 s an
+# epoch, 20 s a trial): the search outlasts ten stops and resumes, each of which lets it train a few seconds
 EPOCHS, TRIALS, KILLS = 60, 3, 10
 
 
