@@ -62,8 +62,9 @@ __all__ = ["search"]
     type=click.FloatRange(min=0),
     default=600.0,
     show_default=True,
-    help="With --address: seconds to wait for a node that can hold a trial (an autoscaling cluster may add one) "
-    "before stopping with one line; 0 stops at once. Nothing of the search is made meanwhile.",
+    help="With --address on an autoscaling cluster: seconds to wait for a node that can hold a trial before "
+    "stopping with one line; 0 stops at once. A cluster that cannot grow is not waited for. Nothing of the search "
+    "is made meanwhile.",
 )
 @click.option(
     "--posthoc-inference",

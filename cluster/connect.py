@@ -225,9 +225,9 @@ def check_local_fit(cpus_per_trial: float, gpus_per_trial: float) -> None:
 
 def wait_for_a_node(cpus_per_trial: float, gpus_per_trial: float, wait_s: float, address: str) -> None:
     """On a joined cluster, before anything of the search exists: return once an alive node can hold one trial. When
-    none can, the autoscaler is asked for one (``request_resources``: a cluster that cannot grow ignores it) and this
-    waits up to ``wait_s`` seconds, saying so on stderr; then one DednInputError naming the option, what was asked
-    and what the largest node has."""
+    none can and the cluster autoscales (its autoscaler names node types), the autoscaler is asked for one
+    (``request_resources``) and this waits up to ``wait_s`` seconds, saying so on stderr; a cluster that cannot grow
+    is not waited for. Then one DednInputError naming the option, what was asked and what the largest node has."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
@@ -244,7 +244,8 @@ def wait_for_a_node(cpus_per_trial: float, gpus_per_trial: float, wait_s: float,
     unit = "GPU" if gpus_per_trial > has["GPU"] else "CPU"
     asked = need[unit]
     deadline = time.monotonic() + wait_s
-    if wait_s > 0:
+    grows = _can_grow()
+    if wait_s > 0 and grows:
         print(
             f"waiting up to {wait_s:g} s (--resource-wait) for a node with {asked:g} {unit} for a trial: the largest "
             f"node of the cluster at {address} has {has[unit]:g} now (an autoscaling cluster may add one)",
@@ -261,9 +262,22 @@ def wait_for_a_node(cpus_per_trial: float, gpus_per_trial: float, wait_s: float,
         finally:
             with suppress(Exception):
                 request_resources(bundles=[])
-    waited = f", after waiting {wait_s:g} s (--resource-wait)" if wait_s > 0 else ""
+    if not grows:
+        waited = "; the cluster has no autoscaler to add one"
+    else:
+        waited = f", after waiting {wait_s:g} s (--resource-wait)" if wait_s > 0 else ""
     why = f"asks {asked:g} {unit} per trial; no node of the cluster at {address} has that (the largest has {has[unit]:g}){waited}"
     raise DednInputError("dedn search", f"--{unit.lower()}s-per-trial", why)
+
+
+def _can_grow() -> bool:
+    """Whether the joined cluster may add nodes: some node type its autoscaler names is not the ``node_<id>`` of a
+    node started by hand. When Ray's reports cannot be read, it may (the search then waits, as it would)."""
+    try:
+        types = ray_internals.node_types()
+    except Exception:
+        return True
+    return not types or any(re.fullmatch(r"node_[0-9a-f]+", t) is None for t in types)
 
 
 @contextmanager

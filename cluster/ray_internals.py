@@ -7,6 +7,10 @@
   token: ``ray.init(address=host:port)`` leaves token mode off, so a driver never sends it (ray-project/ray#64755:
   "clients never attach that same token").
 - ``AUTH_LOGGER``: the logger of Ray's token set-up notice (held back while a local instance starts).
+- ``node_types``: the node types the cluster's autoscaler names, to tell a cluster that can grow from one that cannot.
+  The legacy autoscaler (``ray up`` with ``RAY_UP_enable_autoscaler_v2=0``, and the monitor of every ``ray start
+  --head``) writes its report only to the GCS key-value store, which ``ray status`` reads through the same private
+  names; Ray has no public call for whether a cluster autoscales (ray-project/ray#37838, "Able to inspect autoscaler state/cluster config").
 
 As a script (``python ray_internals.py HOST:PORT TIMEOUT_MS``; standard library imports only, to start fast) it prints
 ``probe``'s answer as one JSON line, never the token: Ray keeps auth mode and token in process-wide C++ state, logs
@@ -20,7 +24,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["AUTH_LOGGER", "PRIVATE_NAMES", "find_cluster", "probe", "set_auth_mode"]
+__all__ = ["AUTH_LOGGER", "PRIVATE_NAMES", "find_cluster", "node_types", "probe", "set_auth_mode"]
 
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 PRIVATE_NAMES = (
@@ -32,6 +36,8 @@ PRIVATE_NAMES = (
     ("ray._raylet", "get_authentication_mode"),
     ("ray._raylet", "InnerGcsClient"),
     ("ray._private.authentication.authentication_token_setup", None),
+    ("ray._private.ray_constants", "DEBUG_AUTOSCALING_STATUS"),
+    ("ray.experimental.internal_kv", "_internal_kv_get"),
 )
 
 
@@ -40,6 +46,26 @@ def find_cluster(address: str) -> str | None:
     services: Any = importlib.import_module("ray._private.services")
     found = services.canonicalize_bootstrap_address(address)
     return None if found is None else str(found)
+
+
+def node_types() -> set[str]:
+    """On a joined cluster: the node type of every node its autoscaler reports (the legacy report and the v2 cluster
+    status together). A node no autoscaler launched is named ``node_<its id>``; a cluster whose nodes all are has no
+    node type it could add. Empty when neither report is there yet."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    constants: Any = importlib.import_module("ray._private.ray_constants")
+    kv: Any = importlib.import_module("ray.experimental.internal_kv")
+    found: set[str] = set()
+    raw = kv._internal_kv_get(constants.DEBUG_AUTOSCALING_STATUS)
+    if raw:
+        report = json.loads(raw).get("autoscaler_report") or {}
+        for key in ("active_nodes", "idle_nodes", "pending_launches"):
+            found.update(report.get(key) or {})
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    found.update(n.ray_node_type_name for n in status.active_nodes + status.idle_nodes + status.pending_nodes)
+    return {t for t in found if t}
 
 
 def set_auth_mode(value: str | None) -> None:

@@ -90,8 +90,17 @@ class RayNodes:
         proc = subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, capture_output=True, timeout=120)
         assert proc.returncode == 0 and self.token, proc.stderr.decode()[-2000:]
 
-    def start(self, name: str, num_cpus: int = 1, head: bool = False, timeout_s: float = 180) -> RayNode:
-        """``RAY_AUTH_MODE=token ray start`` a head (``head=True``) or a worker joining ``address``."""
+    def start(
+        self,
+        name: str,
+        num_cpus: int = 1,
+        head: bool = False,
+        timeout_s: float = 180,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> RayNode:
+        """``RAY_AUTH_MODE=token ray start`` a head (``head=True``) or a worker joining ``address``, with ``extra``
+        arguments and ``env`` added to the cluster's environment."""
         temp = self.root / name
         ports = {
             "--node-manager-port": free_port(),
@@ -107,12 +116,12 @@ class RayNodes:
         else:
             where = ["--address", self.address]
         argv = [RAY, "start", *where, "--num-cpus", str(num_cpus), "--temp-dir", str(temp), "--disable-usage-stats"]
-        argv += [str(x) for kv in ports.items() for x in kv]
+        argv += [str(x) for kv in ports.items() for x in kv] + list(extra)
         log = self.root / f"{name}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 argv,
-                env={**self.env, "RAY_AUTH_MODE": "token"},
+                env={**self.env, **(env or {}), "RAY_AUTH_MODE": "token"},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own session: every process of the node, and only those

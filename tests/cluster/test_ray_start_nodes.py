@@ -133,40 +133,74 @@ def test_a_joined_session_sends_the_token_only_while_it_lasts(token_cluster: Ray
     assert got["after"] is None and got["handler_restored"] is True
 
 
+def _refusals(cluster: RayNodes, tmp_path: Path, store: Path, *wait: str) -> list[str]:
+    """The lines of ``dedn search --gpus-per-trial 1`` on ``cluster`` (and ``--resource-wait`` when given), which
+    must end in exit status 2 without a traceback and leave nothing in ``tmp_path``."""
+    spec = write_spec(tmp_path, store, epochs=2, body=_SPEC)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", "-c", str(spec), "--name", "big", "--storage-path", str(tmp_path / "runs"), "--tracking-uri"]
+    args += [uri, "--address", cluster.address, "--gpus-per-trial", "1"]
+    args += ["--resource-wait", *wait] if wait else []
+    r = subprocess.run(cli_argv(*args), cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, (r.returncode, r.stdout + r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, no mlflow.db
+    # what the cluster's own processes log (a raylet's metrics agent, ...) Ray forwards to every driver
+    return [x for x in (r.stdout + r.stderr).splitlines() if x.strip() and "(raylet)" not in x]
+
+
 def test_a_trial_no_node_can_hold_stops_before_anything_is_made(
     token_cluster: RayNodes, tmp_path: Path, tiny_store: Path
 ) -> None:
-    """A GPU per trial on a cluster of CPU nodes: with --resource-wait 0 one line at once; with a wait, the wait is
-    said on stderr and ends in the same line; either way no folder, no tracking store, no Optuna study."""
-    spec = write_spec(tmp_path, tiny_store, epochs=2, body=_SPEC)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["search", "-c", str(spec), "--name", "big", "--storage-path", str(tmp_path / "runs"), "--tracking-uri"]
-    args += [uri, "--address", token_cluster.address, "--gpus-per-trial", "1"]
-    before = sorted(p.name for p in tmp_path.iterdir())
+    """A GPU per trial on a cluster of CPU nodes started by hand: no autoscaler can add a node, so one line at once,
+    also with the default --resource-wait (ten minutes); no folder, no tracking store, no Optuna study."""
+    for wait in ((), ("0",)):
+        lines = _refusals(token_cluster, tmp_path, tiny_store, *wait)
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("error: dedn search: --gpus-per-trial: asks 1 GPU per trial"), lines
+        assert f"no node of the cluster at {token_cluster.address} has that (the largest has 0)" in lines[0], lines
+        assert lines[0].endswith("the cluster has no autoscaler to add one"), lines
 
-    def run(wait: str) -> list[str]:
-        r = subprocess.run(
-            cli_argv(*args, "--resource-wait", wait),
-            cwd=tmp_path,
-            env=token_cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, (r.returncode, r.stdout + r.stderr)
-        # what the cluster's own processes log (a raylet's metrics agent, ...) Ray forwards to every driver
-        return [x for x in (r.stdout + r.stderr).splitlines() if x.strip() and "(raylet)" not in x]
 
-    lines = run("0")
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: dedn search: --gpus-per-trial: asks 1 GPU per trial"), lines
-    assert f"no node of the cluster at {token_cluster.address} has that (the largest has 0)" in lines[0], lines
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, no mlflow.db
-    lines = run("4")
-    assert lines[0].startswith("waiting up to 4 s (--resource-wait) for a node with 1 GPU"), lines
-    assert (
-        lines[-1].startswith("error: dedn search: --gpus-per-trial: asks 1 GPU per trial")
-        and "after waiting 4 s" in lines[-1]
-    )
+_AUTOSCALING = {  # Ray's fake node provider: an autoscaler that launches nodes as processes on this machine
+    "cluster_name": "fake",
+    "max_workers": 1,
+    "idle_timeout_minutes": 5,
+    "upscaling_speed": 1.0,
+    "provider": {
+        "type": "fake_multinode",
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+    },
+    "auth": {"ssh_user": "ubuntu"},
+    "head_node_type": "ray.head.default",
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+        "cpu.worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 0},
+    },
+    "file_mounts": {},
+    "file_mounts_sync_continuously": False,
+    **dict.fromkeys(("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands"), []),
+    **dict.fromkeys(("setup_commands", "head_setup_commands", "worker_setup_commands"), []),
+    **dict.fromkeys(("head_start_ray_commands", "worker_start_ray_commands"), []),
+}
+
+
+def test_an_autoscaling_cluster_is_waited_for_then_refused_in_one_line(tmp_path: Path, tiny_store: Path) -> None:
+    """A head whose autoscaler knows node types (``ray start --autoscaling-config``): a node could come, so the wait
+    is said on stderr and ends, after --resource-wait, in the one line; nothing is left behind."""
+    nodes = RayNodes.create()
+    try:
+        nodes.generate_token()
+        config = nodes.root / "autoscaling.json"
+        config.write_text(json.dumps(_AUTOSCALING))
+        fake = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        nodes.start("head", head=True, extra=("--autoscaling-config", str(config)), env=fake)
+        lines = _refusals(nodes, tmp_path, tiny_store, "4")
+    finally:
+        nodes.stop_all()
     assert len(lines) == 2, lines
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, no mlflow.db
+    assert lines[0].startswith("waiting up to 4 s (--resource-wait) for a node with 1 GPU"), lines
+    assert lines[1].startswith("error: dedn search: --gpus-per-trial: asks 1 GPU per trial"), lines
+    assert lines[1].endswith("after waiting 4 s (--resource-wait)"), lines
