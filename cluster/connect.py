@@ -26,6 +26,7 @@ from dedn.errors import DednInputError
 
 __all__ = [
     "AUTH_MODE",
+    "can_grow",
     "check_address",
     "check_local_fit",
     "local_ray_on_loopback",
@@ -244,7 +245,7 @@ def wait_for_a_node(cpus_per_trial: float, gpus_per_trial: float, wait_s: float,
     unit = "GPU" if gpus_per_trial > has["GPU"] else "CPU"
     asked = need[unit]
     deadline = time.monotonic() + wait_s
-    grows = _can_grow()
+    grows = can_grow()
     if wait_s > 0 and grows:
         print(
             f"waiting up to {wait_s:g} s (--resource-wait) for a node with {asked:g} {unit} for a trial: the largest "
@@ -270,7 +271,7 @@ def wait_for_a_node(cpus_per_trial: float, gpus_per_trial: float, wait_s: float,
     raise DednInputError("dedn search", f"--{unit.lower()}s-per-trial", why)
 
 
-def _can_grow() -> bool:
+def can_grow() -> bool:
     """Whether the joined cluster may add nodes: some node type its autoscaler names is not the ``node_<id>`` of a
     node started by hand. When Ray's reports cannot be read, it may (the search then waits, as it would)."""
     try:

@@ -87,6 +87,7 @@ class RunSink:
         self.linger_s, self.max_points = linger_s, max_points
         self.witness = witness  # the metric whose history says which steps a run holds (every step logs it)
         self.ids: dict[str, str] = {}  # run key -> run id, once known
+        self.params: dict[str, str] = {}  # the search's own params (``open_parent``), every run's too
         self.parent_id, self.experiment_id = parent_id, experiment_id  # known, or found by ``open_parent``
         self.cond = threading.Condition()
         self.queues: OrderedDict[str, deque[tuple[Any, ...]]] = OrderedDict()  # run key ("" for calls) -> calls
@@ -114,10 +115,17 @@ class RunSink:
         return self._client
 
     # -- look-ups, made at once -------------------------------------------------------------------------------
-    def open_parent(self, tags: dict[str, str], files: Iterable[str] = (), texts: dict[str, str] | None = None) -> str:
+    def open_parent(
+        self,
+        tags: dict[str, str],
+        files: Iterable[str] = (),
+        texts: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> str:
         """The search's parent run, found by its tag ``dedn.experiment`` (reopened: RUNNING) or created with ``tags``,
-        the ``files`` and the ``texts`` (artifact name -> text)."""
+        ``params``, the ``files`` and the ``texts`` (artifact name -> text)."""
         c = self.client
+        self.params = dict(params or {})
         exp = c.get_experiment_by_name(self.experiment)
         self.experiment_id = (
             exp.experiment_id
@@ -131,6 +139,10 @@ class RunSink:
             return self.parent_id
         run = c.create_run(self.experiment_id, run_name=self.experiment, tags={**tags, EXPERIMENT_TAG: self.experiment})
         self.parent_id = run.info.run_id
+        if params:
+            from mlflow.entities import Param
+
+            c.log_batch(self.parent_id, params=[Param(k, v) for k, v in sorted(params.items())])
         for f in files:
             c.log_artifact(self.parent_id, f)
         for name, text in (texts or {}).items():

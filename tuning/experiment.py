@@ -101,6 +101,7 @@ def open_tracking(
     import ray
 
     from dedn.checkpoints import checkpoint_header
+    from dedn.data.extract import store_params
     from tracking.store import code_version
 
     assert opts.tracking_uri is not None
@@ -119,7 +120,7 @@ def open_tracking(
             "optuna.version": optuna.__version__,
             "dedn.posthoc_inference": str(opts.posthoc_inference).lower(),
         }
-        sink.open_parent(tags, [opts.spec_path], texts)
+        sink.open_parent(tags, [opts.spec_path], texts, store_params(store.meta.provenance))
     except BaseException:
         abandon(exp, sink, resume)
         raise

@@ -322,7 +322,8 @@ def tune_settings(
     callbacks: list[Any] = [JsonLoggerCallback()]
     if sink is not None:
         uri, parent = str(sink.uri), str(sink.parent_id)
-        logger = MLflowTrialLogger(uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp), epochs)
+        args = (uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp), epochs, sink.params)
+        logger = MLflowTrialLogger(*args)
         callbacks.append(logger)
     if not opts.verbose:
         callbacks.append(ProgressView(num_samples, epochs))

@@ -63,7 +63,9 @@ class MLflowTrialLogger(Callback):
         epoch_metrics: str = "all",
         exp: str = "",
         epochs: int = 0,
+        params: dict[str, str] | None = None,
     ) -> None:
+        self.params = params or {}  # logged with every run's own (how the store's features were made)
         self.uri, self.experiment, self.experiment_id, self.parent = uri, experiment, experiment_id, parent
         self.epoch_metrics, self.exp, self.epochs = epoch_metrics, exp, epochs  # epochs: a trial's last (0: unknown)
         self._live()
@@ -165,7 +167,7 @@ class MLflowTrialLogger(Callback):
             # what a killed driver sent can be ahead of the record Tune saved: the trial reports those epochs again
             self.logged[key] = max(self.sink.steps(key), default=0)
         else:
-            self.sink.create(key, name, values, tags)
+            self.sink.create(key, name, {**self.params, **values}, tags)
         all_reports = reports(result_file(trial))
         epochs = configuration_epochs(all_reports, member)
         if not epochs:

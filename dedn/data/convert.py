@@ -169,7 +169,7 @@ def convert_xlsa17(
         ids = bench.image_files
     else:
         ids = [str(i) for i in range(n)]
-    classes, attributes, splits = _tables_for(bench, labels, str(bench.split_file.path), seed, val_fraction)
+    classes, attributes, splits = tables_for(bench, labels, str(bench.split_file.path), seed, val_fraction)
     provenance = _provenance("xlsa17", {**bench.sources, "res101": str(res)}, seed, val_fraction)
 
     def chunks() -> Iterator[tuple[int, np.ndarray]]:
@@ -194,7 +194,7 @@ def convert_xlsa17(
     return writer.meta
 
 
-def _tables_for(
+def tables_for(
     bench: Benchmark, labels: np.ndarray, source: str, seed: int, val_fraction: float
 ) -> tuple[ClassTable, AttributeTable, np.ndarray]:
     sf = bench.split_file
@@ -364,4 +364,4 @@ def convert_hdf5(
     return writer.meta
 
 
-__all__ = ["HDF5_KEYS", "build_tables", "convert_hdf5", "convert_xlsa17", "l2_rows"]
+__all__ = ["HDF5_KEYS", "build_tables", "convert_hdf5", "convert_xlsa17", "l2_rows", "tables_for"]

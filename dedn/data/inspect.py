@@ -52,6 +52,10 @@ def summary(path: str | os.PathLike[str], verify: bool = False) -> str:
     prov = m.provenance
     origin = prov.get("converter") or prov.get("generator") or "unknown"
     lines.append(f"provenance   {origin}")
+    ex = prov.get("extraction")
+    if ex:  # a store made from images: how its features were made
+        lines.append(f"trunk        {ex.get('trunk')}, weights sha256 {ex.get('weights_sha256')}")
+        lines.append(f"images       {ex.get('size')} px, features {ex.get('dtype')}; {ex.get('preprocessing')}")
     return "\n".join(lines)
 
 

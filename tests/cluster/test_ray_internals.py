@@ -42,13 +42,13 @@ def test_the_probe_script_answers_unreachable_for_a_port_where_no_ray_listens() 
 def test_node_types_names_a_node_started_by_hand_by_its_id() -> None:
     """A local instance has no autoscaler node types: its one node is reported as ``node_<its id>``, which is how
     ``cluster.connect`` tells a cluster that cannot grow."""
-    from cluster.connect import _can_grow, ray_session
+    from cluster.connect import can_grow, ray_session
 
     with ray_session(None, num_cpus=1):
         import ray
 
         ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         types = ray_internals.node_types()
-        grows = _can_grow()
+        grows = can_grow()
     assert types == {f"node_{i}" for i in ids}, (types, ids)
     assert grows is False
