@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dedn.data import open_store
-from tests.helpers import ROOT, cli_argv, refused
+from tests.helpers import ROOT, child_runs, cli_argv, refused, write_spec
 from tests.images import ImageSet, make_images, reference_features
 
 SIZE = 64  # 2048 x 2 x 2 features: the trunk at 448 px would take seconds per image on these CPUs
@@ -188,3 +188,38 @@ def test_bad_input_is_one_line_before_any_image_is_read(
     where = home / "hub" / "checkpoints" / "resnet101-63fe2227.pth"
     line = refused(args, cwd=tmp_path, watch=watch, file=where, field="weights", env={"TORCH_HOME": str(home)})
     assert "nothing is downloaded" in line and not home.exists()
+
+
+@pytest.mark.slow
+def test_every_run_of_a_search_on_an_extracted_store_says_how_its_features_were_made(
+    images: ImageSet, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    _extract(images, store, "--dtype", "float32")
+    spec = write_spec(tmp_path, store, epochs=2, body=_SPEC)
+    base = tmp_path / "base.yaml"
+    base.write_text(base.read_text().replace("clusters: manual", "clusters: kmeans\n  kmeans_q: 3"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", "-c", str(spec), "--name", "ex", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run(cli_argv(*args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    ex = open_store(store).meta.provenance["extraction"]
+    want = {f"store.{k}": str(ex[k]) for k in ("trunk", "weights_sha256", "size", "dtype", "preprocessing")}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("ex").experiment_id], "tags.`dedn.experiment` = 'ex'")
+    children = child_runs(uri, "ex")
+    assert len(parent) == 1 and len(children) == 2
+    for run in [*parent, *children]:
+        assert {k: run.data.params.get(k) for k in want} == want, run.info.run_name
+
+
+_SPEC = """
+num_samples: 2
+max_concurrent_trials: 1
+params:
+  optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
+scheduler: {type: fifo}
+"""
