@@ -223,3 +223,43 @@ params:
   optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
 scheduler: {type: fifo}
 """
+
+
+@pytest.mark.parametrize(
+    "listed, kept",
+    [
+        ("/BS/Deep_Fragments/work/MSc/CUB_200_2011/images/001.a/x.jpg", "CUB_200_2011/images/001.a/x.jpg"),
+        ("/BS/xian/work/data/Animals_with_Attributes2//JPEGImages/antelope/a.jpg",
+         "Animals_with_Attributes2//JPEGImages/antelope/a.jpg"),
+        ("/BS/Deep_Fragments/work/MSc/data/SUN/images/a/abbey/s.jpg", "images/a/abbey/s.jpg"),
+        ("CUB_200_2011/images/001.a/x.jpg", "CUB_200_2011/images/001.a/x.jpg"),  # relative: as it is
+    ],
+)  # fmt: skip
+def test_absolute_xlsa17_paths_keep_the_part_the_shared_image_lists_hold(listed: str, kept: str) -> None:
+    from dedn.data.extract import kept_path
+
+    assert kept_path(listed, Path("res101.mat")) == kept
+
+
+def test_an_absolute_path_without_a_dataset_folder_is_one_line() -> None:
+    from dedn.data.extract import kept_path
+    from dedn.errors import DednInputError
+
+    with pytest.raises(DednInputError) as e:
+        kept_path("/data/pictures/x.jpg", Path("res101.mat"))
+    assert str(e.value).startswith("res101.mat: image_files: absolute path '/data/pictures/x.jpg' has no")
+
+
+def test_a_res101_mat_image_list_reads_as_its_csv(images: ImageSet, tmp_path: Path) -> None:
+    """xlsa17's res101.mat (absolute image_files, 1-based labels as a column): the same files and labels as the CSV."""
+    import scipy.io
+
+    from dedn.data.extract import read_image_list
+
+    cell = np.empty((len(images.files), 1), dtype=object)
+    cell[:, 0] = [f"/BS/Deep_Fragments/work/MSc/{f}" for f in images.files]
+    labels = (images.labels + 1).reshape(-1, 1).astype(np.float64)
+    scipy.io.savemat(tmp_path / "res101.mat", {"image_files": cell, "labels": labels, "features": np.zeros((1, 1))})
+    files, got = read_image_list(tmp_path / "res101.mat", 6)
+    assert files == images.files
+    np.testing.assert_array_equal(got, images.labels)
