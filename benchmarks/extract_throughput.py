@@ -2,8 +2,9 @@
 the trunk, every feature map kept in memory, then one HDF5 write) against ``dedn data extract`` (Ray Data, shards
 written as they come), on the same synthetic images, at 1x and 4x the image count.
 
-Peak memory is the largest sum of the resident memory of the command's process tree (the driver and, for ours, the
-local Ray instance and its workers), sampled every 0.1 s. Both use the same trunk, weights (seeded random: no
+Peak memory is the largest sum of the proportional set size (PSS: resident memory, pages shared between processes,
+such as Ray's object store, divided among them) of the command's process tree (the driver and, for ours, the local
+Ray instance and its workers), sampled every 0.2 s. Both use the same trunk, weights (seeded random: no
 download) and preprocessing.
 
     python benchmarks/extract_throughput.py --images 100 --size 224
@@ -12,6 +13,7 @@ download) and preprocessing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -101,7 +103,7 @@ def authors(folder: Path, size: int, batch_size: int) -> None:
 
 
 def peak_rss(argv: list[str]) -> tuple[float, int]:
-    """(seconds, peak bytes of the process tree's resident memory) of running ``argv``."""
+    """(seconds, peak bytes of the process tree's PSS) of running ``argv``."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     top = psutil.Process(proc.pid)
     peak = 0
@@ -111,16 +113,12 @@ def peak_rss(argv: list[str]) -> tuple[float, int]:
         nonlocal peak
         while not done.is_set():
             total = 0
-            try:
+            with contextlib.suppress(psutil.Error):  # the command ended, or one of its processes did
                 for p in [top, *top.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_full_info().pss
             peak = max(peak, total)
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     start = time.perf_counter()
     th = threading.Thread(target=sample, daemon=True)
@@ -163,7 +161,7 @@ def main() -> None:
                 seconds, peak = peak_rss(argv)
                 rows.append((name, factor, n, n / seconds, peak))
     print(f"\nfeature extraction, {args.size} px, trunk ResNet-101, device {device}\n")
-    print(f"| {'approach':<18} | images | images/s | peak resident memory | vs 1x |")
+    print(f"| {'approach':<18} | images | images/s | peak memory (PSS)    | vs 1x |")
     print(f"|{'-' * 20}|--------|----------|----------------------|-------|")
     first = {name: peak for name, factor, _, _, peak in rows if factor == 1}
     for name, _, n, rate, peak in rows:
