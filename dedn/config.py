@@ -118,6 +118,19 @@ class InferenceSection(_Frozen):
     grid_lambda_rc: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
     grid_lambda_e: list[float] = [0.1, 0.3, 0.5, 0.7, 0.9]
     grid_calibration: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
+    objective: str = Field(
+        "H",
+        description="What selects epochs, grid points and trials: H, AUSUC, or U@S>=x / S@U>=x (the most U whose "
+        "point on the exact seen/unseen curve keeps S >= x, and the reverse).",
+    )
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str) -> str:
+        from dedn.metrics import parse_objective
+
+        parse_objective(v)
+        return v.replace(" ", "")
 
     @field_validator("grid_lambda_rc", "grid_lambda_e")
     @classmethod

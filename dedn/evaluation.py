@@ -19,7 +19,14 @@ from torch import Tensor
 from dedn.config import TrainConfig
 from dedn.data.store import FeatureStore
 from dedn.errors import DednInputError
-from dedn.metrics import gzsl_metrics, per_class_accuracy
+from dedn.metrics import (
+    curve_area,
+    gzsl_metrics,
+    objective_value,
+    parse_objective,
+    per_class_accuracy,
+    seen_unseen_curve,
+)
 from dedn.model import DEDN, Branches, class_scores, expert_output, mix_scores
 
 if TYPE_CHECKING:
@@ -164,11 +171,26 @@ def evaluate(
     return evaluate_branches(branches, model.class_attributes, store, task, cfg)
 
 
+@torch.no_grad()
+def pair_scores(branches: Branches, class_attributes: Tensor, unseen_mask: np.ndarray | Tensor, lambda_rc: float,
+                lambda_e: float) -> np.ndarray:  # fmt: skip
+    """GZSL scores (N, K) before calibration at one (lambda_rc, lambda_e): what the seen/unseen curve sweeps."""
+    some = next(o for o in branches if o is not None)
+    a = class_attributes.to(device=some.device, dtype=torch.float32)
+    pr_ec, pc_ec, pr_ef, pc_ef = (class_scores(o, a) for o in branches)
+    p_ec, p_ef = expert_output(pr_ec, pc_ec, lambda_rc), expert_output(pr_ef, pc_ef, lambda_rc)
+    unseen = _as_tensor(unseen_mask, some.device).bool()
+    return mix_scores(p_ec, p_ef, lambda_e, 0.0, unseen).float().cpu().numpy()
+
+
 def evaluate_branches(
     branches: Branches, class_attributes: torch.Tensor, store: FeatureStore, task: Task, cfg: TrainConfig
 ) -> tuple[dict[str, float], dict[str, float], list[dict[str, float]]]:
     """Metrics at the configured inference point, the best grid point and the whole grid, from cached
-    (N, D) branch outputs of the task's evaluation images."""
+    (N, D) branch outputs of the task's evaluation images. The first two also carry ``AUSUC`` (the area under the
+    exact seen/unseen curve at their lambda_rc, lambda_e) and ``objective`` (``inference.objective``'s value). The
+    best grid point is the best by the objective: for H the grid's best H; otherwise the (lambda_rc, lambda_e) of
+    the best curve, at the curve's own point for U@S>=x / S@U>=x (its exact shift as c), else its best H on the grid."""
     inf = cfg.inference
     a = class_attributes[torch.as_tensor(task.classes, device=class_attributes.device)]
     local = np.searchsorted(task.classes, store.labels[task.eval_rows])
@@ -176,8 +198,32 @@ def evaluate_branches(
     args = (branches, a, task.unseen)
     configured = score_grid(*args, [inf.lambda_rc], [inf.lambda_e], [inf.calibration], local, seen_l, unseen_l)[0]
     grid = score_grid(*args, inf.grid_lambda_rc, inf.grid_lambda_e, inf.grid_calibration, local, seen_l, unseen_l)
-    best = max(grid, key=lambda r: r["H"])
-    return configured, best, grid
+
+    def curve(point: Mapping[str, float]) -> dict[str, np.ndarray]:
+        scores = pair_scores(*args, float(point["lambda_rc"]), float(point["lambda_e"]))
+        return seen_unseen_curve(scores, local, seen_l, unseen_l)
+
+    def scored(point: dict[str, float], c: dict[str, np.ndarray]) -> dict[str, float]:
+        return {**point, "AUSUC": curve_area(c), "objective": objective_value(inf.objective, c, point["H"])[0]}
+
+    configured = scored(configured, curve(configured))
+    kind, _ = parse_objective(inf.objective)
+    if kind == "H":
+        best = max(grid, key=lambda r: r["H"])
+        return configured, scored(best, curve(best)), grid
+    candidates = []
+    for lrc in inf.grid_lambda_rc:
+        for le in inf.grid_lambda_e:
+            pair = [r for r in grid if r["lambda_rc"] == float(lrc) and r["lambda_e"] == float(le)]
+            c = curve(pair[0])
+            value, j = objective_value(inf.objective, c, 0.0)
+            point = max(pair, key=lambda r: r["H"])
+            if j >= 0:  # the curve's own point: its shift reproduces it exactly
+                u, s_ = float(c["U"][j]), float(c["S"][j])
+                h = 2 * s_ * u / (s_ + u) if s_ + u > 0 else 0.0
+                point = {**point, "c": float(c["shift"][j]), "U": u, "S": s_, "H": h}
+            candidates.append({**point, "AUSUC": curve_area(c), "objective": value})
+    return configured, max(candidates, key=lambda r: r["objective"]), grid
 
 
 def inference_point(grid: Mapping[str, float], prefix: str = "") -> dict[str, float]:
@@ -203,6 +249,7 @@ __all__ = [
     "evaluate_branches",
     "inference_point",
     "make_task",
+    "pair_scores",
     "score_grid",
     "with_inference_point",
 ]

@@ -152,12 +152,46 @@ def best_under(curve: dict[str, np.ndarray], goal: str, floor: float) -> tuple[f
     return float(curve[goal][j]), j
 
 
+OBJECTIVE_RULE = "must be H, AUSUC, U@S>=x or S@U>=x with x in [0, 1] (e.g. U@S>=0.6)"
+
+
+def parse_objective(text: str) -> tuple[str, float]:
+    """``H`` -> ("H", 0), ``AUSUC`` -> ("AUSUC", 0), ``U@S>=0.6`` -> ("U", 0.6) (the most U whose curve point keeps
+    S >= 0.6), ``S@U>=x`` likewise. ValueError with ``OBJECTIVE_RULE`` for anything else."""
+    t = text.replace(" ", "")
+    if t in ("H", "AUSUC"):
+        return t, 0.0
+    goal, _, rest = t.partition("@")
+    other, _, floor = rest.partition(">=")
+    try:
+        x = float(floor)
+    except ValueError:
+        raise ValueError(OBJECTIVE_RULE) from None
+    if (goal, other) not in (("U", "S"), ("S", "U")) or not 0.0 <= x <= 1.0:
+        raise ValueError(OBJECTIVE_RULE)
+    return goal, x
+
+
+def objective_value(objective: str, curve: dict[str, np.ndarray], h: float) -> tuple[float, int]:
+    """The value of ``objective`` for the seen/unseen ``curve`` (``h``: H at the point in use, for ``H``), and the
+    curve point it was read at (-1 for H and AUSUC, and when no point keeps the floor)."""
+    kind, floor = parse_objective(objective)
+    if kind == "H":
+        return h, -1
+    if kind == "AUSUC":
+        return curve_area(curve), -1
+    return best_under(curve, kind, floor)
+
+
 __all__ = [
+    "OBJECTIVE_RULE",
     "ArrayLike",
     "ausuc",
     "best_under",
     "curve_area",
     "gzsl_metrics",
+    "objective_value",
+    "parse_objective",
     "per_class_accuracy",
     "seen_unseen_curve",
     "zsl_accuracy",

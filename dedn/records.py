@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from dedn.model import DEDN
 
 
+def _value(metrics: dict[str, float]) -> float:
+    """The objective's value of an evaluation (H for records made before objectives), -1 when not evaluated."""
+    return metrics.get("objective", metrics.get("H", -1.0))
+
+
 @dataclass
 class EpochRecord:
     epoch: int
@@ -23,9 +28,9 @@ class EpochRecord:
     samples_per_s: float
 
     def score(self, select_on: str) -> float:
-        """The H that selects epochs: at the configured inference point, or the grid's best (-1 when the
-        epoch was not evaluated)."""
-        return (self.grid_best if select_on == "grid" else self.eval).get("H", -1.0)
+        """The value that selects epochs (``inference.objective``, H by default): at the configured inference point,
+        or the grid's best (-1 when the epoch was not evaluated)."""
+        return _value(self.grid_best if select_on == "grid" else self.eval)
 
 
 @dataclass
@@ -39,8 +44,8 @@ class BestEpoch:
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def score(self, select_on: str) -> float:
-        """This epoch's H as ``EpochRecord.score`` measures it (-1 before any epoch)."""
-        return (self.grid if select_on == "grid" else self.eval).get("H", -1.0)
+        """This epoch's value as ``EpochRecord.score`` measures it (-1 before any epoch)."""
+        return _value(self.grid if select_on == "grid" else self.eval)
 
     def improves(self, record: EpochRecord, select_on: str) -> bool:
         """Whether ``record`` beats this epoch by the same H (``EpochRecord.score``)."""

@@ -81,7 +81,7 @@ def population_metrics(epoch: int, records: dict[int, Any], p: Any, size: int, p
     rows = {j: [m[c] for c in columns] for j, m in per.items()}
     metrics: dict[str, Any] = {"epoch": epoch, "members": rows, "member_columns": columns, "ended": ended}
     if per:
-        lead = max(per, key=lambda j: per[j]["val_H"])
+        lead = max(per, key=lambda j: per[j]["val_objective"])
         metrics.update({k: v for k, v in per[lead].items() if k != "epoch"})
         metrics["val_member"] = int(lead)
         metrics["population_samples_per_s"] = next(iter(records.values())).samples_per_s * len(records)

@@ -19,9 +19,10 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def progress_line(trials: list[Any], total: int, last_epoch: int, elapsed: float) -> str:
+def progress_line(trials: list[Any], total: int, last_epoch: int, elapsed: float, objective: str = "H") -> str:
     """``trials 3/8: 2 finished, 1 stopped, 0 failed, 2 running | best val H 56.2% (trial-003) | 00:42 elapsed,
-    ~01:10 left``; a trial the scheduler ended early counts as stopped."""
+    ~01:10 left`` (``objective`` names the value: H, AUSUC, U@S>=0.6); a trial the scheduler ended early counts as
+    stopped."""
     from tuning.tracking_callback import run_name
 
     finished = stopped = failed = running = 0
@@ -37,12 +38,12 @@ def progress_line(trials: list[Any], total: int, last_epoch: int, elapsed: float
                 finished += 1
         elif t.status == "RUNNING":
             running += 1
-        value = result.get("val_H_best", result.get("val_H"))
+        value = result.get("val_objective_best", result.get("val_objective"))
         if isinstance(value, (int, float)) and (best is None or value > best[0]):
             best = (float(value), run_name(t, t.config.get("optuna_trial") if isinstance(t.config, dict) else None))
     ended = finished + stopped + failed
     head = f"trials {ended}/{total}: {finished} finished, {stopped} stopped, {failed} failed, {running} running"
-    top = f"best val H {100 * best[0]:.1f}% ({best[1]})" if best else "best val H -"
+    top = f"best val {objective} {100 * best[0]:.1f}% ({best[1]})" if best else f"best val {objective} -"
     eta = f", ~{_clock(elapsed * (total - ended) / ended)} left" if 0 < ended < total else ""
     return f"{head} | {top} | {_clock(elapsed)} elapsed{eta}"
 
@@ -50,13 +51,18 @@ def progress_line(trials: list[Any], total: int, last_epoch: int, elapsed: float
 class ProgressView(Callback):
     """Writes ``progress_line`` to stderr while Tune runs."""
 
-    def __init__(self, total: int, last_epoch: int, every_s: float = 15.0) -> None:
-        self.total, self.last_epoch, self.every_s = total, last_epoch, every_s
+    def __init__(self, total: int, last_epoch: int, every_s: float = 15.0, objective: str = "H") -> None:
+        self.total, self.last_epoch, self.every_s, self.objective = total, last_epoch, every_s, objective
         self._start, self._last = time.monotonic(), float("-inf")
         self._width, self._due, self._shown = 0, False, ""
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"total": self.total, "last_epoch": self.last_epoch, "every_s": self.every_s}
+        return {
+            "total": self.total,
+            "last_epoch": self.last_epoch,
+            "every_s": self.every_s,
+            "objective": self.objective,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -67,7 +73,7 @@ class ProgressView(Callback):
         if not force and now - self._last < (1.0 if live else self.every_s):
             return
         self._last = now
-        line = progress_line(trials, self.total, self.last_epoch, now - self._start)
+        line = progress_line(trials, self.total, self.last_epoch, now - self._start, self.objective)
         if line == self._shown and not live:
             return
         self._shown = line

@@ -114,7 +114,7 @@ def report_search(
         info = {"test": final["test"], "validation": best_metrics, "weights": "retrained on trainval", "epoch": epoch}
         folder = save_checkpoint(exp / "final_model", final["state"], cfg, store, np.asarray(final["partition"]), info)
         sink.call("final model", lambda client: client.log_artifacts(parent, str(folder), "final_model"))
-        summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T")})
+        summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T", "AUSUC")})
     summary["best_epoch"] = float(best_metrics.get("epoch", 0))
 
     def summarise(client: Any) -> None:

@@ -76,7 +76,7 @@ def _scheduler(spec: SearchSpec, epochs: int) -> Any:
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="epoch",
-        metric="val_H_best",  # the trial's best val_H so far (EpochReporter): what the search selects on, Optuna learns
+        metric="val_objective_best",  # the trial's best so far (EpochReporter): what the search selects on, Optuna learns
         mode=MODE,
         max_t=epochs,
         grace_period=min(spec.scheduler.grace_period, epochs),
@@ -93,6 +93,8 @@ def prepare(opts: SearchOptions) -> tuple[SearchSpec, dict[str, Any], str, Any]:
     if not store_path:
         raise DednInputError(opts.spec_path, "store", "no feature store: give --store or 'store' in the spec")
     base = {**base, "data": {**base.get("data", {}), "store": str(store_path)}}
+    if spec.objective is not None:  # every trial's epochs, grid points and the search select on it
+        base["inference"] = {**base.get("inference", {}), "objective": spec.objective}
     cfg = trial_config(base, {}, source=str(base_path))
     store = open_store(store_path)
     check_compatible(cfg.effective(), store)
@@ -326,7 +328,8 @@ def tune_settings(
         logger = MLflowTrialLogger(*args)
         callbacks.append(logger)
     if not opts.verbose:
-        callbacks.append(ProgressView(num_samples, epochs))
+        objective = trial_config(base, {}).inference.objective
+        callbacks.append(ProgressView(num_samples, epochs, objective=objective))
     keep = {k for k in spec.params if not (opts.posthoc_inference and k in INFERENCE_PARAMS)}
     points = [{k: v for k, v in p.items() if k in keep} for p in spec.points_to_evaluate] or None
     storage = opts.optuna_storage or default_storage(exp)

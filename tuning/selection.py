@@ -15,7 +15,7 @@ from tuning.space import chosen_values, trial_config
 
 __all__ = ["METRIC", "Entry", "best_trial", "final_test", "run_final_test", "trial_states"]
 
-METRIC = "val_H"  # what the search selects on: validation H at the trial's inference point
+METRIC = "val_objective"  # what the search selects on: the spec's objective (H, AUSUC, U@S>=x) at the inference point
 
 
 def trial_states(results: list[Any]) -> tuple[dict[str, int], dict[str, str]]:

@@ -94,12 +94,26 @@ class SearchSpec(_Strict):
     # reuse_actors: off by default as in Ray Tune, which calls it racy
     reuse_actors: bool = Field(False, description="Run new trials in finished trials' workers (faster if short).")
     posthoc_inference: bool = Field(False, description="Sweep lambda_rc, lambda_e, c on validation; never sample them.")
+    objective: str | None = Field(
+        None,
+        description="What ASHA ranks, Optuna is told and picks the best trial: H (the base config's "
+        "inference.objective, H by default), AUSUC, U@S>=x or S@U>=x.",
+    )
     checkpoint_every: int = Field(1, ge=1, description="Every N epochs, at the last and whenever the best improves.")
     # key (val_H, sent at most a minute late: most member runs cost one request) is for population searches on many
     # GPUs, where the tracking server is the limit; the parent run's epochs.parquet holds every value either way
     epoch_metrics: Literal["all", "key"] = Field("all", description="Epoch metrics to MLflow: all (~20) or key.")
     # default sqlite:///<experiment>/optuna.db; dedn search --optuna-storage overrides it
     optuna_storage: str | None = Field(None, description="sqlite:///PATH, postgresql://... or journal:PATH")
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str | None) -> str | None:
+        from dedn.metrics import parse_objective
+
+        if v is not None:
+            parse_objective(v)
+        return None if v is None else v.replace(" ", "")
 
     @field_validator("optuna_storage")
     @classmethod

@@ -28,7 +28,18 @@ _EPOCH_KEYS, _EXTRA_KEYS = ("val_", "loss_", "grid_"), ("samples_per_s", "epoch_
 # what an epoch logs with ``epoch_metrics: key`` (the parent run's epochs.parquet has the rest): rows cost the server
 KEY_METRICS = ("val_H",)
 # what a run's final metrics hold, each as best_<key>: the epoch with the highest val_H
-_BEST_KEYS = ("val_H", "val_U", "val_S", "val_T", "epoch", "grid_lambda_rc", "grid_lambda_e", "grid_c")
+_BEST_KEYS = (
+    "val_objective",
+    "val_H",
+    "val_U",
+    "val_S",
+    "val_T",
+    "val_AUSUC",
+    "epoch",
+    "grid_lambda_rc",
+    "grid_lambda_e",
+    "grid_c",
+)
 _ENDED = ("FINISHED", "FAILED", "KILLED")
 _LOGGERS: weakref.WeakSet[MLflowTrialLogger] = weakref.WeakSet()  # this process's loggers, for ``not_logged``
 
@@ -48,6 +59,11 @@ def trial_name(trial: Any) -> str:
     runs ``trial-003-m5``), so that one trial has one name in the folders, MLflow, Optuna's number and the plots."""
     config = trial.config if isinstance(trial.config, dict) else {}
     return run_name(trial, config.get("optuna_trial"))
+
+
+def _value(record: dict[str, Any]) -> float:
+    """What selects a run's best epoch: the objective's value (H in records made before objectives)."""
+    return float(record.get("val_objective", record.get("val_H", float("-inf"))))
 
 
 class MLflowTrialLogger(Callback):
@@ -175,7 +191,7 @@ class MLflowTrialLogger(Callback):
         last = epochs[-1][1]["epoch"]
         self.sink.sync(key, self._rows(trial, member, last), f"epochs 1-{last} of {name}")
         self.logged[key] = max(last, self.logged.get(key, 0))
-        self.best[key] = max(epochs, key=lambda e: (e[1].get("val_H", float("-inf")), -e[1]["epoch"]))
+        self.best[key] = max(epochs, key=lambda e: (_value(e[1]), -e[1]["epoch"]))
         for report in all_reports:
             end = section(report, "ended").get(str(member)) if member is not None else None
             if end is not None:
@@ -196,7 +212,7 @@ class MLflowTrialLogger(Callback):
         for j, record in epoch_records(result, population).items():
             key, epoch = member_key(trial.trial_id, j), int(record["epoch"])
             best = self.best.get(key)
-            if best is None or record["val_H"] > best[1]["val_H"]:  # over every report, as the search selects
+            if best is None or _value(record) > _value(best[1]):  # over every report, as the search selects
                 self.best[key] = (stamp, record)
             if epoch <= self.logged.get(key, 0):
                 # a retried or resumed trial reports again the epochs after its last checkpoint: the first report counts

@@ -26,12 +26,15 @@ REPORTS = "reports.json"  # in each trial checkpoint: what EpochReporter needs t
 
 
 def epoch_metrics(record: EpochRecord, posthoc: bool) -> dict[str, float]:
-    """What a trial reports each epoch. ``val_H`` is what the scheduler and Optuna see: H at the sampled
-    inference point, or with ``posthoc`` at the best point of the validation grid."""
+    """What a trial reports each epoch, at the sampled inference point or with ``posthoc`` at the best point of the
+    validation grid. ``val_objective`` (the spec's objective: H, AUSUC, U@S>=x, ...) is what the scheduler and
+    Optuna see and what picks the best trial; ``val_AUSUC`` the area under that point's seen/unseen curve."""
     point = record.grid_best if posthoc else record.eval
     return {
         "epoch": record.epoch,
         **{f"val_{k}": point[k] for k in ("H", "U", "S", "T")},
+        "val_AUSUC": point.get("AUSUC", 0.0),
+        "val_objective": point.get("objective", point["H"]),
         "val_H_configured": record.eval["H"],
         "val_H_grid": record.grid_best["H"],
         **{f"grid_{k}": record.grid_best[k] for k in ("lambda_rc", "lambda_e", "c")},
@@ -81,8 +84,9 @@ class EpochReporter:
         """Report one epoch (``checkpointed`` says whether a checkpoint came with it); with ``checkpoint``,
         ``save(folder)`` writes the state into a temporary folder that Tune then persists."""
         metrics["checkpointed"] = checkpoint
-        if "val_H" in metrics:  # what the scheduler ranks by: the trial's best epoch so far
-            metrics["val_H_best"] = max(float(m["val_H"]) for m in [metrics, *self.sent] if "val_H" in m)
+        if "val_objective" in metrics:  # what the scheduler ranks by: the trial's best epoch so far
+            got = [float(m["val_objective"]) for m in [metrics, *self.sent] if "val_objective" in m]
+            metrics["val_objective_best"] = max(got)
         self.sent.append(dict(metrics))
         if not checkpoint:
             _tune_report(metrics, None)

@@ -8,7 +8,7 @@ from tuning.progress import progress_line
 
 
 def _trial(status: str, epoch: int | None, best: float | None, number: int) -> SimpleNamespace:
-    result = {} if epoch is None else {"epoch": epoch, "val_H": (best or 0.0) / 2, "val_H_best": best}
+    result = {} if epoch is None else {"epoch": epoch, "val_objective": (best or 0.0) / 2, "val_objective_best": best}
     return SimpleNamespace(
         status=status, last_result=result, config={"optuna_trial": number}, experiment_tag=f"{number + 1}_x=1"
     )

@@ -26,8 +26,12 @@ from tests.helpers import (
 from tuning.search import SearchOptions, run_search
 
 
-def test_search_end_to_end(tmp_path: Path, tiny_store: Path, empty_store: Path) -> None:
-    """The default tier's real search: trials, ASHA, checkpoints, failures, and Tune, Optuna and MLflow agreeing.
+@pytest.mark.parametrize(
+    "objective", ["H", pytest.param("AUSUC", marks=pytest.mark.slow), pytest.param("U@S>=0.5", marks=pytest.mark.slow)]
+)
+def test_search_end_to_end(tmp_path: Path, tiny_store: Path, empty_store: Path, objective: str) -> None:
+    """The default tier's real search: trials, ASHA, checkpoints, failures, and Tune, Optuna and MLflow agreeing on
+    the spec's objective (``val_objective``; H by default, AUSUC and a constrained U in the slow tier).
     Over 80 lines on purpose: one scenario, each check right after the step it checks."""
     spec = write_spec(
         tmp_path,
@@ -47,7 +51,8 @@ points_to_evaluate:
   - {optim.lr: 1.0e+9, loss.gamma: 0.1, model.clusters: manual, inference.calibration: 1.0}
 scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
 checkpoint_every: 3
-""",
+objective: "OBJECTIVE"
+""".replace("OBJECTIVE", objective),
     )
     uri = new_store(empty_store, tmp_path / "mlflow.db")
     out = run_search(
@@ -63,14 +68,19 @@ checkpoint_every: 3
     epochs = [len(v) for v in ok.values()]
     assert max(epochs) == 4 and min(epochs) < 4, epochs  # ASHA stopped someone early
     assert all([r["epoch"] for r in v] == list(range(1, len(v) + 1)) for v in ok.values())
-    # checkpoints every 3rd epoch, at the last epoch (4) and whenever validation H improved
+    K = "val_objective"
+    for v in ok.values():  # the objective's value as computed from the reported U/S/H/AUSUC
+        for r in v:
+            assert r[K] == {"H": r["val_H"], "AUSUC": r["val_AUSUC"]}.get(objective, r[K]) and 0 <= r[K] <= 1
+            assert objective != "U@S>=0.5" or r[K] >= r["val_U"] * (r["val_S"] >= 0.5)
+    # checkpoints every 3rd epoch, at the last epoch (4) and whenever the validation objective improved
     for v in ok.values():
-        h = [r["val_H"] for r in v]
+        h = [r[K] for r in v]
         for i, r in enumerate(v):
             improved = h[i] > max(h[:i], default=-1.0)
             assert r["checkpointed"] == (improved or r["epoch"] in (3, 4)), (r["epoch"], h)
-    best = max(r["val_H"] for v in ok.values() for r in v)
-    assert out.best_metrics["val_H"] == pytest.approx(best)
+    best = max(r[K] for v in ok.values() for r in v)
+    assert out.best_metrics[K] == pytest.approx(best)
     assert out.test is not None and set(out.test) >= {"U", "S", "H", "T"}
     assert json.loads((out.experiment / "best.json").read_text())["num_trials"] == 6
     children = child_runs(uri, "e2e")
@@ -88,18 +98,18 @@ checkpoint_every: 3
             assert t.state == optuna.trial.TrialState.FAIL
             continue
         v = by_tune[tid]
-        # per epoch (step = epoch) the best val_H so far: a pruned trial's value is then its best, as in MLflow
+        # per epoch (step = epoch) the best value so far: a pruned trial's value is then its best, as in MLflow
         assert t.intermediate_values == pytest.approx(
-            {r["epoch"]: max(x["val_H"] for x in v[: i + 1]) for i, r in enumerate(v)}
+            {r["epoch"]: max(x[K] for x in v[: i + 1]) for i, r in enumerate(v)}
         )
         if len(v) == 4:  # ran to its last epoch: told its best epoch, what the search selects on
             assert t.state == optuna.trial.TrialState.COMPLETE
-            assert t.value == pytest.approx(max(r["val_H"] for r in v))
+            assert t.value == pytest.approx(max(r[K] for r in v))
         else:  # stopped by ASHA: Optuna keeps a pruned trial's last intermediate value, the best so far
-            assert t.state == optuna.trial.TrialState.PRUNED and t.value == pytest.approx(max(r["val_H"] for r in v))
-    best_tid = next(tid for tid, v in by_tune.items() if any(r["val_H"] == best for r in v))
+            assert t.state == optuna.trial.TrialState.PRUNED and t.value == pytest.approx(max(r[K] for r in v))
+    best_tid = next(tid for tid, v in by_tune.items() if any(r[K] == best for r in v))
     assert study.best_trial.user_attrs["tune_trial_id"] == best_tid
-    assert study.best_value == pytest.approx(best) == pytest.approx(out.best_metrics["val_H"])
+    assert study.best_value == pytest.approx(best) == pytest.approx(out.best_metrics[K])
     runs = {r.data.tags["dedn.trial_id"]: r for r in children}
     for t in study.trials:  # each Optuna trial names its MLflow run by its key, and the run names the trial back
         run = runs[t.user_attrs["dedn.trial_id"]]
@@ -110,21 +120,21 @@ checkpoint_every: 3
         outcome = {"COMPLETE": "completed", "PRUNED": "stopped", "FAIL": "failed"}[t.state.name]
         assert run.data.tags["dedn.outcome"] == outcome, (t.state, run.data.tags)
         assert run.data.tags["mlflow.note.content"].startswith(outcome)
-        if t.state != optuna.trial.TrialState.FAIL:  # one value per trial: Optuna's is MLflow's best_val_H
-            assert t.value == pytest.approx(run.data.metrics["best_val_H"])
+        if t.state != optuna.trial.TrialState.FAIL:  # one value per trial: Optuna's is MLflow's best_val_objective
+            assert t.value == pytest.approx(run.data.metrics[f"best_{K}"])
     # one name per trial: Tune's folder is named as the MLflow run and after the Optuna number
     assert {p.parent.name for p in out.experiment.glob("*/params.json")} == {
         f"trial-{t.number:03d}" for t in study.trials
     }
     finished = [r for r in children if r.info.status == "FINISHED"]
-    top = max(finished, key=lambda r: r.data.metrics["best_val_H"])
+    top = max(finished, key=lambda r: r.data.metrics[f"best_{K}"])
     assert top.data.tags["dedn.trial_id"] == study.best_trial.user_attrs["dedn.trial_id"]
-    assert top.data.metrics["best_val_H"] == pytest.approx(study.best_value)
+    assert top.data.metrics[f"best_{K}"] == pytest.approx(study.best_value)
     from mlflow.tracking import MlflowClient
 
     parent = MlflowClient(tracking_uri=uri).get_run(str(out.parent_run_id))
     assert parent.data.params == {k: str(v) for k, v in out.best_config.items()}  # the best configuration
-    assert parent.data.metrics["best_val_H"] == pytest.approx(study.best_value)
+    assert parent.data.metrics[f"best_{K}"] == pytest.approx(study.best_value)
     assert parent.data.tags["dedn.best_trial_run_id"] == top.info.run_id
 
 
