@@ -217,3 +217,15 @@ def _print_outcome(out: SearchOutcome) -> None:
             f"{'test once (retrained on trainval)':<40} {100 * t['U']:>6.1f} {100 * t['S']:>6.1f} "
             f"{100 * t['H']:>6.1f} {100 * t['T']:>6.1f}"
         )
+    auc = [f"validation {100 * m['val_AUSUC']:.1f}" if "val_AUSUC" in m else ""]
+    auc += [f"test {100 * out.test['AUSUC']:.1f}" if out.test is not None and "AUSUC" in out.test else ""]
+    if any(auc):
+        click.echo(f"{'AUSUC (area under the S/U curve, %)':<40} " + ", ".join(a for a in auc if a))
+    if out.front:
+        f = out.front
+        floors = [(float(k.removeprefix("front_U_at_S")), v) for k, v in f.items() if k.startswith("front_U_at_S")]
+        at = ", ".join(f"S >= {100 * x:.0f}%: U {100 * v:.1f}" for x, v in floors)
+        click.echo(
+            f"\nvalidation front over all trials (front.parquet): knee U {100 * f['front_knee_U']:.1f} "
+            f"S {100 * f['front_knee_S']:.1f}; most U at {at}"
+        )

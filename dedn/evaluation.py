@@ -226,6 +226,20 @@ def evaluate_branches(
     return configured, max(candidates, key=lambda r: r["objective"]), grid
 
 
+def curve_at(
+    model: DEDN, source: FeatureSource, store: FeatureStore, task: Task, cfg: TrainConfig
+) -> dict[str, np.ndarray]:
+    """The exact seen/unseen curve (``dedn.metrics.seen_unseen_curve``) of ``model`` on the task's evaluation images
+    at the config's lambda_rc and lambda_e: every calibration's (U, S) and a shift that gives it."""
+    model.eval()
+    branches = branch_outputs(model, source.rows(task.eval_rows), cfg.eval_batch_size)
+    model.train()
+    a = model.class_attributes[torch.as_tensor(task.classes, device=model.class_attributes.device)]
+    scores = pair_scores(branches, a, task.unseen, cfg.inference.lambda_rc, cfg.inference.lambda_e)
+    local = np.searchsorted(task.classes, store.labels[task.eval_rows])
+    return seen_unseen_curve(scores, local, np.flatnonzero(~task.unseen), np.flatnonzero(task.unseen))
+
+
 def inference_point(grid: Mapping[str, float], prefix: str = "") -> dict[str, float]:
     """A grid point as ``inference`` settings {lambda_rc, lambda_e, calibration}: from an evaluation's
     {lambda_rc, lambda_e, c} (``prefix`` "") or a trial's reported metrics (``prefix`` "grid_" or
@@ -245,6 +259,7 @@ def with_inference_point(cfg: TrainConfig, grid: Mapping[str, float], prefix: st
 __all__ = [
     "Task",
     "branch_outputs",
+    "curve_at",
     "evaluate",
     "evaluate_branches",
     "inference_point",

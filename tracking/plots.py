@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-__all__ = ["calibration", "study_plots"]
+__all__ = ["calibration", "front", "study_plots"]
 
 
 def study_plots(study: Any) -> dict[str, Figure]:
@@ -56,6 +56,25 @@ def calibration(
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Best trial: the seen/unseen trade-off against calibrated stacking")
     ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def front(
+    curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], u: Sequence[float], s: Sequence[float]
+) -> Figure:
+    """The seen/unseen curves of a few trials (name, U, S) and the front over all trials (U, S) highlighted."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for name, cu, cs in curves:
+        ax.plot([100 * x for x in cu], [100 * x for x in cs], lw=1.2, alpha=0.8, label=name)
+    ax.plot([100 * x for x in u], [100 * x for x in s], "o-", ms=3, lw=2.5, color="black", label="front (all trials)")
+    ax.set_xlabel("U: unseen-class accuracy (%)")
+    ax.set_ylabel("S: seen-class accuracy (%)")
+    ax.set_title("Validation seen/unseen trade-off: best trials and the front")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -19,10 +19,106 @@ from tuning.record import configuration_epochs, reports
 from tuning.selection import Entry
 from tuning.space import chosen_values, trial_config
 
-__all__ = ["epochs_table", "report_search"]
+__all__ = [
+    "FRONT_FILE",
+    "epochs_table",
+    "front_summary",
+    "front_table",
+    "non_dominated",
+    "report_search",
+    "trial_curves",
+]
 
 C_GRID = [round(0.1 * i, 2) for i in range(31)]
 EPOCHS_FILE = "epochs.parquet"
+FRONT_FILE = "front.parquet"
+FRONT_FLOORS = (0.5, 0.6, 0.7)  # the summary's operating points: the most U with S at least this
+
+
+def validation_curve(
+    cfg_values: dict[str, Any], base: dict[str, Any], store: FeatureStore, state: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """The exact seen/unseen curve on the validation task of the trained weights ``state`` at the config's lambdas."""
+    import torch
+
+    from dedn.build import build_model
+    from dedn.evaluation import curve_at, make_task
+    from dedn.feeding import FeatureSource
+    from dedn.partitions import resolve_partition
+
+    cfg = trial_config(base, cfg_values).effective().model_copy(update={"device": "cpu"})
+    cpu = torch.device("cpu")
+    model = build_model(cfg, store, resolve_partition(cfg, store), cpu)
+    model.load_state_dict(state)
+    return curve_at(model, FeatureSource(store.features(), cpu), store, make_task(store, "validation"), cfg)
+
+
+def trial_curves(results: list[Any], base: dict[str, Any], store: FeatureStore, posthoc: bool) -> list[dict[str, Any]]:
+    """Every configuration's validation curve at its best epoch (by the objective), from the best weights its last
+    checkpoint keeps: {name, trial_id, values, objective, curve}; configurations without weights are left out."""
+    from tuning.tracking_callback import best_record
+
+    out = []
+    for r in results:
+        checkpoint = getattr(r, "checkpoint", None)
+        if checkpoint is None or not Path(checkpoint.path).is_dir():
+            continue
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        for j, sampled in configurations(r.config):
+            epochs = configuration_epochs(reports(Path(r.path) / "result.json"), j)
+            if not epochs:
+                continue
+            record = best_record(epochs)
+            values = chosen_values(sampled, record, posthoc)
+            curve = validation_curve(values, base, store, best_weights(checkpoint.path, j))
+            name = Path(r.path).name + ("" if j is None else f"-m{j}")
+            objective = float(record.get("val_objective", record.get("val_H", 0.0)))
+            inf = trial_config(base, values).inference
+            out.append({"name": name, "trial_id": member_key(trial_id, j), "values": values, "objective": objective,
+                        "curve": curve, "lambda_rc": inf.lambda_rc, "lambda_e": inf.lambda_e})  # fmt: skip
+    return out
+
+
+def non_dominated(u: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats in both U and S (one of equal points), by U descending."""
+    order = np.lexsort((-s, -u))  # U descending, then S descending
+    keep, best_s = [], -np.inf
+    for i in order:
+        if s[i] > best_s:
+            keep.append(int(i))
+            best_s = s[i]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def front_table(curves: list[dict[str, Any]]) -> Any:
+    """The validation front over all configurations (pyarrow): the non-dominated (U, S) points of every curve, each
+    with its configuration's name and run key, the calibration (shift) that gives it, and its lambdas."""
+    import pyarrow as pa
+
+    cols: dict[str, list[Any]] = {k: [] for k in ("trial", "trial_id", "U", "S", "H", "shift", "lambda_rc", "lambda_e")}
+    for t in curves:
+        c = t["curve"]
+        for u, s, shift in zip(c["U"], c["S"], c["shift"], strict=True):
+            cols["trial"].append(t["name"])
+            cols["trial_id"].append(t["trial_id"])
+            cols["U"].append(float(u))
+            cols["S"].append(float(s))
+            cols["H"].append(2 * u * s / (u + s) if u + s > 0 else 0.0)
+            cols["shift"].append(float(shift))
+            cols["lambda_rc"].append(t["lambda_rc"])
+            cols["lambda_e"].append(t["lambda_e"])
+    keep = non_dominated(np.asarray(cols["U"]), np.asarray(cols["S"]))
+    return pa.table({k: [v[i] for i in keep] for k, v in cols.items()})
+
+
+def front_summary(front: Any) -> dict[str, float]:
+    """The front's knee (its best H) and, for each floor in FRONT_FLOORS, the most U with S at least that."""
+    u, s, h = (np.asarray(front.column(k).to_pylist(), dtype=float) for k in ("U", "S", "H"))
+    out = {"front_knee_U": float(u[np.argmax(h)]), "front_knee_S": float(s[np.argmax(h)])} if h.size else {}
+    for floor in FRONT_FLOORS:
+        ok = s >= floor
+        out[f"front_U_at_S{floor:g}"] = float(u[ok].max()) if ok.any() else 0.0
+    return out
 
 
 def calibration_curve(
@@ -82,9 +178,11 @@ def report_search(
     final: dict[str, Any] | None,
     posthoc: bool,
     storage: str,
+    front: tuple[list[dict[str, Any]], Any] = ([], None),
 ) -> list[str]:
-    """Log the plots, ``epochs.parquet``, the final model and the summary on the parent run, then end it; returns
-    what could not be logged (by this and by the trials' callback)."""
+    """Log the plots, ``epochs.parquet``, the validation front (``front``: every configuration's curve and the front
+    table), the final model and the summary on the parent run, then end it; returns what could not be logged (by this
+    and by the trials' callback)."""
     import optuna
     import pyarrow.parquet as pq
 
@@ -104,6 +202,14 @@ def report_search(
     if best is not None and checkpoint is not None and Path(checkpoint.path).is_dir():  # it kept weights
         s, u, h, chosen = calibration_curve(values, base, store, best_weights(checkpoint.path, best.member))
         _log_figure(sink, scratch, plots.calibration(C_GRID, s, u, h, chosen), "calibration_best_trial.png")
+    curves, front_points = front
+    if front_points is not None:
+        pq.write_table(front_points, scratch / FRONT_FILE)
+        sink.call(FRONT_FILE, lambda client: client.log_artifact(parent, str(scratch / FRONT_FILE)))
+        top = sorted(curves, key=lambda t: -t["objective"])[:5]
+        shown = [(t["name"], t["curve"]["U"], t["curve"]["S"]) for t in top]
+        u, s = front_points.column("U").to_pylist(), front_points.column("S").to_pylist()
+        _log_figure(sink, scratch, plots.front(shown, u, s), "front.png")
     table = scratch / EPOCHS_FILE
     pq.write_table(epochs_table(results), table)
     sink.call("epochs.parquet", lambda client: client.log_artifact(parent, str(table)))
@@ -116,6 +222,8 @@ def report_search(
         sink.call("final model", lambda client: client.log_artifacts(parent, str(folder), "final_model"))
         summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T", "AUSUC")})
     summary["best_epoch"] = float(best_metrics.get("epoch", 0))
+    if front_points is not None:
+        summary.update(front_summary(front_points))
 
     def summarise(client: Any) -> None:
         from mlflow.entities import Metric, Param, RunTag

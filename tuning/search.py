@@ -63,6 +63,7 @@ class SearchOutcome:
     phases: dict[str, float] | None = None  # seconds per phase of the command
     posthoc_inference: bool = False  # lambda_rc, lambda_e, c chosen per trial on the validation grid
     optuna_storage: str = ""  # the Optuna study's storage URL
+    front: dict[str, float] | None = None  # the validation front's knee and its most U at S >= 0.5, 0.6, 0.7
 
 
 def population_size(spec: SearchSpec, opts: SearchOptions) -> int:
@@ -181,6 +182,11 @@ def _search(
         best_config, best_metrics, best_entry = best_trial(results)
         if not best_metrics:
             raise DednInputError(exp, "trials", "no trial reported a result; see the trial errors above")
+        from tuning.report import front_summary, front_table, trial_curves
+
+        curves = trial_curves(results, base, shared.materialize(), opts.posthoc_inference)
+        front = front_table(curves) if curves else None
+        clock.end("validation curves and front")
         final = None
         if opts.final_test:
             resources = (opts.cpus_per_trial, opts.gpus_per_trial)
@@ -191,8 +197,9 @@ def _search(
             from tuning.report import report_search
 
             not_logged = report_search(
-                sink, exp, results, shared, base, best_entry, best_metrics, final, opts.posthoc_inference, storage
-            )
+                sink, exp, results, shared, base, best_entry, best_metrics, final, opts.posthoc_inference, storage,
+                (curves, front),
+            )  # fmt: skip
             clock.end("MLflow summary and plots")
     clock.end("Ray stop")
     outcome = SearchOutcome(
@@ -212,6 +219,7 @@ def _search(
         phases=clock.phases,
         posthoc_inference=opts.posthoc_inference,
         optuna_storage=opts.optuna_storage or "",
+        front=front_summary(front) if front is not None else None,
     )
     (exp / "best.json").write_text(json.dumps(vars(outcome), indent=2, default=str) + "\n")
     return outcome

@@ -22,7 +22,7 @@ from tuning.interrupt import stopping
 from tuning.population import configurations, member_key, section
 from tuning.record import configuration_epochs, epoch_records, reports, result_file, stamp_ms
 
-__all__ = ["KEY_METRICS", "MLflowTrialLogger", "not_logged", "run_name", "trial_name"]
+__all__ = ["KEY_METRICS", "MLflowTrialLogger", "best_record", "not_logged", "run_name", "trial_name"]
 
 _EPOCH_KEYS, _EXTRA_KEYS = ("val_", "loss_", "grid_"), ("samples_per_s", "epoch_seconds")
 # what an epoch logs with ``epoch_metrics: key`` (the parent run's epochs.parquet has the rest): rows cost the server
@@ -59,6 +59,12 @@ def trial_name(trial: Any) -> str:
     runs ``trial-003-m5``), so that one trial has one name in the folders, MLflow, Optuna's number and the plots."""
     config = trial.config if isinstance(trial.config, dict) else {}
     return run_name(trial, config.get("optuna_trial"))
+
+
+def best_record(epochs: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """The record of a configuration's best epoch among its (stamp, record) epochs: by the objective, the earliest
+    of equals (what a run's best_val_* metrics hold)."""
+    return max(epochs, key=lambda e: (_value(e[1]), -e[1]["epoch"]))[1]
 
 
 def _value(record: dict[str, Any]) -> float:

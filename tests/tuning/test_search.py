@@ -136,6 +136,16 @@ objective: "OBJECTIVE"
     assert parent.data.params == {k: str(v) for k, v in out.best_config.items()}  # the best configuration
     assert parent.data.metrics[f"best_{K}"] == pytest.approx(study.best_value)
     assert parent.data.tags["dedn.best_trial_run_id"] == top.info.run_id
+    # the validation front over all trials: no point of it beats another, and no trial's own best point beats it
+    import pyarrow.parquet as pq
+
+    got = MlflowClient(tracking_uri=uri).download_artifacts(parent.info.run_id, "front.parquet", str(tmp_path))
+    front = [(p["U"], p["S"]) for p in pq.read_table(got).to_pylist()]
+    assert front and all(not (u2 >= u and s2 >= s and (u2, s2) != (u, s)) for u, s in front for u2, s2 in front)
+    for v in ok.values():
+        r = max(v, key=lambda x: (x[K], -x["epoch"]))  # the trial's best epoch, the earliest of equals
+        assert any(u >= r["val_U"] - 1e-9 and s >= r["val_S"] - 1e-9 for u, s in front), (r, front)
+    assert out.front is not None and out.front["front_knee_U"] in {u for u, _ in front}
 
 
 @pytest.mark.slow
