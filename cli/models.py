@@ -38,6 +38,13 @@ _URI = click.option(
     "trial id, a run id, or 'best' for the best trial by --metric.",
 )
 @click.option("--metric", default="val_H", show_default=True, help="Validation metric that picks --trial best.")
+@click.option(
+    "--at",
+    default=None,
+    help="An operating point on the search's validation front: 'S>=0.6' (the most U keeping S >= 0.6) or 'U>=0.4'. "
+    "Its trial is retrained on trainval and tested once at that point's calibration.",
+)
+@click.option("--calibration", type=float, default=None, help="Like --at, for the best trial at this calibration c.")
 @click.option("--alias", default="champion", show_default=True, help="Alias set on the new version ('' for none).")
 @click.option(
     "--store", default=None, help="Store to verify the figures on (default: the one the model was trained on)."
@@ -48,6 +55,8 @@ def promote(
     model_name: str,
     trial: str | None,
     metric: str,
+    at: str | None,
+    calibration: float | None,
     alias: str,
     store: str | None,
     tracking_uri: str | None,
@@ -67,6 +76,7 @@ def promote(
       dedn promote --experiment tiny-20261127-101500 --model-name dedn-tiny
       dedn promote --experiment cub-search --model-name dedn-cub --trial trial-007 --alias staging
       dedn promote --experiment cub-search --model-name dedn-cub --trial best --metric val_T
+      dedn promote --experiment cub-search --model-name dedn-cub --at "S>=0.6"
     """
     from tracking.registry import latest_search
     from tracking.registry import promote as do_promote
@@ -79,9 +89,21 @@ def promote(
             click.echo(f"experiment {name} (the latest finished search{'; ' + newer if newer else ''})")
         else:  # a search folder: its name
             name = Path(experiment).name if Path(experiment).is_dir() else experiment
-        v = do_promote(tracking, name, model_name, metric, alias or None, store, trial)
+        if trial is not None and (at is not None or calibration is not None):
+            raise DednInputError("dedn promote", "--trial", "give --trial or an operating point (--at, --calibration)")
+        v = do_promote(tracking, name, model_name, metric, alias or None, store, trial, at, calibration)
     uri = f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{v.version}"
     what = "validation figures of the trial" if trial else "test figures of the final model"
+    if at is not None or calibration is not None:
+        t = v.tags
+        click.echo(f"operating point {t['dedn.operating_point']}")
+        click.echo(f"{'(%)':<32} {'U':>6} {'S':>6} {'H':>6} {'AUSUC':>6}")
+        if "dedn.val_U" in t:
+            val = [100 * float(t[f"dedn.val_{k}"]) for k in ("U", "S", "H")]
+            click.echo(f"{'validation (the front)':<32} {val[0]:>6.1f} {val[1]:>6.1f} {val[2]:>6.1f}")
+        test = [100 * float(t[f"dedn.test_{k}"]) for k in ("U", "S", "H", "AUSUC")]
+        click.echo(f"{'test once (retrained, trainval)':<32} " + " ".join(f"{x:>6.1f}" for x in test))
+        what = "test figures at the operating point"
     click.echo(f"registered {model_name} version {v.version}: {what} reproduced")
     click.echo(f"model uri: {uri}")
 
@@ -94,8 +116,16 @@ def promote(
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing --out file (never an input, nor a file inside one)."
 )
+@click.option(
+    "--calibration",
+    type=float,
+    default=None,
+    help="Calibration c to apply instead of the model's own (the operating point it was promoted for).",
+)
 @_URI
-def predict(model_uri: str, store: str, split: str, out: str, overwrite: bool, tracking_uri: str | None) -> None:
+def predict(
+    model_uri: str, store: str, split: str, out: str, overwrite: bool, calibration: float | None, tracking_uri: str | None
+) -> None:
     """Predict classes for a store's images with a registered model.
 
     Writes image_id, true_class, class_index, class_name, score and seen (whether the predicted class
@@ -105,6 +135,7 @@ def predict(model_uri: str, store: str, split: str, out: str, overwrite: bool, t
     Examples:
       dedn predict --model models:/dedn-tiny@champion --data data/tiny --split test --out preds.parquet
       dedn predict --model models:/dedn-cub/3 --data data/cub --split test_unseen --out unseen.csv
+      dedn predict --model models:/dedn-cub@champion --data data/cub --out preds.parquet --calibration 0.5
     """
     from dedn.outputs import check_output
     from tracking.registry import predict_store
@@ -115,7 +146,7 @@ def predict(model_uri: str, store: str, split: str, out: str, overwrite: bool, t
     inputs = [store, _local_path(model_uri), _local_path(uri)]
     check_output(out, inputs=inputs, command="dedn predict", overwrite=overwrite, kind="file")
     with mlflow_uris(uri), quiet_mlflow():  # the model is checked before anything of it is loaded
-        n, figures = predict_store(model_uri, store, split, out)
+        n, figures = predict_store(model_uri, store, split, out, calibration)
     click.echo(f"wrote {n} predictions to {out}")
     if figures:
         click.echo("on " + split + ": " + "   ".join(f"{k} {100 * v:.1f}" for k, v in figures.items()) + "  (%)")

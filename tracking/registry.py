@@ -145,6 +145,105 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
     return save_checkpoint(folder / "model", state, cfg, header, np.asarray(partition), extra)
 
 
+def operating_point(front: list[dict[str, Any]], at: str, source: str) -> dict[str, Any]:
+    """The front point ``at`` picks: ``S>=x`` the most U among points with S >= x, ``U>=x`` the most S among those with
+    U >= x (the first of equals). One DednInputError when the text is malformed or no point qualifies."""
+    keep, _, floor = at.replace(" ", "").partition(">=")
+    try:
+        x = float(floor)
+    except ValueError:
+        x = -1.0
+    if keep not in ("S", "U") or not 0.0 <= x <= 1.0:
+        raise DednInputError("dedn promote", "--at", f"{at!r}: must be S>=x or U>=x with x in [0, 1]")
+    goal = "U" if keep == "S" else "S"
+    ok = [p for p in front if p[keep] >= x]
+    if not ok:
+        most = max((p[keep] for p in front), default=0.0)
+        raise DednInputError(
+            source, "--at", f"{at!r}: no point of the validation front has {keep} >= {x:g} (most: {most:.4f})"
+        )
+    return max(ok, key=lambda p: p[goal])
+
+
+def _front_run(uri: str, experiment: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The newest parent run of the experiment with a validation front, and the front's points."""
+    import pyarrow.parquet as pq
+
+    parents, _ = _experiment_runs(uri, experiment)
+    client = _client(uri)
+    for run in sorted(parents, key=lambda r: r.info.start_time or 0, reverse=True):
+        if "front.parquet" in {a.path for a in client.list_artifacts(run.info.run_id)}:
+            with tempfile.TemporaryDirectory() as d:
+                return run, pq.read_table(_download(uri, run.info.run_id, "front.parquet", Path(d))).to_pylist()
+    raise DednInputError(uri, "front.parquet", f"experiment {experiment!r} has no validation front (not finished)")
+
+
+def _trial_config(uri: str, parent: Any, child: Any, folder: Path) -> Any:
+    """A trial's training config: the search's ``base_config.yaml`` with the run's ``dedn.values``."""
+    from dedn.config import set_path, validate_config
+
+    run = f"runs:/{child.info.run_id}"
+    raw = load_mapping(_download(uri, parent.info.run_id, "base_config.yaml", folder), "base config")
+    try:
+        values = json.loads(child.data.tags["dedn.values"])
+    except (KeyError, ValueError):
+        raise DednInputError(run, "dedn.values", "the run has no sampled values") from None
+    if not isinstance(values, dict):
+        raise DednInputError(run, "dedn.values", "must map config keys to values")
+    for key, value in values.items():
+        set_path(raw, str(key), value, f"{run} dedn.values")
+    return validate_config(raw, f"{run} dedn.values")
+
+
+def _at_point(uri: str, experiment: str, at: str | None, calibration: float | None, store: str | None, folder: Path
+              ) -> tuple[Any, Path, dict[str, float], dict[str, str]]:  # fmt: skip
+    """The honest final protocol at an operating point: the trial and shift ``at`` picks on the validation front
+    (or the best trial at ``calibration``), retrained on trainval for its best epoch count, tested once at that
+    shift. Returns (parent run, checkpoint folder, test figures, tags)."""
+    import torch
+
+    from dedn.checkpoints import save_checkpoint
+    from dedn.data import open_store
+    from dedn.train import train
+
+    parent, front = _front_run(uri, experiment)
+    if at is not None:
+        point = operating_point(front, at, f"runs:/{parent.info.run_id}/front.parquet")
+        _, child = trial_run(uri, experiment, str(point["trial_id"]))
+        inference = {"lambda_rc": point["lambda_rc"], "lambda_e": point["lambda_e"], "calibration": point["shift"]}
+        val = {"U": point["U"], "S": point["S"], "H": point["H"]}
+        said = f"{at} (validation U {point['U']:.4f}, S {point['S']:.4f})"
+    else:
+        _, child = best_child_run(uri, experiment, "val_objective")
+        m = child.data.metrics
+        inference = {"calibration": float(calibration or 0.0)}
+        if parent.data.tags.get("dedn.posthoc_inference") == "true":
+            inference.update(lambda_rc=m["best_grid_lambda_rc"], lambda_e=m["best_grid_lambda_e"])
+        val = {}
+        said = f"calibration {calibration:g}"
+    cfg = _trial_config(uri, parent, child, folder)
+    cfg = cfg.model_copy(update={"inference": cfg.inference.model_copy(update=inference), "device": "cpu"})
+    data = open_store(store or cfg.data.store)
+    epochs = int(child.data.metrics["best_epoch"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as verify_figures scores it: the same summation order, the same figures
+    try:
+        result = train(cfg, data, "test", epochs=epochs, keep_epoch=epochs, eval_only_at=epochs)
+    finally:
+        torch.set_num_threads(threads)
+    test = {k: float(result.best[k]) for k in (*_FIGURES, "AUSUC")}
+    info = {"test": test, "validation": val, "weights": f"retrained on trainval at {said}", "epoch": epochs}
+    ckpt = save_checkpoint(folder / "model", result.best_state, cfg, data, np.asarray(result.partition), info)
+    tags = {
+        "dedn.weights": "the chosen trial retrained on trainval, at an operating point",
+        "dedn.operating_point": said,
+        "dedn.trial_id": child.data.tags.get("dedn.trial_id", ""),
+        **{f"dedn.test_{k}": str(v) for k, v in test.items()},
+        **{f"dedn.val_{k}": str(v) for k, v in val.items()},
+    }
+    return parent, ckpt, test, tags
+
+
 def verify_figures(python_model: Any, store_path: str, task: str, expected: dict[str, float], what: str) -> None:
     """Score ``task`` as the search did; before any alias moves, refuse a model off ``expected`` U, S, H, T by >1e-6."""
     import torch
@@ -178,10 +277,29 @@ def promote(
     alias: str | None = "champion",
     store: str | None = None,
     trial: str | None = None,
+    at: str | None = None,
+    calibration: float | None = None,
 ) -> Any:
-    """Register a search's final model, or a ``trial``'s best-epoch weights (Tune trial id, run name, run id, or
-    ``best`` by ``metric``); move the alias once it reproduces its figures. The same model reuses its version."""
+    """Register a search's final model, a ``trial``'s best-epoch weights (Tune trial id, run name, run id, or
+    ``best`` by ``metric``), or the model of an operating point (``at`` "S>=x"/"U>=x" on the validation front, or the
+    best trial at ``calibration``: retrained on trainval and tested once at that shift); move the alias once it
+    reproduces its figures. The same model reuses its version."""
     check_existing_store(uri)  # promote reads an existing store; it never creates one
+    if at is not None or calibration is not None:
+        with tempfile.TemporaryDirectory() as d:
+            parent, ckpt, test, tags = _at_point(uri, experiment, at, calibration, store, Path(d))
+            tags = {"dedn.search_run_id": parent.info.run_id, **tags}
+            with mlflow_uris(uri):
+                version = _log_and_register(parent.info.run_id, ckpt, model_name, tags)
+                _client(uri).update_model_version(model_name, version.version, description=(
+                    f"Promoted for the operating point {tags['dedn.operating_point']}: the chosen trial retrained on "
+                    f"trainval, test U {test['U']:.4f} S {test['S']:.4f} H {test['H']:.4f} AUSUC {test['AUSUC']:.4f}."
+                ))  # fmt: skip
+                loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
+                verify_figures(loaded, store or loaded.cfg.data.store, "test", test, "the retrained model gave")
+                if alias:
+                    _client(uri).set_registered_model_alias(model_name, alias, version.version)
+        return version
     if trial is None:  # the chosen configuration retrained on trainval: the test figures the search printed
         parent = final_model_run(uri, experiment)
         run_id, m, reuse = parent.info.run_id, parent.data.metrics, "dedn.final_of_search"
@@ -268,10 +386,15 @@ def check_store_matches(meta: dict[str, Any], store: Any) -> None:
 
 
 def predict_store(
-    model_uri: str, store_path: str | os.PathLike[str], split: str, out: str | os.PathLike[str]
+    model_uri: str,
+    store_path: str | os.PathLike[str],
+    split: str,
+    out: str | os.PathLike[str],
+    calibration: float | None = None,
 ) -> tuple[int, dict[str, float] | None]:
-    """Predict every image of a store split; write Parquet or CSV (by suffix) atomically. Returns the number
-    of rows and, for ``test``, the GZSL U, S, H of the predictions (as the search scores its final model)."""
+    """Predict every image of a store split (at ``calibration`` instead of the model's own when given); write Parquet
+    or CSV (by suffix) atomically. Returns the number of rows and, for ``test``, the GZSL U, S, H of the predictions
+    (as the search scores its final model)."""
     import mlflow
     import pandas as pd
 
@@ -283,6 +406,8 @@ def predict_store(
     store = open_store(store_path)
     model = open_model(model_uri, mlflow.get_tracking_uri())
     check_store_matches(model.meta, store)
+    if calibration is not None:
+        model.c = float(calibration)
     rows, feats = store.indices(split), store.features()
     # the model's signature takes float32 (N, C, H, W); cast one batch at a time
     preds = [model.predict(None, feats[rows[s : s + 1024]].astype(np.float32)) for s in range(0, rows.size, 1024)]

@@ -149,3 +149,70 @@ def test_mlflow_models_serve_answers_as_dedn_predict(promoted: str, tiny_store: 
     assert list(served["class_name"]) == list(expected["class_name"])
     np.testing.assert_array_equal(served["seen"].to_numpy(), expected["seen"].to_numpy())
     np.testing.assert_allclose(served["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_promote_at_an_operating_point_registers_a_model_that_predicts_its_figures(
+    promoted: str, tiny_store: Path, tmp_path: Path
+) -> None:
+    """--at "S>=0.5": the point is the front's most U with S >= 0.5 (found here by hand); the model registered carries
+    that point's shift as its calibration, and loaded as MLflow serves it reproduces the test figures promote printed."""
+    import mlflow
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    from cli.main import cli
+    from dedn.data import open_store
+    from dedn.metrics import gzsl_metrics
+
+    client = MlflowClient(tracking_uri=promoted, registry_uri=promoted)
+    parent = client.search_runs(
+        [client.get_experiment_by_name("served").experiment_id], "tags.`dedn.experiment` = 'served'"
+    )[0]
+    front = pq.read_table(client.download_artifacts(parent.info.run_id, "front.parquet", str(tmp_path))).to_pylist()
+    want = max((p for p in front if p["S"] >= 0.5), key=lambda p: p["U"])
+    args = [
+        "promote",
+        "--experiment",
+        "served",
+        "--model-name",
+        "dedn-at",
+        "--at",
+        "S>=0.5",
+        "--tracking-uri",
+        promoted,
+    ]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert f"operating point S>=0.5 (validation U {want['U']:.4f}, S {want['S']:.4f})" in r.output
+    version = client.get_model_version_by_alias("dedn-at", "champion")
+    tags = version.tags
+    assert float(tags["dedn.inference.calibration"]) == pytest.approx(want["shift"])
+    assert tags["dedn.trial_id"] == want["trial_id"] and "S>=0.5" in version.description
+    printed = next(line for line in r.output.splitlines() if line.startswith("test once"))
+    assert [float(x) for x in printed.split()[-4:]] == pytest.approx(
+        [round(100 * float(tags[f"dedn.test_{k}"]), 1) for k in ("U", "S", "H", "AUSUC")]
+    )
+    mlflow.set_tracking_uri(promoted)
+    model = mlflow.pyfunc.load_model("models:/dedn-at@champion")
+    store = open_store(tiny_store)
+    rows = store.indices("test")
+    pred = model.predict(np.asarray(store.features()[rows], dtype=np.float32))["class_index"].to_numpy()
+    seen, unseen = np.flatnonzero(store.classes.seen), np.flatnonzero(~store.classes.seen)
+    got = gzsl_metrics(pred, store.labels[rows], seen, unseen)
+    for k in ("U", "S", "H"):
+        assert got[k] == pytest.approx(float(tags[f"dedn.test_{k}"]), abs=1e-6), k
+
+
+def test_predict_calibration_overrides_the_models_own(promoted: str, tiny_store: Path, tmp_path: Path) -> None:
+    from cli.main import cli
+
+    seen = {}
+    for c in (1e6, -1e6, None):
+        out = tmp_path / f"p{c}.parquet"
+        args = ["predict", "--model", f"models:/{MODEL}@champion", "--data", str(tiny_store), "--out", str(out)]
+        args += ["--tracking-uri", promoted] + ([] if c is None else ["--calibration", str(c)])
+        r = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        seen[c] = pd.read_parquet(out)["seen"].to_numpy()
+    assert not seen[1e6].any() and seen[-1e6].all()  # +c on unseen scores: every image to an unseen class, and back
+    assert 0 < seen[None].sum() < seen[None].size  # the model's own calibration mixes both
