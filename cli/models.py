@@ -124,7 +124,13 @@ def promote(
 )
 @_URI
 def predict(
-    model_uri: str, store: str, split: str, out: str, overwrite: bool, calibration: float | None, tracking_uri: str | None
+    model_uri: str,
+    store: str,
+    split: str,
+    out: str,
+    overwrite: bool,
+    calibration: float | None,
+    tracking_uri: str | None,
 ) -> None:
     """Predict classes for a store's images with a registered model.
 

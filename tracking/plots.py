@@ -44,7 +44,12 @@ def study_plots(study: Any) -> dict[str, Figure]:
 
 
 def calibration(
-    c: Sequence[float], seen: Sequence[float], unseen: Sequence[float], h: Sequence[float], chosen: float | None
+    c: Sequence[float],
+    seen: Sequence[float],
+    unseen: Sequence[float],
+    h: Sequence[float],
+    chosen: float | None,
+    title: str = "Best trial: the seen/unseen trade-off against calibrated stacking",
 ) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(c, [100 * x for x in seen], label="S (seen classes)")
@@ -54,7 +59,7 @@ def calibration(
         ax.axvline(chosen, ls="--", color="gray", label=f"c used = {chosen:.2f}")
     ax.set_xlabel("calibration c (added to unseen-class scores)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Best trial: the seen/unseen trade-off against calibrated stacking")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -220,6 +220,20 @@ def report_search(
         info = {"test": final["test"], "validation": best_metrics, "weights": "retrained on trainval", "epoch": epoch}
         folder = save_checkpoint(exp / "final_model", final["state"], cfg, store, np.asarray(final["partition"]), info)
         sink.call("final model", lambda client: client.log_artifacts(parent, str(folder), "final_model"))
+        if "curve" in final:  # the final model's exact test curve: a table and S, U, H against the calibration
+            import pyarrow as pa
+
+            curve = final["curve"]
+            pq.write_table(pa.table(curve), scratch / "final_model_curve.parquet")
+            path = str(scratch / "final_model_curve.parquet")
+            sink.call("final model curve", lambda client: client.log_artifact(parent, path))
+            fu, fs = np.asarray(curve["U"]), np.asarray(curve["S"])
+            fh = np.where(fu + fs > 0, 2 * fu * fs / np.maximum(fu + fs, 1e-12), 0.0)
+            title = "Final model on test: the exact curve"
+            fig = plots.calibration(
+                curve["shift"], curve["S"], curve["U"], fh.tolist(), cfg.inference.calibration, title
+            )
+            _log_figure(sink, scratch, fig, "calibration_final_model_test.png")
         summary.update({f"test_{k}": float(v) for k, v in final["test"].items() if k in ("U", "S", "H", "T", "AUSUC")})
     summary["best_epoch"] = float(best_metrics.get("epoch", 0))
     if front_points is not None:

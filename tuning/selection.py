@@ -72,10 +72,27 @@ def best_trial(results: list[Any]) -> tuple[dict[str, Any], dict[str, Any], Entr
 def final_test(
     shared: SharedStore, base: dict[str, Any], sampled: dict[str, Any], epochs: int, best: dict[str, Any], posthoc: bool
 ) -> dict[str, Any]:
-    """Retrain the chosen configuration on trainval for the chosen epochs and score the test split once."""
+    """Retrain the chosen configuration on trainval for the chosen epochs and score the test split once; with the
+    retrained model's exact seen/unseen curve on test (``curve``: shift, U, S)."""
+    import torch
+
+    from dedn.build import build_model
+    from dedn.evaluation import curve_at, make_task
+    from dedn.feeding import FeatureSource
     from dedn.train import train
 
     values = chosen_values(sampled, best, posthoc)  # with posthoc, the inference point chosen on validation
     cfg = trial_config(base, values)
-    result = train(cfg, shared.materialize(), "test", epochs=epochs, keep_epoch=epochs, eval_only_at=epochs)
-    return {"test": result.best, "state": result.best_state, "partition": result.partition, "config": values}
+    store = shared.materialize()
+    result = train(cfg, store, "test", epochs=epochs, keep_epoch=epochs, eval_only_at=epochs)
+    eff, cpu = cfg.effective().model_copy(update={"device": "cpu"}), torch.device("cpu")
+    model = build_model(eff, store, result.partition, cpu)
+    model.load_state_dict(result.best_state)
+    curve = curve_at(model, FeatureSource(store.features(), cpu), store, make_task(store, "test"), eff)
+    return {
+        "test": result.best,
+        "state": result.best_state,
+        "partition": result.partition,
+        "config": values,
+        "curve": {k: v.tolist() for k, v in curve.items()},
+    }

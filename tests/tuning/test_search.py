@@ -146,6 +146,14 @@ objective: "OBJECTIVE"
         r = max(v, key=lambda x: (x[K], -x["epoch"]))  # the trial's best epoch, the earliest of equals
         assert any(u >= r["val_U"] - 1e-9 and s >= r["val_S"] - 1e-9 for u, s in front), (r, front)
     assert out.front is not None and out.front["front_knee_U"] in {u for u, _ in front}
+    # the final model's exact test curve: its area is test_AUSUC, and the test figures are one of its points
+    got = MlflowClient(tracking_uri=uri).download_artifacts(
+        parent.info.run_id, "final_model_curve.parquet", str(tmp_path)
+    )
+    curve = pq.read_table(got).to_pydict()
+    u, s = np.asarray(curve["U"]), np.asarray(curve["S"])
+    assert float(np.sum(np.diff(u) * (s[1:] + s[:-1]) / 2)) == pytest.approx(parent.data.metrics["test_AUSUC"])
+    assert out.test is not None and min(abs(u - out.test["U"]) + abs(s - out.test["S"])) < 1e-9
 
 
 @pytest.mark.slow
