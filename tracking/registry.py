@@ -113,12 +113,10 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
     import torch
 
     from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE, save_checkpoint
-    from dedn.config import set_path, validate_config
     from dedn.evaluation import with_inference_point
 
     run = f"runs:/{best.info.run_id}"
     ckpt = _download(uri, best.info.run_id, "checkpoint", folder / "trial")
-    base_file = _download(uri, parent.info.run_id, "base_config.yaml", folder)
     try:  # weights only: a tampered state.pt cannot run code; it is refused with one line
         state = torch.load(ckpt / TRIAL_STATE, map_location="cpu", weights_only=True)["best_model"]
         partition = json.loads((ckpt / TRIAL_PROGRESS).read_text())["partition"]
@@ -129,16 +127,7 @@ def _trial_checkpoint(uri: str, parent: Any, best: Any, folder: Path) -> Path:
         raise DednInputError(f"{run}/checkpoint", "checkpoint", rule) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DednInputError(f"{run}/checkpoint/{TRIAL_STATE}", "best_model", "not a state dict of tensors")
-    raw = load_mapping(base_file, "base config")
-    try:
-        values = json.loads(best.data.tags["dedn.values"])
-    except (KeyError, ValueError):
-        raise DednInputError(run, "dedn.values", "the run has no sampled values") from None
-    if not isinstance(values, dict):
-        raise DednInputError(run, "dedn.values", "must map config keys to values")
-    for key, value in values.items():
-        set_path(raw, str(key), value, f"{run} dedn.values")
-    cfg = validate_config(raw, f"{run} dedn.values").effective()
+    cfg = _trial_config(uri, parent, best, folder).effective()
     if parent.data.tags.get("dedn.posthoc_inference") == "true":  # post-hoc: the point the trial chose on validation
         cfg = with_inference_point(cfg, best.data.metrics, prefix="best_grid_")
     extra = {"weights": "trial best epoch (validation task)", "trial_run_id": best.info.run_id}

@@ -119,6 +119,23 @@ def _provenance(converter: str, inputs: dict[str, str], seed: int, val_fraction:
     }
 
 
+def read_res101_lists(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """``labels`` and ``image_files`` of an xlsa17 ``res101.mat`` (without its features); one DednInputError when
+    the file is missing, unreadable or lacks a ``required`` key."""
+    if not path.is_file():
+        raise DednInputError(path, "file", "not found")
+    import scipy.io
+
+    try:
+        small: dict[str, np.ndarray] = scipy.io.loadmat(path, variable_names=["labels", "image_files"])
+    except (ValueError, OSError, TypeError, NotImplementedError) as e:
+        raise DednInputError(path, "file", f"not a readable MATLAB v5 file: {e}") from None
+    for key in required:
+        if key not in small:
+            raise DednInputError(path, key, "missing key in res101.mat (the xlsa17 layout)")
+    return small
+
+
 def convert_xlsa17(
     att_splits: str | os.PathLike[str],
     res101: str | os.PathLike[str],
@@ -146,16 +163,7 @@ def convert_xlsa17(
         name=name,
     )
     res = Path(res101)
-    if not res.is_file():
-        raise DednInputError(res, "file", "not found")
-    import scipy.io
-
-    try:
-        small = scipy.io.loadmat(res, variable_names=["labels", "image_files"])
-    except (ValueError, OSError, TypeError, NotImplementedError) as e:
-        raise DednInputError(res, "file", f"not a readable MATLAB v5 file: {e}") from None
-    if "labels" not in small:
-        raise DednInputError(res, "labels", "missing key in res101.mat")
+    small = read_res101_lists(res, ("labels",))
     labels = np.asarray(small["labels"]).reshape(-1).astype(np.int64) - 1  # stored 1-based
     feats = MatrixStream(res, "features")
     c, n = feats.shape
@@ -364,4 +372,4 @@ def convert_hdf5(
     return writer.meta
 
 
-__all__ = ["HDF5_KEYS", "build_tables", "convert_hdf5", "convert_xlsa17", "l2_rows", "tables_for"]
+__all__ = ["HDF5_KEYS", "build_tables", "convert_hdf5", "convert_xlsa17", "l2_rows", "read_res101_lists", "tables_for"]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from dedn import __version__
 from dedn.data.benchmark_files import read_benchmark, read_image_labels
-from dedn.data.convert import tables_for
+from dedn.data.convert import read_res101_lists, tables_for
 from dedn.data.progress import Progress, no_progress
 from dedn.data.schema import AttributeTable, ClassTable, StoreMeta
 from dedn.data.writer import StoreWriter
@@ -56,17 +56,7 @@ def read_image_list(path: Path, num_classes: int) -> tuple[list[str], np.ndarray
     CSV ``image_file,label`` (1-based)."""
     if path.suffix.lower() != ".mat":
         return read_image_labels(path, num_classes)
-    if not path.is_file():
-        raise DednInputError(path, "file", "not found")
-    import scipy.io
-
-    try:
-        mat = scipy.io.loadmat(path, variable_names=["image_files", "labels"])
-    except (ValueError, OSError, TypeError, NotImplementedError) as e:
-        raise DednInputError(path, "file", f"not a readable MATLAB v5 file: {e}") from None
-    for key in ("image_files", "labels"):
-        if key not in mat:
-            raise DednInputError(path, key, "missing key (the xlsa17 res101.mat layout)")
+    mat = read_res101_lists(path, ("image_files", "labels"))
     files = [str(np.asarray(x).reshape(-1)[0]) for x in mat["image_files"].reshape(-1)]
     labels = np.asarray(mat["labels"]).reshape(-1).astype(np.int64) - 1
     if labels.size != len(files):
