@@ -43,7 +43,7 @@ from dedn.losses import PER_MEMBER_LOSS
 from dedn.model import Branches
 from dedn.partitions import resolve_partition
 from dedn.population_model import PopulationDEDN, PopulationRMSprop
-from dedn.records import EpochRecord, TrainResult
+from dedn.records import EpochRecord, TrainResult, selection_value
 
 # Settings every member must share: they shape the batched model or the minibatch stream.
 SHARED_FIELDS = (
@@ -150,7 +150,7 @@ class Member:
     reason: str | None = None
 
     def best_score(self, select_on: str) -> float:
-        return (self.best_grid if select_on == "grid" else self.best_eval).get("H", -1.0)
+        return selection_value(self.best_grid if select_on == "grid" else self.best_eval)
 
     def result(self, task: str) -> MemberResult:
         """How the member ended (``finished`` if it was still active) and its TrainResult."""

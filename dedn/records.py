@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from dedn.model import DEDN
 
 
-def _value(metrics: dict[str, float]) -> float:
+def selection_value(metrics: dict[str, float]) -> float:
     """The objective's value of an evaluation (H for records made before objectives), -1 when not evaluated."""
     return metrics.get("objective", metrics.get("H", -1.0))
 
@@ -30,7 +30,7 @@ class EpochRecord:
     def score(self, select_on: str) -> float:
         """The value that selects epochs (``inference.objective``, H by default): at the configured inference point,
         or the grid's best (-1 when the epoch was not evaluated)."""
-        return _value(self.grid_best if select_on == "grid" else self.eval)
+        return selection_value(self.grid_best if select_on == "grid" else self.eval)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class BestEpoch:
 
     def score(self, select_on: str) -> float:
         """This epoch's value as ``EpochRecord.score`` measures it (-1 before any epoch)."""
-        return _value(self.grid if select_on == "grid" else self.eval)
+        return selection_value(self.grid if select_on == "grid" else self.eval)
 
     def improves(self, record: EpochRecord, select_on: str) -> bool:
         """Whether ``record`` beats this epoch by the same H (``EpochRecord.score``)."""
@@ -102,4 +102,4 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-__all__ = ["BestEpoch", "EpochCallback", "EpochRecord", "Progress", "TrainResult", "cpu_state"]
+__all__ = ["BestEpoch", "EpochCallback", "EpochRecord", "Progress", "TrainResult", "cpu_state", "selection_value"]
