@@ -238,3 +238,17 @@ def test_cuda_on_a_machine_without_it_names_the_configs_file(work: Path, tiny_st
     config = _config(work, TINY_CONFIG.read_text(), "mine.yaml")
     line = _train(work, tiny_store, config, "--set", "device=cuda", file=config, field="device")
     assert "no CUDA device" in line
+
+
+@pytest.mark.parametrize("objective", ["AUC", "U@S>=1.5", "U@U>=0.5", "S@U>=x"])
+def test_an_objective_outside_the_rule_is_one_line(work: Path, tiny_store: Path, objective: str) -> None:
+    spec = _spec(work, TINY_CONFIG.read_text())
+    spec.write_text(spec.read_text() + f'objective: "{objective}"\n')
+    line = _search(work, tiny_store, spec, file=spec, field="objective")
+    assert "must be H, AUSUC, U@S>=x or S@U>=x with x in [0, 1]" in line
+    config = _config(work, TINY_CONFIG.read_text())
+    where = f"{config} --set"  # the file is fine: the error names the --set that put the value there
+    line = _train(
+        work, tiny_store, config, "--set", f"inference.objective={objective}", file=where, field="inference.objective"
+    )
+    assert "must be H, AUSUC, U@S>=x or S@U>=x" in line
