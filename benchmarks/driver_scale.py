@@ -6,7 +6,7 @@ Optuna searcher, the ASHA scheduler of the spec, the MLflow tracking callback an
 sync worker, or MLflow's default uvicorn with ``--server-app uvicorn --server-workers 4``) and stops at the end. Only
 the trainable differs: a synthetic one that trains nothing and reports population results in the project's format
 (``tuning.population.population_metrics``: ``epoch``, ``members/<j>/<metric>`` with the 20 values of
-``tuning.trainable.epoch_metrics``, the leading member's values, ``val_H_best``) at the rate of real hardware.
+``tuning.trainable.epoch_metrics``, the leading member's values, ``val_objective_best``) at the rate of real hardware.
 
 With ``--gpus G --population M`` each of G concurrent Tune trials (one logical GPU each) trains M members at
 ``--member-samples-per-s`` (29,000 per GPU, measured on an H200 at CUB shapes, docs/scaling.md) over
@@ -80,6 +80,8 @@ def member_record(rng: random.Random, quality: float, epoch: int, epoch_s: float
         "val_U": u,
         "val_S": s,
         "val_T": u * rng.uniform(0.9, 1.1),
+        "val_AUSUC": h * rng.uniform(0.7, 0.9),
+        "val_objective": h,
         "val_H_configured": h,
         "val_H_grid": h + rng.uniform(0, 0.02),
         "grid_lambda_rc": rng.choice((0.5, 0.6, 0.7, 0.8, 0.9, 1.0)),
@@ -115,8 +117,8 @@ def synthetic_population(
             if wait > 0:
                 time.sleep(wait)
             per = {str(j): member_record(rng, quality[j], epoch, epoch_s, rate) for j in range(size)}
-            lead = max(per, key=lambda j: per[j]["val_H"])
-            best = max(best, per[lead]["val_H"])
+            lead = max(per, key=lambda j: per[j]["val_objective"])
+            best = max(best, per[lead]["val_objective"])
             columns = list(per["0"])
             rows = {j: [m[c] for c in columns] for j, m in per.items()}
             metrics: dict[str, Any] = {"epoch": epoch, "members": rows, "member_columns": columns, "ended": {}}
@@ -131,7 +133,7 @@ def synthetic_population(
                     "node_id": "synthetic",
                     "features_zero_copy": True,
                     "checkpointed": False,
-                    "val_H_best": best,
+                    "val_objective_best": best,
                 }
             )
             f.write(f"{time.time():17.3f} {epoch:6d} {size:4d}".ljust(LINE - 1) + "\n")
