@@ -6,6 +6,7 @@ blocks in flight, the driver one shard."""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +45,7 @@ class _Trunk:
 
         from dedn.trunk import build_trunk
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))  # the cluster's share, within this node
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         self.trunk = build_trunk(ray.get(weights[0])).to(self.device)
         self.dtype = dtype

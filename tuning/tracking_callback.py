@@ -105,11 +105,11 @@ class MLflowTrialLogger(Callback):
         self.not_logged: list[str] = []
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
-        keep = ("uri", "experiment", "experiment_id", "parent", "epoch_metrics", "exp", "epochs")
+        keep = ("uri", "experiment", "experiment_id", "parent", "epoch_metrics", "exp", "epochs", "params")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"epochs": 0, **state})
+        self.__dict__.update({"epochs": 0, "params": {}, **state})
         self._live()
 
     # -- what a trial's runs are ------------------------------------------------------------------------------------

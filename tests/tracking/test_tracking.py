@@ -53,10 +53,18 @@ def test_search_promote_predict_through_a_real_server(server: str, tmp_path: Pat
     assert tags["ray.version"] and tags["optuna.version"] and tags["dedn.code_version"].startswith("0.")
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"spec.yaml", "store.json", "base_config.yaml", "epochs.parquet", "plots", "final_model"} <= top
+    assert {"front.parquet", "final_model_curve.parquet"} <= top
     pngs = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert pngs == {
         f"plots/{n}.png"
-        for n in ("val_H_per_epoch", "param_importance", "parallel_coordinates", "calibration_best_trial")
+        for n in (
+            "val_H_per_epoch",
+            "param_importance",
+            "parallel_coordinates",
+            "calibration_best_trial",
+            "front",
+            "calibration_final_model_test",
+        )
     }
     local = Path(
         mlflow.artifacts.download_artifacts(

@@ -210,3 +210,12 @@ def test_the_run_of_a_trial_tune_lost_is_taken_over_by_the_trial_proposed_in_its
     assert run.info.status == "FINISHED" and run.info.run_name == "trial-007" and "dedn.abandoned" not in run.data.tags
     assert steps(uri, lost_id) == [(e, pytest.approx(record(e)["val_H"])) for e in range(1, 6)]
     first.close(timeout_s=5)
+
+
+def test_the_callback_keeps_the_store_params_through_tunes_pickle() -> None:
+    """Tune pickles its callbacks with the experiment: a resumed search's runs still get the store's params."""
+    import pickle
+
+    logger = MLflowTrialLogger("sqlite:///x.db", "e", "1", "p", params={"store.size": "448"})
+    again = pickle.loads(pickle.dumps(logger))
+    assert again.params == {"store.size": "448"} and again.sink is None
