@@ -329,7 +329,9 @@ def tune_settings(
     _tune_environment(size)
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     num_samples = -(-(opts.num_samples or spec.num_samples) // size)  # configurations, `size` per population trial
-    callbacks: list[Any] = [JsonLoggerCallback()]
+    from tuning.interrupt import StopWhenAsked
+
+    callbacks: list[Any] = [JsonLoggerCallback(), StopWhenAsked()]
     if sink is not None:
         uri, parent = str(sink.uri), str(sink.parent_id)
         args = (uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp), epochs, sink.params)
