@@ -14,12 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ray.tune import Callback
-
-__all__ = ["StopWhenAsked", "stop_saves_state", "stopping"]
+__all__ = ["stop_saves_state", "stopping"]
 
 _STOPPING = threading.Event()
-_PASSED = threading.Event()  # the stop reached Tune's own handler
 _TUNE_LINES = ("Stop signal received", "Experiment has been interrupted")  # Tune's own advice, Python's Tuner.restore
 
 
@@ -33,20 +30,6 @@ class _QuietTuneStop(logging.Filter):
         return not str(record.msg).startswith(_TUNE_LINES)
 
 
-class StopWhenAsked(Callback):
-    """A stop that came while Tune could not take it (before its handler was installed, or whose KeyboardInterrupt
-    code on the way swallowed) is passed to Tune's own stop handler at its next step, once."""
-
-    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
-        return {}
-
-    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        handler = signal.getsignal(signal.SIGUSR1)
-        if _STOPPING.is_set() and not _PASSED.is_set() and callable(handler):
-            _PASSED.set()
-            handler(signal.SIGUSR1, None)
-
-
 @contextmanager
 def stop_saves_state() -> Iterator[None]:
     """Around ``Tuner.fit``: a first SIGINT or SIGTERM ends Tune's loop (its state written), then KeyboardInterrupt
@@ -55,20 +38,15 @@ def stop_saves_state() -> Iterator[None]:
         yield
         return
     _STOPPING.clear()  # this search's stop only: an earlier search of this process may have been stopped
-    _PASSED.clear()
     received: list[str] = []
 
     def on_signal(signum: int, frame: Any) -> None:
         tune_stop = signal.getsignal(signal.SIGUSR1)
         name = signal.Signals(signum).name
         if _STOPPING.is_set() or not callable(tune_stop):
-            # recorded too: code that swallows this KeyboardInterrupt (Ray's restore retries) must not lose the stop
-            _STOPPING.set()
-            received.append(name)
             raise KeyboardInterrupt(f"stopped by signal {name}")
         _STOPPING.set()
         received.append(name)
-        _PASSED.set()
         tune_stop(signal.SIGUSR1, frame)
 
     quiet = _QuietTuneStop()
@@ -84,6 +62,5 @@ def stop_saves_state() -> Iterator[None]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         tune_log.removeFilter(quiet)
         _STOPPING.clear()  # also when a second signal cut the search short
-        _PASSED.clear()
     if received:
         raise KeyboardInterrupt(f"stopped by signal {received[0]}")

@@ -329,9 +329,7 @@ def tune_settings(
     _tune_environment(size)
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     num_samples = -(-(opts.num_samples or spec.num_samples) // size)  # configurations, `size` per population trial
-    from tuning.interrupt import StopWhenAsked
-
-    callbacks: list[Any] = [JsonLoggerCallback(), StopWhenAsked()]
+    callbacks: list[Any] = [JsonLoggerCallback()]
     if sink is not None:
         uri, parent = str(sink.uri), str(sink.parent_id)
         args = (uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp), epochs, sink.params)

@@ -4,7 +4,6 @@ to this process; a stand-in for the SIGUSR1 handler ``tune.run`` installs."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 
@@ -27,27 +26,5 @@ def test_each_search_has_its_own_stop() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)  # the second: at once, not through Tune
         assert len(calls) == 3 and not stopping()  # cut short: this process is not left stopped
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-
-
-def test_a_stop_that_came_before_tunes_handler_reaches_it_at_the_next_step() -> None:
-    """Ctrl-C before Tune installed its handler raises at once; if code on the way swallows that KeyboardInterrupt,
-    the stop is still recorded, handed to Tune's handler at its next step (once), and the search stops after fit."""
-    from tuning.interrupt import StopWhenAsked
-
-    calls: list[int] = []
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # no Tune handler yet
-    try:
-        with pytest.raises(KeyboardInterrupt, match="stopped by signal SIGINT"), stop_saves_state():
-            with contextlib.suppress(KeyboardInterrupt):  # swallowed, as a retry loop on the way might
-                os.kill(os.getpid(), signal.SIGINT)
-            assert stopping()
-            signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))  # Tune starts its loop
-            step = StopWhenAsked()
-            step.on_step_begin(0, [])
-            step.on_step_begin(1, [])
-            assert calls == [signal.SIGUSR1]  # handed over once
-        assert not stopping()
     finally:
         signal.signal(signal.SIGUSR1, previous)
