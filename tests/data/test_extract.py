@@ -263,3 +263,10 @@ def test_a_res101_mat_image_list_reads_as_its_csv(images: ImageSet, tmp_path: Pa
     files, got = read_image_list(tmp_path / "res101.mat", 6)
     assert files == images.files
     np.testing.assert_array_equal(got, images.labels)
+
+
+def test_an_out_inside_an_input_is_refused_before_any_image_is_read(images: ImageSet, tmp_path: Path) -> None:
+    """The store may not be written inside the images folder, nor over the split file: one line, nothing changed."""
+    watch = [images.root.parent]
+    refused(_args(images, images.root / "store"), cwd=tmp_path, watch=watch, file=images.root / "store", field="--out")
+    refused(_args(images, images.att_splits), cwd=tmp_path, watch=watch, file=images.att_splits, field="--out")
