@@ -249,6 +249,12 @@ def extract(
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Store folder to create.")
 @click.option("--builtin", "builtin", is_flag=True, help="The tiny built-in dataset (no external file).")
 @click.option(
+    "--pictures",
+    is_flag=True,
+    help="Instead of a store, a folder of drawn pictures for dedn data extract: six classes in the xlsa17 layout "
+    "(images/, image_labels.csv, att_splits.mat) and seeded random ResNet-101 weights (weights.safetensors).",
+)
+@click.option(
     "--from",
     "source",
     type=click.Path(path_type=Path),
@@ -267,6 +273,7 @@ def extract(
 def synth(
     out: Path,
     builtin: bool,
+    pictures: bool,
     source: Path | None,
     channels: int | None,
     height: int | None,
@@ -289,9 +296,25 @@ def synth(
       dedn data synth --builtin --out data/tiny
       dedn data synth --from ../shared/data/zsl/CUB --out data/synth-cub -C 64 -H 7 -W 7
       dedn data synth --from ../shared/data/zsl/AWA2 --out data/synth-awa2 --noise 1.0 --seed 3
+      dedn data synth --pictures --out pics --images-per-class 16
     """
     from dedn.data.synth import TINY, BuiltinConfig, SynthConfig, synth_builtin, synth_from_benchmark
     from dedn.errors import DednInputError
+
+    if pictures:
+        from dedn.data.pictures import draw_pictures
+        from dedn.outputs import check_output, write_output_folder
+
+        if builtin or source is not None:
+            raise DednInputError("dedn data synth", "--pictures", "give --pictures alone, without --builtin or --from")
+        check_output(out, inputs=[], command="dedn data synth --pictures", overwrite=overwrite, kind="folder")
+        n = images_per_class
+        build = lambda folder: draw_pictures(folder, n, seed)  # noqa: E731
+        write_output_folder(out, "dedn data synth --pictures", build, overwrite=overwrite)
+        click.echo(
+            f"wrote {out} ({6 * n} pictures of 6 classes, 2 unseen; random trunk weights {out}/weights.safetensors)"
+        )
+        return
 
     if builtin == (source is not None):
         raise DednInputError("dedn data synth", "--builtin/--from", "give exactly one of --builtin or --from FOLDER")

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -49,6 +51,26 @@ _URI = click.option(
 @click.option(
     "--store", default=None, help="Store to verify the figures on (default: the one the model was trained on)."
 )
+@click.option(
+    "--input",
+    "input_kind",
+    type=click.Choice(["image", "features"]),
+    default=None,
+    help="What the registered model takes: pictures (the trunk packaged with the head; the default when the store "
+    "was written by dedn data extract) or feature maps (the default otherwise).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="The trunk weights to package (default: the file the extraction read, else torch's cache); only with the "
+    "SHA-256 the store recorded.",
+)
+@click.option(
+    "--images",
+    default=None,
+    help="Folder the store's pictures lie under (as given to dedn data extract): the registered model must then "
+    "reproduce the test figures from the test split's pictures as well.",
+)
 @_URI
 def promote(
     experiment: str | None,
@@ -59,6 +81,9 @@ def promote(
     calibration: float | None,
     alias: str,
     store: str | None,
+    input_kind: str | None,
+    weights: str | None,
+    images: str | None,
     tracking_uri: str | None,
 ) -> None:
     """Register a search's model as a new version, tagged, and move the alias to it.
@@ -70,6 +95,10 @@ def promote(
     figures. The version's tags state the inference parameters (lambda_rc, lambda_e, calibration) the
     model applies. Promoting the same model again reuses its version.
 
+    A search on a store made by dedn data extract registers a model that takes pictures: the trunk the
+    features were extracted with (found by its SHA-256) and the head in one MLflow model, whose input is a
+    binary column 'image' (base64 in JSON requests) prepared as the extraction prepared its images.
+
     \b
     Examples:
       dedn promote --model-name dedn-tiny
@@ -77,8 +106,9 @@ def promote(
       dedn promote --experiment cub-search --model-name dedn-cub --trial trial-007 --alias staging
       dedn promote --experiment cub-search --model-name dedn-cub --trial best --metric val_T
       dedn promote --experiment cub-search --model-name dedn-cub --at "S>=0.6"
+      dedn promote --experiment cub-search --model-name dedn-cub --images CUB --weights resnet101.pth
     """
-    from tracking.registry import latest_search
+    from tracking.registry import Ship, latest_search
     from tracking.registry import promote as do_promote
     from tracking.store import quiet_mlflow, resolve_tracking_uri
 
@@ -91,7 +121,8 @@ def promote(
             name = Path(experiment).name if Path(experiment).is_dir() else experiment
         if trial is not None and (at is not None or calibration is not None):
             raise DednInputError("dedn promote", "--trial", "give --trial or an operating point (--at, --calibration)")
-        v = do_promote(tracking, name, model_name, metric, alias or None, store, trial, at, calibration)
+        ship = Ship(input_kind, weights, images)
+        v = do_promote(tracking, name, model_name, metric, alias or None, store, trial, at, calibration, ship)
     uri = f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{v.version}"
     what = "validation figures of the trial" if trial else "test figures of the final model"
     if at is not None or calibration is not None:
@@ -104,14 +135,24 @@ def promote(
         test = [100 * float(t[f"dedn.test_{k}"]) for k in ("U", "S", "H", "AUSUC")]
         click.echo(f"{'test once (retrained, trainval)':<32} " + " ".join(f"{x:>6.1f}" for x in test))
         what = "test figures at the operating point"
+    if v.tags.get("dedn.input") == "image":
+        what += " (from the pictures too)" if images and not trial else ""
+        click.echo("the model takes pictures: a binary column 'image' (base64 in JSON), trunk packaged with the head")
     click.echo(f"registered {model_name} version {v.version}: {what} reproduced")
     click.echo(f"model uri: {uri}")
 
 
 @click.command()
 @click.option("--model", "model_uri", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model")
-@click.option("--data", "store", required=True, help="Feature store to predict on.")
+@click.option("--data", "store", default=None, help="Feature store to predict on.")
 @click.option("--split", default="test", show_default=True, help="Split or group (test, test_unseen, trainval, ...).")
+@click.option("--images", default=None, help="Folder of pictures to classify (a model that takes pictures).")
+@click.option(
+    "--image-list",
+    default=None,
+    help="With --images: a CSV with a column image_file (paths under --images) and optionally label (1-based), or "
+    "the xlsa17 res101.mat.",
+)
 @click.option("--out", required=True, help="Output file to create: .parquet or .csv.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing --out file (never an input, nor a file inside one)."
@@ -122,40 +163,89 @@ def promote(
     default=None,
     help="Calibration c to apply instead of the model's own (the operating point it was promoted for).",
 )
+@click.option("--address", default=None, help="With --images: the Ray cluster ('auto' or host:port); default local.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="With --images: model actors (one per GPU, 1 on CPU)."
+)
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None, help="With --images: GPUs per actor.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Pictures per batch.")
 @_URI
 def predict(
     model_uri: str,
-    store: str,
+    store: str | None,
     split: str,
+    images: str | None,
+    image_list: str | None,
     out: str,
     overwrite: bool,
     calibration: float | None,
+    address: str | None,
+    workers: int | None,
+    gpus_per_worker: float | None,
+    batch_size: int,
     tracking_uri: str | None,
 ) -> None:
-    """Predict classes for a store's images with a registered model.
+    """Predict classes for a store's images, or for pictures, with a registered model.
 
     Writes image_id, true_class, class_index, class_name, score and seen (whether the predicted class
     was seen in training). A store whose feature shape or attribute set differs from the model's is refused.
+    With --images and --image-list, a model that takes pictures classifies them on Ray (decoding on CPU
+    tasks, the model on GPU actors where the cluster has GPUs), streaming, with a progress bar on a terminal.
 
     \b
     Examples:
       dedn predict --model models:/dedn-tiny@champion --data data/tiny --split test --out preds.parquet
       dedn predict --model models:/dedn-cub/3 --data data/cub --split test_unseen --out unseen.csv
       dedn predict --model models:/dedn-cub@champion --data data/cub --out preds.parquet --calibration 0.5
+      dedn predict --model models:/dedn-cub@champion --images photos --image-list photos.csv --out preds.parquet
     """
     from dedn.outputs import check_output
-    from tracking.registry import predict_store
     from tracking.store import mlflow_uris, quiet_mlflow, resolve_tracking_uri
 
+    if (store is None) == (images is None):
+        raise DednInputError("dedn predict", "--data", "give a store (--data) or pictures (--images), one of them")
+    if (images is None) != (image_list is None):
+        raise DednInputError("dedn predict", "--image-list", "--images and --image-list go together")
     uri = resolve_tracking_uri(tracking_uri)
-    # before anything is loaded: the predictions never replace the store, the model or the tracking store
-    inputs = [store, _local_path(model_uri), _local_path(uri)]
+    # before anything is loaded: the predictions never replace the inputs, the model or the tracking store
+    inputs = [store, images, image_list, _local_path(model_uri), _local_path(uri)]
     check_output(out, inputs=inputs, command="dedn predict", overwrite=overwrite, kind="file")
     with mlflow_uris(uri), quiet_mlflow():  # the model is checked before anything of it is loaded
-        n, figures = predict_store(model_uri, store, split, out, calibration)
+        if store is not None:
+            from tracking.registry import predict_store
+
+            n, figures = predict_store(model_uri, store, split, out, calibration)
+        else:
+            n, figures = _predict_pictures(model_uri, images, image_list, out, calibration, address, workers,
+                                           gpus_per_worker, batch_size)  # fmt: skip
+            split = "the pictures"
     click.echo(f"wrote {n} predictions to {out}")
     if figures:
         click.echo("on " + split + ": " + "   ".join(f"{k} {100 * v:.1f}" for k, v in figures.items()) + "  (%)")
+
+
+def _predict_pictures(model_uri: str, images: str | None, image_list: str | None, out: str, calibration: float | None,
+                      address: str | None, workers: int | None, gpus_per_worker: float | None, batch_size: int
+                      ) -> tuple[int, dict[str, float] | None]:  # fmt: skip
+    from tqdm import tqdm
+
+    from cluster.connect import local_ray_on_loopback, ray_session
+    from tracking.registry import predict_pictures
+
+    assert images is not None and image_list is not None
+    if address is None:
+        local_ray_on_loopback()
+    with tqdm(desc="predict", unit="img", disable=None) as bar:  # a bar on a terminal only
+        return predict_pictures(
+            model_uri, images, image_list, out, calibration=calibration, workers=workers,
+            gpus_per_worker=gpus_per_worker, batch_size=batch_size, session=lambda: ray_session(address),
+            tick=partial(_tick, bar),
+        )  # fmt: skip
+
+
+def _tick(bar: Any, n: int, total: int) -> None:
+    bar.total = total
+    bar.update(n)
 
 
 def _local_path(uri: str) -> str | None:

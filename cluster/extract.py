@@ -1,14 +1,15 @@
 """``dedn data extract`` on a Ray cluster with Ray Data: images decoded and prepared by CPU tasks, the ResNet-101
 trunk on a pool of actors (a GPU, or a fraction of one, each where the cluster has GPUs; CPU otherwise), the features
 streamed back in order and written shard by shard (``dedn.data.extract``). Memory stays bounded: Ray Data holds a few
-blocks in flight, the driver one shard."""
+blocks in flight, the driver one shard. ``map_images`` is the pipeline, also that of ``dedn predict --images``."""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import closing
 from typing import Any
 
 import numpy as np
@@ -18,21 +19,18 @@ from dedn.errors import DednInputError
 
 
 def _prepare(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Decode and prepare each image; one that cannot be read gives zeros and its reason in ``error``."""
-    from PIL import Image
-
-    from dedn.trunk import prepare_image
+    """Decode and prepare each image; one that is not taken gives zeros and its reason in ``error``."""
+    from dedn.trunk import ImageError, open_image, prepare_image
 
     pixels = np.zeros((len(batch["path"]), 3, size, size), dtype=np.float32)
     errors = []
     for j, path in enumerate(batch["path"]):
         try:
-            with Image.open(str(path)) as img:
-                img.load()  # decode now: a truncated file fails here, not later
+            with open_image(str(path)) as img:
                 pixels[j] = prepare_image(img, size)
             errors.append("")
-        except Exception as e:  # unreadable, truncated, too large (PIL's decompression-bomb limit), ...
-            errors.append(f"cannot read the image: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
+        except ImageError as e:  # unreadable, truncated, too large, a mode or format not taken
+            errors.append(str(e))
     return {"row": batch["row"], "pixels": pixels, "error": np.asarray(errors, dtype=object)}
 
 
@@ -60,7 +58,9 @@ class _Trunk:
         return {"row": batch["row"], "features": feats, "error": batch["error"]}
 
 
-def pool_size(workers: int | None, gpus_per_worker: float | None) -> tuple[int, float]:
+def pool_size(
+    workers: int | None, gpus_per_worker: float | None, command: str = "dedn data extract"
+) -> tuple[int, float]:
     """(actors, GPUs per actor) for the joined cluster: by default one actor per GPU, or one on CPU without GPUs."""
     import ray
 
@@ -68,9 +68,52 @@ def pool_size(workers: int | None, gpus_per_worker: float | None) -> tuple[int, 
     per = (1.0 if gpus >= 1 else 0.0) if gpus_per_worker is None else gpus_per_worker
     if per > 0 and per > gpus:
         why = f"asks {per:g} GPU per worker; the cluster has {gpus:g}"
-        raise DednInputError("dedn data extract", "--gpus-per-worker", why)
+        raise DednInputError(command, "--gpus-per-worker", why)
     n = workers or (max(1, int(gpus // per)) if per > 0 else 1)
     return n, per
+
+
+def map_images(
+    items: list[tuple[int, str]],
+    size: int,
+    actor: type,
+    kwargs: dict[str, Any],
+    *,
+    workers: int,
+    gpus_per_worker: float,
+    batch_size: int,
+) -> Generator[dict[str, np.ndarray], None, None]:
+    """Ray Data over pictures: each ``(row, path)`` decoded and prepared (``size`` px) by a CPU task, then batches of
+    ``row``, ``pixels``, ``error`` through a pool of ``workers`` actors ``actor(**kwargs, threads=...)`` (a GPU, or
+    ``gpus_per_worker`` of one, each); their batches come back in order, a few in flight. Iterate it under
+    ``contextlib.closing`` so that a stop midway ends Ray Data's execution while Ray still runs (a generator left to
+    the garbage collector would have Ray Data start a Ray instance of its own)."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # batches come back in turn
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its start notices
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    rows = [{"row": r, "path": p} for r, p in items]
+    ds: Any = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+    # a whole CPU per decoding task, half one per actor: different resources keep Ray Data from fusing the two stages
+    ds = ds.map_batches(_prepare, fn_kwargs={"size": size}, batch_size=batch_size, num_cpus=1)
+    with warnings.catch_warnings():  # max_restarts reaches the actors only as an extra (deprecated) remote argument
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(
+            actor,
+            fn_constructor_kwargs={**kwargs, "threads": int(max(1, cpus // workers))},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=gpus_per_worker or None,
+            num_cpus=0.5,
+            # a lost actor ends the run (the command is run again, or resumed): restarting one whose weights are an
+            # object-store argument is what Ray warns against (ray-project/ray#53727)
+            max_restarts=0,
+        )
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
 
 
 def extract_shards(
@@ -85,48 +128,30 @@ def extract_shards(
     """Extract the images of ``shards`` and write each shard once all its images are back. ``tick(n)`` after every
     batch. A bad image stops the extraction with one DednInputError naming it; written shards stay for --resume."""
     import ray
-    import ray.data
 
     todo = [r for i in shards for r in plan.shard_range(i)]
     if not todo:
         return
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # shards complete one after the other
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its start notices
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    items = [{"row": r, "path": str(plan.files[r])} for r in todo]
-    ds: Any = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
-    # a whole CPU per decoding task, half one per actor: different resources keep Ray Data from fusing the two stages
-    ds = ds.map_batches(_prepare, fn_kwargs={"size": plan.size}, batch_size=batch_size, num_cpus=1)
-    weights = [ray.put(_weights(plan))]
-    with warnings.catch_warnings():  # max_restarts reaches the actors only as an extra (deprecated) remote argument
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(
-            _Trunk,
-            fn_constructor_kwargs={"weights": weights, "dtype": plan.dtype, "threads": int(max(1, cpus // workers))},
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=gpus_per_worker or None,
-            num_cpus=0.5,
-            # a lost actor ends the run (--resume continues it): restarting one whose weights are an object-store
-            # argument is what Ray warns against (ray-project/ray#53727)
-            max_restarts=0,
-        )
+    kwargs = {"weights": [ray.put(_weights(plan))], "dtype": plan.dtype}
+    items = [(r, str(plan.files[r])) for r in todo]
+    batches = map_images(
+        items, plan.size, _Trunk, kwargs, workers=workers, gpus_per_worker=gpus_per_worker, batch_size=batch_size
+    )
     pending: dict[int, dict[int, np.ndarray]] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-        for r, err in zip(batch["row"], batch["error"], strict=True):
-            if err:
-                raise DednInputError(plan.files[int(r)], "image", str(err))
-        for r, f in zip(batch["row"], batch["features"], strict=True):
-            i = int(r) // plan.shard_rows
-            got = pending.setdefault(i, {})
-            got[int(r)] = f
-            rows = plan.shard_range(i)
-            if len(got) == len(rows):
-                write_shard(plan.work, i, np.stack([got[k] for k in rows]), plan.dtype)
-                del pending[i]
-        tick(len(batch["row"]))
+    with closing(batches):
+        for batch in batches:
+            for r, err in zip(batch["row"], batch["error"], strict=True):
+                if err:
+                    raise DednInputError(plan.files[int(r)], "image", str(err))
+            for r, f in zip(batch["row"], batch["features"], strict=True):
+                i = int(r) // plan.shard_rows
+                got = pending.setdefault(i, {})
+                got[int(r)] = f
+                rows = plan.shard_range(i)
+                if len(got) == len(rows):
+                    write_shard(plan.work, i, np.stack([got[k] for k in rows]), plan.dtype)
+                    del pending[i]
+            tick(len(batch["row"]))
 
 
 def _weights(plan: ExtractPlan) -> dict[str, Any]:
@@ -137,4 +162,4 @@ def _weights(plan: ExtractPlan) -> dict[str, Any]:
     return load_trunk_weights(plan.weights)
 
 
-__all__ = ["extract_shards", "pool_size"]
+__all__ = ["extract_shards", "map_images", "pool_size"]

@@ -29,7 +29,14 @@ TRIAL_STATE, TRIAL_PROGRESS = "state.pt", "progress.json"  # a trial checkpoint'
 
 
 def checkpoint_header(store: FeatureStore) -> dict[str, Any]:
-    """What a checkpoint records of the store it was trained on (enough to serve it without the store)."""
+    """What a checkpoint records of the store it was trained on (enough to serve it without the store); for a store
+    ``dedn data extract`` wrote, how its features were made (the trunk, its weights' SHA-256 and file, the
+    preprocessing), so that the model can be shipped with its trunk."""
+    extraction = store.meta.provenance.get("extraction")
+    if extraction:
+        keys = ("trunk", "weights_sha256", "size", "dtype", "preprocessing")
+        weights = (store.meta.provenance.get("inputs") or {}).get("weights")
+        extraction = {**{k: extraction[k] for k in keys if k in extraction}, "weights_file": weights}
     return {
         "fingerprint": store.meta.fingerprint,
         "dataset": store.meta.name,
@@ -39,6 +46,7 @@ def checkpoint_header(store: FeatureStore) -> dict[str, Any]:
         "class_names": store.classes.names,
         "seen": store.classes.seen.tolist(),
         "attribute_names": store.attributes.names,
+        **({"extraction": extraction} if extraction else {}),
     }
 
 

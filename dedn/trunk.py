@@ -20,6 +20,9 @@ from torch import nn
 from dedn.errors import DednInputError
 
 WEIGHTS_FILE = "resnet101-63fe2227.pth"  # torchvision's ResNet101_Weights.IMAGENET1K_V1
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # what Pillow may open: no format that runs a program
+IMAGE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")  # converted to RGB
+MAX_PIXELS = 64_000_000  # larger pictures are refused from their header, before any decoding
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 LAYERS = (3, 4, 23, 3)  # bottleneck blocks per stage of ResNet-101
@@ -86,6 +89,46 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+class ImageError(ValueError):
+    """A picture that is not taken; the message is the rule it breaks (the caller names the file or request row)."""
+
+
+def open_image(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> Any:
+    """A picture (encoded bytes or a file) decoded by Pillow, refused with an ImageError before decoding when its
+    format is not one of IMAGE_FORMATS, it has more than MAX_PIXELS pixels, or its mode is not one of IMAGE_MODES,
+    and when it cannot be decoded whole (a truncated file)."""
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    fp = io.BytesIO(bytes(source)) if isinstance(source, bytes | bytearray | memoryview) else source
+    limit = f"over the limit of {MAX_PIXELS // 1_000_000} megapixels"
+    try:
+        with warnings.catch_warnings():  # Pillow warns from 89 megapixels: the size is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise ImageError(f"more than twice 89 megapixels: {limit}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not a picture in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    except Exception as e:
+        raise ImageError(f"cannot be read: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        img.close()
+        raise ImageError(f"{w}x{h} pixels is {limit}")
+    if img.mode not in IMAGE_MODES:
+        img.close()
+        raise ImageError(f"mode {img.mode!r} is not supported ({', '.join(IMAGE_MODES)})")
+    try:
+        img.load()  # decode now: a truncated file fails here, not later
+    except Exception as e:
+        img.close()
+        raise ImageError(f"cannot be decoded: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
+    return img
 
 
 def load_trunk_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -171,9 +214,14 @@ __all__ = [
     "WEIGHTS_FILE",
     "ResNetTrunk",
     "Bottleneck",
+    "IMAGE_FORMATS",
+    "IMAGE_MODES",
+    "ImageError",
+    "MAX_PIXELS",
     "build_trunk",
     "default_weights_path",
     "load_trunk_weights",
+    "open_image",
     "prepare_image",
     "preprocessing",
     "resized_size",

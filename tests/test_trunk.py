@@ -11,18 +11,22 @@ import numpy as np
 import pytest
 import torch
 
+from dedn.data.pictures import random_weights
 from dedn.errors import DednInputError
 from dedn.trunk import (
+    MAX_PIXELS,
     MEAN,
     STD,
+    ImageError,
     ResNetTrunk,
     build_trunk,
     default_weights_path,
     load_trunk_weights,
+    open_image,
     prepare_image,
     resized_size,
 )
-from tests.images import random_weights, reference_trunk
+from tests.images import reference_trunk
 
 
 def test_the_trunk_equals_a_functional_reference_and_loads_torchvision_names_strictly(tmp_path: Path) -> None:
@@ -133,3 +137,47 @@ def test_the_trunk_equals_torchvision_where_it_imports() -> None:
     with torch.inference_mode():
         want = torch.nn.Sequential(*list(ref.children())[:-2])(x)
         torch.testing.assert_close(trunk(x), want)
+
+
+def _encoded(img: object, fmt: str, **kw: object) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)  # type: ignore[attr-defined]
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_open_image_decodes_the_taken_formats_as_pillow_does(fmt: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (23, 31, 3), dtype=np.uint8), "RGB")
+    data = _encoded(img if fmt != "GIF" else img.convert("P"), fmt)
+    with open_image(data) as got, Image.open(__import__("io").BytesIO(data)) as want:
+        assert got.size == (31, 23) and np.array_equal(np.asarray(got), np.asarray(want))
+    (tmp_path / "pic").write_bytes(data)
+    with open_image(tmp_path / "pic") as from_file:
+        assert from_file.format == fmt
+
+
+def test_open_image_refuses_what_it_does_not_take_each_with_its_rule() -> None:
+    from PIL import Image
+
+    noise = np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    jpeg = _encoded(Image.fromarray(noise, "RGB"), "JPEG")  # its header a small part of it
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # Pillow would run Ghostscript for it
+    cases = {
+        b"plain text, not a picture": "not a picture in a supported format (JPEG, PNG, WEBP, BMP, GIF, TIFF)",
+        eps: "not a picture in a supported format",
+        jpeg[: len(jpeg) // 2]: "cannot be decoded: OSError",
+        _encoded(Image.new("L", (10_000, 10_000)), "PNG"): "10000x10000 pixels is over the limit of 64 megapixels",
+        _encoded(Image.new("L", (15_000, 15_000)), "PNG"): "more than twice 89 megapixels",
+        _encoded(Image.new("I;16", (8, 8)), "PNG"): "mode 'I;16' is not supported",
+        _encoded(Image.new("F", (8, 8)), "TIFF"): "mode 'F' is not supported",
+    }
+    for data, rule in cases.items():
+        with pytest.raises(ImageError) as e:
+            open_image(data)
+        assert rule in str(e.value) and "\n" not in str(e.value), (rule, str(e.value))
+    assert MAX_PIXELS == 64_000_000

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,27 @@ from dedn.outputs import writing
 from dedn.safe_yaml import load_mapping
 from tracking.databases import check_existing_store
 from tracking.served_model import CODE_FILE as PYFUNC_CODE
-from tracking.served_model import check_model_folder, code_matches, fetched_model, model_signature, open_model
+from tracking.served_model import (
+    check_model_folder,
+    code_matches,
+    example_input,
+    fetched_model,
+    model_signature,
+    open_model,
+)
 from tracking.store import mlflow_uris
 
-__all__ = ["predict_store", "latest_search", "promote", "trial_run"]
+__all__ = [
+    "PicturePredictor",
+    "Ship",
+    "latest_search",
+    "predict_pictures",
+    "predict_store",
+    "promote",
+    "read_picture_list",
+    "trial_run",
+    "verify_pictures",
+]
 
 _FIGURES = ("U", "S", "H", "T")
 _PARENT = "mlflow.parentRunId"
@@ -184,11 +202,11 @@ def _trial_config(uri: str, parent: Any, child: Any, folder: Path) -> Any:
     return validate_config(raw, f"{run} dedn.values")
 
 
-def _at_point(uri: str, experiment: str, at: str | None, calibration: float | None, store: str | None, folder: Path
-              ) -> tuple[Any, Path, dict[str, float], dict[str, str]]:  # fmt: skip
+def _at_point(uri: str, experiment: str, at: str | None, calibration: float | None, store: str | None, folder: Path,
+              ship: Ship) -> tuple[Any, Path, dict[str, float], dict[str, str]]:  # fmt: skip
     """The honest final protocol at an operating point: the trial and shift ``at`` picks on the validation front
     (or the best trial at ``calibration``), retrained on trainval for its best epoch count, tested once at that
-    shift. Returns (parent run, checkpoint folder, test figures, tags)."""
+    shift. Returns (parent run, checkpoint folder, test figures, tags). ``ship``'s trunk is found before training."""
     import torch
 
     from dedn.checkpoints import save_checkpoint
@@ -196,6 +214,7 @@ def _at_point(uri: str, experiment: str, at: str | None, calibration: float | No
     from dedn.train import train
 
     parent, front = _front_run(uri, experiment)
+    ship.find_trunk(uri, parent)
     if at is not None:
         point = operating_point(front, at, f"runs:/{parent.info.run_id}/front.parquet")
         _, child = trial_run(uri, experiment, str(point["trial_id"]))
@@ -258,6 +277,71 @@ def verify_figures(python_model: Any, store_path: str, task: str, expected: dict
             raise DednInputError(store_path, f"{prefix}_{k}", rule)
 
 
+@dataclass
+class Ship:
+    """What a promoted model takes: ``input`` "image" (the trunk packaged with the head; the default when the store
+    was written by ``dedn data extract``) or "features"; ``weights`` a trunk weights file to use (else the one the
+    extraction read, then torch's cache, each only with the extraction's SHA-256); ``images`` a folder under which
+    the store's test pictures lie, to check the registered model's test figures from pictures as well."""
+
+    input: str | None = None
+    weights: str | None = None
+    images: str | None = None
+    trunk: Path | None = None  # found: the weights file packaged
+    extraction: dict[str, Any] | None = None
+
+    def find_trunk(self, uri: str, parent: Any) -> None:
+        """Decide the input from the search's store header; find and check the trunk weights. One DednInputError."""
+        from dedn.trunk import default_weights_path, sha256_file
+
+        with tempfile.TemporaryDirectory() as d:
+            header = json.loads(_download(uri, parent.info.run_id, "store.json", Path(d)).read_text())
+        ex = header.get("extraction")
+        if self.input == "features" or (self.input is None and not ex):
+            if self.images:
+                rule = "the model takes feature maps (its store was not extracted from pictures): drop --images"
+                raise DednInputError("dedn promote", "--images", rule)
+            return
+        if not ex:
+            rule = "image: the search's store was not written by dedn data extract, so no trunk is recorded"
+            raise DednInputError(f"runs:/{parent.info.run_id}/store.json", "--input", rule)
+        want = str(ex["weights_sha256"])
+        if self.weights is not None:
+            given = Path(self.weights)
+            if not given.is_file():
+                raise DednInputError(given, "--weights", "not found")
+            if (got := sha256_file(given)) != want:
+                rule = f"SHA-256 {got} is not that of the trunk the store was extracted with ({want})"
+                raise DednInputError(given, "--weights", rule)
+            self.trunk = given
+        else:
+            tried = [Path(p) for p in (ex.get("weights_file"), default_weights_path()) if p]
+            self.trunk = next((p for p in tried if p.is_file() and sha256_file(p) == want), None)
+            if self.trunk is None:
+                where = " or ".join(str(p) for p in tried)
+                rule = f"the trunk the store was extracted with (SHA-256 {want}) is not at {where}: pass --weights FILE"
+                raise DednInputError("dedn promote", "--weights", rule)
+        self.extraction = ex
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.trunk is not None else "features"
+
+    def package(self, ckpt: Path) -> None:
+        """Put the trunk (safetensors) beside the head in ``ckpt`` and mark the checkpoint as taking pictures."""
+        if self.trunk is None:
+            return
+        from safetensors.torch import save_file
+
+        from dedn.trunk import load_trunk_weights
+        from tracking.pyfunc_model import TRUNK_FILE
+
+        save_file(load_trunk_weights(self.trunk), str(ckpt / TRUNK_FILE))
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        meta.update(input="image", extraction=self.extraction)
+        (ckpt / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def promote(
     uri: str,
     experiment: str,
@@ -268,26 +352,26 @@ def promote(
     trial: str | None = None,
     at: str | None = None,
     calibration: float | None = None,
+    ship: Ship | None = None,
 ) -> Any:
     """Register a search's final model, a ``trial``'s best-epoch weights (Tune trial id, run name, run id, or
     ``best`` by ``metric``), or the model of an operating point (``at`` "S>=x"/"U>=x" on the validation front, or the
     best trial at ``calibration``: retrained on trainval and tested once at that shift); move the alias once it
-    reproduces its figures. The same model reuses its version."""
+    reproduces its figures (from pictures too with ``ship.images``). ``ship`` says what the model takes (see Ship).
+    The same model reuses its version."""
     check_existing_store(uri)  # promote reads an existing store; it never creates one
+    ship = ship or Ship()
     if at is not None or calibration is not None:
         with tempfile.TemporaryDirectory() as d:
-            parent, ckpt, test, tags = _at_point(uri, experiment, at, calibration, store, Path(d))
+            parent, ckpt, test, tags = _at_point(uri, experiment, at, calibration, store, Path(d), ship)
             tags = {"dedn.search_run_id": parent.info.run_id, **tags}
             with mlflow_uris(uri):
-                version = _log_and_register(parent.info.run_id, ckpt, model_name, tags)
+                version = _log_and_register(parent.info.run_id, ckpt, model_name, tags, ship)
                 _client(uri).update_model_version(model_name, version.version, description=(
                     f"Promoted for the operating point {tags['dedn.operating_point']}: the chosen trial retrained on "
                     f"trainval, test U {test['U']:.4f} S {test['S']:.4f} H {test['H']:.4f} AUSUC {test['AUSUC']:.4f}."
                 ))  # fmt: skip
-                loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
-                verify_figures(loaded, store or loaded.cfg.data.store, "test", test, "the retrained model gave")
-                if alias:
-                    _client(uri).set_registered_model_alias(model_name, alias, version.version)
+                _check_and_alias(uri, model_name, version, store, "test", test, "the retrained model gave", alias, ship)
         return version
     if trial is None:  # the chosen configuration retrained on trainval: the test figures the search printed
         parent = final_model_run(uri, experiment)
@@ -310,23 +394,67 @@ def promote(
         }
         task, expected, what = "validation", {k: float(m[f"best_val_{k}"]) for k in _FIGURES}, "the trial logged"
         checkpoint = partial(_trial_checkpoint, uri, parent, best)
+    ship.find_trunk(uri, parent)
     tags = {reuse: run_id, "dedn.search_run_id": parent.info.run_id, **tags}
     with mlflow_uris(uri):
-        version = _reusable(uri, model_name, reuse, run_id)
+        version = _reusable(uri, model_name, reuse, run_id, ship.kind)
         if version is None:
             with tempfile.TemporaryDirectory() as d:
-                version = _log_and_register(run_id, checkpoint(Path(d)), model_name, tags)
-        loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
-        verify_figures(loaded, store or loaded.cfg.data.store, task, expected, what)
-        if alias:
-            _client(uri).set_registered_model_alias(model_name, alias, version.version)
+                version = _log_and_register(run_id, checkpoint(Path(d)), model_name, tags, ship)
+        _check_and_alias(uri, model_name, version, store, task, expected, what, alias, ship)
         return version
 
 
-def _log_and_register(run_id: str, ckpt: Path, model_name: str, tags: dict[str, str]) -> Any:
-    """Log the checkpoint as a models-from-code pyfunc on the run; register it with ``tags`` and its inference."""
+def _check_and_alias(uri: str, model_name: str, version: Any, store: str | None, task: str,
+                     expected: dict[str, float], what: str, alias: str | None, ship: Ship) -> None:  # fmt: skip
+    """Load the registered version back as it is served; it must reproduce ``expected`` from the store's features
+    (and, for the test task with ``ship.images``, from the pictures) before the alias moves."""
+    loaded = open_model(f"models:/{model_name}/{version.version}", uri, installed_code=True)
+    store_path = store or loaded.cfg.data.store
+    verify_figures(loaded, store_path, task, expected, what)
+    if ship.images and task == "test":
+        verify_pictures(loaded, store_path, Path(ship.images), expected, what)
+    if alias:
+        _client(uri).set_registered_model_alias(model_name, alias, version.version)
+
+
+def verify_pictures(model: Any, store_path: str, images: Path, expected: dict[str, float], what: str) -> None:
+    """Score the store's test split from its pictures under ``images`` through the model as it is served (decode,
+    trunk, head); refuse a model whose U, S, H are off ``expected`` by more than 1e-6."""
+    from dedn.data import open_store
+    from dedn.metrics import gzsl_metrics
+    from dedn.trunk import ImageError, open_image, prepare_image
+
+    s = open_store(store_path)
+    rows = s.indices("test")
+    files = [images / s.image_ids[i] for i in rows]
+    if missing := [f for f in files if not f.is_file()]:
+        rule = f"{len(missing)} picture(s) of the test split are not under it (first: {missing[0]})"
+        raise DednInputError(images, "--images", rule)
+    preds = []
+    for start in range(0, len(files), 64):
+        batch = np.zeros((len(files[start : start + 64]), 3, model.size, model.size), dtype=np.float32)
+        for j, f in enumerate(files[start : start + 64]):
+            try:
+                with open_image(f) as img:
+                    batch[j] = prepare_image(img, model.size)
+            except ImageError as e:
+                raise DednInputError(f, "image", str(e)) from None
+        preds.append(model.predict_pixels(batch)["class_index"].to_numpy())
+    seen, unseen = np.flatnonzero(s.classes.seen), np.flatnonzero(~s.classes.seen)
+    got = gzsl_metrics(np.concatenate(preds), s.labels[rows], seen, unseen)
+    for k in ("U", "S", "H"):
+        if abs(got[k] - expected[k]) > 1e-6:
+            rule = f"the registered model gives {got[k]:.6f} from the pictures, {what} {expected[k]:.6f}: not moving the alias"
+            raise DednInputError(images, f"test_{k}", rule)
+
+
+def _log_and_register(run_id: str, ckpt: Path, model_name: str, tags: dict[str, str], ship: Ship) -> Any:
+    """Log the checkpoint (with ``ship``'s trunk) as a models-from-code pyfunc on the run; register it with ``tags``,
+    its inference and what it takes."""
     import mlflow
 
+    ship.package(ckpt)
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     c, h, w = meta["feature_shape"]
     ended = mlflow.get_run(run_id).info  # start_run's end would move the run's end time to now: put back below
@@ -335,24 +463,27 @@ def _log_and_register(run_id: str, ckpt: Path, model_name: str, tags: dict[str, 
             name="model",
             python_model=str(PYFUNC_CODE),
             artifacts={"checkpoint": str(ckpt)},
-            signature=model_signature((c, h, w)),
-            input_example=np.zeros((2, c, h, w), dtype=np.float32),
+            signature=model_signature((c, h, w), image=ship.kind == "image"),
+            input_example=example_input((c, h, w), image=ship.kind == "image"),
             pip_requirements=["dedn-platform"],
         )
     if ended.end_time:
         mlflow.MlflowClient().set_terminated(run_id, status=ended.status, end_time=ended.end_time)
     inference = load_mapping(ckpt / "config.yaml", "model config").get("inference", {})
-    tags = {"dedn.fingerprint": meta["fingerprint"], "dedn.dataset": meta["dataset"], **tags}
+    tags = {"dedn.fingerprint": meta["fingerprint"], "dedn.dataset": meta["dataset"], "dedn.input": ship.kind, **tags}
     tags.update({f"dedn.inference.{k}": str(v) for k, v in sorted(inference.items())})
     return mlflow.register_model(info.model_uri, model_name, tags=tags)
 
 
-def _reusable(uri: str, model_name: str, tag: str, value: str) -> Any | None:
-    """A version registered from the same source, logged with the installed code (the alias must point at it)."""
+def _reusable(uri: str, model_name: str, tag: str, value: str, kind: str) -> Any | None:
+    """A version registered from the same source taking the same input, logged with the installed code (the alias
+    must point at it)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        found = _client(uri).search_model_versions(f"name='{model_name}' and tag.`{tag}`='{value}'")
+        found = _client(uri).search_model_versions(
+            f"name='{model_name}' and tag.`{tag}`='{value}' and tag.`dedn.input`='{kind}'"
+        )
     except MlflowException:
         return None
     for version in found:
@@ -374,6 +505,24 @@ def check_store_matches(meta: dict[str, Any], store: Any) -> None:
         raise DednInputError(store.path, "attributes", rule)
 
 
+def _write_predictions(df: Any, out: Path) -> None:
+    """Parquet or CSV (by suffix), written to a temporary sibling and renamed."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            (df.to_parquet if out.suffix == ".parquet" else df.to_csv)(tmp, index=False)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix not in (".parquet", ".csv"):
+        raise DednInputError(out, "--out", "must end in .parquet or .csv")
+
+
 def predict_store(
     model_uri: str,
     store_path: str | os.PathLike[str],
@@ -390,8 +539,7 @@ def predict_store(
     from dedn.data import open_store
 
     out = Path(out)
-    if out.suffix not in (".parquet", ".csv"):
-        raise DednInputError(out, "--out", "must end in .parquet or .csv")
+    _check_out(out)
     store = open_store(store_path)
     model = open_model(model_uri, mlflow.get_tracking_uri())
     check_store_matches(model.meta, store)
@@ -399,22 +547,159 @@ def predict_store(
         model.c = float(calibration)
     rows, feats = store.indices(split), store.features()
     # the model's signature takes float32 (N, C, H, W); cast one batch at a time
-    preds = [model.predict(None, feats[rows[s : s + 1024]].astype(np.float32)) for s in range(0, rows.size, 1024)]
+    preds = [model.predict_features(feats[rows[s : s + 1024]]) for s in range(0, rows.size, 1024)]
     df = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     df.insert(0, "image_id", [store.image_ids[i] for i in rows])
     df.insert(1, "true_class", [store.classes.names[store.labels[i]] for i in rows])
-    tmp = out.with_name(f".{out.name}.tmp")
-    with writing(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            (df.to_parquet if out.suffix == ".parquet" else df.to_csv)(tmp, index=False)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    _write_predictions(df, out)
     if split != "test" or not len(df):
         return len(df), None
     from dedn.metrics import gzsl_metrics
 
     seen, unseen = np.flatnonzero(store.classes.seen), np.flatnonzero(~store.classes.seen)
     return len(df), gzsl_metrics(df["class_index"].to_numpy(), store.labels[rows], seen, unseen)
+
+
+class PicturePredictor:
+    """One actor of ``dedn predict --images``: the promoted model (its checkpoint folder's files, from the object
+    store) on this worker's GPU when it was given one, else its CPU; prepared pictures in, classes out."""
+
+    def __init__(self, files: list[Any], calibration: float | None, threads: int) -> None:
+        import ray
+        import torch
+
+        from tracking.store import quiet_mlflow
+
+        with quiet_mlflow():  # MLflow's advice on type hints, printed where the class is defined
+            from tracking.pyfunc_model import DednModel
+
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        with tempfile.TemporaryDirectory(prefix="dedn-model-") as d:
+            for name, data in ray.get(files[0]).items():
+                (Path(d) / name).write_bytes(data)
+            self.model = DednModel()
+            self.model.load_context(_Context({"checkpoint": d}))
+        if calibration is not None:
+            self.model.c = float(calibration)
+        if torch.cuda.is_available() and ray.get_gpu_ids():
+            self.model.to(torch.device("cuda"))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        index = np.full(ok.size, -1, dtype=np.int64)
+        score = np.zeros(ok.size, dtype=np.float32)
+        if ok.any():
+            got = self.model.predict_pixels(batch["pixels"][ok])
+            index[ok], score[ok] = got["class_index"].to_numpy(), got["score"].to_numpy()
+        return {"row": batch["row"], "class_index": index, "score": score, "error": batch["error"]}
+
+
+@dataclass
+class _Context:
+    artifacts: dict[str, str]
+    model_config: Any = None
+
+
+def read_picture_list(path: Path, images: Path, class_names: list[str]) -> tuple[list[str], np.ndarray]:
+    """(files as listed, 0-based labels or -1) of ``dedn predict --images``: the extraction's image lists (a CSV
+    ``image_file,label`` or the xlsa17 ``res101.mat``), or a CSV with ``image_file`` alone; every file checked to be
+    under ``images`` before any is read."""
+    import csv
+
+    from dedn.data.extract import read_image_list
+
+    if not path.is_file():
+        raise DednInputError(path, "--image-list", "not found")
+    if path.suffix.lower() == ".mat":
+        files, labels = read_image_list(path, len(class_names))
+    else:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if "image_file" not in header:
+            raise DednInputError(path, "header", "must have a column image_file (and label, 1-based, optional)")
+        if "label" in header:
+            files, labels = read_image_list(path, len(class_names))
+        else:
+            with path.open(newline="") as f:
+                files = [row["image_file"] for row in csv.DictReader(f)]
+            labels = np.full(len(files), -1, dtype=np.int64)
+    if not files:
+        raise DednInputError(path, "image_file", "lists no picture")
+    root = images.resolve()
+    if not root.is_dir():
+        raise DednInputError(images, "--images", "no such folder")
+    for i, name in enumerate(files):
+        if not (root / name).is_file():
+            raise DednInputError(path, "image_file", f"row {i + 1} ({name}) is not a file under {root}")
+    return files, labels
+
+
+def predict_pictures(
+    model_uri: str,
+    images: str | os.PathLike[str],
+    image_list: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    calibration: float | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    batch_size: int = 16,
+    session: Any = contextlib.nullcontext,
+    tick: Any = lambda n, total: None,
+) -> tuple[int, dict[str, float] | None]:
+    """Classify the pictures an image list names under ``images`` with a model that takes pictures, on the joined Ray
+    cluster (``cluster.extract.map_images``: decoding on CPU tasks, the model on GPU actors where there are GPUs),
+    streamed in order; write Parquet or CSV atomically with the columns of ``predict_store``. Returns the number of
+    rows and, when every picture is labelled, the GZSL U, S, H of the predictions. The model and the list are checked
+    before ``session()`` (joining Ray) is entered; a picture that is not taken stops it with one line naming the file."""
+    import mlflow
+    import pandas as pd
+
+    out, images = Path(out), Path(images)
+    _check_out(out)
+    with fetched_model(model_uri, mlflow.get_tracking_uri()) as folder:
+        checkpoint, _ = check_model_folder(folder, model_uri)
+        meta = json.loads((checkpoint / "checkpoint.json").read_text())
+        if meta.get("input") != "image":
+            rule = "the model takes feature maps, not pictures: predict with --data STORE, or promote it from a store "
+            raise DednInputError(model_uri, "--images", rule + "written by dedn data extract")
+        files_in = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    names, seen = list(meta["class_names"]), np.asarray(meta["seen"], dtype=bool)
+    files, labels = read_picture_list(Path(image_list), images, names)
+    root = images.resolve()
+    index = np.full(len(files), -1, dtype=np.int64)
+    score = np.zeros(len(files), dtype=np.float32)
+    items = [(i, str(root / f)) for i, f in enumerate(files)]
+    size = int(meta["extraction"]["size"])
+    with session():
+        import ray
+
+        from cluster.extract import map_images, pool_size
+
+        n, per = pool_size(workers, gpus_per_worker, "dedn predict")
+        kwargs = {"files": [ray.put(files_in)], "calibration": calibration}
+        del files_in
+        batches = map_images(
+            items, size, PicturePredictor, kwargs, workers=n, gpus_per_worker=per, batch_size=batch_size
+        )
+        with contextlib.closing(batches):
+            for batch in batches:
+                for r, err in zip(batch["row"], batch["error"], strict=True):
+                    if err:
+                        raise DednInputError(root / files[int(r)], "image", str(err))
+                index[batch["row"]], score[batch["row"]] = batch["class_index"], batch["score"]
+                tick(len(batch["row"]), len(files))
+    df = pd.DataFrame({
+        "image_id": files,
+        "true_class": [names[k] if k >= 0 else None for k in labels],
+        "class_index": index,
+        "class_name": np.asarray(names, dtype=object)[index],
+        "score": score,
+        "seen": seen[index],
+    })  # fmt: skip
+    _write_predictions(df, out)
+    if (labels < 0).any():
+        return len(df), None
+    from dedn.metrics import gzsl_metrics
+
+    return len(df), gzsl_metrics(index, labels, np.flatnonzero(seen), np.flatnonzero(~seen))

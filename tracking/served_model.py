@@ -16,7 +16,15 @@ from dedn.safe_yaml import load_mapping
 from tracking.databases import check_existing_store
 from tracking.store import resolve_tracking_uri
 
-__all__ = ["CODE_FILE", "check_model_folder", "code_matches", "fetched_model", "model_signature", "open_model"]
+__all__ = [
+    "CODE_FILE",
+    "check_model_folder",
+    "code_matches",
+    "example_input",
+    "fetched_model",
+    "model_signature",
+    "open_model",
+]
 
 CODE_FILE = Path(__file__).resolve().parent / "pyfunc_model.py"
 LOADER = "mlflow.pyfunc.loaders.code_model"
@@ -73,16 +81,36 @@ def check_model_folder(folder: Path, label: str) -> tuple[Path, Path]:
     return ckpt, folder / CODE_FILE.name
 
 
-def model_signature(feature_shape: tuple[int, int, int]) -> Any:
+def model_signature(feature_shape: tuple[int, int, int], image: bool = False) -> Any:
     """The signature a DEDN model is logged with: float32 feature maps (N, C, H, W) in (MLflow refuses another dtype
-    or shape before the model runs; a JSON request is read as float32), its prediction columns out."""
+    or shape before the model runs; a JSON request is read as float32), or with ``image`` MLflow's convention for
+    binary input, a column ``image`` of encoded pictures (base64 in JSON); its prediction columns out."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     columns = [("long", "class_index"), ("string", "class_name"), ("float", "score"), ("boolean", "seen")]
-    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *feature_shape))])
+    inputs = Schema([ColSpec("binary", "image")] if image else [TensorSpec(np.dtype(np.float32), (-1, *feature_shape))])
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(kind, name) for kind, name in columns]))
+
+
+def example_input(feature_shape: tuple[int, int, int], image: bool = False) -> Any:
+    """The input example logged with a model: two zero feature maps, or two small PNG pictures."""
+    import io
+
+    import numpy as np
+
+    if not image:
+        return np.zeros((2, *feature_shape), dtype=np.float32)
+    import pandas as pd
+    from PIL import Image
+
+    blobs = []
+    for shade in (64, 192):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (shade, 128, 255 - shade)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    return pd.DataFrame({"image": blobs})
 
 
 def code_matches(code_file: Path) -> bool:

@@ -222,6 +222,7 @@ def open_work(plan: ExtractPlan, resume: bool) -> list[int]:
         return [i for i in range(plan.num_shards) if not shard_path(work, i).is_file()]
     if work.exists():
         raise DednInputError(work, "--out", "an interrupted extraction is here: pass --resume to continue it")
+    work.parent.mkdir(parents=True, exist_ok=True)  # --out data/cub with no data/ yet
     tmp = temp_sibling(work)
     (tmp / PLAN).write_text(json.dumps(settings) + "\n")
     os.replace(tmp, work)

@@ -43,7 +43,8 @@ def _args(images: ImageSet, out: Path, *extra: str) -> list[str]:
 
 def _extract(images: ImageSet, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    r = subprocess.run(cli_argv(*_args(images, out, *extra)), cwd=out.parent, env=env, capture_output=True, text=True)
+    cwd = next(p for p in out.parents if p.is_dir())
+    r = subprocess.run(cli_argv(*_args(images, out, *extra)), cwd=cwd, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr[-3000:]
     return r
 
@@ -60,11 +61,11 @@ def _equal_to_reference(out: Path, reference: dict[str, np.ndarray], rtol: float
 def test_one_worker_float32_equals_the_reference_and_the_store_is_like_any_other(
     images: ImageSet, reference: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
-    out = tmp_path / "store"
+    out = tmp_path / "data" / "store"  # data/ does not exist yet
     r = _extract(images, out, "--dtype", "float32", "--workers", "1")
     assert f"wrote {out} (240 images, 2048x2x2 features" in r.stdout
     _equal_to_reference(out, reference, rtol=1e-5, atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # the work folder is gone
+    assert sorted(p.name for p in out.parent.iterdir()) == ["store"]  # the work folder is gone
     s = open_store(out)
     ex = s.meta.provenance["extraction"]
     import hashlib

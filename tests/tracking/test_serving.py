@@ -216,3 +216,19 @@ def test_predict_calibration_overrides_the_models_own(promoted: str, tiny_store:
         seen[c] = pd.read_parquet(out)["seen"].to_numpy()
     assert not seen[1e6].any() and seen[-1e6].all()  # +c on unseen scores: every image to an unseen class, and back
     assert 0 < seen[None].sum() < seen[None].size  # the model's own calibration mixes both
+
+
+def test_a_feature_map_model_refuses_pictures_in_one_line(promoted: str, tmp_path: Path) -> None:
+    from tests.helpers import refused
+
+    (tmp_path / "pics").mkdir()
+    listed = tmp_path / "pictures.csv"
+    listed.write_text("image_file\nx.jpg\n")
+    args = ["predict", "--model", f"models:/{MODEL}@champion", "--images", str(tmp_path / "pics")]
+    args += ["--image-list", str(listed)]
+    args += ["--out", str(tmp_path / "p.csv"), "--tracking-uri", promoted]
+    line = refused(args, cwd=tmp_path, watch=[tmp_path], file=f"models:/{MODEL}@champion", field="--images")
+    assert "takes feature maps, not pictures" in line
+    promote = ["promote", "--experiment", "served", "--model-name", MODEL, "--tracking-uri", promoted]
+    line = refused([*promote, "--input", "image"], cwd=tmp_path, watch=[tmp_path], file="store.json", field="--input")
+    assert "not written by dedn data extract" in line
