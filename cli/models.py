@@ -119,6 +119,9 @@ def promote(
             click.echo(f"experiment {name} (the latest finished search{'; ' + newer if newer else ''})")
         else:  # a search folder: its name
             name = Path(experiment).name if Path(experiment).is_dir() else experiment
+        if trial is not None and images is not None:
+            rule = "checks a model's test figures from the pictures; --trial registers validation-task weights"
+            raise DednInputError("dedn promote", "--images", rule)
         if trial is not None and (at is not None or calibration is not None):
             raise DednInputError("dedn promote", "--trial", "give --trial or an operating point (--at, --calibration)")
         ship = Ship(input_kind, weights, images)
@@ -136,7 +139,7 @@ def promote(
         click.echo(f"{'test once (retrained, trainval)':<32} " + " ".join(f"{x:>6.1f}" for x in test))
         what = "test figures at the operating point"
     if v.tags.get("dedn.input") == "image":
-        what += " (from the pictures too)" if images and not trial else ""
+        what += " (from the pictures too)" if images else ""
         click.echo("the model takes pictures: a binary column 'image' (base64 in JSON), trunk packaged with the head")
     click.echo(f"registered {model_name} version {v.version}: {what} reproduced")
     click.echo(f"model uri: {uri}")

@@ -7,7 +7,7 @@ What ``predict`` takes depends on the checkpoint folder:
   ``dedn data extract`` wrote): a DataFrame with a binary column ``image`` of encoded pictures (JPEG, PNG, ...; base64
   in a JSON request), each decoded and prepared as the extraction did, through the trunk, cast to the store's dtype,
   then scored by the head. A row that is not a picture the model takes refuses the whole request with one line naming
-  the row and the rule (an HTTP 400 from ``mlflow models serve``).
+  the row and the rule (an HTTP 400 from ``mlflow models serve``). Such a model runs on the GPU when torch sees one.
 
 Either returns a DataFrame: ``class_index``, ``class_name``, ``score`` (the GZSL score of the predicted class) and
 ``seen`` (whether that class was seen in training), scored with the checkpoint's inference parameters.
@@ -70,6 +70,8 @@ class DednModel(PythonModel):
             self.trunk = build_trunk(load_file(str(folder / TRUNK_FILE)))
             self.size = int(self.meta["extraction"]["size"])
             self.feature_dtype = np.dtype(self.meta["extraction"]["dtype"])
+            if torch.cuda.is_available():  # the trunk is most of the work: on the GPU where the server has one
+                self.to(torch.device("cuda"))
 
     def to(self, device: torch.device) -> DednModel:
         """The head (and trunk) on ``device``; predictions come back on the CPU."""

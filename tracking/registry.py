@@ -262,6 +262,7 @@ def verify_figures(python_model: Any, store_path: str, task: str, expected: dict
 
     store = open_store(store_path)
     check_store_matches(python_model.meta, store)
+    python_model.to(torch.device("cpu"))  # scored as a one-CPU trial scores it
     cfg = python_model.cfg.model_copy(update={"device": "cpu"})
     source = FeatureSource(store.features(), torch.device("cpu"))
     threads = torch.get_num_threads()
@@ -421,10 +422,14 @@ def _check_and_alias(uri: str, model_name: str, version: Any, store: str | None,
 def verify_pictures(model: Any, store_path: str, images: Path, expected: dict[str, float], what: str) -> None:
     """Score the store's test split from its pictures under ``images`` through the model as it is served (decode,
     trunk, head); refuse a model whose U, S, H are off ``expected`` by more than 1e-6."""
+    import torch
+
     from dedn.data import open_store
     from dedn.metrics import gzsl_metrics
     from dedn.trunk import ImageError, open_image, prepare_image
 
+    if torch.cuda.is_available():  # as the served model runs
+        model.to(torch.device("cuda"))
     s = open_store(store_path)
     rows = s.indices("test")
     files = [images / s.image_ids[i] for i in rows]

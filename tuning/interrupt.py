@@ -2,12 +2,16 @@
 
 Without this, the state ``--resume`` restores is the one Tune last wrote on its timer (every 10 s or more), and the
 trials it had started since are lost to it. Tune ends its loop cleanly, and writes that state, on SIGUSR1 (its stop
-signal, installed by ``tune.run``); a first SIGINT or SIGTERM calls that handler, a second one stops at once.
+signal, installed by ``tune.run``); a first SIGINT or SIGTERM calls that handler, a second one stops at once. A first
+signal that comes before Tune has installed its handler (while the experiment is restored, say) is handed to it as soon
+as it is there, by a SIGUSR1 this process sends itself: never an exception raised into Tune's start-up, which may
+swallow it and run the search to its end.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -32,22 +36,32 @@ class _QuietTuneStop(logging.Filter):
 
 @contextmanager
 def stop_saves_state() -> Iterator[None]:
-    """Around ``Tuner.fit``: a first SIGINT or SIGTERM ends Tune's loop (its state written), then KeyboardInterrupt
-    is raised here; a second signal, or one that comes before Tune's handler is installed, raises it at once."""
+    """Around building the tuner and ``Tuner.fit``: a first SIGINT or SIGTERM ends Tune's loop (its state written; at
+    once, or as soon as Tune listens), then KeyboardInterrupt is raised here; a second signal raises it at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _STOPPING.clear()  # this search's stop only: an earlier search of this process may have been stopped
     received: list[str] = []
+    done = threading.Event()
+
+    def when_tune_listens() -> None:
+        while not done.wait(0.05):
+            if callable(signal.getsignal(signal.SIGUSR1)):
+                os.kill(os.getpid(), signal.SIGUSR1)  # Tune's handler runs in the main thread
+                return
 
     def on_signal(signum: int, frame: Any) -> None:
         tune_stop = signal.getsignal(signal.SIGUSR1)
         name = signal.Signals(signum).name
-        if _STOPPING.is_set() or not callable(tune_stop):
+        if _STOPPING.is_set():
             raise KeyboardInterrupt(f"stopped by signal {name}")
         _STOPPING.set()
         received.append(name)
-        tune_stop(signal.SIGUSR1, frame)
+        if callable(tune_stop):
+            tune_stop(signal.SIGUSR1, frame)
+        else:
+            threading.Thread(target=when_tune_listens, name="dedn-stop", daemon=True).start()
 
     quiet = _QuietTuneStop()
     tune_log = logging.getLogger("ray.tune.tune")
@@ -58,6 +72,7 @@ def stop_saves_state() -> Iterator[None]:
     try:
         yield
     finally:
+        done.set()
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         tune_log.removeFilter(quiet)

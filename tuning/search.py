@@ -171,8 +171,8 @@ def _search(
         clock.end("Ray start, tracking")
         shared = share_store(store)  # read once, put once; trials read the object store
         clock.end("store into the object store")
-        tuner = build_tuner(shared, base, opts, spec, exp, name, sink, resume and started(exp))
         with stop_saves_state():  # Ctrl-C, SIGTERM: Tune writes its state with every trial, then we stop
+            tuner = build_tuner(shared, base, opts, spec, exp, name, sink, resume and started(exp))
             grid = tuner.fit()
         storage = str(opts.optuna_storage)
         fail_unstarted(storage, name)  # asked for a trial that the end came before

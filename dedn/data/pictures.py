@@ -3,7 +3,7 @@
 extraction converts (RGB, grayscale, RGBA, CMYK, palette), in the xlsa17 layout (``images/CUB_200_2011/images/<class>/``,
 ``image_labels.csv``, an ``att_splits.mat`` with random attributes), and seeded random ResNet-101 weights with
 torchvision's names. The pictures carry no class signal a trunk would find: they exercise the machinery, not DEDN.
-Same seed, same files."""
+Same seed, same pictures, list, splits and weights."""
 
 from __future__ import annotations
 

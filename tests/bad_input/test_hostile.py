@@ -236,7 +236,7 @@ def test_predict_lists_what_the_registry_holds(tmp_path: Path, tiny_store: Path,
     assert f"no registered model 'nope' in {uri}" in line and "registered models" in line
 
 
-def test_predict_takes_a_store_or_pictures_one_of_them(tmp_path: Path, tiny_store: Path) -> None:
+def test_predict_takes_a_store_or_pictures_and_promote_checks_pictures_of_the_test_split(tmp_path: Path, tiny_store: Path) -> None:
     both = [*_predict("models:/m@champion", tiny_store, tmp_path / "p.csv"), "--images", str(tmp_path)]
     line = refused(
         [*both, "--image-list", "x.csv"], cwd=tmp_path, watch=[tmp_path], file="dedn predict", field="--data"
@@ -247,6 +247,9 @@ def test_predict_takes_a_store_or_pictures_one_of_them(tmp_path: Path, tiny_stor
     alone = [*neither, "--images", str(tmp_path)]
     line = refused(alone, cwd=tmp_path, watch=[tmp_path], file="dedn predict", field="--image-list")
     assert "go together" in line
+    promote = ["promote", "--experiment", "x", "--model-name", "m", "--trial", "best", "--images", str(tmp_path)]
+    line = refused(promote, cwd=tmp_path, watch=[tmp_path], file="dedn promote", field="--images")
+    assert "validation-task weights" in line
 
 
 def test_promote_refuses_a_mistyped_sqlite_store_and_creates_none(tmp_path: Path, empty_store: Path) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dedn.data import open_store
 from dedn.data.benchmark_files import read_benchmark
@@ -107,3 +108,40 @@ def test_real_structure_is_kept(tmp_path: Path, dataset: str) -> None:
         assert np.bincount(resolve_partition(cfg, s)).tolist() == [64, 27, 9, 2]
     else:
         assert "released" not in meta.presets
+
+
+def test_synth_pictures_writes_a_folder_extract_takes_the_same_for_the_same_seed(tmp_path: Path) -> None:
+    import subprocess
+
+    from dedn.data.benchmark_files import read_image_labels
+    from dedn.data.pictures import CLASSES, random_weights
+    from dedn.trunk import load_trunk_weights
+    from tests.helpers import cli_argv, refused
+
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        r = subprocess.run(cli_argv("data", "synth", "--pictures", "--out", str(out), "--images-per-class", "3"),
+                           capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"wrote {out} (18 pictures of 6 classes" in r.stdout
+        outs.append(out)
+    a, b = outs
+    files, labels = read_image_labels(a / "image_labels.csv", len(CLASSES))
+    assert len(files) == 18 and np.bincount(labels).tolist() == [3] * 6
+    assert all((a / "images" / f).is_file() for f in files)
+    for p in [*(Path("images") / f for f in files), Path("image_labels.csv")]:
+        assert (a / p).read_bytes() == (b / p).read_bytes(), p  # same seed, same bytes
+    import scipy.io
+
+    mats = [scipy.io.loadmat(x / "att_splits.mat") for x in (a, b)]  # its header holds the time it was written
+    keys = ("att", "trainval_loc", "test_seen_loc", "test_unseen_loc")
+    assert all(np.array_equal(mats[0][k], mats[1][k]) for k in keys)
+    weights = load_trunk_weights(a / "weights.safetensors")  # a ResNet-101 state_dict, loaded strictly
+    want = random_weights(0)
+    assert all(torch.equal(weights[k], want[k]) for k in weights)
+    # an existing folder that is not a previous synth --pictures output is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    args = ["data", "synth", "--pictures", "--out", str(tmp_path / "mine"), "--overwrite"]
+    refused(args, cwd=tmp_path, watch=[tmp_path], file=tmp_path / "mine", field="--out")
