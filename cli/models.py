@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -230,25 +228,50 @@ def predict(
 def _predict_pictures(model_uri: str, images: str | None, image_list: str | None, out: str, calibration: float | None,
                       address: str | None, workers: int | None, gpus_per_worker: float | None, batch_size: int
                       ) -> tuple[int, dict[str, float] | None]:  # fmt: skip
+    """The model and the list checked, then the pictures through ``cluster.extract.map_images`` with the model on
+    ``tracking.registry.PicturePredictor`` actors; a picture that is not taken stops it with one line naming it."""
+    import numpy as np
     from tqdm import tqdm
 
     from cluster.connect import local_ray_on_loopback, ray_session
-    from tracking.registry import predict_pictures
+    from tracking.registry import (
+        PicturePredictor,
+        check_prediction_out,
+        picture_model,
+        picture_predictions,
+        read_picture_list,
+    )
 
     assert images is not None and image_list is not None
+    check_prediction_out(Path(out))
+    files_in, meta = picture_model(model_uri)
+    files, labels = read_picture_list(Path(image_list), Path(images), list(meta["class_names"]))
+    root = Path(images).resolve()
+    index = np.full(len(files), -1, dtype=np.int64)
+    score = np.zeros(len(files), dtype=np.float32)
     if address is None:
         local_ray_on_loopback()
-    with tqdm(desc="predict", unit="img", disable=None) as bar:  # a bar on a terminal only
-        return predict_pictures(
-            model_uri, images, image_list, out, calibration=calibration, workers=workers,
-            gpus_per_worker=gpus_per_worker, batch_size=batch_size, session=lambda: ray_session(address),
-            tick=partial(_tick, bar),
-        )  # fmt: skip
+    with ray_session(address), tqdm(total=len(files), desc="predict", unit="img", disable=None) as bar:
+        import ray
 
+        from cluster.extract import map_images, pool_size
 
-def _tick(bar: Any, n: int, total: int) -> None:
-    bar.total = total
-    bar.update(n)
+        n, per = pool_size(workers, gpus_per_worker, "dedn predict")
+        kwargs = {"files": [ray.put(files_in)], "calibration": calibration}
+        del files_in
+        items = [(i, str(root / f)) for i, f in enumerate(files)]
+        size = int(meta["extraction"]["size"])
+        batches = map_images(
+            items, size, PicturePredictor, kwargs, workers=n, gpus_per_worker=per, batch_size=batch_size
+        )
+        with contextlib.closing(batches):
+            for batch in batches:
+                for r, err in zip(batch["row"], batch["error"], strict=True):
+                    if err:
+                        raise DednInputError(root / files[int(r)], "image", str(err))
+                index[batch["row"]], score[batch["row"]] = batch["class_index"], batch["score"]
+                bar.update(len(batch["row"]))  # shown on a terminal only
+    return picture_predictions(files, labels, meta, index, score, Path(out))
 
 
 def _local_path(uri: str) -> str | None:

@@ -32,8 +32,10 @@ from tracking.store import mlflow_uris
 __all__ = [
     "PicturePredictor",
     "Ship",
+    "check_prediction_out",
     "latest_search",
-    "predict_pictures",
+    "picture_model",
+    "picture_predictions",
     "predict_store",
     "promote",
     "read_picture_list",
@@ -523,7 +525,7 @@ def _write_predictions(df: Any, out: Path) -> None:
             raise
 
 
-def _check_out(out: Path) -> None:
+def check_prediction_out(out: Path) -> None:
     if out.suffix not in (".parquet", ".csv"):
         raise DednInputError(out, "--out", "must end in .parquet or .csv")
 
@@ -544,7 +546,7 @@ def predict_store(
     from dedn.data import open_store
 
     out = Path(out)
-    _check_out(out)
+    check_prediction_out(out)
     store = open_store(store_path)
     model = open_model(model_uri, mlflow.get_tracking_uri())
     check_store_matches(model.meta, store)
@@ -639,61 +641,28 @@ def read_picture_list(path: Path, images: Path, class_names: list[str]) -> tuple
     return files, labels
 
 
-def predict_pictures(
-    model_uri: str,
-    images: str | os.PathLike[str],
-    image_list: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    calibration: float | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    batch_size: int = 16,
-    session: Any = contextlib.nullcontext,
-    tick: Any = lambda n, total: None,
-) -> tuple[int, dict[str, float] | None]:
-    """Classify the pictures an image list names under ``images`` with a model that takes pictures, on the joined Ray
-    cluster (``cluster.extract.map_images``: decoding on CPU tasks, the model on GPU actors where there are GPUs),
-    streamed in order; write Parquet or CSV atomically with the columns of ``predict_store``. Returns the number of
-    rows and, when every picture is labelled, the GZSL U, S, H of the predictions. The model and the list are checked
-    before ``session()`` (joining Ray) is entered; a picture that is not taken stops it with one line naming the file."""
+def picture_model(model_uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The checkpoint files (name -> bytes, for ``PicturePredictor``) and ``checkpoint.json`` of a model that takes
+    pictures, checked as every model is; one DednInputError for a model that takes feature maps."""
     import mlflow
-    import pandas as pd
 
-    out, images = Path(out), Path(images)
-    _check_out(out)
     with fetched_model(model_uri, mlflow.get_tracking_uri()) as folder:
         checkpoint, _ = check_model_folder(folder, model_uri)
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         if meta.get("input") != "image":
             rule = "the model takes feature maps, not pictures: predict with --data STORE, or promote it from a store "
             raise DednInputError(model_uri, "--images", rule + "written by dedn data extract")
-        files_in = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+        return {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}, meta
+
+
+def picture_predictions(
+    files: list[str], labels: np.ndarray, meta: dict[str, Any], index: np.ndarray, score: np.ndarray, out: Path
+) -> tuple[int, dict[str, float] | None]:
+    """Write the predictions of ``dedn predict --images`` (the columns of ``predict_store``) atomically; the number of
+    rows and, when every picture is labelled, the GZSL U, S, H."""
+    import pandas as pd
+
     names, seen = list(meta["class_names"]), np.asarray(meta["seen"], dtype=bool)
-    files, labels = read_picture_list(Path(image_list), images, names)
-    root = images.resolve()
-    index = np.full(len(files), -1, dtype=np.int64)
-    score = np.zeros(len(files), dtype=np.float32)
-    items = [(i, str(root / f)) for i, f in enumerate(files)]
-    size = int(meta["extraction"]["size"])
-    with session():
-        import ray
-
-        from cluster.extract import map_images, pool_size
-
-        n, per = pool_size(workers, gpus_per_worker, "dedn predict")
-        kwargs = {"files": [ray.put(files_in)], "calibration": calibration}
-        del files_in
-        batches = map_images(
-            items, size, PicturePredictor, kwargs, workers=n, gpus_per_worker=per, batch_size=batch_size
-        )
-        with contextlib.closing(batches):
-            for batch in batches:
-                for r, err in zip(batch["row"], batch["error"], strict=True):
-                    if err:
-                        raise DednInputError(root / files[int(r)], "image", str(err))
-                index[batch["row"]], score[batch["row"]] = batch["class_index"], batch["score"]
-                tick(len(batch["row"]), len(files))
     df = pd.DataFrame({
         "image_id": files,
         "true_class": [names[k] if k >= 0 else None for k in labels],

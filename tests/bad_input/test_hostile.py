@@ -236,7 +236,9 @@ def test_predict_lists_what_the_registry_holds(tmp_path: Path, tiny_store: Path,
     assert f"no registered model 'nope' in {uri}" in line and "registered models" in line
 
 
-def test_predict_takes_a_store_or_pictures_and_promote_checks_pictures_of_the_test_split(tmp_path: Path, tiny_store: Path) -> None:
+def test_predict_takes_a_store_or_pictures_and_promote_checks_pictures_of_the_test_split(
+    tmp_path: Path, tiny_store: Path
+) -> None:
     both = [*_predict("models:/m@champion", tiny_store, tmp_path / "p.csv"), "--images", str(tmp_path)]
     line = refused(
         [*both, "--image-list", "x.csv"], cwd=tmp_path, watch=[tmp_path], file="dedn predict", field="--data"
