@@ -101,6 +101,7 @@ def test_the_parser_catches_what_it_must() -> None:
     assert "htons(1)" in bad[1] and bad[2].startswith("DNS query for metadata.google.internal")
 
 
+@pytest.mark.slow  # the whole quick start under strace, every process traced: about 1.5 minutes here
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (.ci/run installs it)")
 def test_the_traced_quick_start_stays_on_this_machine(tmp_path: Path, tiny_store: Path) -> None:
     probe = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "true"], capture_output=True, text=True)
