@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +172,54 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError("mlflow server did not start")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop the process group whose leader is ``proc`` (started in a new session) by its id."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def served_model(model_uri: str, tracking_uri: str, log: Path) -> Iterator[int]:
+    """``mlflow models serve -m MODEL_URI`` on a free loopback port, as a user runs it (the local environment);
+    yields the port once ``/ping`` answers, and stops the server's process group at the end."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        # MLflow starts uvicorn from PATH: the virtualenv's, as with the environment activated
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        end = time.time() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < end, "mlflow models serve did not answer /ping"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield port
+        assert proc.poll() is None, "the server died"
+    finally:
+        stop_group(proc)
 
 
 def released_sun_indicator() -> np.ndarray:

@@ -3,9 +3,10 @@
 Without this, the state ``--resume`` restores is the one Tune last wrote on its timer (every 10 s or more), and the
 trials it had started since are lost to it. Tune ends its loop cleanly, and writes that state, on SIGUSR1 (its stop
 signal, installed by ``tune.run``); a first SIGINT or SIGTERM calls that handler, a second one stops at once. A first
-signal that comes before Tune has installed its handler (while the experiment is restored, say) is handed to it as soon
-as it is there, by a SIGUSR1 this process sends itself: never an exception raised into Tune's start-up, which may
-swallow it and run the search to its end.
+signal that comes before Tune has installed its handler (while the tracking runs are opened, the store is put into the
+object store or the experiment is restored) raises nothing into that library code, which may swallow the exception
+and let the search run to its end: it is recorded, the search stops at its next ``check()`` between those steps, and
+inside ``fit`` it is handed to Tune's handler as soon as that is there, by a SIGUSR1 this process sends itself.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,11 +36,12 @@ class _QuietTuneStop(logging.Filter):
 
 
 @contextmanager
-def stop_saves_state() -> Iterator[None]:
-    """Around building the tuner and ``Tuner.fit``: a first SIGINT or SIGTERM ends Tune's loop (its state written; at
-    once, or as soon as Tune listens), then KeyboardInterrupt is raised here; a second signal raises it at once."""
+def stop_saves_state() -> Iterator[Callable[[], None]]:
+    """From the search's start-up to the end of ``Tuner.fit``: a first SIGINT or SIGTERM ends Tune's loop (its state
+    written; at once, or as soon as Tune listens), then KeyboardInterrupt is raised here; a second signal raises it at
+    once. Yields ``check``, which raises KeyboardInterrupt when a signal came: called between the start-up steps."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
     _STOPPING.clear()  # this search's stop only: an earlier search of this process may have been stopped
     received: list[str] = []
@@ -69,8 +71,13 @@ def stop_saves_state() -> Iterator[None]:
     tune_log.addFilter(quiet)
     for s in previous:
         signal.signal(s, on_signal)
+
+    def check() -> None:
+        if received:
+            raise KeyboardInterrupt(f"stopped by signal {received[0]}")
+
     try:
-        yield
+        yield check
     finally:
         done.set()
         for s, handler in previous.items():

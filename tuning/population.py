@@ -34,7 +34,8 @@ __all__ = [
 
 def member_key(trial_id: str, member: int | None) -> str:
     """The key of one configuration of a Tune trial: the trial id, ``<trial id>-m<j>`` for member j of a population.
-    It names the configuration's MLflow run (tag ``dedn.trial_id``) and Optuna trial (user attribute ``dedn.trial_id``)."""
+    It names the configuration's MLflow run (tag ``dedn.trial_id``) and Optuna trial (user attribute ``dedn.trial_id``);
+    with the trial's name (``trial-003``) in place of its id, the run's name and the legend of the plots."""
     return trial_id if member is None else f"{trial_id}-m{member}"
 
 

@@ -71,7 +71,7 @@ def trial_curves(results: list[Any], base: dict[str, Any], store: FeatureStore, 
             record = best_record(epochs)
             values = chosen_values(sampled, record, posthoc)
             curve = validation_curve(values, base, store, best_weights(checkpoint.path, j))
-            name = Path(r.path).name + ("" if j is None else f"-m{j}")
+            name = member_key(Path(r.path).name, j)
             objective = float(record.get("val_objective", record.get("val_H", 0.0)))
             inf = trial_config(base, values).inference
             out.append({"name": name, "trial_id": member_key(trial_id, j), "values": values, "objective": objective,

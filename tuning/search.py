@@ -167,12 +167,15 @@ def _search(
             wait_for_a_node(opts.cpus_per_trial, opts.gpus_per_trial, opts.resource_wait_s, opts.address)
         if not resume:
             _make_folder(exp, name, opts, spec, base)
-        sink = open_tracking(opts, exp, name, store, base, resume) if opts.track else None
-        clock.end("Ray start, tracking")
-        shared = share_store(store)  # read once, put once; trials read the object store
-        clock.end("store into the object store")
-        with stop_saves_state():  # Ctrl-C, SIGTERM: Tune writes its state with every trial, then we stop
+        with stop_saves_state() as check_stop:  # Ctrl-C, SIGTERM: Tune writes its state with every trial, then we stop
+            sink = open_tracking(opts, exp, name, store, base, resume) if opts.track else None
+            clock.end("Ray start, tracking")
+            check_stop()
+            shared = share_store(store)  # read once, put once; trials read the object store
+            clock.end("store into the object store")
+            check_stop()
             tuner = build_tuner(shared, base, opts, spec, exp, name, sink, resume and started(exp))
+            check_stop()
             grid = tuner.fit()
         storage = str(opts.optuna_storage)
         fail_unstarted(storage, name)  # asked for a trial that the end came before

@@ -51,7 +51,7 @@ def run_name(trial: Any, optuna_number: int | None, member: int | None = None) -
         return f"trial-{int(optuna_number):03d}"
     counter = str(getattr(trial, "experiment_tag", "")).split("_", 1)[0]  # Tune's "<n>_<params>"
     name = f"trial-{int(counter):03d}" if counter.isdigit() else f"trial-{trial.trial_id}"
-    return name if member is None else f"{name}-m{member}"
+    return member_key(name, member)
 
 
 def trial_name(trial: Any) -> str:

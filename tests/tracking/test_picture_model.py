@@ -10,8 +10,6 @@ import io
 import json
 import os
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,9 +20,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tests.helpers import cli_argv, free_port, write_spec
+from tests.helpers import cli_argv, served_model, write_spec
 from tests.images import ImageSet, make_images
-from tests.tracking.test_serving import _stop
 
 pytestmark = pytest.mark.slow  # an extraction and a real search (Ray) to promote from: the slow tier
 
@@ -121,39 +118,12 @@ def test_promote_packages_the_trunk_and_checks_the_figures_from_the_pictures(
     assert all(torch.equal(packaged[k], original[k]) for k in packaged)
 
 
-def _serve(p: Promoted, log: Path) -> Iterator[int]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": p.uri,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion"]
-    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        end = time.time() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < end, "mlflow models serve did not answer /ping"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        yield port
-        assert proc.poll() is None, "the server died"
-    finally:
-        _stop(proc)
-
-
 @pytest.fixture(scope="module")
 def server(promoted: Promoted, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    yield from _serve(promoted, tmp_path_factory.mktemp("serve") / "serve.log")
+    with served_model(
+        f"models:/{MODEL}@champion", promoted.uri, tmp_path_factory.mktemp("serve") / "serve.log"
+    ) as port:
+        yield port
 
 
 def _b64(data: bytes) -> str:

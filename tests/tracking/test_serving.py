@@ -7,11 +7,6 @@ feature store is the built-in one, whose features are float16."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +15,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tests.helpers import free_port, write_spec
+from tests.helpers import served_model, write_spec
 
 pytestmark = pytest.mark.slow  # a real search (Ray) to promote from: the slow tier
 
@@ -82,48 +77,10 @@ def test_registered_model_signature_is_the_feature_tensor(promoted: str, tiny_st
         model.predict(np.zeros((2, 31, 4, 4), np.float32))
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server's process group (its leader is ``proc``, started in a new session) by its id."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=30)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def test_mlflow_models_serve_answers_as_dedn_predict(promoted: str, tiny_store: Path, tmp_path: Path) -> None:
     from cli.main import cli
 
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": promoted,
-        # MLflow starts uvicorn from PATH: the virtualenv's, as with the environment activated
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion"]
-    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        end = time.time() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < end, "mlflow models serve did not answer /ping"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with served_model(f"models:/{MODEL}@champion", promoted, tmp_path / "serve.log") as port:
         x16 = _test_features(tiny_store)
         body = json.dumps({"inputs": x16.tolist()}).encode()
         request = urllib.request.Request(
@@ -131,8 +88,6 @@ def test_mlflow_models_serve_answers_as_dedn_predict(promoted: str, tiny_store: 
         )
         with urllib.request.urlopen(request, timeout=120) as r:
             answer = json.loads(r.read())
-    finally:
-        _stop(proc)
 
     out_file = tmp_path / "preds.parquet"
     args = ["predict", "--model", f"models:/{MODEL}@champion", "--data", str(tiny_store), "--split", "test"]

@@ -28,3 +28,26 @@ def test_each_search_has_its_own_stop() -> None:
         assert len(calls) == 3 and not stopping()  # cut short: this process is not left stopped
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_stop_before_tune_listens_is_not_raised_into_library_code_and_stops_at_the_next_check() -> None:
+    """Before ``tune.run`` installs its SIGUSR1 handler (the tracking runs opened, the store put, the experiment
+    restored), a first signal raises nothing into the code that runs: such code may catch the KeyboardInterrupt and
+    let the search go on. The search stops at its next check instead."""
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # Tune does not listen yet
+    went_on = []
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped by signal SIGINT"), stop_saves_state() as check:
+            check()  # nothing yet
+            try:  # library code that swallows whatever is raised into it
+                os.kill(os.getpid(), signal.SIGINT)
+                went_on.append("library")
+            except BaseException:  # noqa: BLE001
+                went_on.append("raised into the library")
+            assert stopping()
+            check()
+            went_on.append("past the check")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert went_on == ["library"]
+    assert not stopping()
