@@ -38,8 +38,8 @@ class BadRow(MlflowException):
     MLflow's scoring server rewrites a model's error message to start with the whole request's text; this message
     keeps to its one line."""
 
-    def __init__(self, line: str) -> None:
-        self._line = line
+    def __init__(self, line: str, row: int | None = None, rule: str = "") -> None:
+        self._line, self.row, self.rule = line, row, rule
         super().__init__(line, error_code=INVALID_PARAMETER_VALUE)
 
     @property
@@ -111,7 +111,8 @@ class DednModel(PythonModel):
                 with open_image(blob) as img:
                     pixels[i] = prepare_image(img, self.size)
             except ImageError as e:
-                raise BadRow(f"row {i}: image: {e} (rows count from 0; nothing of the request was scored)") from None
+                line = f"row {i}: image: {e} (rows count from 0; nothing of the request was scored)"
+                raise BadRow(line, i, str(e)) from None
         return pixels
 
     def predict_pixels(self, pixels: np.ndarray) -> pd.DataFrame:

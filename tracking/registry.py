@@ -428,7 +428,7 @@ def verify_pictures(model: Any, store_path: str, images: Path, expected: dict[st
 
     from dedn.data import open_store
     from dedn.metrics import gzsl_metrics
-    from dedn.trunk import ImageError, open_image, prepare_image
+    from tracking.pyfunc_model import BadRow
 
     if torch.cuda.is_available():  # as the served model runs
         model.to(torch.device("cuda"))
@@ -440,14 +440,12 @@ def verify_pictures(model: Any, store_path: str, images: Path, expected: dict[st
         raise DednInputError(images, "--images", rule)
     preds = []
     for start in range(0, len(files), 64):
-        batch = np.zeros((len(files[start : start + 64]), 3, model.size, model.size), dtype=np.float32)
-        for j, f in enumerate(files[start : start + 64]):
-            try:
-                with open_image(f) as img:
-                    batch[j] = prepare_image(img, model.size)
-            except ImageError as e:
-                raise DednInputError(f, "image", str(e)) from None
-        preds.append(model.predict_pixels(batch)["class_index"].to_numpy())
+        chunk = files[start : start + 64]
+        try:  # decoded as the served model decodes a request
+            pixels = model.prepare([f.read_bytes() for f in chunk])
+        except BadRow as e:
+            raise DednInputError(chunk[e.row or 0], "image", e.rule) from None
+        preds.append(model.predict_pixels(pixels)["class_index"].to_numpy())
     seen, unseen = np.flatnonzero(s.classes.seen), np.flatnonzero(~s.classes.seen)
     got = gzsl_metrics(np.concatenate(preds), s.labels[rows], seen, unseen)
     for k in ("U", "S", "H"):

@@ -284,3 +284,27 @@ def test_predict_images_refuses_a_missing_or_broken_picture_in_one_line(promoted
     line = refused([*args, "--image-list", str(promoted.images.image_list), "--tracking-uri", promoted.uri],
                    cwd=tmp_path, watch=[], file=folder.resolve() / bad, field="image", timeout=300)  # fmt: skip
     assert "cannot be" in line and not (tmp_path / "p.csv").exists()
+
+
+def test_promote_refuses_a_test_picture_it_cannot_decode_naming_the_file(promoted: Promoted, tmp_path: Path) -> None:
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from cli.main import cli
+    from dedn.data import open_store
+
+    folder = tmp_path / "pictures"
+    shutil.copytree(promoted.images.root, folder)
+    s = open_store(promoted.store)
+    bad = folder / s.image_ids[s.indices("test")[-1]]  # the last: the pictures before it decode
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    client = MlflowClient(promoted.uri, registry_uri=promoted.uri)
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    args = ["promote", "--experiment", "pics", "--model-name", MODEL, "--tracking-uri", promoted.uri]
+    r = CliRunner().invoke(cli, [*args, "--images", str(folder)])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: {bad}: image: cannot be decoded"), line
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion  # the alias stays
