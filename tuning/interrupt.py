@@ -6,7 +6,9 @@ signal, installed by ``tune.run``); a first SIGINT or SIGTERM calls that handler
 signal that comes before Tune has installed its handler (while the tracking runs are opened, the store is put into the
 object store or the experiment is restored) raises nothing into that library code, which may swallow the exception
 and let the search run to its end: it is recorded, the search stops at its next ``check()`` between those steps, and
-inside ``fit`` it is handed to Tune's handler as soon as that is there, by a SIGUSR1 this process sends itself.
+inside ``fit`` it is handed to Tune's handler as soon as that is there, by a SIGUSR1 this process sends itself. A
+signal the command was started ignoring (SIGINT of a background job started by a script, ``nohup``) stays ignored
+throughout, as Python leaves it before the search starts.
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ def stop_saves_state() -> Iterator[Callable[[], None]]:
     tune_log = logging.getLogger("ray.tune.tune")
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     tune_log.addFilter(quiet)
-    for s in previous:
-        signal.signal(s, on_signal)
+    for s, handler in previous.items():
+        if handler != signal.SIG_IGN:  # ignored since the command started (nohup, a script's background job): stays so
+            signal.signal(s, on_signal)
 
     def check() -> None:
         if received:
