@@ -4,10 +4,10 @@ Without this, the state ``--resume`` restores is the one Tune last wrote on its 
 trials it had started since are lost to it. Tune ends its loop cleanly, and writes that state, on SIGUSR1 (its stop
 signal, installed by ``tune.run``); a first SIGINT or SIGTERM calls that handler, a second one stops at once. A first
 signal that comes before Tune has installed its handler (while the tracking runs are opened, the store is put into the
-object store or the experiment is restored) raises nothing into that library code, which may swallow the exception
-and let the search run to its end: it is recorded, the search stops at its next ``check()`` between those steps, and
+object store or the experiment is restored) raises nothing into that library code, which need not be ready for an
+exception at any point: it is recorded, the search stops at its next ``check()`` between those steps, and
 inside ``fit`` it is handed to Tune's handler as soon as that is there, by a SIGUSR1 this process sends itself. A
-signal the command was started ignoring (SIGINT of a background job started by a script, ``nohup``) stays ignored
+signal the command was started ignoring (SIGINT of a command a script started with ``&``) stays ignored
 throughout, as Python leaves it before the search starts.
 """
 
@@ -72,7 +72,7 @@ def stop_saves_state() -> Iterator[Callable[[], None]]:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     tune_log.addFilter(quiet)
     for s, handler in previous.items():
-        if handler != signal.SIG_IGN:  # ignored since the command started (nohup, a script's background job): stays so
+        if handler != signal.SIG_IGN:  # ignored since the command started (a script's ``cmd &``): stays so
             signal.signal(s, on_signal)
 
     def check() -> None:

@@ -54,7 +54,7 @@ def test_a_stop_before_tune_listens_is_not_raised_into_library_code_and_stops_at
 
 
 def test_a_signal_ignored_since_the_start_stays_ignored() -> None:
-    """A command started ignoring SIGINT (a script's background job, nohup) ignores it in its start-up, where Python
+    """A command started ignoring SIGINT (a script's background job, ``cmd &``) ignores it in its start-up, where Python
     leaves the disposition it inherited: the search does not start catching it half-way."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -25,7 +25,7 @@ EPOCHS, TRIALS, KILLS = 60, 3, 10
 @contextmanager
 def _ctrl_c_not_ignored() -> Iterator[None]:
     """The driver starts with Ctrl-C at its default, as from a terminal, however these tests were started: a script's
-    background job (``.ci/run &``, ``nohup``) runs with SIGINT ignored, its children inherit that, and the search
+    background job (``bash .ci/run &`` from a script) runs with SIGINT ignored, its children inherit that, and the search
     keeps an ignored SIGINT ignored (tuning.interrupt)."""
     if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
         yield
