@@ -134,6 +134,18 @@ def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-d
 # --- a real mlflow server -------------------------------------------------------------------------------
 
 
+@contextmanager
+def ctrl_c_at_its_default() -> Iterator[None]:
+    """SIGINT handled in this process, and so at its default in the commands it starts (exec resets a handler), as
+    from a terminal, however pytest was started: a script's background job (``bash .ci/run &``) runs with SIGINT
+    ignored, its children inherit that, and a search keeps an ignored SIGINT ignored (tuning.interrupt)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

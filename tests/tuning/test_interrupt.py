@@ -10,21 +10,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import ctrl_c_at_its_default
 from tuning.interrupt import stop_saves_state, stopping
 
 
 @pytest.fixture
-def ctrl_c_at_its_default() -> Iterator[None]:
-    """SIGINT handled, as in a command started from a terminal, however pytest was started (a script's ``cmd &``
-    starts it with SIGINT ignored, which the search leaves ignored)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+def sigint_handled() -> Iterator[None]:
+    with ctrl_c_at_its_default():
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.usefixtures("ctrl_c_at_its_default")
+@pytest.mark.usefixtures("sigint_handled")
 def test_each_search_has_its_own_stop() -> None:
     calls: list[int] = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
@@ -43,7 +39,7 @@ def test_each_search_has_its_own_stop() -> None:
         signal.signal(signal.SIGUSR1, previous)
 
 
-@pytest.mark.usefixtures("ctrl_c_at_its_default")
+@pytest.mark.usefixtures("sigint_handled")
 def test_a_stop_before_tune_listens_is_not_raised_into_library_code_and_stops_at_the_next_check() -> None:
     """Before ``tune.run`` installs its SIGUSR1 handler (the tracking runs opened, the store put, the experiment
     restored), a first signal raises nothing into the code that runs: such code may catch the KeyboardInterrupt and

@@ -8,33 +8,16 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import pytest
 
-from tests.helpers import ROOT, child_runs, cli_argv, trial_rows, write_spec
+from tests.helpers import ROOT, child_runs, cli_argv, ctrl_c_at_its_default, trial_rows, write_spec
 
 # 60 epochs of the tiny model in batches of 2 (`dedn train` at batch 2 ran 877 samples/s here, about 0.35 s an
 # epoch, 20 s a trial): the search outlasts ten stops and resumes, each of which lets it train a few seconds
 EPOCHS, TRIALS, KILLS = 60, 3, 10
-
-
-@contextmanager
-def _ctrl_c_not_ignored() -> Iterator[None]:
-    """The driver starts with Ctrl-C at its default, as from a terminal, however these tests were started: a script's
-    background job (``bash .ci/run &`` from a script) runs with SIGINT ignored, its children inherit that, and the search
-    keeps an ignored SIGINT ignored (tuning.interrupt)."""
-    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
-        yield
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # exec resets a handler to the default
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _rows_seen(exp: Path) -> int:
@@ -113,7 +96,7 @@ scheduler: {{type: fifo}}
         cycle += 1
         args = first if not exp.exists() else resume  # a search stopped in its start-up is resumed too
         err_path = tmp_path / f"cycle-{cycle}.err"
-        with err_path.open("w") as err_file, _ctrl_c_not_ignored():  # a file, not a pipe nobody reads while it runs
+        with err_path.open("w") as err_file, ctrl_c_at_its_default():  # a file, not a pipe nobody reads while it runs
             proc = subprocess.Popen(
                 cli_argv(*args, "--no-final-test"),
                 cwd=ROOT,
