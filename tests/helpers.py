@@ -131,9 +131,6 @@ def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-d
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# --- a real mlflow server -------------------------------------------------------------------------------
-
-
 @contextmanager
 def ctrl_c_at_its_default() -> Iterator[None]:
     """SIGINT handled in this process, and so at its default in the commands it starts (exec resets a handler), as
@@ -144,6 +141,9 @@ def ctrl_c_at_its_default() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# --- a real mlflow server -------------------------------------------------------------------------------
 
 
 def free_port() -> int:
