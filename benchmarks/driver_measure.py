@@ -1,5 +1,5 @@
-"""The driver's side of ``benchmarks/driver_scale.py``: counters around the real tracking callback, searcher and
-MLflow client, a sampler thread, the schedule of what the trials owed, and what the stores hold at the end."""
+"""The driver's side of ``benchmarks/driver_scale.py``: counters around the real tracking callback and searcher, the
+tracking process's counts, a sampler thread, the schedule of what the trials owed, and what the stores hold at the end."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ LINE = 32  # bytes per line of a trial's emitted-epochs file: "<time> <epoch> <m
 
 
 class Counters:
-    """What the driver did, counted by wrappers around the real callback, searcher and MLflow client."""
+    """What the driver did, counted by wrappers around the real callback and searcher, and by its tracking process."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.received = 0  # member-epochs given to the tracking callback
-        self.written = 0  # val_H points sent to MLflow in successful log_batch calls
+        self.written = 0  # epochs the tracking process sent to MLflow (``SinkProcess.counts``: val_H points)
         self.reported = 0  # member-epochs the searcher processed
         self.callback_s: list[tuple[float, float]] = []  # (time, seconds in the callback per Tune result)
         self.ask_s: list[tuple[float, float]] = []  # (time, seconds per configuration asked)
@@ -28,10 +28,8 @@ class Counters:
 
 
 def instrument(c: Counters) -> None:
-    """Wrap, in this process, the tracking callback's on_trial_result, the searcher's suggest and on_trial_result
-    and MlflowClient.log_batch, to count and time them (the classes stay the real ones)."""
-    from mlflow.tracking import MlflowClient
-
+    """Wrap, in this process, the tracking callback's on_trial_result and the searcher's suggest and on_trial_result,
+    to count and time them (the classes stay the real ones)."""
     from tuning.population import section
     from tuning.study_searcher import StudySearcher
     from tuning.tracking_callback import MLflowTrialLogger
@@ -48,16 +46,6 @@ def instrument(c: Counters) -> None:
         with c.lock:
             c.received += len(section(result, "members"))
             c.callback_s.append((time.time(), dt))
-
-    log_batch = MlflowClient.log_batch
-
-    @functools.wraps(log_batch)
-    def counted_batch(self: Any, run_id: str, metrics: Any = (), *a: Any, **kw: Any) -> Any:
-        out = log_batch(self, run_id, metrics, *a, **kw)
-        n = sum(1 for m in metrics or () if m.key == "val_H")
-        with c.lock:
-            c.written += n
-        return out
 
     suggest = StudySearcher.suggest
     waiting: list[float] = []  # since when Tune waits for the searcher's next configuration
@@ -88,7 +76,6 @@ def instrument(c: Counters) -> None:
             c.report_s.append((time.time(), dt))
 
     MLflowTrialLogger.on_trial_result = logger_result  # type: ignore[method-assign]
-    MlflowClient.log_batch = counted_batch  # type: ignore[method-assign]
     StudySearcher.suggest = timed_suggest  # type: ignore[method-assign]
     StudySearcher.on_trial_result = timed_result  # type: ignore[method-assign]
 
@@ -121,7 +108,8 @@ def schedule(emitted: Path, now: float, epoch_s: float, last_epoch: int, starts:
 
 
 class Sampler(threading.Thread):
-    """Once a second: offered, emitted, received, written, reported, driver CPU and memory, server CPU."""
+    """Once a second: offered, emitted, received, written, reported, driver CPU and memory, the CPU of the driver's
+    tracking process and of the server."""
 
     def __init__(self, c: Counters, emitted: Path, epoch_s: float, last_epoch: int, server_pids: list[int]) -> None:
         super().__init__(daemon=True)
@@ -131,6 +119,7 @@ class Sampler(threading.Thread):
         self.me = psutil.Process()
         self.server_pids = server_pids  # the tracking server's processes and, for PostgreSQL, the database's
         self.server_seen: dict[int, float] = {}  # pid -> its CPU seconds when last seen (a process that ended keeps it)
+        self.sink_seen: dict[int, float] = {}  # the same for the tracking callback's process
         self.rows: list[dict[str, float]] = []
         self.starts: dict[str, float] = {}
         self.stop = threading.Event()
@@ -165,10 +154,30 @@ class Sampler(threading.Thread):
                     continue
         return sum(self.server_seen.values())
 
+    def sink(self) -> tuple[int, float]:
+        """(epochs written, CPU seconds) of the tracking callback's process (``tracking.sink.SinkProcess``)."""
+        import psutil
+
+        from tuning.tracking_callback import _LOGGERS
+
+        written = 0
+        for logger in list(_LOGGERS):
+            if logger.sink is None:
+                continue
+            written += logger.sink.counts()[1]
+            try:
+                t = psutil.Process(logger.sink.process.pid).cpu_times()
+                self.sink_seen[logger.sink.process.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return written, sum(self.sink_seen.values())
+
     def sample(self) -> dict[str, float]:
         now = time.time()
         due, done = schedule(self.emitted, min(now, self.t_end), self.epoch_s, self.last_epoch, self.starts)
+        written, sink_cpu = self.sink()
         with self.c.lock:
+            self.c.written = max(self.c.written, written)
             received, written, reported = self.c.received, self.c.written, self.c.reported
         return {
             "t": now,
@@ -179,6 +188,7 @@ class Sampler(threading.Thread):
             "reported": reported,
             "cpu": self.cpu([self.me]),
             "server_cpu": self.server_cpu(),
+            "sink_cpu": sink_cpu,
             "rss": self.me.memory_info().rss / 2**20,
         }
 

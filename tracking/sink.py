@@ -6,11 +6,15 @@ oldest waited ``linger_s`` (one ``log_batch`` then carries several epochs). A po
 a batch sent twice is stored once (MLflow's SQL stores keep one row per key, step, timestamp and value). ``sync``
 logs the record's rows whose step the run's history lacks. When the store fails, a run's calls go back to the front
 of its queue and are tried again; points beyond ``max_points`` are dropped and synced from the record at the end.
+``SinkProcess`` makes a sink's calls in a process of its own (``python -m tracking.sink``), off the driver's CPU.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -20,7 +24,7 @@ from typing import Any
 
 from tracking.store import MAX_TAG, artifact_location
 
-__all__ = ["Row", "RunSink", "rows_batches"]
+__all__ = ["Row", "RunSink", "SinkProcess", "rows_batches"]
 
 RUN_KEY = "dedn.trial_id"  # the tag that finds a trial's (or a population member's) run
 EXPERIMENT_TAG = "dedn.experiment"  # the tag that finds a search's parent run
@@ -406,3 +410,130 @@ class RunSink:
         for th in self.threads:
             th.join(timeout=60)
         return left
+
+
+class SinkProcess(RunSink):
+    """A ``RunSink`` whose calls are made by a process of its own, so that MLflow's client takes neither CPU nor the
+    interpreter's lock from the driver; look-ups (``runs``, ``steps``) are made here. The process ignores Ctrl-C and
+    SIGTERM from its start (the driver ends it with ``close``: what is queued is sent first) and exits at once when
+    the driver's end of its pipe closes (a killed driver: the record holds what it did not send)."""
+
+    def __init__(self, uri: str, experiment: str, *, experiment_id: str, parent_id: str, linger_s: float = 5.0) -> None:
+        import socket
+        import subprocess
+        from multiprocessing.connection import Connection
+
+        super().__init__(uri, experiment, experiment_id=experiment_id, parent_id=parent_id, threads=0)
+        ours, theirs = socket.socketpair()
+        settings = {"experiment_id": experiment_id, "parent_id": parent_id, "linger_s": linger_s}
+        command = [sys.executable, "-m", "tracking.sink", str(theirs.fileno()), uri, experiment, json.dumps(settings)]
+        # blocked while it starts, so that a signal to the driver's group before it ignores them cannot end it
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self.process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        self.lock = threading.Lock()
+        self.last: tuple[int, int, int] = (0, 0, 0)
+        self.left: list[str] | None = None  # once closed: what could not be logged
+
+    def _tell(self, *message: Any) -> None:
+        with self.lock:
+            if self.left is None:
+                try:
+                    self.conn.send(message)
+                except OSError:
+                    self._ended()
+
+    def _ask(self, *message: Any) -> Any:
+        with self.lock:
+            if self.left is not None:
+                return None
+            try:
+                self.conn.send(message)
+                return self.conn.recv()
+            except (OSError, EOFError):
+                self._ended()
+                return None
+
+    def _ended(self) -> None:
+        code = self.process.poll()
+        self.left = [f"what was queued when the tracking process (pid {self.process.pid}) ended (exit code {code})"]
+
+    def _put(self, key: str, op: tuple[Any, ...], what: str) -> None:
+        self._tell("_put", key, op, what)
+
+    def log(self, key: str, row: Row, what: str) -> None:
+        self._tell("log", key, row, what)
+
+    def adopt(self, old: str, key: str, name: str) -> None:
+        with self.cond:
+            self.ids[key] = self.ids.pop(old)
+        self._tell("adopt", old, key, name)
+
+    def runs(self) -> dict[str, Any]:
+        found = super().runs()
+        self._tell("remember", dict(self.ids))
+        return found
+
+    def counts(self) -> tuple[int, int, int]:
+        """(points queued, points written, calls made) in the sink's process."""
+        got = self._ask("counts")
+        self.last = tuple(got) if got is not None else self.last
+        return self.last
+
+    def flush(self, timeout_s: float = 600.0, stall_s: float = 30.0) -> list[str]:
+        left = self._ask("flush", timeout_s, stall_s)
+        return list(left) if left is not None else list(self.left or [])
+
+    def close(self, timeout_s: float = 600.0) -> list[str]:
+        self.counts()
+        left = self._ask("close", timeout_s)
+        with self.lock:
+            if left is not None:
+                self.left = list(left)
+            self.conn.close()
+        try:
+            self.process.wait(timeout=60)
+        except Exception:
+            self.process.kill()
+        return list(self.left or [])
+
+
+def _serve(fd: int, uri: str, experiment: str, settings: dict[str, Any]) -> None:
+    """The sink's process: a ``RunSink`` making the calls the driver sends, until it closes the sink or its pipe."""
+    from multiprocessing.connection import Connection
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    conn = Connection(fd)
+    sink = RunSink(uri, experiment, **settings)
+    while True:
+        try:
+            name, *args = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the driver is gone: its successor brings the runs up to date from the record
+        try:
+            if name == "close":
+                conn.send(sink.close(*args))
+                return
+            if name == "flush":
+                conn.send(sink.flush(*args))
+            elif name == "counts":
+                conn.send((sink.points, sink.written, sink.done))
+            elif name == "remember":
+                with sink.cond:
+                    sink.ids.update(args[0])
+            else:
+                getattr(sink, name)(*args)
+        except Exception as e:  # one call that fails must not end the others
+            print(f"dedn: tracking: {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # the classes the driver sends are this module's, imported under its name
+    from tracking.sink import _serve as serve
+
+    serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))

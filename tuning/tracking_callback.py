@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import weakref
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from tracking.sink import Row, RunSink
+from tracking.sink import Row, SinkProcess
 from tuning.interrupt import stopping
 from tuning.population import configurations, member_key, section
 from tuning.record import configuration_epochs, epoch_records, reports, result_file, stamp_ms
@@ -93,7 +95,7 @@ class MLflowTrialLogger(Callback):
         self._live()
 
     def _live(self) -> None:
-        self.sink: RunSink | None = None
+        self.sink: SinkProcess | None = None
         self.known: dict[str, Any] | None = None  # the runs MLflow holds, read once at the first step
         self.logged: dict[str, int] = {}  # run key -> last epoch sent
         self.best: dict[str, tuple[int, dict[str, Any]]] = {}  # run key -> (report ms, record) of its best epoch
@@ -128,21 +130,11 @@ class MLflowTrialLogger(Callback):
         return out
 
     def _metrics(self, record: dict[str, Any]) -> dict[str, float]:
-        values = {
-            k: float(v)
-            for k, v in record.items()
-            if (k.startswith(_EPOCH_KEYS) or k in _EXTRA_KEYS)
-            and isinstance(v, (int, float))
-            and not isinstance(v, bool)
-        }
-        return {k: v for k, v in values.items() if k in KEY_METRICS} if self.epoch_metrics == "key" else values
+        return epoch_values(record, self.epoch_metrics == "key")
 
-    def _rows(self, trial: Any, member: int | None, up_to: int | None = None) -> Any:
+    def _rows(self, trial: Any, member: int | None, up_to: int | None = None) -> RecordRows:
         """The configuration's epochs in the record, as MLflow rows (read when called)."""
-        path = result_file(trial)
-        return lambda: [
-            Row(r["epoch"], t, self._metrics(r)) for t, r in configuration_epochs(reports(path), member, up_to)
-        ]
+        return RecordRows(str(result_file(trial)), member, up_to, self.epoch_metrics == "key")
 
     # -- Tune's calls --------------------------------------------------------------------------------------------------
     def setup(
@@ -150,7 +142,7 @@ class MLflowTrialLogger(Callback):
     ) -> None:
         # with the key metrics (many GPUs) epochs wait up to a minute: most member runs cost one log_batch, at their end
         linger = 60.0 if self.epoch_metrics == "key" else 5.0
-        self.sink = RunSink(
+        self.sink = SinkProcess(
             self.uri, self.experiment, experiment_id=self.experiment_id, parent_id=self.parent, linger_s=linger
         )
         _LOGGERS.add(self)
@@ -256,9 +248,11 @@ class MLflowTrialLogger(Callback):
         artifacts = None
         if status == "FINISHED" and checkpoint:
             if member is None:
-                artifacts = lambda: checkpoint if Path(checkpoint).is_dir() else None  # noqa: E731
+                artifacts = partial(_folder, checkpoint)
             elif best is not None:
-                artifacts = self._member_checkpoint(checkpoint, member, key)
+                artifacts = partial(
+                    _member_checkpoint, checkpoint, member, str(Path(self.exp) / "member_checkpoints" / key)
+                )
         self.closed.add(key)
         self.sink.end(key, status, final, tags, self._rows(trial, member), artifacts, f"end of {name}")
 
@@ -275,12 +269,6 @@ class MLflowTrialLogger(Callback):
         else:
             outcome, note = "completed", f"completed {last} epochs"
         return {"dedn.outcome": outcome, "mlflow.note.content": note}
-
-    def _member_checkpoint(self, population: str, member: int, key: str) -> Any:
-        from tuning.population import write_member_checkpoint
-
-        out = Path(self.exp) / "member_checkpoints" / key
-        return lambda: str(write_member_checkpoint(population, member, out)) if Path(population).is_dir() else None
 
     def _finish(self, trial: Any, status: str) -> None:
         reason = self._reason(trial)
@@ -315,6 +303,42 @@ class MLflowTrialLogger(Callback):
                 self.sink.end(key, "KILLED", None, note, list, None, f"abandoned run {key}")
         if self.sink is not None:
             self.not_logged = self.sink.close()
+
+
+def epoch_values(record: dict[str, Any], key_only: bool) -> dict[str, float]:
+    """What an epoch record logs to MLflow: every value (about 20), or with ``key_only`` ``KEY_METRICS``."""
+    values = {
+        k: float(v)
+        for k, v in record.items()
+        if (k.startswith(_EPOCH_KEYS) or k in _EXTRA_KEYS) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    return {k: v for k, v in values.items() if k in KEY_METRICS} if key_only else values
+
+
+@dataclass(frozen=True)
+class RecordRows:
+    """A configuration's epochs in the record (up to ``up_to``) as MLflow rows, read when called: in the sink's
+    process, so it is data, not a closure."""
+
+    path: str
+    member: int | None
+    up_to: int | None
+    key_only: bool
+
+    def __call__(self) -> list[Row]:
+        epochs = configuration_epochs(reports(self.path), self.member, self.up_to)
+        return [Row(r["epoch"], t, epoch_values(r, self.key_only)) for t, r in epochs]
+
+
+def _folder(path: str) -> str | None:
+    return path if Path(path).is_dir() else None
+
+
+def _member_checkpoint(population: str, member: int, out: str) -> str | None:
+    """Member ``member``'s checkpoint written from its population's, when that is still there."""
+    from tuning.population import write_member_checkpoint
+
+    return str(write_member_checkpoint(population, member, Path(out))) if Path(population).is_dir() else None
 
 
 def _end_tag(end: dict[str, Any]) -> dict[str, str]:

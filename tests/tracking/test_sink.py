@@ -4,6 +4,7 @@ and nothing is stored twice. Real MLflow: the embedded SQLite store, and a real 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import ROOT, free_port, new_store, wait_for
-from tracking.sink import Row, RunSink, rows_batches
+from tracking.sink import Row, RunSink, SinkProcess, rows_batches
+from tuning.tracking_callback import RecordRows
 
 KEYS = ("t0-m0", "t0-m1", "t1")
 EPOCHS = 30
@@ -212,3 +214,73 @@ def test_a_store_that_goes_away_is_reported_not_waited_for(tmp_path: Path, serve
         sink.close(timeout_s=0)
     finally:
         os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+
+
+def test_a_sink_process_writes_every_point_once_and_ends_when_closed_not_on_the_drivers_signals(
+    tmp_path: Path, empty_store: Path
+) -> None:
+    """The search's sink in a process of its own: Ctrl-C and SIGTERM (which reach the driver's whole group) leave it
+    sending; ``close`` sends what is queued, and the process exits."""
+    uri = new_store(empty_store, tmp_path / "mlflow.db")
+    parent = open_sink(uri)
+    sink = SinkProcess(uri, "sink", experiment_id=str(parent.experiment_id), parent_id=str(parent.parent_id))
+    for key in KEYS:
+        sink.create(key, f"trial-{key}", {"optim.lr": 0.001}, {})
+    for epoch in range(1, EPOCHS + 1):
+        for key in KEYS:
+            sink.log(key, row(key, epoch), f"epoch {epoch}")
+        if epoch == 5:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                os.kill(sink.process.pid, sig)
+    record = tmp_path / "result.json"  # what Tune saved of run t1: three epochs more than were logged
+    lines = [{"epoch": e, "timestamp": row("t1", e).timestamp // 1000, **row("t1", e).metrics} for e in range(1, 34)]
+    record.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    sink.sync(KEYS[2], RecordRows(str(record), None, None, False), "sync")
+    sink.end(KEYS[0], "FINISHED", None, {"dedn.stopped": "by ASHA"}, list, None, "end")
+    assert sink.flush(timeout_s=60) == [] and sink.process.poll() is None
+    assert sink.counts() == (0, len(KEYS) * EPOCHS, sink.counts()[2])
+    assert sink.close(timeout_s=60) == [] and sink.process.returncode == 0
+    found = parent.runs()
+    assert sorted(found) == sorted(KEYS) and found[KEYS[0]].info.status == "FINISHED"
+    for key in KEYS[:2]:
+        assert history(uri, parent, key) == expected(key, range(1, EPOCHS + 1))
+    assert history(uri, parent, KEYS[2]) == expected(KEYS[2], range(1, EPOCHS + 4))
+    parent.close(timeout_s=5)
+
+
+_DRIVER_WITH_PROCESS = textwrap.dedent(
+    """
+    import sys, time
+    from tracking.sink import RunSink, SinkProcess
+    parent = RunSink(sys.argv[1], "sink", threads=0)
+    parent.open_parent({})
+    sink = SinkProcess(sys.argv[1], "sink", experiment_id=parent.experiment_id, parent_id=parent.parent_id)
+    print(sink.process.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_sink_process_ends_at_once_with_a_killed_driver(tmp_path: Path, empty_store: Path) -> None:
+    """SIGKILL the driver: its sink's process sees its pipe close and exits, so that it cannot write beside the
+    driver that resumes the search (that one brings the runs up to date from the record)."""
+    uri = new_store(empty_store, tmp_path / "mlflow.db")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER_WITH_PROCESS, uri], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        assert Path(f"/proc/{child}").exists()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_for(lambda: not _alive(child) or None, 30, "the sink's process to exit")
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
