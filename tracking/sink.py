@@ -416,9 +416,19 @@ class SinkProcess(RunSink):
     """A ``RunSink`` whose calls are made by a process of its own, so that MLflow's client takes neither CPU nor the
     interpreter's lock from the driver; look-ups (``runs``, ``steps``) are made here. The process ignores Ctrl-C and
     SIGTERM from its start (the driver ends it with ``close``: what is queued is sent first) and exits at once when
-    the driver's end of its pipe closes (a killed driver: the record holds what it did not send)."""
+    the driver's end of its pipe closes (a killed driver: the record holds what it did not send). ``imports``: the
+    modules of the callables it will be sent (rows read from the record, checkpoint folders), imported as it starts."""
 
-    def __init__(self, uri: str, experiment: str, *, experiment_id: str, parent_id: str, linger_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        *,
+        experiment_id: str,
+        parent_id: str,
+        linger_s: float = 5.0,
+        imports: Iterable[str] = (),
+    ) -> None:
         import socket
         import subprocess
         from multiprocessing.connection import Connection
@@ -427,6 +437,7 @@ class SinkProcess(RunSink):
         ours, theirs = socket.socketpair()
         settings = {"experiment_id": experiment_id, "parent_id": parent_id, "linger_s": linger_s}
         command = [sys.executable, "-m", "tracking.sink", str(theirs.fileno()), uri, experiment, json.dumps(settings)]
+        command += list(imports)
         # blocked while it starts, so that a signal to the driver's group before it ignores them cannot end it
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
@@ -435,7 +446,8 @@ class SinkProcess(RunSink):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             theirs.close()
         self.conn = Connection(ours.detach())
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one sender at a time
+        self.asking = threading.Lock()  # one question at a time: a call waits for no answer
         self.last: tuple[int, int, int] = (0, 0, 0)
         self.left: list[str] | None = None  # once closed: what could not be logged
 
@@ -448,14 +460,20 @@ class SinkProcess(RunSink):
                     self._ended()
 
     def _ask(self, *message: Any) -> Any:
-        with self.lock:
-            if self.left is not None:
-                return None
+        with self.asking:
+            with self.lock:
+                if self.left is not None:
+                    return None
+                try:
+                    self.conn.send(message)
+                except OSError:
+                    self._ended()
+                    return None
             try:
-                self.conn.send(message)
                 return self.conn.recv()
             except (OSError, EOFError):
-                self._ended()
+                with self.lock:
+                    self._ended()
                 return None
 
     def _ended(self) -> None:
@@ -502,13 +520,16 @@ class SinkProcess(RunSink):
         return list(self.left or [])
 
 
-def _serve(fd: int, uri: str, experiment: str, settings: dict[str, Any]) -> None:
+def _serve(fd: int, uri: str, experiment: str, settings: dict[str, Any], imports: list[str]) -> None:
     """The sink's process: a ``RunSink`` making the calls the driver sends, until it closes the sink or its pipe."""
+    import importlib
     from multiprocessing.connection import Connection
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    for module in imports:  # now, not while a call waits for its callable's class
+        importlib.import_module(module)
     conn = Connection(fd)
     sink = RunSink(uri, experiment, **settings)
     while True:
@@ -536,4 +557,4 @@ def _serve(fd: int, uri: str, experiment: str, settings: dict[str, Any]) -> None
 if __name__ == "__main__":  # the classes the driver sends are this module's, imported under its name
     from tracking.sink import _serve as serve
 
-    serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))
+    serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5:])

@@ -143,7 +143,12 @@ class MLflowTrialLogger(Callback):
         # with the key metrics (many GPUs) epochs wait up to a minute: most member runs cost one log_batch, at their end
         linger = 60.0 if self.epoch_metrics == "key" else 5.0
         self.sink = SinkProcess(
-            self.uri, self.experiment, experiment_id=self.experiment_id, parent_id=self.parent, linger_s=linger
+            self.uri,
+            self.experiment,
+            experiment_id=self.experiment_id,
+            parent_id=self.parent,
+            linger_s=linger,
+            imports=[__name__],
         )
         _LOGGERS.add(self)
 
