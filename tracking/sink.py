@@ -209,6 +209,11 @@ class RunSink:
             self.points += 1
         self._put(key, ("row", row), what)
 
+    def log_rows(self, rows: list[tuple[str, Row]]) -> None:
+        """One step's metrics of each of several runs (a population's epoch): ``log`` of each (key, row)."""
+        for key, row in rows:
+            self.log(key, row, "")
+
     def tags(self, key: str, tags: dict[str, str], what: str) -> None:
         self._put(key, ("fields", {}, tags), what)
 
@@ -485,6 +490,10 @@ class SinkProcess(RunSink):
 
     def log(self, key: str, row: Row, what: str) -> None:
         self._tell("log", key, row, what)
+
+    def log_rows(self, rows: list[tuple[str, Row]]) -> None:
+        if rows:
+            self._tell("log_rows", rows)  # one message for a population's epoch
 
     def adopt(self, old: str, key: str, name: str) -> None:
         with self.cond:

@@ -129,9 +129,6 @@ class MLflowTrialLogger(Callback):
             out.append((member_key(trial.trial_id, j), j, run_name(trial, number, j), values, tags))
         return out
 
-    def _metrics(self, record: dict[str, Any]) -> dict[str, float]:
-        return epoch_values(record, self.epoch_metrics == "key")
-
     def _rows(self, trial: Any, member: int | None, up_to: int | None = None) -> RecordRows:
         """The configuration's epochs in the record, as MLflow rows (read when called)."""
         return RecordRows(str(result_file(trial)), member, up_to, self.epoch_metrics == "key")
@@ -212,6 +209,7 @@ class MLflowTrialLogger(Callback):
             return
         population = configurations(trial.config)[0][0] is not None
         stamp = stamp_ms(result)
+        rows = []
         for j, record in epoch_records(result, population).items():
             key, epoch = member_key(trial.trial_id, j), int(record["epoch"])
             best = self.best.get(key)
@@ -221,7 +219,8 @@ class MLflowTrialLogger(Callback):
                 # a retried or resumed trial reports again the epochs after its last checkpoint: the first report counts
                 continue
             self.logged[key] = epoch
-            self.sink.log(key, Row(epoch, stamp, self._metrics(record)), f"epoch {epoch} of {key}")
+            rows.append((key, Row(epoch, stamp, epoch_values(record, self.epoch_metrics == "key"))))
+        self.sink.log_rows(rows)
         for member, end in section(result, "ended").items():
             ended = member_key(trial.trial_id, int(member))
             self.sink.tags(ended, _end_tag(end), f"end of {ended}")
