@@ -25,6 +25,7 @@ class Counters:
         self.ask_s: list[tuple[float, float]] = []  # (time, seconds per configuration asked)
         self.report_s: list[tuple[float, float]] = []  # (time, seconds per Tune result in the searcher)
         self.storage_url = ""
+        self.loggers: list[Any] = []  # the tracking callbacks set up in this process
 
 
 def instrument(c: Counters) -> None:
@@ -75,6 +76,14 @@ def instrument(c: Counters) -> None:
             c.reported += len(section(result, "members"))
             c.report_s.append((time.time(), dt))
 
+    setup = MLflowTrialLogger.setup
+
+    @functools.wraps(setup)
+    def kept_setup(self: Any, *a: Any, **kw: Any) -> None:
+        setup(self, *a, **kw)
+        c.loggers.append(self)
+
+    MLflowTrialLogger.setup = kept_setup  # type: ignore[method-assign]
     MLflowTrialLogger.on_trial_result = logger_result  # type: ignore[method-assign]
     StudySearcher.suggest = timed_suggest  # type: ignore[method-assign]
     StudySearcher.on_trial_result = timed_result  # type: ignore[method-assign]
@@ -158,10 +167,8 @@ class Sampler(threading.Thread):
         """(epochs written, CPU seconds) of the tracking callback's process (``tracking.sink.SinkProcess``)."""
         import psutil
 
-        from tuning.tracking_callback import _LOGGERS
-
         written = 0
-        for logger in list(_LOGGERS):
+        for logger in list(self.c.loggers):
             if logger.sink is None:
                 continue
             written += logger.sink.counts()[1]

@@ -24,7 +24,7 @@ from typing import Any
 
 from tracking.store import MAX_TAG, artifact_location
 
-__all__ = ["Row", "RunSink", "SinkProcess", "rows_batches"]
+__all__ = ["Row", "RunSink", "SinkProcess", "rows_batches", "serve"]
 
 RUN_KEY = "dedn.trial_id"  # the tag that finds a trial's (or a population member's) run
 EXPERIMENT_TAG = "dedn.experiment"  # the tag that finds a search's parent run
@@ -529,7 +529,7 @@ class SinkProcess(RunSink):
         return list(self.left or [])
 
 
-def _serve(fd: int, uri: str, experiment: str, settings: dict[str, Any], imports: list[str]) -> None:
+def serve(fd: int, uri: str, experiment: str, settings: dict[str, Any], imports: list[str]) -> None:
     """The sink's process: a ``RunSink`` making the calls the driver sends, until it closes the sink or its pipe."""
     import importlib
     from multiprocessing.connection import Connection
@@ -545,7 +545,7 @@ def _serve(fd: int, uri: str, experiment: str, settings: dict[str, Any], imports
         try:
             name, *args = conn.recv()
         except (EOFError, OSError):
-            os._exit(0)  # the driver is gone: its successor brings the runs up to date from the record
+            sys.exit(0)  # the driver is gone: its successor brings the runs up to date from the record
         try:
             if name == "close":
                 conn.send(sink.close(*args))
@@ -564,6 +564,6 @@ def _serve(fd: int, uri: str, experiment: str, settings: dict[str, Any], imports
 
 
 if __name__ == "__main__":  # the classes the driver sends are this module's, imported under its name
-    from tracking.sink import _serve as serve
+    from tracking.sink import serve as run
 
-    serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5:])
+    run(int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5:])

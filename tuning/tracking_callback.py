@@ -24,7 +24,16 @@ from tuning.interrupt import stopping
 from tuning.population import configurations, member_key, section
 from tuning.record import configuration_epochs, epoch_records, reports, result_file, stamp_ms
 
-__all__ = ["KEY_METRICS", "MLflowTrialLogger", "best_record", "not_logged", "run_name", "trial_name"]
+__all__ = [
+    "KEY_METRICS",
+    "MLflowTrialLogger",
+    "RecordRows",
+    "best_record",
+    "epoch_values",
+    "not_logged",
+    "run_name",
+    "trial_name",
+]
 
 _EPOCH_KEYS, _EXTRA_KEYS = ("val_", "loss_", "grid_"), ("samples_per_s", "epoch_seconds")
 # what an epoch logs with ``epoch_metrics: key`` (the parent run's epochs.parquet has the rest): rows cost the server
