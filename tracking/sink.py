@@ -11,7 +11,6 @@ of its queue and are tried again; points beyond ``max_points`` are dropped and s
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -440,9 +439,7 @@ class SinkProcess(RunSink):
 
         super().__init__(uri, experiment, experiment_id=experiment_id, parent_id=parent_id, threads=0)
         ours, theirs = socket.socketpair()
-        settings = {"experiment_id": experiment_id, "parent_id": parent_id, "linger_s": linger_s}
-        command = [sys.executable, "-m", "tracking.sink", str(theirs.fileno()), uri, experiment, json.dumps(settings)]
-        command += list(imports)
+        command = [sys.executable, "-m", "tracking.sink", str(theirs.fileno())]
         # blocked while it starts, so that a signal to the driver's group before it ignores them cannot end it
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
@@ -451,6 +448,9 @@ class SinkProcess(RunSink):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             theirs.close()
         self.conn = Connection(ours.detach())
+        # on the pipe, not the command line, which any user can read (a database URI may carry a password)
+        settings = {"experiment_id": experiment_id, "parent_id": parent_id, "linger_s": linger_s}
+        self.conn.send((uri, experiment, settings, list(imports)))
         self.lock = threading.Lock()  # one sender at a time
         self.asking = threading.Lock()  # one question at a time: a call waits for no answer
         self.last: tuple[int, int, int] = (0, 0, 0)
@@ -529,17 +529,22 @@ class SinkProcess(RunSink):
         return list(self.left or [])
 
 
-def serve(fd: int, uri: str, experiment: str, settings: dict[str, Any], imports: list[str]) -> None:
-    """The sink's process: a ``RunSink`` making the calls the driver sends, until it closes the sink or its pipe."""
+def serve(fd: int) -> None:
+    """The sink's process: a ``RunSink`` making the calls the driver sends, until it closes the sink or its pipe. The
+    first message says which: (tracking URI, experiment, the sink's settings, modules to import)."""
     import importlib
     from multiprocessing.connection import Connection
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    conn = Connection(fd)
+    try:
+        uri, experiment, settings, imports = conn.recv()
+    except (EOFError, OSError):
+        sys.exit(0)
     for module in imports:  # now, not while a call waits for its callable's class
         importlib.import_module(module)
-    conn = Connection(fd)
     sink = RunSink(uri, experiment, **settings)
     while True:
         try:
@@ -566,4 +571,4 @@ def serve(fd: int, uri: str, experiment: str, settings: dict[str, Any], imports:
 if __name__ == "__main__":  # the classes the driver sends are this module's, imported under its name
     from tracking.sink import serve as run
 
-    run(int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5:])
+    run(int(sys.argv[1]))

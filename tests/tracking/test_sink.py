@@ -224,6 +224,8 @@ def test_a_sink_process_writes_every_point_once_and_ends_when_closed_not_on_the_
     uri = new_store(empty_store, tmp_path / "mlflow.db")
     parent = open_sink(uri)
     sink = SinkProcess(uri, "sink", experiment_id=str(parent.experiment_id), parent_id=str(parent.parent_id))
+    # the tracking URI (a database URI may carry a password) is not on a command line other users can read
+    assert uri not in Path(f"/proc/{sink.process.pid}/cmdline").read_text()
     for key in KEYS:
         sink.create(key, f"trial-{key}", {"optim.lr": 0.001}, {})
     for epoch in range(1, EPOCHS + 1):
