@@ -26,6 +26,7 @@ class Counters:
         self.report_s: list[tuple[float, float]] = []  # (time, seconds per Tune result in the searcher)
         self.storage_url = ""
         self.loggers: list[Any] = []  # the tracking callbacks set up in this process
+        self.searchers: list[Any] = []  # the searchers that suggested in this process
 
 
 def instrument(c: Counters) -> None:
@@ -53,8 +54,10 @@ def instrument(c: Counters) -> None:
 
     @functools.wraps(suggest)
     def timed_suggest(self: Any, trial_id: str) -> Any:
-        # the searcher asks on its own thread and answers None until it has: time from the first call to the answer
+        # the searcher's study process asks; it answers None until it has: time from the first call to the answer
         c.storage_url = self.storage_url
+        if not any(s is self for s in c.searchers):
+            c.searchers.append(self)
         t0 = time.perf_counter()
         out = suggest(self, trial_id)
         if out is None:
@@ -129,6 +132,7 @@ class Sampler(threading.Thread):
         self.server_pids = server_pids  # the tracking server's processes and, for PostgreSQL, the database's
         self.server_seen: dict[int, float] = {}  # pid -> its CPU seconds when last seen (a process that ended keeps it)
         self.sink_seen: dict[int, float] = {}  # the same for the tracking callback's process
+        self.study_seen: dict[int, float] = {}  # the same for the searcher's study process
         self.rows: list[dict[str, float]] = []
         self.starts: dict[str, float] = {}
         self.stop = threading.Event()
@@ -179,6 +183,19 @@ class Sampler(threading.Thread):
                 pass
         return written, sum(self.sink_seen.values())
 
+    def study(self) -> float:
+        """CPU seconds of the searcher's study process (``tuning.study_searcher.Study``)."""
+        import psutil
+
+        for searcher in list(self.c.searchers):
+            pid = searcher.process.process.pid
+            try:
+                t = psutil.Process(pid).cpu_times()
+                self.study_seen[pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return sum(self.study_seen.values())
+
     def sample(self) -> dict[str, float]:
         now = time.time()
         due, done = schedule(self.emitted, min(now, self.t_end), self.epoch_s, self.last_epoch, self.starts)
@@ -196,6 +213,7 @@ class Sampler(threading.Thread):
             "cpu": self.cpu([self.me]),
             "server_cpu": self.server_cpu(),
             "sink_cpu": sink_cpu,
+            "study_cpu": self.study(),
             "rss": self.me.memory_info().rss / 2**20,
         }
 

@@ -30,9 +30,9 @@ budget until every received epoch is in MLflow) it prints:
   ``tracking.sink.SinkProcess``, in its successful ``log_batch`` calls); reported: member-epochs the Optuna searcher processed;
 - backlog: offered minus written at the end of the phase (epochs late in Ray, in Tune or in the tracking queue);
 - the tracking callback's driver time per Tune result, Tune's wait for a trial's configurations (per configuration: the
-  searcher asks Optuna on its own thread) and the searcher's driver time (per Tune
+  searcher's study process asks Optuna) and the searcher's driver time (per Tune
   result, M member-epochs) latencies, the driver's CPU (cores) and resident memory, the CPU of its tracking process
-  (MLflow's client, in a process of its own) and the server's CPU.
+  (MLflow's client, in a process of its own), of its study process (Optuna's, likewise) and the server's CPU.
 At the end it compares, per member run, the epochs the driver received (Tune's ``result.json``) with the ``val_H``
 history MLflow holds (the server's database) and the intermediate values of the member's Optuna trial, and prints
 ``sustained: X of Y member-epochs/s offered, lost L, duplicated D, backlog at end N`` where X is the written rate
@@ -411,7 +411,7 @@ def main() -> None:
     head = (
         f"{'phase':<11} {'offered/s':>9} {'emitted/s':>9} {'received/s':>10} {'written/s':>9} {'reported/s':>10} "
         f"{'backlog':>8} {'callback ms':>11} {'ask ms':>9} {'report ms':>9} {'driver cpu':>10} {'rss MB':>7} "
-        f"{'sink cpu':>8} {'server cpu':>10}"
+        f"{'sink cpu':>8} {'study cpu':>9} {'server cpu':>10}"
     )
     print(head)
     print(f"{'':<11} {'':>9} {'':>9} {'':>10} {'':>9} {'':>10} {'':>8} {'med/p99':>11} {'med/p99':>9} {'med/p99':>9}")
@@ -427,7 +427,8 @@ def main() -> None:
             f"{rate('reported'):>10} {r1['due'] - r1['written']:>8.0f} {median_ms(c.callback_s, lo, hi):>11} "
             f"{median_ms(c.ask_s, lo, hi):>9} {median_ms(c.report_s, lo, hi):>9} "
             f"{(r1['cpu'] - r0['cpu']) / dt:>10.2f} {max(r['rss'] for r in rows if lo <= r['t'] <= hi + 1):>7.0f} "
-            f"{(r1['sink_cpu'] - r0['sink_cpu']) / dt:>8.2f} {(r1['server_cpu'] - r0['server_cpu']) / dt:>10.2f}"
+            f"{(r1['sink_cpu'] - r0['sink_cpu']) / dt:>8.2f} {(r1['study_cpu'] - r0['study_cpu']) / dt:>9.2f} "
+            f"{(r1['server_cpu'] - r0['server_cpu']) / dt:>10.2f}"
         )
     steady0, end = at(rows, t0 + a.warmup), at(rows, t_end)
     span = max(1e-6, end["t"] - steady0["t"])
@@ -444,10 +445,10 @@ def main() -> None:
         "offered: due on the schedules of the trials still emitting (a trial that Tune holds in tune.report "
         "because the driver is behind counts as stopped: then it undercounts; the header has the nominal offer); "
         "backlog: offered - written at the phase's end; callback: "
-        "tracking callback per Tune result; ask: Tune's wait for a trial's configurations (the searcher asks on its "
-        "own thread), per configuration; report: searcher per Tune result, on the driver's thread "
-        f"({a.population} member-epochs); cpu in cores (sink: the driver's tracking process, MLflow's client); per "
-        "member-epoch: the driver's, its tracking process's and the server's CPU "
+        "tracking callback per Tune result; ask: Tune's wait for a trial's configurations (the searcher's study process "
+        "asks them), per configuration; report: searcher per Tune result, on the driver's thread "
+        f"({a.population} member-epochs); cpu in cores (sink: the driver's tracking process, MLflow's client; study: "
+        "the searcher's Optuna process); per member-epoch: the driver's, its two processes' and the server's CPU "
         f"({'MLflow and PostgreSQL' if backend else 'MLflow'}) from the first sample to the end of the drain, over the "
         "member-epochs received; requests per member run: the server's requests besides log-batch, over the runs created"
     )
@@ -485,10 +486,11 @@ def main() -> None:
     driver_ms = 1000 * (last["cpu"] - first["cpu"]) / epochs_in
     server_ms = 1000 * (last["server_cpu"] - first["server_cpu"]) / epochs_in
     sink_ms = 1000 * (last["sink_cpu"] - first["sink_cpu"]) / epochs_in
+    study_ms = 1000 * (last["study_cpu"] - first["study_cpu"]) / epochs_in
     print(
         f"sustained: {sustained:.0f} of {offered:.0f} member-epochs/s offered, lost {lost}, "
         f"duplicated {stored['duplicated']}, backlog at end {backlog_end:.0f}; driver {driver_ms:.2f} ms CPU per "
-        f"member-epoch (its tracking process {sink_ms:.2f} ms), server {server_ms:.2f} ms CPU per member-epoch, {per_run:.1f} requests per member run"
+        f"member-epoch (its tracking process {sink_ms:.2f} ms, its study process {study_ms:.2f} ms), server {server_ms:.2f} ms CPU per member-epoch, {per_run:.1f} requests per member run"
     )
 
 

@@ -12,7 +12,6 @@ of its queue and are tried again; points beyond ``max_points`` are dropped and s
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
@@ -21,9 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tracking.beside import Beside
 from tracking.store import MAX_TAG, artifact_location
 
-__all__ = ["Row", "RunSink", "SinkProcess", "rows_batches", "serve"]
+__all__ = ["Row", "RunSink", "SinkProcess", "rows_batches", "start_sink"]
 
 RUN_KEY = "dedn.trial_id"  # the tag that finds a trial's (or a population member's) run
 EXPERIMENT_TAG = "dedn.experiment"  # the tag that finds a search's parent run
@@ -417,11 +417,11 @@ class RunSink:
 
 
 class SinkProcess(RunSink):
-    """A ``RunSink`` whose calls are made by a process of its own, so that MLflow's client takes neither CPU nor the
-    interpreter's lock from the driver; look-ups (``runs``, ``steps``) are made here. The process ignores Ctrl-C and
-    SIGTERM from its start (the driver ends it with ``close``: what is queued is sent first) and exits at once when
-    the driver's end of its pipe closes (a killed driver: the record holds what it did not send). ``imports``: the
-    modules of the callables it will be sent (rows read from the record, checkpoint folders), imported as it starts."""
+    """A ``RunSink`` whose calls are made by a process of its own (``tracking.beside``), so that MLflow's client takes
+    neither CPU nor the interpreter's lock from the driver; look-ups (``runs``, ``steps``) are made here. ``close``
+    sends what is queued first; a killed driver's process exits at once (the record holds what it did not send).
+    ``imports``: the modules of the callables it will be sent (rows read from the record, checkpoint folders),
+    imported as it starts."""
 
     def __init__(
         self,
@@ -433,76 +433,41 @@ class SinkProcess(RunSink):
         linger_s: float = 5.0,
         imports: Iterable[str] = (),
     ) -> None:
-        import socket
-        import subprocess
-        from multiprocessing.connection import Connection
-
         super().__init__(uri, experiment, experiment_id=experiment_id, parent_id=parent_id, threads=0)
-        ours, theirs = socket.socketpair()
-        command = [sys.executable, "-m", "tracking.sink", str(theirs.fileno())]
-        # blocked while it starts, so that a signal to the driver's group before it ignores them cannot end it
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            self.process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            theirs.close()
-        self.conn = Connection(ours.detach())
-        # on the pipe, not the command line, which any user can read (a database URI may carry a password)
         settings = {"experiment_id": experiment_id, "parent_id": parent_id, "linger_s": linger_s}
-        self.conn.send((uri, experiment, settings, list(imports)))
-        self.lock = threading.Lock()  # one sender at a time
-        self.asking = threading.Lock()  # one question at a time: a call waits for no answer
+        self.beside = Beside("tracking.sink", (uri, experiment, settings, list(imports)))
+        self.process = self.beside.process
         self.last: tuple[int, int, int] = (0, 0, 0)
-        self.left: list[str] | None = None  # once closed: what could not be logged
-
-    def _tell(self, *message: Any) -> None:
-        with self.lock:
-            if self.left is None:
-                try:
-                    self.conn.send(message)
-                except OSError:
-                    self._ended()
 
     def _ask(self, *message: Any) -> Any:
-        with self.asking:
-            with self.lock:
-                if self.left is not None:
-                    return None
-                try:
-                    self.conn.send(message)
-                except OSError:
-                    self._ended()
-                    return None
-            try:
-                return self.conn.recv()
-            except (OSError, EOFError):
-                with self.lock:
-                    self._ended()
-                return None
+        try:
+            return self.beside.result(self.beside.ask(*message))
+        except RuntimeError:
+            return None
 
-    def _ended(self) -> None:
-        code = self.process.poll()
-        self.left = [f"what was queued when the tracking process (pid {self.process.pid}) ended (exit code {code})"]
+    def _left(self) -> list[str]:
+        if self.beside.ended:
+            return [f"what was queued when {self.beside.ended}"]
+        return super()._left()
 
     def _put(self, key: str, op: tuple[Any, ...], what: str) -> None:
-        self._tell("_put", key, op, what)
+        self.beside.tell("_put", key, op, what)
 
     def log(self, key: str, row: Row, what: str) -> None:
-        self._tell("log", key, row, what)
+        self.beside.tell("log", key, row, what)
 
     def log_rows(self, rows: list[tuple[str, Row]]) -> None:
         if rows:
-            self._tell("log_rows", rows)  # one message for a population's epoch
+            self.beside.tell("log_rows", rows)  # one message for a population's epoch
 
     def adopt(self, old: str, key: str, name: str) -> None:
         with self.cond:
             self.ids[key] = self.ids.pop(old)
-        self._tell("adopt", old, key, name)
+        self.beside.tell("adopt", old, key, name)
 
     def runs(self) -> dict[str, Any]:
         found = super().runs()
-        self._tell("remember", dict(self.ids))
+        self.beside.tell("remember", dict(self.ids))
         return found
 
     def counts(self) -> tuple[int, int, int]:
@@ -513,62 +478,40 @@ class SinkProcess(RunSink):
 
     def flush(self, timeout_s: float = 600.0, stall_s: float = 30.0) -> list[str]:
         left = self._ask("flush", timeout_s, stall_s)
-        return list(left) if left is not None else list(self.left or [])
+        return list(left) if left is not None else self._left()
 
     def close(self, timeout_s: float = 600.0) -> list[str]:
         self.counts()
         left = self._ask("close", timeout_s)
-        with self.lock:
-            if left is not None:
-                self.left = list(left)
-            self.conn.close()
-        try:
-            self.process.wait(timeout=60)
-        except Exception:
-            self.process.kill()
-        return list(self.left or [])
+        left = list(left) if left is not None else self._left()
+        self.beside.close()
+        return left
 
 
-def serve(fd: int) -> None:
-    """The sink's process: a ``RunSink`` making the calls the driver sends, until it closes the sink or its pipe. The
-    first message says which: (tracking URI, experiment, the sink's settings, modules to import)."""
+def start_sink(first: tuple[str, str, dict[str, Any], list[str]]) -> Callable[[str, tuple[Any, ...]], Any]:
+    """The sink's process: a ``RunSink`` making the calls the driver sends. ``first``: (tracking URI, experiment, the
+    sink's settings, modules to import)."""
     import importlib
-    from multiprocessing.connection import Connection
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    conn = Connection(fd)
-    try:
-        uri, experiment, settings, imports = conn.recv()
-    except (EOFError, OSError):
-        sys.exit(0)
+    uri, experiment, settings, imports = first
     for module in imports:  # now, not while a call waits for its callable's class
         importlib.import_module(module)
     sink = RunSink(uri, experiment, **settings)
-    while True:
-        try:
-            name, *args = conn.recv()
-        except (EOFError, OSError):
-            sys.exit(0)  # the driver is gone: its successor brings the runs up to date from the record
-        try:
-            if name == "close":
-                conn.send(sink.close(*args))
-                return
-            if name == "flush":
-                conn.send(sink.flush(*args))
-            elif name == "counts":
-                conn.send((sink.points, sink.written, sink.done))
-            elif name == "remember":
-                with sink.cond:
-                    sink.ids.update(args[0])
-            else:
-                getattr(sink, name)(*args)
-        except Exception as e:  # one call that fails must not end the others
-            print(f"dedn: tracking: {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    def handle(name: str, args: tuple[Any, ...]) -> Any:
+        if name == "counts":
+            return sink.points, sink.written, sink.done
+        if name == "remember":
+            with sink.cond:
+                sink.ids.update(args[0])
+            return None
+        return getattr(sink, name)(*args)
+
+    return handle
 
 
 if __name__ == "__main__":  # the classes the driver sends are this module's, imported under its name
-    from tracking.sink import serve as run
+    from tracking.beside import serve
+    from tracking.sink import start_sink
 
-    run(int(sys.argv[1]))
+    serve(int(sys.argv[1]), start_sink)
