@@ -29,6 +29,7 @@ class Beside:
     """The driver's end of a process running ``serve`` (``module``'s ``__main__``), its first message ``first``."""
 
     def __init__(self, module: str, first: Any) -> None:
+        self.module = module
         ours, theirs = socket.socketpair()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # until it ignores them: a Ctrl-C cannot end it
         try:
@@ -94,9 +95,10 @@ class Beside:
         return future.result()
 
     def _end(self) -> None:
-        self.ended = (
-            self.ended or f"the process beside the driver (pid {self.process.pid}) ended: {self.process.poll()}"
-        )
+        if self.ended is None:
+            code = self.process.poll()
+            how = "its pipe closed" if code is None else f"it ended with exit code {code}"
+            self.ended = f"the process beside the driver (pid {self.process.pid}, {self.module}): {how}"
         while self.waiting:
             self.waiting.popleft().set_exception(RuntimeError(self.ended))
 

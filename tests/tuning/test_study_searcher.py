@@ -137,3 +137,19 @@ def _result(size: int | None, epoch: int, h: float) -> dict:
     if size is None:
         return {"epoch": epoch, "val_H": h}
     return {"epoch": epoch, "members": {str(j): {"epoch": epoch, "val_H": h} for j in range(size)}}
+
+
+def test_a_killed_study_process_is_an_error_naming_it_not_a_wait(tmp_path: Path) -> None:
+    """The study's process dies (SIGKILL, as the OOM killer would): the driver's next wait on it raises at once,
+    naming the process and how it ended, and every later call says the same instead of hanging."""
+    import signal
+
+    s = _searcher(f"journal:{tmp_path / 's.log'}")
+    wait_for(lambda: s.suggest("t1"), 60, "a configuration")
+    pid = s.process.process.pid
+    os.kill(pid, signal.SIGKILL)
+    s.process.process.wait(timeout=30)
+    s.on_trial_result("t1", {"epoch": 1, "val_H": 0.3})  # a call the process can no longer make
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=rf"pid {pid}, tuning.study_process\): it ended with exit code -9"):
+            s.flush()
