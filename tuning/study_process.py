@@ -86,6 +86,7 @@ class Study:
         again; reported epochs not again; a population the driver died while asking is told FAIL."""
         if self.fresh:
             return None
+        taken = set(mine)
         told: set[int] = set()
         reported: dict[int, int] = {}
         again: list[dict[str, Any]] = []
@@ -96,7 +97,7 @@ class Study:
                 told.add(tid)
             if t.intermediate_values:
                 reported[tid] = max(t.intermediate_values)
-            if tid in mine or t.state == TrialState.WAITING or t.user_attrs.get("dedn.unstarted"):
+            if tid in taken or t.state == TrialState.WAITING or t.user_attrs.get("dedn.unstarted"):
                 continue
             owner = t.user_attrs.get("tune_trial_id") or f"#{t.number - int(t.user_attrs.get('member', 0))}"
             lost.setdefault(str(owner), []).append((int(t.user_attrs.get("member", 0)), tid, t))

@@ -61,7 +61,7 @@ class StudySearcher(Searcher):
         self.reported: dict[int, int] = {}  # Optuna trial id -> last epoch reported
         self.best: dict[int, float] = {}
         self.told: set[int] = set()
-        self.again: list[dict[str, Any]] = []  # on resume: Tune trials to propose again (``_close_orphans``)
+        self.again: list[dict[str, Any]] = []  # on resume: Tune trials to propose again (``Study.open``)
         self._start_local()
 
     _LOCAL = ("_beside", "_asking", "_opened")
@@ -129,7 +129,7 @@ class StudySearcher(Searcher):
         return tune_config(self.size, configs, numbers)
 
     def _propose_again(self, trial_id: str, again: dict[str, Any]) -> dict[str, Any]:
-        """A Tune trial lost to Tune's state (``Study.close_orphans``), proposed again as ``trial_id``: its Optuna
+        """A Tune trial lost to Tune's state (``Study.open``), proposed again as ``trial_id``: its Optuna
         trials, those still running claimed by it."""
         self.members[trial_id] = list(again["ids"])
         self._claim(trial_id, [tid for _, tid in again["claim"]], [j for j, _ in again["claim"]])
