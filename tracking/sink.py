@@ -443,6 +443,8 @@ class SinkProcess(RunSink):
         try:
             return self.beside.result(self.beside.ask(*message))
         except RuntimeError:
+            if self.beside.ended is None:
+                raise  # the call failed there: not a process that is gone
             return None
 
     def _left(self) -> list[str]:
