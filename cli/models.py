@@ -234,13 +234,8 @@ def _predict_pictures(model_uri: str, images: str | None, image_list: str | None
     from tqdm import tqdm
 
     from cluster.connect import local_ray_on_loopback, ray_session
-    from tracking.registry import (
-        PicturePredictor,
-        check_prediction_out,
-        picture_model,
-        picture_predictions,
-        read_picture_list,
-    )
+    from dedn.predictions import check_prediction_out, read_picture_list, write_predictions
+    from tracking.registry import PicturePredictor, picture_model
 
     assert images is not None and image_list is not None
     check_prediction_out(Path(out))
@@ -271,7 +266,7 @@ def _predict_pictures(model_uri: str, images: str | None, image_list: str | None
                         raise DednInputError(root / files[int(r)], "image", str(err))
                 index[batch["row"]], score[batch["row"]] = batch["class_index"], batch["score"]
                 bar.update(len(batch["row"]))  # shown on a terminal only
-    return picture_predictions(files, labels, meta, index, score, Path(out))
+    return write_predictions(Path(out), files, labels, meta, index, score)
 
 
 def _local_path(uri: str) -> str | None:

@@ -20,17 +20,9 @@ from dedn.errors import DednInputError
 
 def _prepare(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Decode and prepare each image; one that is not taken gives zeros and its reason in ``error``."""
-    from dedn.trunk import ImageError, open_image, prepare_image
+    from dedn.trunk import prepare_images
 
-    pixels = np.zeros((len(batch["path"]), 3, size, size), dtype=np.float32)
-    errors = []
-    for j, path in enumerate(batch["path"]):
-        try:
-            with open_image(str(path)) as img:
-                pixels[j] = prepare_image(img, size)
-            errors.append("")
-        except ImageError as e:  # unreadable, truncated, too large, a mode or format not taken
-            errors.append(str(e))
+    pixels, errors = prepare_images([str(p) for p in batch["path"]], size)
     return {"row": batch["row"], "pixels": pixels, "error": np.asarray(errors, dtype=object)}
 
 

@@ -222,8 +222,24 @@ __all__ = [
     "default_weights_path",
     "load_trunk_weights",
     "open_image",
+    "prepare_images",
     "prepare_image",
     "preprocessing",
     "resized_size",
     "sha256_file",
 ]
+
+
+def prepare_images(sources: list[Any], size: int) -> tuple[np.ndarray, list[str]]:
+    """Each picture (encoded bytes or a file) decoded and prepared (``open_image``, ``prepare_image``): float32
+    (N, 3, size, size), and per picture "" or the rule it breaks (its pixels then zeros)."""
+    pixels = np.zeros((len(sources), 3, size, size), dtype=np.float32)
+    errors = []
+    for j, source in enumerate(sources):
+        try:
+            with open_image(source) as img:
+                pixels[j] = prepare_image(img, size)
+            errors.append("")
+        except ImageError as e:  # unreadable, truncated, too large, a mode or format not taken
+            errors.append(str(e))
+    return pixels, errors

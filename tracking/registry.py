@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dedn.errors import DednInputError
-from dedn.outputs import writing
+from dedn.predictions import check_prediction_out, check_store_matches, write_predictions
 from dedn.safe_yaml import load_mapping
 from tracking.databases import check_existing_store
 from tracking.served_model import CODE_FILE as PYFUNC_CODE
@@ -32,13 +32,10 @@ from tracking.store import mlflow_uris
 __all__ = [
     "PicturePredictor",
     "Ship",
-    "check_prediction_out",
     "latest_search",
     "picture_model",
-    "picture_predictions",
     "predict_store",
     "promote",
-    "read_picture_list",
     "trial_run",
     "verify_pictures",
 ]
@@ -336,8 +333,8 @@ class Ship:
             return
         from safetensors.torch import save_file
 
+        from dedn.classifier import TRUNK_FILE
         from dedn.trunk import load_trunk_weights
-        from tracking.pyfunc_model import TRUNK_FILE
 
         save_file(load_trunk_weights(self.trunk), str(ckpt / TRUNK_FILE))
         meta = json.loads((ckpt / "checkpoint.json").read_text())
@@ -426,9 +423,9 @@ def verify_pictures(model: Any, store_path: str, images: Path, expected: dict[st
     trunk, head); refuse a model whose U, S, H are off ``expected`` by more than 1e-6."""
     import torch
 
+    from dedn.classifier import PictureError
     from dedn.data import open_store
     from dedn.metrics import gzsl_metrics
-    from tracking.pyfunc_model import BadRow
 
     if torch.cuda.is_available():  # as the served model runs
         model.to(torch.device("cuda"))
@@ -443,8 +440,8 @@ def verify_pictures(model: Any, store_path: str, images: Path, expected: dict[st
         chunk = files[start : start + 64]
         try:  # decoded as the served model decodes a request
             pixels = model.prepare([f.read_bytes() for f in chunk])
-        except BadRow as e:
-            raise DednInputError(chunk[e.row or 0], "image", e.rule) from None
+        except PictureError as e:
+            raise DednInputError(chunk[e.row], "image", e.rule) from None
         preds.append(model.predict_pixels(pixels)["class_index"].to_numpy())
     seen, unseen = np.flatnonzero(s.classes.seen), np.flatnonzero(~s.classes.seen)
     got = gzsl_metrics(np.concatenate(preds), s.labels[rows], seen, unseen)
@@ -499,35 +496,6 @@ def _reusable(uri: str, model_name: str, tag: str, value: str, kind: str) -> Any
     return None
 
 
-def check_store_matches(meta: dict[str, Any], store: Any) -> None:
-    """Refuse a store whose feature shape or attribute set differs from the model's."""
-    if list(store.meta.feature_shape) != list(meta["feature_shape"]):
-        rule = f"shape {store.meta.feature_shape} does not match the model's {tuple(meta['feature_shape'])}"
-        raise DednInputError(store.path, "features", rule)
-    if store.attributes.names != meta["attribute_names"]:
-        n = len(meta["attribute_names"])
-        rule = f"attribute set ({store.meta.num_attributes}) does not match the model's ({n} attributes)"
-        raise DednInputError(store.path, "attributes", rule)
-
-
-def _write_predictions(df: Any, out: Path) -> None:
-    """Parquet or CSV (by suffix), written to a temporary sibling and renamed."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    with writing(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            (df.to_parquet if out.suffix == ".parquet" else df.to_csv)(tmp, index=False)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-
-def check_prediction_out(out: Path) -> None:
-    if out.suffix not in (".parquet", ".csv"):
-        raise DednInputError(out, "--out", "must end in .parquet or .csv")
-
-
 def predict_store(
     model_uri: str,
     store_path: str | os.PathLike[str],
@@ -539,7 +507,6 @@ def predict_store(
     or CSV (by suffix) atomically. Returns the number of rows and, for ``test``, the GZSL U, S, H of the predictions
     (as the search scores its final model)."""
     import mlflow
-    import pandas as pd
 
     from dedn.data import open_store
 
@@ -553,16 +520,11 @@ def predict_store(
     rows, feats = store.indices(split), store.features()
     # the model's signature takes float32 (N, C, H, W); cast one batch at a time
     preds = [model.predict_features(feats[rows[s : s + 1024]]) for s in range(0, rows.size, 1024)]
-    df = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
-    df.insert(0, "image_id", [store.image_ids[i] for i in rows])
-    df.insert(1, "true_class", [store.classes.names[store.labels[i]] for i in rows])
-    _write_predictions(df, out)
-    if split != "test" or not len(df):
-        return len(df), None
-    from dedn.metrics import gzsl_metrics
-
-    seen, unseen = np.flatnonzero(store.classes.seen), np.flatnonzero(~store.classes.seen)
-    return len(df), gzsl_metrics(df["class_index"].to_numpy(), store.labels[rows], seen, unseen)
+    index = np.concatenate([p["class_index"].to_numpy() for p in preds]) if preds else np.zeros(0, np.int64)
+    score = np.concatenate([p["score"].to_numpy() for p in preds]) if preds else np.zeros(0, np.float32)
+    ids = [store.image_ids[i] for i in rows]
+    names = list(store.classes.names)
+    return write_predictions(out, ids, store.labels[rows], model.meta, index, score, split == "test", names)
 
 
 class PicturePredictor:
@@ -573,17 +535,13 @@ class PicturePredictor:
         import ray
         import torch
 
-        from tracking.store import quiet_mlflow
-
-        with quiet_mlflow():  # MLflow's advice on type hints, printed where the class is defined
-            from tracking.pyfunc_model import DednModel
+        from dedn.classifier import Classifier
 
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         with tempfile.TemporaryDirectory(prefix="dedn-model-") as d:
             for name, data in ray.get(files[0]).items():
                 (Path(d) / name).write_bytes(data)
-            self.model = DednModel()
-            self.model.load_context(_Context({"checkpoint": d}))
+            self.model = Classifier(d)
         if calibration is not None:
             self.model.c = float(calibration)
         if torch.cuda.is_available() and ray.get_gpu_ids():
@@ -599,46 +557,6 @@ class PicturePredictor:
         return {"row": batch["row"], "class_index": index, "score": score, "error": batch["error"]}
 
 
-@dataclass
-class _Context:
-    artifacts: dict[str, str]
-    model_config: Any = None
-
-
-def read_picture_list(path: Path, images: Path, class_names: list[str]) -> tuple[list[str], np.ndarray]:
-    """(files as listed, 0-based labels or -1) of ``dedn predict --images``: the extraction's image lists (a CSV
-    ``image_file,label`` or the xlsa17 ``res101.mat``), or a CSV with ``image_file`` alone; every file checked to be
-    under ``images`` before any is read."""
-    import csv
-
-    from dedn.data.extract import read_image_list
-
-    if not path.is_file():
-        raise DednInputError(path, "--image-list", "not found")
-    if path.suffix.lower() == ".mat":
-        files, labels = read_image_list(path, len(class_names))
-    else:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if "image_file" not in header:
-            raise DednInputError(path, "header", "must have a column image_file (and label, 1-based, optional)")
-        if "label" in header:
-            files, labels = read_image_list(path, len(class_names))
-        else:
-            with path.open(newline="") as f:
-                files = [row["image_file"] for row in csv.DictReader(f)]
-            labels = np.full(len(files), -1, dtype=np.int64)
-    if not files:
-        raise DednInputError(path, "image_file", "lists no picture")
-    root = images.resolve()
-    if not root.is_dir():
-        raise DednInputError(images, "--images", "no such folder")
-    for i, name in enumerate(files):
-        if not (root / name).is_file():
-            raise DednInputError(path, "image_file", f"row {i + 1} ({name}) is not a file under {root}")
-    return files, labels
-
-
 def picture_model(model_uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The checkpoint files (name -> bytes, for ``PicturePredictor``) and ``checkpoint.json`` of a model that takes
     pictures, checked as every model is; one DednInputError for a model that takes feature maps."""
@@ -651,27 +569,3 @@ def picture_model(model_uri: str) -> tuple[dict[str, bytes], dict[str, Any]]:
             rule = "the model takes feature maps, not pictures: predict with --data STORE, or promote it from a store "
             raise DednInputError(model_uri, "--images", rule + "written by dedn data extract")
         return {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}, meta
-
-
-def picture_predictions(
-    files: list[str], labels: np.ndarray, meta: dict[str, Any], index: np.ndarray, score: np.ndarray, out: Path
-) -> tuple[int, dict[str, float] | None]:
-    """Write the predictions of ``dedn predict --images`` (the columns of ``predict_store``) atomically; the number of
-    rows and, when every picture is labelled, the GZSL U, S, H."""
-    import pandas as pd
-
-    names, seen = list(meta["class_names"]), np.asarray(meta["seen"], dtype=bool)
-    df = pd.DataFrame({
-        "image_id": files,
-        "true_class": [names[k] if k >= 0 else None for k in labels],
-        "class_index": index,
-        "class_name": np.asarray(names, dtype=object)[index],
-        "score": score,
-        "seen": seen[index],
-    })  # fmt: skip
-    _write_predictions(df, out)
-    if (labels < 0).any():
-        return len(df), None
-    from dedn.metrics import gzsl_metrics
-
-    return len(df), gzsl_metrics(index, labels, np.flatnonzero(seen), np.flatnonzero(~seen))

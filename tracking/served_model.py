@@ -1,6 +1,6 @@
 """Open a DEDN model from the registry, a run or a folder without running anything it carries (as
 ``mlflow.pyfunc.load_model`` would): the ``MLmodel`` is read as safe YAML, anything but the project's models-from-code
-form refused, and the installed ``DednModel`` built from the checkpoint's safetensors, YAML and JSON only."""
+form refused, and the installed ``Classifier`` built from the checkpoint's safetensors, YAML and JSON only."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from dedn.errors import DednInputError
@@ -192,22 +191,20 @@ def fetched_model(model_uri: str, tracking_uri: str | None) -> Iterator[Path]:
 
 
 def open_model(model_uri: str, tracking_uri: str | None, *, installed_code: bool = False) -> Any:
-    """``model_uri`` as the installed ``DednModel``, loaded from safetensors, YAML and JSON (no pickle) once its folder
+    """``model_uri`` as the installed ``dedn.classifier.Classifier``, loaded from safetensors, YAML and JSON (no pickle) once its folder
     passed ``check_model_folder`` (with ``installed_code``, ``code_matches`` too)."""
     with fetched_model(model_uri, tracking_uri) as folder:
         checkpoint, code = check_model_folder(folder, model_uri)
         if installed_code and not code_matches(code):
             rule = "the logged code is not the installed tracking/pyfunc_model.py"
             raise DednInputError(f"{model_uri}/{CODE_FILE.name}", f"{_PF}.model_code_path", rule)
-        from tracking.pyfunc_model import DednModel
+        from dedn.classifier import Classifier
 
-        model = DednModel()
         try:
-            model.load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}, model_config=None))
+            return Classifier(checkpoint)
         except DednInputError:
             raise
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             rule = f"cannot be read: {type(e).__name__}: {first}"
             raise DednInputError(f"{model_uri}/checkpoint", "checkpoint", rule) from None
-        return model

@@ -92,8 +92,8 @@ def test_promote_packages_the_trunk_and_checks_the_figures_from_the_pictures(
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from dedn.classifier import TRUNK_FILE
     from dedn.trunk import sha256_file
-    from tracking.pyfunc_model import TRUNK_FILE
     from tracking.store import mlflow_uris
 
     assert "(from the pictures too) reproduced" in promoted.promote_output
