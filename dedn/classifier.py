@@ -85,8 +85,8 @@ class Classifier:
             raise PictureError(bad, errors[bad])
         return pixels
 
-    def predict_pixels(self, pixels: np.ndarray) -> Any:
-        """Predictions for prepared pictures: the trunk's feature maps, cast to the dtype the head was trained on."""
+    def features_of(self, pixels: np.ndarray) -> np.ndarray:
+        """Prepared pictures through the trunk: feature maps cast to the dtype the head was trained on."""
         assert self.trunk is not None, "a feature-map model has no trunk"
         parts = []
         with torch.inference_mode():
@@ -94,11 +94,10 @@ class Classifier:
                 x = torch.from_numpy(np.array(pixels[s : s + TRUNK_BATCH], dtype=np.float32)).to(self.device)
                 parts.append(self.trunk(x).float().cpu().numpy().astype(self.feature_dtype))
         c, h, w = self.meta["feature_shape"]
-        return self.predict_features(np.concatenate(parts) if parts else np.zeros((0, c, h, w), np.float32))
+        return np.concatenate(parts) if parts else np.zeros((0, c, h, w), np.float32)
 
-    def predict_features(self, x: np.ndarray) -> Any:
-        import pandas as pd
-
+    def classify(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(class index, its GZSL score) of each feature map, at the checkpoint's inference parameters."""
         from dedn.model import mix_scores
 
         rows = []
@@ -111,6 +110,13 @@ class Classifier:
                 rows.append((arg.cpu().numpy(), top.cpu().numpy()))
         idx = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
         score = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, dtype=np.float32)
+        return idx, score
+
+    def predict_features(self, x: np.ndarray) -> Any:
+        """The predictions table of feature maps: ``class_index``, ``class_name``, ``score``, ``seen``."""
+        import pandas as pd
+
+        idx, score = self.classify(x)
         names = np.asarray(self.meta["class_names"], dtype=object)
         seen = np.asarray(self.meta["seen"], dtype=bool)
         return pd.DataFrame({"class_index": idx, "class_name": names[idx], "score": score, "seen": seen[idx]})

@@ -62,7 +62,7 @@ class DednModel(PythonModel):
             pixels = c.prepare(model_input)
         except PictureError as e:
             raise BadRow(f"{e} (rows count from 0; nothing of the request was scored)") from None
-        return c.predict_pixels(pixels)
+        return c.predict_features(c.features_of(pixels))
 
 
 mlflow.models.set_model(DednModel())

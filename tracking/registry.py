@@ -442,7 +442,7 @@ def verify_pictures(model: Any, store_path: str, images: Path, expected: dict[st
             pixels = model.prepare([f.read_bytes() for f in chunk])
         except PictureError as e:
             raise DednInputError(chunk[e.row], "image", e.rule) from None
-        preds.append(model.predict_pixels(pixels)["class_index"].to_numpy())
+        preds.append(model.classify(model.features_of(pixels))[0])
     seen, unseen = np.flatnonzero(s.classes.seen), np.flatnonzero(~s.classes.seen)
     got = gzsl_metrics(np.concatenate(preds), s.labels[rows], seen, unseen)
     for k in ("U", "S", "H"):
@@ -519,9 +519,9 @@ def predict_store(
         model.c = float(calibration)
     rows, feats = store.indices(split), store.features()
     # the model's signature takes float32 (N, C, H, W); cast one batch at a time
-    preds = [model.predict_features(feats[rows[s : s + 1024]]) for s in range(0, rows.size, 1024)]
-    index = np.concatenate([p["class_index"].to_numpy() for p in preds]) if preds else np.zeros(0, np.int64)
-    score = np.concatenate([p["score"].to_numpy() for p in preds]) if preds else np.zeros(0, np.float32)
+    preds = [model.classify(feats[rows[s : s + 1024]]) for s in range(0, rows.size, 1024)]
+    index = np.concatenate([i for i, _ in preds]) if preds else np.zeros(0, np.int64)
+    score = np.concatenate([c for _, c in preds]) if preds else np.zeros(0, np.float32)
     ids = [store.image_ids[i] for i in rows]
     names = list(store.classes.names)
     return write_predictions(out, ids, store.labels[rows], model.meta, index, score, split == "test", names)
@@ -552,8 +552,7 @@ class PicturePredictor:
         index = np.full(ok.size, -1, dtype=np.int64)
         score = np.zeros(ok.size, dtype=np.float32)
         if ok.any():
-            got = self.model.predict_pixels(batch["pixels"][ok])
-            index[ok], score[ok] = got["class_index"].to_numpy(), got["score"].to_numpy()
+            index[ok], score[ok] = self.model.classify(self.model.features_of(batch["pixels"][ok]))
         return {"row": batch["row"], "class_index": index, "score": score, "error": batch["error"]}
 
 

@@ -191,8 +191,8 @@ def fetched_model(model_uri: str, tracking_uri: str | None) -> Iterator[Path]:
 
 
 def open_model(model_uri: str, tracking_uri: str | None, *, installed_code: bool = False) -> Any:
-    """``model_uri`` as the installed ``dedn.classifier.Classifier``, loaded from safetensors, YAML and JSON (no pickle) once its folder
-    passed ``check_model_folder`` (with ``installed_code``, ``code_matches`` too)."""
+    """``model_uri`` as the installed ``dedn.classifier.Classifier``, loaded from safetensors, YAML and JSON (no
+    pickle) once its folder passed ``check_model_folder`` (with ``installed_code``, ``code_matches`` too)."""
     with fetched_model(model_uri, tracking_uri) as folder:
         checkpoint, code = check_model_folder(folder, model_uri)
         if installed_code and not code_matches(code):

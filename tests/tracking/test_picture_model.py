@@ -308,3 +308,27 @@ def test_promote_refuses_a_test_picture_it_cannot_decode_naming_the_file(promote
     line = r.output.strip().splitlines()[-1]
     assert line.startswith(f"error: {bad}: image: cannot be decoded"), line
     assert client.get_model_version_by_alias(MODEL, "champion").version == champion  # the alias stays
+
+
+def test_a_request_row_that_names_a_file_is_refused_not_opened(promoted: Promoted, tmp_path: Path) -> None:
+    """The pictures a model is served are bytes only: a row holding a path to a picture on the serving machine is
+    refused (the decoder would open it), naming the row; the same picture's bytes are taken."""
+    from types import SimpleNamespace
+
+    from dedn.classifier import PictureError
+    from tracking.pyfunc_model import BadRow, DednModel
+    from tracking.served_model import check_model_folder, fetched_model
+
+    picture = next(p for p in sorted(promoted.images.root.rglob("*.jpg")))
+    uri = f"models:/{MODEL}@champion"
+    with fetched_model(uri, promoted.uri) as folder:
+        model = DednModel()
+        model.load_context(SimpleNamespace(artifacts={"checkpoint": str(check_model_folder(folder, uri)[0])}))
+    got = model.predict(None, pd.DataFrame({"image": [picture.read_bytes()]}))
+    assert len(got) == 1 and got["class_index"][0] >= 0
+    for row in (str(picture), picture):
+        with pytest.raises(PictureError) as caught:
+            model.classifier.prepare([picture.read_bytes(), row])
+        assert caught.value.row == 1 and "must be an encoded picture" in caught.value.rule
+        with pytest.raises(BadRow, match=r"^row 1: image: must be an encoded picture"):
+            model.predict(None, pd.DataFrame({"image": [picture.read_bytes(), row]}))
