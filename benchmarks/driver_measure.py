@@ -119,9 +119,16 @@ def schedule(emitted: Path, now: float, epoch_s: float, last_epoch: int, starts:
     return due, done
 
 
+def _ray_worker(cmdline: list[str]) -> bool:
+    """Whether a process is one of Ray's worker processes: ``default_worker.py`` as it starts, then the title Ray gives
+    it (``ray::IDLE``, ``ray::ImplicitFunc.train``; its agents are ``ray::...Agent``)."""
+    head = " ".join(cmdline[:3])
+    return "default_worker.py" in head or (head.startswith("ray::") and not head.split()[0].endswith("Agent"))
+
+
 class Sampler(threading.Thread):
     """Once a second: offered, emitted, received, written, reported, driver CPU and memory, the CPU of the driver's
-    tracking process and of the server."""
+    tracking and study processes, of Ray's processes and of the server, and the machine's busy CPU seconds."""
 
     def __init__(self, c: Counters, emitted: Path, epoch_s: float, last_epoch: int, server_pids: list[int]) -> None:
         super().__init__(daemon=True)
@@ -133,6 +140,8 @@ class Sampler(threading.Thread):
         self.server_seen: dict[int, float] = {}  # pid -> its CPU seconds when last seen (a process that ended keeps it)
         self.sink_seen: dict[int, float] = {}  # the same for the tracking callback's process
         self.study_seen: dict[int, float] = {}  # the same for the searcher's study process
+        self.ray_seen: dict[int, float] = {}  # the same for Ray's processes: its daemons and worker processes
+        self.workers_seen: set[int] = set()  # Ray's worker processes seen (one per trial actor Ray started)
         self.rows: list[dict[str, float]] = []
         self.starts: dict[str, float] = {}
         self.stop = threading.Event()
@@ -196,8 +205,31 @@ class Sampler(threading.Thread):
                 pass
         return sum(self.study_seen.values())
 
+    def ray_cpu(self) -> float:
+        """CPU seconds of the driver's other descendants: Ray's daemons (GCS, raylet, its agents) and its worker
+        processes, which run the trials that stand in for the GPU nodes (the server, the sink and the study left out)."""
+        import psutil
+
+        mine = {*self.server_seen, *self.sink_seen, *self.study_seen}
+        for p in self.me.children(recursive=True):
+            if p.pid in mine:
+                continue
+            try:
+                t = p.cpu_times()
+                if p.pid not in self.ray_seen and _ray_worker(p.cmdline()):
+                    self.workers_seen.add(p.pid)
+                self.ray_seen[p.pid] = t.user + t.system
+            except psutil.Error:
+                continue
+        return sum(self.ray_seen.values())
+
     def sample(self) -> dict[str, float]:
+        import psutil
+
         now = time.time()
+        times = psutil.cpu_times()
+        # the machine's busy CPU seconds, all cores (not idle, not waiting for a disk, not stolen by its host)
+        busy = times.user + times.system + sum(getattr(times, k, 0.0) for k in ("nice", "irq", "softirq"))
         due, done = schedule(self.emitted, min(now, self.t_end), self.epoch_s, self.last_epoch, self.starts)
         written, sink_cpu = self.sink()
         with self.c.lock:
@@ -214,6 +246,8 @@ class Sampler(threading.Thread):
             "server_cpu": self.server_cpu(),
             "sink_cpu": sink_cpu,
             "study_cpu": self.study(),
+            "ray_cpu": self.ray_cpu(),
+            "busy": busy,
             "rss": self.me.memory_info().rss / 2**20,
         }
 

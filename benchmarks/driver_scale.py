@@ -21,6 +21,8 @@ whose CPUs are not the driver's, so they get only the CPU that the driver, Ray a
 Ray's own setting (``--no-trial-idle``), the 64 worker processes took this 2-core machine for minutes as they started
 (about 1.5 CPU-seconds each, and 64 idle Ray workers then use about half a core: one-off checks), and the server
 waited for a CPU 93% of the time. Trials still start slowly here: each worker process gets only the CPU that is left.
+Nothing starts worker processes ahead of the search: Ray gives a trial actor a process of its own, never an idle one
+that ran tasks (64 started with tasks before the search were never used by a trial, and cost about half a core idle).
 
 Per phase (the first ``--warmup`` seconds, then windows of ``--window`` seconds, then the drain after the time
 budget until every received epoch is in MLflow) it prints:
@@ -32,7 +34,8 @@ budget until every received epoch is in MLflow) it prints:
 - the tracking callback's driver time per Tune result, Tune's wait for a trial's configurations (per configuration: the
   searcher's study process asks Optuna) and the searcher's driver time (per Tune
   result, M member-epochs) latencies, the driver's CPU (cores) and resident memory, the CPU of its tracking process
-  (MLflow's client, in a process of its own), of its study process (Optuna's, likewise) and the server's CPU.
+  (MLflow's client, in a process of its own), of its study process (Optuna's, likewise), the server's CPU, the CPU of
+  Ray's processes (its daemons and worker processes: the stand-in trials) and the cores busy on the whole machine.
 At the end it compares, per member run, the epochs the driver received (Tune's ``result.json``) with the ``val_H``
 history MLflow holds (the server's database) and the intermediate values of the member's Optuna trial, and prints
 ``sustained: X of Y member-epochs/s offered, lost L, duplicated D, backlog at end N`` where X is the written rate
@@ -140,25 +143,6 @@ def synthetic_population(
             f.write(f"{time.time():17.3f} {epoch:6d} {size:4d}".ljust(LINE - 1) + "\n")
             f.flush()
             tune.report(metrics)
-
-
-def prestart_workers(n: int) -> float:
-    """Start ``n`` of Ray's worker processes before the search (one task each, at once; they stay in Ray's pool of idle
-    workers, and Tune's trial actors take them): on a cluster the trials' processes start on the GPU nodes, here they
-    would start on the driver's 2 cores while it is timed. Returns the seconds it took."""
-    import ray
-
-    @ray.remote(num_cpus=1)
-    def pid(barrier: float) -> int:
-        while time.time() < barrier:  # every task holds its worker until all have one
-            time.sleep(0.05)
-        return os.getpid()
-
-    t0 = time.time()
-    while True:
-        pids = ray.get([pid.remote(time.time() + 5.0) for _ in range(n)])
-        if len(set(pids)) >= n:
-            return time.time() - t0
 
 
 def check_format(size: int, posthoc: bool = False) -> None:
@@ -339,19 +323,16 @@ def main() -> None:
     import ray
 
     try:
-        # as many logical CPUs as GPUs, which the trials do not ask for: the worker processes prestart_workers starts
         # Ray's documented way to run its worker processes under another command: here in SCHED_IDLE
         idle = {"py_executable": f"chrt --idle 0 {sys.executable}"} if a.trial_idle else None
         ray.init(
             address="local",
-            num_cpus=a.gpus,
+            num_cpus=a.gpus,  # a GPU node's CPUs come with it (the trials ask for none)
             num_gpus=a.gpus,
             include_dashboard=False,
             log_to_driver=False,
             runtime_env=idle,
         )
-        warm = prestart_workers(a.gpus)
-        print(f"{a.gpus} Ray worker processes started before the search in {warm:.0f} s", flush=True)
         c = Counters()
         instrument(c)
         tuner, exp, epochs = build_tuner(a, tmp, uri, emitted)
@@ -411,7 +392,7 @@ def main() -> None:
     head = (
         f"{'phase':<11} {'offered/s':>9} {'emitted/s':>9} {'received/s':>10} {'written/s':>9} {'reported/s':>10} "
         f"{'backlog':>8} {'callback ms':>11} {'ask ms':>9} {'report ms':>9} {'driver cpu':>10} {'rss MB':>7} "
-        f"{'sink cpu':>8} {'study cpu':>9} {'server cpu':>10}"
+        f"{'sink cpu':>8} {'study cpu':>9} {'server cpu':>10} {'ray cpu':>7} {'busy':>5}"
     )
     print(head)
     print(f"{'':<11} {'':>9} {'':>9} {'':>10} {'':>9} {'':>10} {'':>8} {'med/p99':>11} {'med/p99':>9} {'med/p99':>9}")
@@ -428,8 +409,10 @@ def main() -> None:
             f"{median_ms(c.ask_s, lo, hi):>9} {median_ms(c.report_s, lo, hi):>9} "
             f"{(r1['cpu'] - r0['cpu']) / dt:>10.2f} {max(r['rss'] for r in rows if lo <= r['t'] <= hi + 1):>7.0f} "
             f"{(r1['sink_cpu'] - r0['sink_cpu']) / dt:>8.2f} {(r1['study_cpu'] - r0['study_cpu']) / dt:>9.2f} "
-            f"{(r1['server_cpu'] - r0['server_cpu']) / dt:>10.2f}"
+            f"{(r1['server_cpu'] - r0['server_cpu']) / dt:>10.2f} {(r1['ray_cpu'] - r0['ray_cpu']) / dt:>7.2f} "
+            f"{(r1['busy'] - r0['busy']) / dt:>5.2f}"
         )
+    first_row, last_row = rows[0], rows[-1]
     steady0, end = at(rows, t0 + a.warmup), at(rows, t_end)
     span = max(1e-6, end["t"] - steady0["t"])
     sustained = (end["written"] - steady0["written"]) / span
@@ -441,6 +424,14 @@ def main() -> None:
     )
     requests_line, per_run = server_requests(tmp / "mlflow" / "server.log")
     print(requests_line)
+    trials = sum(1 for d in exp.glob("trial-*") if (d / "result.json").is_file())
+    print(
+        f"Ray started {len(sampler.workers_seen)} worker processes for {trials} trials that reported (a staged trial "
+        "gets a process of its own while GPUs are free, and Tune lends it a finished trial's actor when one comes: "
+        "reuse_actors); Ray's processes used "
+        f"{(last_row['ray_cpu'] - first_row['ray_cpu']) / max(1e-6, last_row['t'] - first_row['t']):.2f} of the "
+        f"{(last_row['busy'] - first_row['busy']) / max(1e-6, last_row['t'] - first_row['t']):.2f} cores busy"
+    )
     print(
         "offered: due on the schedules of the trials still emitting (a trial that Tune holds in tune.report "
         "because the driver is behind counts as stopped: then it undercounts; the header has the nominal offer); "
@@ -448,7 +439,8 @@ def main() -> None:
         "tracking callback per Tune result; ask: Tune's wait for a trial's configurations (the searcher's study process "
         "asks them), per configuration; report: searcher per Tune result, on the driver's thread "
         f"({a.population} member-epochs); cpu in cores (sink: the driver's tracking process, MLflow's client; study: "
-        "the searcher's Optuna process); per member-epoch: the driver's, its two processes' and the server's CPU "
+        "the searcher's Optuna process; ray: Ray's daemons and worker processes, the stand-in trials among them; busy: "
+        f"the machine's {os.cpu_count()} cores); per member-epoch: the driver's, its two processes' and the server's CPU "
         f"({'MLflow and PostgreSQL' if backend else 'MLflow'}) from the first sample to the end of the drain, over the "
         "member-epochs received; requests per member run: the server's requests besides log-batch, over the runs created"
     )
