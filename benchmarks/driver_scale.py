@@ -412,8 +412,9 @@ def main() -> None:
             f"{(r1['server_cpu'] - r0['server_cpu']) / dt:>10.2f} {(r1['ray_cpu'] - r0['ray_cpu']) / dt:>7.2f} "
             f"{(r1['busy'] - r0['busy']) / dt:>5.2f}"
         )
-    first_row, last_row = rows[0], rows[-1]
     steady0, end = at(rows, t0 + a.warmup), at(rows, t_end)
+    start = at(rows, t0)
+    budget = max(1e-6, end["t"] - start["t"])
     span = max(1e-6, end["t"] - steady0["t"])
     sustained = (end["written"] - steady0["written"]) / span
     backlog_end = end["due"] - end["written"]
@@ -428,9 +429,8 @@ def main() -> None:
     print(
         f"Ray started {len(sampler.workers_seen)} worker processes for {trials} trials that reported (a staged trial "
         "gets a process of its own while GPUs are free, and Tune lends it a finished trial's actor when one comes: "
-        "reuse_actors); Ray's processes used "
-        f"{(last_row['ray_cpu'] - first_row['ray_cpu']) / max(1e-6, last_row['t'] - first_row['t']):.2f} of the "
-        f"{(last_row['busy'] - first_row['busy']) / max(1e-6, last_row['t'] - first_row['t']):.2f} cores busy"
+        f"reuse_actors); in the budget Ray's processes used {(end['ray_cpu'] - start['ray_cpu']) / budget:.2f} of the "
+        f"{(end['busy'] - start['busy']) / budget:.2f} cores busy"
     )
     print(
         "offered: due on the schedules of the trials still emitting (a trial that Tune holds in tune.report "
