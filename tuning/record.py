@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.logger import JsonLoggerCallback
 
 from tuning.population import section
 
 __all__ = [
     "LostTrials",
+    "ResultFile",
     "configuration_epochs",
     "configuration_records",
     "epoch_records",
@@ -120,3 +122,23 @@ class LostTrials(Callback):
         for params in Path(self.exp).glob("*/params.json"):
             if params.parent.name not in known:
                 shutil.rmtree(params.parent, ignore_errors=True)
+
+
+class ResultFile(JsonLoggerCallback):
+    """Tune's ``result.json`` writer, except that a retried trial keeps the rows the driver wrote. Before it appends a
+    retried trial's rows, Tune copies the experiment folder's ``result.json`` over the driver's staging copy; that copy
+    is uploaded by a background sync that rewrites it in place, so a retry that reads it mid-upload loses its earlier
+    rows (Ray 2.60: a node-loss test lost a trial's epochs 1 to 4 once). In a running driver the staging copy is the
+    complete one; a restarted driver has none, and Tune's copy from the experiment folder is what it resumes from."""
+
+    def log_trial_start(self, trial: Any) -> None:
+        local = Path(str(trial.local_path)) / "result.json"
+        try:
+            kept = local.read_bytes()
+        except OSError:
+            kept = b""
+        super().log_trial_start(trial)  # may copy the experiment folder's result.json over ``local``
+        if len(kept) > local.stat().st_size:
+            with open(local, "r+b") as f:  # in place: Tune's handle appends at the end
+                f.write(kept)
+                f.truncate()

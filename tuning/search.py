@@ -319,11 +319,10 @@ def tune_settings(
 ) -> tuple[Any, Any]:
     """Ray Tune's ``TuneConfig`` and ``RunConfig`` for a new search: its searcher, scheduler and callbacks."""
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
 
     from tuning.optuna_storage import default_storage
     from tuning.progress import ProgressView
-    from tuning.record import LostTrials
+    from tuning.record import LostTrials, ResultFile
     from tuning.resume_state import resume_signer
     from tuning.study_searcher import StudySearcher
     from tuning.tracking_callback import MLflowTrialLogger, trial_name
@@ -332,7 +331,7 @@ def tune_settings(
     _tune_environment(size)
     epochs = int(trial_config(base, {}).effective().optim.epochs)
     num_samples = -(-(opts.num_samples or spec.num_samples) // size)  # configurations, `size` per population trial
-    callbacks: list[Any] = [JsonLoggerCallback()]
+    callbacks: list[Any] = [ResultFile()]
     if sink is not None:
         uri, parent = str(sink.uri), str(sink.parent_id)
         args = (uri, name, str(sink.experiment_id), parent, spec.epoch_metrics, str(exp), epochs, sink.params)
