@@ -6,6 +6,8 @@ folder (shared storage) would run code in the next ``dedn search --resume``. So 
 with a key kept in the user's config folder (``key_path``, 0600), and a resume refuses the folder unless each matches
 a signature in ``resume.sig``. ``tuner.pkl`` is signed after Tune writes it, the rest in Tune's staging folder before
 Tune copies them over (``resume_signer``); the last few digests per file are kept, so a lagging copy still verifies.
+Tune's copy writes each file in place, so a driver killed mid-copy leaves torn files in the experiment folder;
+``repair_torn_copies`` finishes that copy from the staging folder ``resume.sig`` names before a resume verifies.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any
 
 from dedn.errors import DednInputError
 
-__all__ = ["StateSigner", "resume_signer", "signing_key", "verify_state"]
+__all__ = ["StateSigner", "repair_torn_copies", "resume_signer", "signing_key", "verify_state"]
 
 # Not *.json: on --resume Tune copies *.json and *.pkl to its staging folder and back, which would restore an old one.
 SIGNATURE_FILE = "resume.sig"
@@ -90,14 +93,18 @@ def _digest(key: bytes, rel: str, path: Path) -> str:
 
 def _read_signatures(exp: Path) -> dict[str, list[str]] | None:
     """The signature file's digests by relative path; None when missing or malformed."""
-    try:
-        data = json.loads((exp / SIGNATURE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    files = data.get("files") if isinstance(data, dict) and data.get("format") == _FORMAT else None
+    files = _read_signature_file(exp).get("files")
     if not isinstance(files, dict):
         return None
     return {str(k): [str(d) for d in v] for k, v in files.items() if isinstance(v, list)}
+
+
+def _read_signature_file(exp: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((exp / SIGNATURE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("format") == _FORMAT else {}
 
 
 class StateSigner:
@@ -106,10 +113,15 @@ class StateSigner:
     def __init__(self, exp: Path, key: bytes) -> None:
         self.exp, self.key = Path(exp), key
         self._seen: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) when last signed
+        self._staging: str | None = None
 
-    def sign(self, root: Path, files: Iterable[Path] | None = None) -> None:
-        """Sign ``files`` (default: all state files) by their path relative to ``root`` (the folder or Tune's copy)."""
+    def sign(self, root: Path, files: Iterable[Path] | None = None, staging: bool = False) -> None:
+        """Sign ``files`` (default: all state files) by their path relative to ``root`` (the folder or Tune's copy);
+        ``staging``: ``root`` is the staging folder Tune copies from, named in ``resume.sig`` for ``repair_torn_copies``."""
         root = Path(root)
+        named = staging and self._staging != str(root)  # a new staging folder to record
+        if named:
+            self._staging = str(root)
         new: dict[str, str] = {}
         for p in state_files(root) if files is None else files:
             rel = p.relative_to(root).as_posix()
@@ -122,16 +134,49 @@ class StateSigner:
                 continue
             self._seen[rel] = (st.st_size, st.st_mtime_ns)
             new[rel] = digest
-        if not new:
+        if not new and not named:
             return
-        signed = _read_signatures(self.exp) or {}
+        record = _read_signature_file(self.exp)
+        signed = _read_signatures(self.exp) or {}  # not record["files"]: kept only when well-formed
         fresh = {rel: digest for rel, digest in new.items() if digest not in signed.get(rel, [])}
         for rel, digest in fresh.items():
             signed[rel] = [*signed.get(rel, []), digest][-_KEEP:]
-        if fresh:
+        if fresh or named:
+            record = {"format": _FORMAT, "files": signed, "staging": self._staging or record.get("staging")}
             tmp = self.exp / f".{SIGNATURE_FILE}.tmp"
-            tmp.write_text(json.dumps({"format": _FORMAT, "files": signed}, indent=1, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
             os.replace(tmp, self.exp / SIGNATURE_FILE)
+
+
+def repair_torn_copies(exp: Path) -> list[str]:
+    """Finish the copy a killed driver left torn: each file of ``exp`` that its staging folder (named in
+    ``resume.sig``) holds whole is copied over (to a temporary name, then renamed) when it is a state file whose copy
+    here is unsigned and whose staging copy is signed, or another file whose copy here is a strict prefix of the
+    staging copy (``result.json``, ``params.json``). Returns the paths repaired, relative to ``exp``; a missing staging
+    folder (another machine, a reboot) repairs nothing, and ``verify_state`` then refuses a torn state file."""
+    exp = Path(exp)
+    staging = _read_signature_file(exp).get("staging")
+    signed, key = _read_signatures(exp) or {}, resume_key()
+    if not isinstance(staging, str) or not Path(staging).is_dir() or key is None:
+        return []
+    state = {p.relative_to(staging).as_posix() for p in state_files(Path(staging))}
+    repaired = []
+    for src in sorted(p for p in Path(staging).rglob("*") if p.is_file()):
+        rel = src.relative_to(staging).as_posix()
+        here = exp / rel
+        if not here.is_file():
+            continue
+        if rel in state:
+            torn = _digest(key, rel, here) not in signed.get(rel, []) and _digest(key, rel, src) in signed.get(rel, [])
+        else:
+            have, whole = here.read_bytes(), src.read_bytes()
+            torn = len(have) < len(whole) and whole.startswith(have)
+        if torn:
+            tmp = here.with_name(f".{here.name}.repair")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, here)
+            repaired.append(rel)
+    return repaired
 
 
 def verify_state(exp: Path) -> None:
@@ -203,7 +248,7 @@ def _signer_class() -> type:
                 if self._signer is None or self._signer.exp != exp:
                     self._signer = StateSigner(exp, signing_key())
                 if (staging := _staging_folder(Path(storage.experiment_driver_staging_path))) is not None:
-                    self._signer.sign(staging)
+                    self._signer.sign(staging, staging=True)
             except Exception as e:  # never fail the search over it: a later --resume is refused instead
                 _log.warning("could not sign the search state for --resume: %s: %s", type(e).__name__, e)
 

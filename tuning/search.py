@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 MODE = "max"
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -248,7 +249,7 @@ def _prepare_experiment(
     takes the folder's ``search.json`` options; a new search's folder is made later (``_make_folder``)."""
     from cluster.connect import check_address, check_local_fit
     from tuning.optuna_storage import checked_storage
-    from tuning.resume_state import verify_state
+    from tuning.resume_state import repair_torn_copies, verify_state
 
     if opts.name is not None:  # the name first: a malformed one is refused before any address is tried
         check_experiment_name(opts.name, "--resume" if resume else "--name")
@@ -262,6 +263,8 @@ def _prepare_experiment(
             raise DednInputError(exp, "search.json", "not a dedn search experiment folder (nothing to resume)")
         opts = _saved_options(exp / "search.json", opts.address)
         if started(exp):
+            for rel in repair_torn_copies(exp):
+                _log.info("%s: finished the copy a killed driver left torn", exp / rel)
             verify_state(exp)  # what Ray will unpickle: only what this user's searches signed
             for state in sorted(exp.glob(f"*/checkpoint_*/{TRIAL_STATE}")):  # what the trials will load
                 read_trial_state(state.parent, mmap=True)
