@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -172,8 +173,9 @@ def repair_torn_copies(exp: Path) -> list[str]:
             have, whole = here.read_bytes(), src.read_bytes()
             torn = len(have) < len(whole) and whole.startswith(have)
         if torn:
-            tmp = here.with_name(f".{here.name}.repair")
-            shutil.copyfile(src, tmp)
+            fd, tmp = tempfile.mkstemp(prefix=f".{here.name}.", suffix=".repair", dir=here.parent)  # a new file
+            with os.fdopen(fd, "wb") as out, src.open("rb") as f:
+                shutil.copyfileobj(f, out)
             os.replace(tmp, here)
             repaired.append(rel)
     return repaired
