@@ -302,7 +302,7 @@ class RunSink:
     def _run(self, client: Any, key: str, ops: list[tuple[str, tuple[Any, ...]]]) -> int:
         """Make a run's calls in order, consecutive points, params and tags (and a following end's) batched; returns
         how many were made (the rest failed)."""
-        i = 0
+        i, ops = 0, self._tags_at_creation(key, ops)
         try:
             while i < len(ops):
                 if ops[i][1][0] not in ("row", "fields"):
@@ -328,6 +328,21 @@ class RunSink:
         except Exception:
             pass
         return i
+
+    def _tags_at_creation(self, key: str, ops: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+        """``ops`` with the tags of a run not made yet (its later tags and its end's, when queued with it) moved into
+        its creation: the same run in the end, one write fewer (a ``log_batch`` with tags commits them apart). One op
+        for one, so that the calls not made go back to the queue as they came."""
+        if not ops or ops[0][1][0] != "create" or key in self.ids:
+            return ops
+        tags, out = dict(ops[0][1][2]), list(ops[1:])
+        for n, (what, op) in enumerate(out):
+            moved = op[2] if op[0] == "fields" else op[3] if op[0] == "end" else {}
+            if "mlflow.runName" in moved or op[0] in ("sync", "reopen", "call"):  # in order from here on
+                break
+            tags.update({k: str(v)[:MAX_TAG] for k, v in moved.items()})
+            out[n] = (what, ("fields", op[1], {}) if op[0] == "fields" else (*op[:3], {}, *op[4:]) if moved else op)
+        return [(ops[0][0], ("create", ops[0][1][1], tags)), *out]
 
     def _log(self, client: Any, key: str, rows: list[Row], params: dict[str, str], tags: dict[str, str]) -> None:
         for metrics, ps, ts in rows_batches(rows, params, tags):

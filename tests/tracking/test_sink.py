@@ -117,16 +117,19 @@ def test_points_over_the_limit_are_dropped_and_the_end_syncs_them_from_the_recor
 def test_a_member_run_costs_two_requests_besides_its_batches(
     tmp_path: Path, empty_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Creation (with its tags) and the end's status: every other call on a run is a ``log_batch``, its params with its
-    first points and its final metrics with its last ones. Each MlflowClient call is counted (and made)."""
+    """Creation (with its tags, the end's too when they are queued with it) and the end's status: every other call on a
+    run is a ``log_batch``, its params with its first points and its final metrics with its last ones, no tags (a
+    ``log_batch`` with tags commits them apart). Each MlflowClient call is counted (and made)."""
     uri = new_store(empty_store, tmp_path / "mlflow.db")
     sink = open_sink(uri, threads=1, linger_s=3600.0)
     calls: list[str] = []
+    batch_tags: list[Any] = []
     for name in ("create_run", "log_batch", "set_terminated", "update_run", "log_artifact", "get_run", "search_runs"):
         original = getattr(MlflowClient, name)
 
         def counted(self: Any, *a: Any, _name: str = name, _original: Any = original, **kw: Any) -> Any:
             calls.append(_name)
+            batch_tags.extend(kw.get("tags") or [] if _name == "log_batch" else [])
             return _original(self, *a, **kw)
 
         monkeypatch.setattr(MlflowClient, name, counted)
@@ -139,6 +142,35 @@ def test_a_member_run_costs_two_requests_besides_its_batches(
     assert calls == ["create_run", "log_batch", "set_terminated"], calls
     monkeypatch.undo()
     assert history(uri, sink, "t0-m3") == [(e, 0.5 + e) for e in range(1, 21)]
+    assert [t for t in batch_tags if not t.key.startswith("mlflow.")] == []
+    run = MlflowClient(tracking_uri=uri).get_run(sink.runs()["t0-m3"].info.run_id)
+    assert run.data.tags["dedn.member"] == "3" and run.data.tags["dedn.stopped"] == "x"
+    assert run.data.params == {"optim.lr": "0.001"} and run.data.metrics["best_val_H"] == 20.5
+    assert run.info.status == "FINISHED"
+
+
+def test_tags_sent_after_a_run_was_made_still_arrive_in_order(tmp_path: Path, empty_store: Path) -> None:
+    """A run made before its later tags were queued: they go with its points; a tag set twice keeps the last value,
+    whichever call carried it."""
+    uri = new_store(empty_store, tmp_path / "mlflow.db")
+    sink = open_sink(uri, threads=1, linger_s=0.0)
+    sink.create("t1", "trial-001", {}, {"dedn.note": "made"})
+    assert sink.flush(timeout_s=60) == []
+    sink.tags("t1", {"dedn.note": "changed", "dedn.retries": "1"}, "retry")
+    sink.log("t1", row("t1", 1), "epoch")
+    sink.end("t1", "FINISHED", None, {"dedn.note": "ended"}, list, None, "end")
+    sink.create("t0-m0", "trial-000-m0", {}, {"dedn.note": "made"})  # made with its later tags, in their order
+    sink.tags("t0-m0", {"dedn.note": "changed", "dedn.retries": "2"}, "retry")
+    sink.end("t0-m0", "KILLED", None, {"dedn.note": "ended"}, list, None, "end")
+    assert sink.close(timeout_s=60) == []
+    client = MlflowClient(tracking_uri=uri)
+    for key, retries, status in (("t1", "1", "FINISHED"), ("t0-m0", "2", "KILLED")):
+        run = client.get_run(sink.runs()[key].info.run_id)
+        assert (run.data.tags["dedn.note"], run.data.tags["dedn.retries"], run.info.status) == (
+            "ended",
+            retries,
+            status,
+        )
 
 
 def test_batches_keep_a_step_whole_and_within_mlflows_limits() -> None:
