@@ -18,10 +18,6 @@ class SharedStore:
     parts: dict[str, Any]
     features_ref: Any  # ray.ObjectRef
 
-    @property
-    def fingerprint(self) -> str:
-        return str(self.parts["meta"].fingerprint)
-
     def materialize(self) -> FeatureStore:
         """The store inside a trial: features are a read-only view of the node's object-store copy."""
         import ray

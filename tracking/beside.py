@@ -113,11 +113,9 @@ class Beside:
             self.process.kill()
 
 
-def serve(
-    fd: int, start: Callable[[Any], Callable[[str, tuple[Any, ...]], Any]], idle: Callable[[], Any] = lambda: None
-) -> None:
+def serve(fd: int, start: Callable[[Any], Callable[[str, tuple[Any, ...]], Any]]) -> None:
     """The process's loop: ``start(first message)`` gives the handler of each message (name, arguments) that follows,
-    made in order; ``idle`` runs whenever no message waits. Exits when the driver's end of the pipe closes: what it
+    made in order; the handler's ``idle()``, if it has one, runs whenever no message waits. Exits when the driver's end of the pipe closes: what it
     did not make is lost with the driver, and the record has it."""
     for s in _SIGNALS:
         signal.signal(s, signal.SIG_IGN)

@@ -107,10 +107,6 @@ def save_population_checkpoint(folder: str, epoch: int, progress: Any, members: 
     Path(folder, TRIAL_PROGRESS).write_text(json.dumps(saved))
 
 
-def load_population_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    return read_trial_state(folder)[0]
-
-
 def population_trainable(
     config: dict[str, Any],
     shared: SharedStore,
@@ -123,7 +119,7 @@ def population_trainable(
     from dedn.population import Halving, train_population
     from tuning.trainable import trial_setup, wants_checkpoint
 
-    store, node, zero_copy, resume, reporter = trial_setup(shared, load_population_checkpoint)
+    store, node, zero_copy, resume, reporter = trial_setup(shared, lambda f: read_trial_state(f)[0])
     members = list(config["members"])
     cfgs = [trial_config(base, m) for m in members]
     last_epoch = cfgs[0].effective().optim.epochs
@@ -151,14 +147,14 @@ def population_trainable(
 
 def best_weights(checkpoint_path: str | os.PathLike[str], member: int | None) -> dict[str, torch.Tensor]:
     """The best-epoch weights (a single-configuration DEDN state dict) in a trial checkpoint."""
-    state = load_population_checkpoint(checkpoint_path)  # a single trial's state.pt too
+    state = read_trial_state(checkpoint_path)[0]  # a single trial's state.pt too
     return state["best_model"] if member is None else state["best_state"][member]
 
 
 def write_member_checkpoint(population_folder: str | os.PathLike[str], member: int, out: Path) -> Path:
     """A single-trial checkpoint folder (state.pt with ``best_model``, progress.json with the partition and
     history) for one member of a population checkpoint: what ``dedn promote`` reads from a child run."""
-    state = load_population_checkpoint(population_folder)
+    state = read_trial_state(population_folder)[0]
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"best_model": state["best_state"][member]}, out / TRIAL_STATE)
     partitions = json.loads((Path(population_folder) / TRIAL_PROGRESS).read_text())["partitions"]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -18,6 +17,7 @@ from cluster.objects import SharedStore, is_object_store_view
 from dedn.checkpoints import TRIAL_PROGRESS, TRIAL_STATE, load_trial_state, save_trial_state
 from dedn.records import EpochRecord, Progress
 from dedn.train import train
+from dedn.trunk import sha256_file
 from tuning.space import sampled_params, trial_config
 
 __all__ = ["EpochReporter", "dedn_trainable", "epoch_metrics", "trial_setup", "wants_checkpoint"]
@@ -94,7 +94,7 @@ class EpochReporter:
         with tempfile.TemporaryDirectory() as folder:
             save(folder)
             # the results so far and a digest of state.pt, which makes the folder whole
-            digest = _sha256(Path(folder) / TRIAL_STATE)
+            digest = sha256_file(Path(folder) / TRIAL_STATE)
             stamp = {"epoch": int(metrics["epoch"]), "state_sha256": digest, "sent": self.sent}
             (Path(folder) / REPORTS).write_text(json.dumps(stamp))
             _tune_report(metrics, folder)
@@ -167,20 +167,12 @@ def _epoch(folder: Path) -> int | None:
     return next((e for e in epochs if e is not None), None)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _whole(folder: Path) -> bool:
     """state.pt present and the one reports.json describes (if any: older folders have none)."""
     state, stamp = folder / TRIAL_STATE, folder / REPORTS
     if not state.is_file():
         return False
-    return not stamp.exists() or _json_field(stamp, "state_sha256", str) == _sha256(state)
+    return not stamp.exists() or _json_field(stamp, "state_sha256", str) == sha256_file(state)
 
 
 def _resume_candidates(named: Path, named_epoch: int | None) -> list[Path]:
