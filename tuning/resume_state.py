@@ -94,7 +94,11 @@ def _digest(key: bytes, rel: str, path: Path) -> str:
 
 def _read_signatures(exp: Path) -> dict[str, list[str]] | None:
     """The signature file's digests by relative path; None when missing or malformed."""
-    files = _read_signature_file(exp).get("files")
+    return _files(_read_signature_file(exp))
+
+
+def _files(record: dict[str, Any]) -> dict[str, list[str]] | None:
+    files = record.get("files")
     if not isinstance(files, dict):
         return None
     return {str(k): [str(d) for d in v] for k, v in files.items() if isinstance(v, list)}
@@ -138,7 +142,7 @@ class StateSigner:
         if not new and not named:
             return
         record = _read_signature_file(self.exp)
-        signed = _read_signatures(self.exp) or {}  # not record["files"]: kept only when well-formed
+        signed = _files(record) or {}
         fresh = {rel: digest for rel, digest in new.items() if digest not in signed.get(rel, [])}
         for rel, digest in fresh.items():
             signed[rel] = [*signed.get(rel, []), digest][-_KEEP:]
@@ -150,24 +154,26 @@ class StateSigner:
 
 
 def repair_torn_copies(exp: Path) -> list[str]:
-    """Finish the copy a killed driver left torn: each file of ``exp`` that its staging folder (named in
-    ``resume.sig``) holds whole is copied over (to a temporary name, then renamed) when it is a state file whose copy
-    here is unsigned and whose staging copy is signed, or another file whose copy here is a strict prefix of the
-    staging copy (``result.json``, ``params.json``). Returns the paths repaired, relative to ``exp``; a missing staging
-    folder (another machine, a reboot) repairs nothing, and ``verify_state`` then refuses a torn state file."""
+    """Finish the copy a killed driver left torn, from its staging folder (named in ``resume.sig``): a state file whose
+    copy here is unsigned is replaced by a signed staging copy; a trial's ``result.json`` or ``params.json`` (Tune's
+    logger files, nothing else: the folder named could be anyone's) whose copy here is a strict prefix of the staging
+    copy is completed. Symbolic links are never followed; each copy is written to a new file, then renamed. Returns the
+    paths repaired, relative to ``exp``; a missing staging folder (another machine, a reboot) repairs nothing, and
+    ``verify_state`` then refuses a torn state file."""
     exp = Path(exp)
-    staging = _read_signature_file(exp).get("staging")
-    signed, key = _read_signatures(exp) or {}, resume_key()
-    if not isinstance(staging, str) or not Path(staging).is_dir() or key is None:
+    record = _read_signature_file(exp)
+    signed, staging, key = _files(record) or {}, record.get("staging"), resume_key()
+    if not isinstance(staging, str) or key is None or not (root := Path(staging)).is_dir() or root.is_symlink():
         return []
-    state = {p.relative_to(staging).as_posix() for p in state_files(Path(staging))}
+    state = set(state_files(exp))
+    logs = {p for name in ("result.json", "params.json") for p in exp.glob(f"*/{name}")}
     repaired = []
-    for src in sorted(p for p in Path(staging).rglob("*") if p.is_file()):
-        rel = src.relative_to(staging).as_posix()
-        here = exp / rel
-        if not here.is_file():
+    for here in sorted(state | logs):
+        rel = here.relative_to(exp).as_posix()
+        src = root / rel
+        if here.is_symlink() or any(p.is_symlink() for p in (src, *src.parents[: rel.count("/")])) or not src.is_file():
             continue
-        if rel in state:
+        if here in state:
             torn = _digest(key, rel, here) not in signed.get(rel, []) and _digest(key, rel, src) in signed.get(rel, [])
         else:
             have, whole = here.read_bytes(), src.read_bytes()

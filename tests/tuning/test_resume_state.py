@@ -83,3 +83,24 @@ def test_no_staging_folder_repairs_nothing_and_resume_is_refused(tmp_path: Path)
     assert repair_torn_copies(exp) == []
     with pytest.raises(DednInputError, match="trial-000/params.pkl: signature: does not match"):
         verify_state(exp)
+
+
+def test_a_staging_folder_named_by_someone_else_gives_nothing_away(tmp_path: Path) -> None:
+    """Whoever can write the experiment folder can rename the staging folder in ``resume.sig``: pointed at a folder of
+    the user's own files, the repair copies nothing into the (perhaps shared) experiment folder but Tune's logger files,
+    and follows no symbolic link there."""
+    staging, exp = _search(tmp_path)
+    secrets = tmp_path / "home" / ".ssh"
+    (secrets / "trial-001").mkdir(parents=True)
+    (secrets / "id_ed25519").write_text("PRIVATE KEY")
+    (secrets / "trial-001" / "notes.txt").write_text("private notes")
+    (secrets / "trial-000").symlink_to(secrets)  # trial-000/id_ed25519 through a link
+    (secrets / "trial-001" / "result.json").symlink_to(secrets / "id_ed25519")
+    for rel in ("id_ed25519", "trial-001/notes.txt", "trial-000/id_ed25519"):
+        (exp / rel).write_text("")  # planted: an empty file is a prefix of anything
+    (exp / "trial-001/result.json").write_text("")
+    sig = json.loads((exp / "resume.sig").read_text())
+    (exp / "resume.sig").write_text(json.dumps({**sig, "staging": str(secrets)}))
+    assert repair_torn_copies(exp) == []
+    assert [p.read_text() for p in sorted(exp.rglob("*")) if p.is_file() and "PRIVATE" in p.read_text()] == []
+    assert (exp / "trial-001/notes.txt").read_text() == "" and (exp / "trial-001/result.json").read_text() == ""
