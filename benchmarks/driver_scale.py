@@ -2,7 +2,8 @@
 
 The script runs the real search driver, the Tuner that ``dedn search`` builds (``tuning.search.build_tuner``: the
 Optuna searcher, the ASHA scheduler of the spec, the MLflow tracking callback and the resume signer), against a
-``mlflow server`` it starts on 127.0.0.1 (SQLite backend in write-ahead-log mode in a temporary folder; one gunicorn
+``mlflow server`` it starts on 127.0.0.1 (SQLite backend in write-ahead-log mode in a temporary folder, served by
+``tracking/mlflow_store.py``'s store unless ``--tracking-store mlflow``; one gunicorn
 sync worker, or MLflow's default uvicorn with ``--server-app uvicorn --server-workers 4``) and stops at the end. Only
 the trainable differs: a synthetic one that trains nothing and reports population results in the project's format
 (``tuning.population.population_metrics``: ``epoch``, ``members/<j>/<metric>`` with the 20 values of
@@ -279,6 +280,13 @@ def main() -> None:
         "then counts PostgreSQL's processes too",
     )
     ap.add_argument(
+        "--tracking-store",
+        choices=("dedn", "mlflow"),
+        default="dedn",
+        help="the server's store: tracking/mlflow_store.py's (--backend-store-uri dedn+sqlite:///... or "
+        "dedn+postgresql://..., log_batch in one session) or MLflow's own on the same database",
+    )
+    ap.add_argument(
         "--optuna-storage",
         choices=("sqlite", "journal"),
         default="journal",
@@ -316,8 +324,9 @@ def main() -> None:
         pg_pid, backend, pg_folder = start_postgres()
         postgres = str(pg_pid)
     db_url = backend or f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
+    served = f"dedn+{db_url.replace('+psycopg2', '', 1)}" if a.tracking_store == "dedn" else db_url
     proc, uri, start_s = start_mlflow_server(
-        tmp / "mlflow", workers=workers, jobs=False, app=a.server_app, wal=a.server_wal and not backend, backend=backend
+        tmp / "mlflow", workers=workers, jobs=False, app=a.server_app, wal=a.server_wal and not backend, backend=served
     )
     print(f"mlflow server at {uri} answered /health after {start_s:.1f} s; folder {tmp}", flush=True)
     import ray
@@ -385,7 +394,7 @@ def main() -> None:
     print(
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
-        f"({a.server_app}, no jobs, {database}), "
+        f"({a.server_app}, no jobs, {database}, {'one-session log_batch' if a.tracking_store == 'dedn' else 'its own'} store), "
         f"{'reused' if a.reuse_actors else 'new'} worker per trial ({'SCHED_IDLE' if a.trial_idle else f'its reporting thread at nice {a.trial_nice}'}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )
@@ -461,6 +470,8 @@ def main() -> None:
         cmd += " --no-trial-idle"
     if a.dir is not None:
         cmd += f" --dir {a.dir}"
+    if a.tracking_store != "dedn":
+        cmd += f" --tracking-store {a.tracking_store}"
     if a.optuna_storage != "journal":
         cmd += f" --optuna-storage {a.optuna_storage}"
     if a.epoch_metrics != "key":

@@ -152,7 +152,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(folder: Path, port: int) -> subprocess.Popen:
+def start_server(folder: Path, port: int, backend: str = "") -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port``, its store ``backend`` (default: SQLite in ``folder``)."""
     folder.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [
@@ -161,7 +162,7 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
             "mlflow",
             "server",
             "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
+            backend or f"sqlite:///{folder / 'mlflow.db'}",
             "--artifacts-destination",
             str(folder / "artifacts"),
             "--host",

@@ -1,0 +1,116 @@
+"""The one place the project uses MLflow's private names: ``OneSessionStore``, MLflow's SQL tracking store whose
+``log_batch`` is one database session, served by ``mlflow server --backend-store-uri dedn+sqlite:///PATH`` or
+``dedn+postgresql://USER@HOST/DATABASE`` where this project is installed (entry points ``mlflow.tracking_store``
+and ``mlflow.model_registry_store``; the database is the plain URL's, so either server can open it).
+
+Why: a search's member run costs the server a creation, one ``log_batch`` (its params, its epochs' metrics) and an
+end, and MLflow's ``log_batch`` is most of it: a session and a read of the run for the check, then for the params,
+the metrics and the tags each a session of its own, a read of the run and a commit, the metrics added one ORM object
+at a time (mlflow/mlflow#3010, open). Here the run is read once, params and metrics are bulk inserts, and there is
+one commit (``python benchmarks/server_cost.py``). What it does not cover goes to MLflow's own ``log_batch`` as it
+came: metrics of a logged model, a run name tag, and any batch that fails (a changed param, a metric already there:
+MLflow explains or de-duplicates). Names used: ``private_names()``; ``tests/tracking/test_mlflow_store.py`` checks them
+against the installed MLflow and compares the store with MLflow's call for call, row for row.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from tracking.databases import normalized
+
+__all__ = ["PREFIX", "private_names", "registry_store", "store_class", "tracking_store"]
+
+PREFIX = "dedn+"  # dedn+sqlite:///PATH, dedn+postgresql://...: the database URL after it
+
+
+def private_names() -> tuple[tuple[Any, str], ...]:
+    """(owner, name) of every private MLflow name ``store_class`` uses."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.utils import validation
+
+    return (
+        (SqlAlchemyStore, "_get_run"),
+        (SqlAlchemyStore, "_check_run_is_active"),
+        (SqlAlchemyStore, "_update_latest_metrics_if_necessary"),
+        (validation, "_validate_run_id"),
+        (validation, "_validate_batch_log_data"),
+        (validation, "_validate_batch_log_limits"),
+        (validation, "_validate_param_keys_unique"),
+    )
+
+
+@cache
+def store_class() -> type:
+    """``OneSessionStore``: MLflow's SQL tracking store, but ``log_batch`` in one session (this module's docstring).
+    Built on first use: MLflow loads the entry points while its own ``mlflow.tracking`` is still being imported."""
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.dbmodels.models import SqlMetric, SqlParam, SqlTag
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.utils import validation
+
+    class Changed(Exception):
+        """A param logged again with another value: MLflow's ``log_batch`` words the error."""
+
+    class OneSessionStore(SqlAlchemyStore):
+        def log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+            if any(m.model_id for m in metrics) or any(t.key == "mlflow.runName" for t in tags):
+                return super().log_batch(run_id, metrics, params, tags)
+            try:
+                return self._one_session(run_id, metrics, params, tags)
+            except MlflowException as e:  # the session's rollback wraps what the block raised
+                if not isinstance(e.__cause__, (sqlalchemy.exc.IntegrityError, Changed)):
+                    raise
+            return super().log_batch(run_id, metrics, params, tags)
+
+        def _one_session(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
+            validation._validate_run_id(run_id)
+            metrics, params, tags = validation._validate_batch_log_data(metrics, params, tags)
+            validation._validate_batch_log_limits(metrics, params, tags)
+            validation._validate_param_keys_unique(params)
+            rows: dict[tuple[Any, ...], None] = {}  # MLflow's de-duplication within a batch: one row per identity
+            for m in metrics:
+                is_nan, value = self.sanitize_metric_value(m.value)
+                rows[(m.key, m.timestamp, m.step, value, is_nan)] = None
+            names = ("key", "timestamp", "step", "value", "is_nan")
+            values = [{"run_uuid": run_id, **dict(zip(names, row, strict=True))} for row in rows]
+            with self.ManagedSessionMaker(read_only=False) as session:  # one commit when the block ends
+                run = self._get_run(run_uuid=run_id, session=session)
+                self._check_run_is_active(run)
+                held = {p.key: p.value for p in run.params}
+                if any(p.key in held and held[p.key] != p.value for p in params):
+                    raise Changed
+                new = [{"run_uuid": run_id, "key": p.key, "value": p.value} for p in params if p.key not in held]
+                if new:
+                    session.execute(sqlalchemy.insert(SqlParam), new)
+                if values:
+                    session.execute(sqlalchemy.insert(SqlMetric), values)
+                    self._update_latest_metrics_if_necessary([SqlMetric(**v) for v in values], session)
+                have = {t.key: t for t in run.tags}
+                for t in tags:  # the last value of a key wins, as in MLflow
+                    if t.key not in have:
+                        have[t.key] = SqlTag(run_uuid=run_id, key=t.key, value=t.value)
+                        session.add(have[t.key])
+                    have[t.key].value = t.value
+
+    return OneSessionStore
+
+
+def _database(store_uri: str) -> str:
+    return normalized(store_uri.removeprefix(PREFIX))
+
+
+def tracking_store(store_uri: str, artifact_uri: str | None = None) -> Any:
+    """The ``mlflow.tracking_store`` entry point's builder for ``dedn+sqlite`` and ``dedn+postgresql`` URLs."""
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+
+    return store_class()(_database(store_uri), artifact_uri or DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+
+
+def registry_store(store_uri: str) -> Any:
+    """The ``mlflow.model_registry_store`` entry point's builder: MLflow's own registry store on the same database."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    return SqlAlchemyStore(_database(store_uri))
