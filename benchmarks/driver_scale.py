@@ -284,7 +284,8 @@ def main() -> None:
         choices=("dedn", "mlflow"),
         default="dedn",
         help="the server's store: tracking/mlflow_store.py's (--backend-store-uri dedn+sqlite:///... or "
-        "dedn+postgresql://..., log_batch in one session) or MLflow's own on the same database",
+        "dedn+postgresql://...: log_batch in one session, creation and end reading only what they need) or MLflow's "
+        "own on the same database",
     )
     ap.add_argument(
         "--optuna-storage",
@@ -386,6 +387,7 @@ def main() -> None:
     import mlflow
     import optuna
 
+    store_name = "tracking/mlflow_store.py's" if a.tracking_store == "dedn" else "MLflow's own"
     database = (
         f"PostgreSQL ({workers} workers)"
         if backend
@@ -394,7 +396,7 @@ def main() -> None:
     print(
         f"\nDriver load: {a.gpus} logical GPUs x populations of {a.population} ({epoch_s:.2f} s per population epoch), "
         f"{a.seconds:g} s budget, spec {a.spec} ({epochs} epochs, its scheduler); MLflow {mlflow.__version__} server "
-        f"({a.server_app}, no jobs, {database}, {'one-session log_batch' if a.tracking_store == 'dedn' else 'its own'} store), "
+        f"({a.server_app}, no jobs, {database}, {store_name} store), "
         f"{'reused' if a.reuse_actors else 'new'} worker per trial ({'SCHED_IDLE' if a.trial_idle else f'its reporting thread at nice {a.trial_nice}'}), epoch metrics {a.epoch_metrics}, Optuna {optuna.__version__} ({a.optuna_storage}) on the same {os.cpu_count()} "
         f"CPU cores; nominal offer {offered:.0f} member-epochs/s"
     )

@@ -7,9 +7,10 @@ member-epoch) is this cost over a run's epochs: ASHA ends most runs after 20 to 
 runs one after the other after 20 untimed ones, all measured in this one process run:
 - store: MLflow's ``SqlAlchemyStore`` called in this process on a SQLite file in write-ahead-log mode; CPU of this
   process per call (``time.process_time``);
-- store, one-session log_batch: the same with ``tracking.mlflow_store``'s store (``dedn+sqlite``), whose ``log_batch``
-  is one database session with bulk inserts (MLflow's makes a session, a read of the run and a commit for the params,
-  another for the metrics, a third for the tags);
+- store, the project's: the same with ``tracking.mlflow_store``'s store (``dedn+sqlite``), whose ``log_batch`` is one
+  database session with bulk inserts (MLflow's makes a session, a read of the run and a commit for the params,
+  another for the metrics, a third for the tags), and whose ``create_run`` and ``update_run_info`` read only what they
+  need (MLflow's read the experiment in a session of their own, and the run's metrics, params and tags to return it);
 - server: ``mlflow server`` as ``driver_scale.py`` starts it (one gunicorn sync worker, the same SQLite file set-up)
   called by ``MlflowClient`` over HTTP, with each of the two stores; CPU of the server's processes per run (psutil),
   which adds to the store's: request parsing, validation, the web framework, replies.
@@ -91,7 +92,7 @@ def main() -> None:
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     rows: list[tuple[str, list[float] | None, float]] = []
-    stores = (("MLflow's", "", SqlAlchemyStore), ("one-session log_batch", PREFIX, tracking_store))
+    stores = (("MLflow's", "", SqlAlchemyStore), ("the project's", PREFIX, tracking_store))
     with tempfile.TemporaryDirectory(prefix="dedn-server-cost-") as tmp:
         for name, _, make in stores:
             db = Path(tmp) / f"{len(rows)}.db"

@@ -1,5 +1,5 @@
 """The one place the project uses MLflow's private names: ``OneSessionStore``, MLflow's SQL tracking store whose
-``log_batch`` is one database session, served by ``mlflow server --backend-store-uri dedn+sqlite:///PATH`` or
+``log_batch`` is one database session (and whose ``create_run`` and ``update_run_info`` read only what they need), served by ``mlflow server --backend-store-uri dedn+sqlite:///PATH`` or
 ``dedn+postgresql://USER@HOST/DATABASE`` where this project is installed (entry points ``mlflow.tracking_store``
 and ``mlflow.model_registry_store``; the database is the plain URL's, so either server can open it).
 
@@ -28,9 +28,13 @@ PREFIX = "dedn+"  # dedn+sqlite:///PATH, dedn+postgresql://...: the database URL
 def private_names() -> tuple[tuple[Any, str], ...]:
     """(owner, name) of every private MLflow name ``store_class`` uses."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from mlflow.utils import validation
+    from mlflow.utils import mlflow_tags, name_utils, validation
 
     return (
+        (SqlAlchemyStore, "_get_experiment"),
+        (SqlAlchemyStore, "_check_experiment_is_active"),
+        (mlflow_tags, "_get_run_name_from_tags"),
+        (name_utils, "_generate_random_name"),
         (SqlAlchemyStore, "_get_run"),
         (SqlAlchemyStore, "_check_run_is_active"),
         (SqlAlchemyStore, "_update_latest_metrics_if_necessary"),
@@ -45,16 +49,94 @@ def private_names() -> tuple[tuple[Any, str], ...]:
 def store_class() -> type:
     """``OneSessionStore``: MLflow's SQL tracking store, but ``log_batch`` in one session (this module's docstring).
     Built on first use: MLflow loads the entry points while its own ``mlflow.tracking`` is still being imported."""
+    import uuid
+
     import sqlalchemy
+    from mlflow.entities import (
+        LifecycleStage,
+        Run,
+        RunData,
+        RunInfo,
+        RunInputs,
+        RunStatus,
+        RunTag,
+        SourceType,
+        ViewType,
+    )
     from mlflow.exceptions import MlflowException
-    from mlflow.store.tracking.dbmodels.models import SqlMetric, SqlParam, SqlTag
+    from mlflow.store.tracking.dbmodels.models import SqlMetric, SqlParam, SqlRun, SqlTag
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from mlflow.utils import validation
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, _get_run_name_from_tags
+    from mlflow.utils.name_utils import _generate_random_name
+    from mlflow.utils.uri import append_to_uri_path
+
+    def info(run: Any) -> Any:
+        """A run's RunInfo as ``SqlRun.to_mlflow_entity`` makes it, without reading its metrics, params and tags."""
+        names = ("run_name", "user_id", "status", "start_time", "end_time", "lifecycle_stage", "artifact_uri")
+        values = (
+            run.name,
+            run.user_id,
+            run.status,
+            run.start_time,
+            run.end_time,
+            run.lifecycle_stage,
+            run.artifact_uri,
+        )
+        return RunInfo(
+            run_id=run.run_uuid, experiment_id=str(run.experiment_id), **dict(zip(names, values, strict=True))
+        )
 
     class Changed(Exception):
         """A param logged again with another value: MLflow's ``log_batch`` words the error."""
 
     class OneSessionStore(SqlAlchemyStore):
+        def create_run(self, experiment_id: str, user_id: str, start_time: int, tags: list[Any], run_name: str) -> Any:
+            # MLflow's reads the experiment and its tags in a session of its own, and the new run's (empty) metrics,
+            # params and dataset inputs to return them
+            tags = list(tags or [])
+            named = _get_run_name_from_tags(tags)
+            if run_name and named and run_name != named:
+                return super().create_run(experiment_id, user_id, start_time, tags, run_name)  # MLflow's refusal
+            run_name = run_name or named or _generate_random_name()
+            tags += [] if named else [RunTag(MLFLOW_RUN_NAME, run_name)]
+            with self.ManagedSessionMaker(read_only=False) as session:
+                experiment = self._get_experiment(session, experiment_id, ViewType.ALL)
+                self._check_experiment_is_active(experiment)
+                run_id = uuid.uuid4().hex
+                run = SqlRun(
+                    name=run_name,
+                    artifact_uri=append_to_uri_path(experiment.artifact_location, run_id, self.ARTIFACTS_FOLDER_NAME),
+                    run_uuid=run_id,
+                    experiment_id=experiment_id,
+                    source_type=SourceType.to_string(SourceType.UNKNOWN),
+                    source_name="",
+                    entry_point_name="",
+                    user_id=user_id,
+                    status=RunStatus.to_string(RunStatus.RUNNING),
+                    start_time=start_time,
+                    end_time=None,
+                    deleted_time=None,
+                    source_version="",
+                    lifecycle_stage=LifecycleStage.ACTIVE,
+                )
+                run.tags = [SqlTag(key=t.key, value=t.value) for t in tags]
+                session.add(run)
+                return Run(info(run), RunData(tags=tags), RunInputs(dataset_inputs=[]))
+
+        def update_run_info(self, run_id: str, run_status: Any, end_time: Any, run_name: Any) -> Any:
+            # MLflow's reads the run's metrics, params and tags too, to return its RunInfo
+            if run_name:
+                return super().update_run_info(run_id, run_status, end_time, run_name)
+            with self.ManagedSessionMaker(read_only=False) as session:
+                run = self._get_run(run_uuid=run_id, session=session)
+                self._check_run_is_active(run)
+                if run_status is not None:
+                    run.status = RunStatus.to_string(run_status)
+                if end_time is not None:
+                    run.end_time = end_time
+                return info(run)
+
         def log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any]) -> None:
             if any(m.model_id for m in metrics) or any(t.key == "mlflow.runName" for t in tags):
                 return super().log_batch(run_id, metrics, params, tags)

@@ -1,5 +1,5 @@
 """tracking/mlflow_store.py: MLflow's private names it uses still exist; its store leaves, call for call, what
-MLflow's SQL store leaves (rows, latest metrics, errors) in one commit per batch; ``mlflow server`` serves it by the
+MLflow's SQL store leaves (runs, rows, latest metrics, errors) in one commit per batch; ``mlflow server`` serves it by the
 ``dedn+sqlite`` scheme, on a database MLflow's own store reads."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -51,13 +51,34 @@ def _batches() -> list[tuple[list[Metric], list[Param], list[RunTag]]]:
     ]  # fmt: skip
 
 
+def _refusal(call: Callable[[], Any], *ids: str) -> str:
+    with pytest.raises(MlflowException) as refused:
+        call()
+    message = str(refused.value.message)
+    for i in ids:
+        message = message.replace(i, "ID")
+    return message
+
+
+def _info(run_info: Any) -> dict[str, Any]:
+    """A RunInfo's fields but its ids, location and start (different in each store)."""
+    return {k: getattr(run_info, k) for k in ("run_name", "user_id", "status", "end_time", "lifecycle_stage")}
+
+
 def _replay(store: Any) -> dict[str, Any]:
-    """The batches on a new run of ``store``: each call's outcome, commits per call, then the run as MLflow reads it
-    (latest metrics, params, tags, every metric's history), and a deleted run's refusal."""
+    """Runs created, logged to and ended in ``store``: each call's outcome, commits per call, then each run as MLflow
+    reads it (info, latest metrics, params, tags, every metric's history), and the refusals of a deleted run, a
+    deleted experiment and a run name given twice."""
     commits = [0]
     sqlalchemy.event.listen(store.engine, "commit", lambda _: commits.__setitem__(0, commits[0] + 1))
     exp = store.create_experiment("e")
-    run_id = store.create_run(exp, "u", 1_000, [RunTag("dedn.trial_id", "t0-m1")], "member").info.run_id
+    made = store.create_run(exp, "u", 1_000, [RunTag("dedn.trial_id", "t0-m1")], "member")
+    run_id = made.info.run_id
+    assert made.info.artifact_uri == f"{store.get_experiment(exp).artifact_location}/{run_id}/artifacts"
+    unnamed = store.create_run(exp, "u", 1_000, [RunTag("mlflow.runName", "by-tag")], None)
+    generated = store.create_run(exp, "u", 1_000, [], None)
+    assert generated.info.run_name and generated.data.tags == {"mlflow.runName": generated.info.run_name}
+    ended = store.update_run_info(unnamed.info.run_id, RunStatus.FINISHED, 5_000, None)
     outcomes = []
     for metrics, params, tags in _batches():
         commits[0] = 0
@@ -73,17 +94,26 @@ def _replay(store: Any) -> dict[str, Any]:
     }  # fmt: skip
     gone = store.create_run(exp, "u", 1_000, [], "gone").info.run_id
     store.delete_run(gone)
-    with pytest.raises(MlflowException) as refused:
-        store.log_batch(gone, [Metric("val_H", 0.1, 1, 0)], [], [])
+    dropped = store.create_experiment("dropped")
+    store.delete_experiment(dropped)
+    refusals = [
+        _refusal(lambda: store.log_batch(gone, [Metric("val_H", 0.1, 1, 0)], [], []), gone),
+        _refusal(lambda: store.update_run_info(gone, RunStatus.FINISHED, 1, None), gone),
+        _refusal(lambda: store.create_run(dropped, "u", 1, [], "x"), dropped),
+        _refusal(lambda: store.create_run(exp, "u", 1, [RunTag("mlflow.runName", "a")], "b")),
+    ]
     metrics = {k: "nan" if math.isnan(v) else v for k, v in data.metrics.items()}
+    runs = {k: (_info(r.info), r.data.tags) for k, r in (("made", made), ("unnamed", unnamed))}
+    read = {k: (_info(store.get_run(r.info.run_id).info), store.get_run(r.info.run_id).data.tags)
+            for k, r in (("made", made), ("unnamed", unnamed))}  # fmt: skip
     return {"outcomes": outcomes, "metrics": metrics, "params": data.params, "tags": data.tags, "history": history,
-            "deleted": str(refused.value.message).replace(gone, "RUN")}  # fmt: skip
+            "refusals": refusals, "created": runs, "read": read, "ended": _info(ended)}  # fmt: skip
 
 
 def same_as_mlflows(make: Callable[[str], Any], mlflow_url: str, ours_url: str) -> None:
     """``make(url)`` a store on each database; the replay must match but for the commits, one per batch of ours."""
     theirs, ours = _replay(make(mlflow_url)), _replay(tracking_store(PREFIX + ours_url))
-    for k in ("metrics", "params", "tags", "history", "deleted"):
+    for k in ("metrics", "params", "tags", "history", "refusals", "created", "read", "ended"):
         assert ours[k] == theirs[k], k
     assert [o for o, _ in ours["outcomes"]] == [o for o, _ in theirs["outcomes"]]
     assert "Changing param values is not allowed" in ours["outcomes"][3][0]
