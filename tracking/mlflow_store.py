@@ -1,16 +1,20 @@
-"""The one place the project uses MLflow's private names: ``OneSessionStore``, MLflow's SQL tracking store whose
-``log_batch`` is one database session (and whose ``create_run`` and ``update_run_info`` read only what they need), served by ``mlflow server --backend-store-uri dedn+sqlite:///PATH`` or
-``dedn+postgresql://USER@HOST/DATABASE`` where this project is installed (entry points ``mlflow.tracking_store``
-and ``mlflow.model_registry_store``; the database is the plain URL's, so either server can open it).
+"""The one place the project uses MLflow's private names: ``store_class()``, MLflow's SQL tracking store with a
+run's writes in one transaction each. The project writes a SQLite or PostgreSQL database through it (``served``:
+the search's sink), and ``mlflow server --backend-store-uri dedn+sqlite:///PATH`` (or ``dedn+postgresql://USER@HOST/
+DATABASE``) serves it where this project is installed (entry points ``mlflow.tracking_store`` and
+``mlflow.model_registry_store``). The database is the plain URL's: MLflow's own store and server open it as before.
 
-Why: a search's member run costs the server a creation, one ``log_batch`` (its params, its epochs' metrics) and an
-end, and MLflow's ``log_batch`` is most of it: a session and a read of the run for the check, then for the params,
-the metrics and the tags each a session of its own, a read of the run and a commit, the metrics added one ORM object
-at a time (mlflow/mlflow#3010, open). Here the run is read once, params and metrics are bulk inserts, and there is
-one commit (``python benchmarks/server_cost.py``). What it does not cover goes to MLflow's own ``log_batch`` as it
-came: metrics of a logged model, a run name tag, and any batch that fails (a changed param, a metric already there:
-MLflow explains or de-duplicates). Names used: ``private_names()``; ``tests/tracking/test_mlflow_store.py`` checks them
-against the installed MLflow and compares the store with MLflow's call for call, row for row.
+Why: a search's member run is a creation, one ``log_batch`` (its params, its epochs' metrics) and an end. MLflow's
+``log_batch`` opens a session and reads the run for its check, then for the params, the metrics and the tags a
+session each, which reads the run again and commits, adding the metrics one ORM object at a time
+(mlflow/mlflow#3010, open); its ``create_run`` reads the experiment and its tags in a session of its own, and it and
+``update_run_info`` read the run's metrics, params and tags only to return the run. Here each is one session, the run
+read once, params and metrics bulk inserts: half the store's CPU per member run, a third of the server's
+(``python benchmarks/server_cost.py``). What it does not cover goes to MLflow's own method as it came: metrics of a
+logged model, a run name tag or a rename, a run name given twice, and any batch that fails (a changed param, a
+metric already there: MLflow explains or de-duplicates). Names used: ``private_names()``;
+``tests/tracking/test_mlflow_store.py`` checks them against the installed MLflow and compares the store with MLflow's
+call for call: the runs, rows, latest values and refusals each leaves.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 from tracking.databases import normalized
 
-__all__ = ["PREFIX", "private_names", "registry_store", "store_class", "tracking_store"]
+__all__ = ["PREFIX", "private_names", "registry_store", "served", "store_class", "tracking_store"]
 
 PREFIX = "dedn+"  # dedn+sqlite:///PATH, dedn+postgresql://...: the database URL after it
 
@@ -178,6 +182,20 @@ def store_class() -> type:
                     have[t.key].value = t.value
 
     return OneSessionStore
+
+
+def served(uri: str) -> str:
+    """The URL the project writes runs to ``uri`` through: a SQLite or PostgreSQL database (psycopg2, the project's
+    driver) through this module's store when its entry points are installed; any other URL (a server) as it is."""
+    from importlib.metadata import entry_points
+
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() in ("postgres", "postgresql", "postgresql+psycopg2"):
+        uri = f"postgresql://{rest}"
+    elif scheme.lower() != "sqlite":
+        return uri
+    installed = entry_points(group="mlflow.tracking_store", name=PREFIX + uri.partition("://")[0])
+    return PREFIX + uri if installed else uri
 
 
 def _database(store_uri: str) -> str:

@@ -272,7 +272,9 @@ class RunSink:
     def _loop(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.uri)
+        from tracking.mlflow_store import served
+
+        client = MlflowClient(tracking_uri=served(self.uri))  # a database: a run's writes, each in one session
         while True:
             with self.cond:
                 job = self._next()

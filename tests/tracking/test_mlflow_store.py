@@ -150,3 +150,13 @@ def test_mlflow_server_serves_the_scheme_on_a_database_mlflow_reads(tmp_path: Pa
     assert (run.info.status, run.data.params, run.data.tags["a"]) == ("FINISHED", {"lr": "0.1"}, "1")
     assert [(h.step, h.value) for h in plain.get_metric_history(run_id, "val_H")] == [(e, 0.1 * e) for e in range(5)]
     assert plain.get_registered_model(registered.name).name == "dedn-served"
+
+
+def test_the_project_writes_databases_through_it_and_servers_as_they_are() -> None:
+    from tracking.mlflow_store import served
+
+    assert served("sqlite:////data/mlflow.db") == "dedn+sqlite:////data/mlflow.db"
+    for pg in ("postgresql://u@h/db", "postgres://u@h/db", "postgresql+psycopg2://u@h/db"):
+        assert served(pg) == "dedn+postgresql://u@h/db"
+    for other in ("http://127.0.0.1:5000", "postgresql+pg8000://u@h/db", "file:///tmp/mlruns", "dedn+sqlite:///x.db"):
+        assert served(other) == other

@@ -315,6 +315,18 @@ def test_socket_url_without_password(postgres: Postgres, tmp_path: Path) -> None
     assert optuna.get_all_study_names(open_storage(postgres.url("socket"))) == ["s"]  # the same database over TCP
 
 
+def test_the_projects_tracking_store_leaves_what_mlflows_leaves_on_postgres(postgres: Postgres, tmp_path: Path) -> None:
+    """``tracking.mlflow_store`` on PostgreSQL (``dedn+postgresql://``): the replay of tests/tracking/test_mlflow_store.py,
+    against MLflow's own store on a second database of the same server."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from tests.tracking.test_mlflow_store import same_as_mlflows
+    from tracking.databases import normalized
+
+    theirs, ours = postgres.createdb("theirs"), postgres.createdb("ours")
+    same_as_mlflows(lambda url: SqlAlchemyStore(normalized(url), str(tmp_path / "a")), theirs, ours)
+
+
 @pytest.mark.slow
 def test_killed_search_resumes_with_both_stores_in_postgres(
     postgres: Postgres, tmp_path: Path, tiny_store: Path

@@ -119,9 +119,21 @@ def test_a_member_run_costs_two_requests_besides_its_batches(
 ) -> None:
     """Creation (with its tags, the end's too when they are queued with it) and the end's status: every other call on a
     run is a ``log_batch``, its params with its first points and its final metrics with its last ones, no tags (a
-    ``log_batch`` with tags commits them apart). Each MlflowClient call is counted (and made)."""
+    ``log_batch`` with tags commits them apart). Each MlflowClient call is counted (and made), and each commit: the
+    sink writes a database through ``tracking.mlflow_store``'s store, one transaction per call."""
+    import sqlalchemy
+
+    from tracking.mlflow_store import served
+
     uri = new_store(empty_store, tmp_path / "mlflow.db")
+    MlflowClient(tracking_uri=served(uri))  # the store made (and cached by MLflow) here: its set-up commits come first
     sink = open_sink(uri, threads=1, linger_s=3600.0)
+    commits: list[Any] = []
+
+    def committed(connection: Any) -> None:
+        commits.append(connection)
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "commit", committed)
     calls: list[str] = []
     batch_tags: list[Any] = []
     for name in ("create_run", "log_batch", "set_terminated", "update_run", "log_artifact", "get_run", "search_runs"):
@@ -139,7 +151,9 @@ def test_a_member_run_costs_two_requests_besides_its_batches(
     final = Row(20, row("t0-m0", 20).timestamp, {"best_val_H": 20.5})
     sink.end("t0-m3", "FINISHED", final, {"dedn.stopped": "x"}, list, None, "end")
     assert sink.close(timeout_s=60) == []
+    sqlalchemy.event.remove(sqlalchemy.engine.Engine, "commit", committed)
     assert calls == ["create_run", "log_batch", "set_terminated"], calls
+    assert len(commits) == 3  # MLflow's own store: 6 (an experiment read, params and metrics apart)
     monkeypatch.undo()
     assert history(uri, sink, "t0-m3") == [(e, 0.5 + e) for e in range(1, 21)]
     assert [t for t in batch_tags if not t.key.startswith("mlflow.")] == []
