@@ -9,24 +9,28 @@ Why: a search's member run is a creation, one ``log_batch`` (its params, its epo
 session each, which reads the run again and commits, adding the metrics one ORM object at a time
 (mlflow/mlflow#3010, open); its ``create_run`` reads the experiment and its tags in a session of its own, and it and
 ``update_run_info`` read the run's metrics, params and tags only to return the run. Here each is one session, the run
-read once, params and metrics bulk inserts: half the store's CPU per member run, a third of the server's
+read once, params and metrics bulk inserts: half the store's CPU per member run, 28% of the server's
 (``python benchmarks/server_cost.py``). What it does not cover goes to MLflow's own method as it came: metrics of a
 logged model, a run name tag or a rename, a run name given twice, and any batch that fails (a changed param, a
-metric already there: MLflow explains or de-duplicates). Names used: ``private_names()``;
+metric already there: MLflow explains or de-duplicates); MLflow's workspaces and a read replica, which its store has
+and this one not, refuse the ``dedn+`` URL (and the sink then writes through MLflow's). Names used: ``private_names()``;
 ``tests/tracking/test_mlflow_store.py`` checks them against the installed MLflow and compares the store with MLflow's
 call for call: the runs, rows, latest values and refusals each leaves.
 """
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from typing import Any
 
+from dedn.errors import DednInputError
 from tracking.databases import normalized
 
-__all__ = ["PREFIX", "private_names", "registry_store", "served", "store_class", "tracking_store"]
+__all__ = ["PREFIX", "REPLICA", "private_names", "registry_store", "served", "store_class", "tracking_store"]
 
 PREFIX = "dedn+"  # dedn+sqlite:///PATH, dedn+postgresql://...: the database URL after it
+REPLICA = "_MLFLOW_SERVER_READ_REPLICA_BACKEND_STORE"  # mlflow.server.constants.READ_REPLICA_BACKEND_STORE_URI_ENV_VAR
 
 
 def private_names() -> tuple[tuple[Any, str], ...]:
@@ -184,6 +188,15 @@ def store_class() -> type:
     return OneSessionStore
 
 
+def _unsupported() -> str | None:
+    """What MLflow's own store would do here and this one does not: its workspaces, a read replica."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_WORKSPACES
+
+    if MLFLOW_ENABLE_WORKSPACES.get():
+        return "MLflow's workspaces (MLFLOW_ENABLE_WORKSPACES)"
+    return "a read replica (--read-replica-backend-store-uri)" if os.environ.get(REPLICA) else None
+
+
 def served(uri: str) -> str:
     """The URL the project writes runs to ``uri`` through: a SQLite or PostgreSQL database (psycopg2, the project's
     driver) through this module's store when its entry points are installed; any other URL (a server) as it is."""
@@ -195,7 +208,7 @@ def served(uri: str) -> str:
     elif scheme.lower() != "sqlite":
         return uri
     installed = entry_points(group="mlflow.tracking_store", name=PREFIX + uri.partition("://")[0])
-    return PREFIX + uri if installed else uri
+    return PREFIX + uri if installed and _unsupported() is None else uri
 
 
 def _database(store_uri: str) -> str:
@@ -204,6 +217,8 @@ def _database(store_uri: str) -> str:
 
 def tracking_store(store_uri: str, artifact_uri: str | None = None) -> Any:
     """The ``mlflow.tracking_store`` entry point's builder for ``dedn+sqlite`` and ``dedn+postgresql`` URLs."""
+    if (what := _unsupported()) is not None:
+        raise DednInputError(store_uri, "backend store", f"{what} needs MLflow's own store: give the URL without dedn+")
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
 
     return store_class()(_database(store_uri), artifact_uri or DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)

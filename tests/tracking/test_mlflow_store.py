@@ -160,3 +160,22 @@ def test_the_project_writes_databases_through_it_and_servers_as_they_are() -> No
         assert served(pg) == "dedn+postgresql://u@h/db"
     for other in ("http://127.0.0.1:5000", "postgresql+pg8000://u@h/db", "file:///tmp/mlruns", "dedn+sqlite:///x.db"):
         assert served(other) == other
+
+
+def test_what_it_does_not_cover_is_refused_on_a_server_and_left_to_mlflow_in_the_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.server.constants import READ_REPLICA_BACKEND_STORE_URI_ENV_VAR
+
+    from dedn.errors import DednInputError
+    from tracking.mlflow_store import REPLICA, served
+
+    assert REPLICA == READ_REPLICA_BACKEND_STORE_URI_ENV_VAR  # the name MLflow's server sets
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    for name, value, what in ((REPLICA, uri, "read replica"), ("MLFLOW_ENABLE_WORKSPACES", "true", "workspaces")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(DednInputError, match=f"backend store: .*{what}.* without dedn\\+"):
+                tracking_store(PREFIX + uri)
+            assert served(uri) == uri
+    assert served(uri) == PREFIX + uri
