@@ -42,7 +42,7 @@ def member_run(calls: Any, exp_id: str, parent: str, i: int, epochs: int) -> lis
     now = int(time.time() * 1000)
     tags = {"mlflow.parentRunId": parent, "dedn.trial_id": f"t{i}-m{i % 16}", "dedn.member": str(i % 16)}
     t0 = time.process_time()
-    if hasattr(calls, "log_batch") and not hasattr(calls, "set_terminated"):  # a store
+    if not hasattr(calls, "set_terminated"):  # a store, not an MlflowClient
         run = calls.create_run(exp_id, "bench", now, [RunTag(k, v) for k, v in tags.items()], f"member-{i}")
     else:
         run = calls.create_run(exp_id, run_name=f"member-{i}", tags=tags)

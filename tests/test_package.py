@@ -119,7 +119,11 @@ def test_imports_point_one_way_without_a_circle() -> None:
     assert circles == []
 
 
-ADAPTERS = ("cluster/ray_internals.py", "tracking/mlflow_store.py", "tuning/optuna_internals.py")  # the one place per library for private names
+ADAPTERS = (
+    "cluster/ray_internals.py",
+    "tracking/mlflow_store.py",
+    "tuning/optuna_internals.py",
+)  # the one place per library for private names
 _LIBRARIES = ("ray", "optuna", "mlflow")
 
 

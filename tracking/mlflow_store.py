@@ -55,7 +55,8 @@ def private_names() -> tuple[tuple[Any, str], ...]:
 
 @cache
 def store_class() -> type:
-    """``OneSessionStore``: MLflow's SQL tracking store, but ``log_batch`` in one session (this module's docstring).
+    """``OneSessionStore``: MLflow's SQL tracking store, its ``log_batch``, ``create_run`` and ``update_run_info`` one
+    session each (this module's docstring).
     Built on first use: MLflow loads the entry points while its own ``mlflow.tracking`` is still being imported."""
     import uuid
 

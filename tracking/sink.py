@@ -114,7 +114,9 @@ class RunSink:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            from tracking.mlflow_store import served
+
+            self._client = MlflowClient(tracking_uri=served(self.uri))  # the threads' store: one set-up, one engine
         return self._client
 
     # -- look-ups, made at once -------------------------------------------------------------------------------

@@ -177,5 +177,8 @@ def test_what_it_does_not_cover_is_refused_on_a_server_and_left_to_mlflow_in_the
             m.setenv(name, value)
             with pytest.raises(DednInputError, match=f"backend store: .*{what}.* without dedn\\+"):
                 tracking_store(PREFIX + uri)
+            with pytest.raises(DednInputError) as refused:  # a password in the URL never reaches the message
+                tracking_store(f"{PREFIX}postgresql://dedn:pg-secret@127.0.0.1/mlflow")
+            assert "pg-secret" not in str(refused.value) and "dedn:***@" in str(refused.value)
             assert served(uri) == uri
     assert served(uri) == PREFIX + uri
